@@ -1,0 +1,256 @@
+"""The ``modelcache`` command line: one entry point, one subcommand per job.
+
+Every flag can also be set by an environment variable ``MODELCACHE_<FLAG>``
+(dashes become underscores; repeatable flags take a comma-separated list).
+Errors are one line on stderr and a non-zero exit code (see ``errors.py``);
+results go to stdout, with the path of a pulled model as the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import ModelCacheError
+from .progress import ProgressReporter, human
+
+DEFAULT_STORE = "~/.cache/modelcache"
+
+
+def _env(name: str, default: object = None) -> object:
+    return os.environ.get("MODELCACHE_" + name.upper().replace("-", "_"), default)
+
+
+def _env_list(name: str) -> list[str]:
+    value = _env(name)
+    return [v.strip() for v in str(value).split(",") if v.strip()] if value else []
+
+
+def _env_bool(name: str) -> bool:
+    return str(_env(name, "")).lower() in ("1", "true", "yes", "on")
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    text = text.strip().lower().removesuffix("ib").removesuffix("b")
+    mult = units.get(text[-1:], 1)
+    try:
+        value = int(float(text[:-1] if text[-1:] in units else text) * mult)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 16M)") from e
+    if value <= 0:
+        raise argparse.ArgumentTypeError("size must be positive")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from e
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (defaults read from ``MODELCACHE_*``)."""
+    parser = argparse.ArgumentParser(prog="modelcache", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"modelcache {__version__}")
+    parser.add_argument("--store", default=_env("store", DEFAULT_STORE),
+                        help="store directory (env MODELCACHE_STORE, default %(default)s)")
+    parser.add_argument("-v", "--verbose", action="store_true", default=_env_bool("verbose"),
+                        help="log retries and details to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    pull = sub.add_parser("pull", help="pull a model into the store; print its directory")
+    pull.add_argument("ref", help="oci://HOST/REPO[:TAG|@DIGEST], oci-layout:///DIR[:TAG], file:///DIR or a path")
+    _transfer_flags(pull)
+
+    ls = sub.add_parser("ls", help="list cached models")
+    ls.add_argument("--json", action="store_true", default=_env_bool("json"), help="print JSON")
+
+    verify = sub.add_parser("verify", help="re-hash every blob; report corrupt ones")
+    verify.add_argument("--json", action="store_true", default=_env_bool("json"), help="print JSON")
+    verify.add_argument("--delete", action="store_true", default=_env_bool("delete"),
+                        help="delete corrupt blobs so the next pull fetches them again")
+
+    demo = sub.add_parser("demo", help="make a demo model as an OCI layout and pull it (no network)")
+    demo.add_argument("--size", type=_size, default=_env("size", "256M"),
+                      help="total size of the demo weights (default %(default)s)")
+    demo.add_argument("--files", type=_positive, default=_env("files", 4), help="number of weight files")
+    demo.add_argument("--dir", default=_env("dir"), help="where to write the layout (default: a temp dir)")
+    _transfer_flags(demo, with_filters=False)
+    return parser
+
+
+def _transfer_flags(p: argparse.ArgumentParser, *, with_filters: bool = True) -> None:
+    if with_filters:
+        p.add_argument("--include", action="append", default=_env_list("include"), metavar="GLOB",
+                       help="only files matching GLOB (repeatable; * matches across /)")
+        p.add_argument("--exclude", action="append", default=_env_list("exclude"), metavar="GLOB",
+                       help="skip files matching GLOB (repeatable)")
+    p.add_argument("--concurrency", type=_positive, default=_env("concurrency", 8),
+                   help="parallel range requests (default %(default)s)")
+    p.add_argument("--chunk-size", type=_size, default=_env("chunk_size", "16M"),
+                   help="bytes per range request (default %(default)s)")
+    p.add_argument("--plain-http", action="store_true", default=_env_bool("plain_http"),
+                   help="speak plain HTTP to the registry (automatic for loopback)")
+    p.add_argument("--read-timeout", type=float, default=float(str(_env("read_timeout", 30))),
+                   help="seconds a read may stall before the request is retried (default %(default)s)")
+    p.add_argument("--retries", type=int, default=int(str(_env("retries", 6))),
+                   help="retries per chunk (default %(default)s)")
+    p.add_argument("--quiet", "-q", action="store_true", default=_env_bool("quiet"), help="no progress output")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; return the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        if args.command == "pull":
+            return asyncio.run(_cmd_pull(args))
+        if args.command == "ls":
+            return _cmd_ls(args)
+        if args.command == "verify":
+            return asyncio.run(_cmd_verify(args))
+        if args.command == "demo":
+            return asyncio.run(_cmd_demo(args))
+    except ModelCacheError as e:
+        print(f"modelcache: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("modelcache: interrupted (partial downloads are kept and resume next time)", file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"modelcache: error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}",
+              file=sys.stderr)
+        return 1
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+def _open_store(args: argparse.Namespace):
+    from .store import Store
+
+    return Store(Path(str(args.store)).expanduser())
+
+
+async def _pull(args: argparse.Namespace, ref: str, filters) -> int:
+    from .pull import pull
+    from .sources import SourceOptions
+    from .transfer import Engine, TransferConfig
+
+    store = _open_store(args)
+    engine = Engine(store.content, TransferConfig(
+        chunk_size=int(args.chunk_size if isinstance(args.chunk_size, int) else _size(str(args.chunk_size))),
+        concurrency=int(args.concurrency), retries=args.retries))
+    options = SourceOptions(plain_http=args.plain_http, read_timeout=args.read_timeout,
+                            connections=max(16, int(args.concurrency) * 2))
+    reporter = ProgressReporter(f"pull {ref}", quiet=args.quiet)
+    try:
+        result = await pull(store, engine, ref, filters=filters, options=options, progress=reporter)
+    finally:
+        reporter.close()
+        engine.close()
+        store.close()
+    s = result.stats
+    rate = s.bytes_fetched / result.seconds if result.seconds > 0 else 0.0
+    if not args.quiet:
+        print(f"{result.ref}: {result.files} files, {human(result.size)}; fetched {human(s.bytes_fetched)} "
+              f"in {result.seconds:.2f}s ({human(rate)}/s), reused {human(s.bytes_reused)}, "
+              f"{s.chunks_retried} chunk retries", file=sys.stderr)
+    print(result.path)
+    return 0
+
+
+async def _cmd_pull(args: argparse.Namespace) -> int:
+    from .tree import Filters
+
+    return await _pull(args, args.ref, Filters.of(args.include, args.exclude))
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    import datetime
+
+    store = _open_store(args)
+    try:
+        records = store.index.records()
+        rows = [
+            {"ref": r.ref, "filters": r.filters, "digest": r.model_digest, "size": r.size, "files": r.files,
+             "last_used": datetime.datetime.fromtimestamp(r.last_used, datetime.UTC).isoformat(timespec="seconds"),
+             "path": str(store.views_dir / r.view.partition(":")[2]), "pinned": r.pinned, "leases": r.leases}
+            for r in records
+        ]
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no cached models", file=sys.stderr)
+        return 0
+    header = ("REF", "DIGEST", "SIZE", "FILES", "LAST USED")
+    table = [(r["ref"] + (f" [{r['filters']}]" if r["filters"] else ""), r["digest"][:19], human(r["size"]),
+              str(r["files"]), r["last_used"]) for r in rows]
+    widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(header)]
+    for line in [header, *table]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+    return 0
+
+
+async def _cmd_verify(args: argparse.Namespace) -> int:
+    from .store.content import hash_file
+
+    store = _open_store(args)
+    try:
+        digests = list(store.content.digests())
+        limit = asyncio.Semaphore(os.cpu_count() or 2)
+
+        async def check(digest: str) -> dict | None:
+            async with limit:
+                actual = await asyncio.to_thread(hash_file, store.content.path(digest))
+            if actual == digest:
+                return None
+            views = await asyncio.to_thread(store.index.blob_users, digest)
+            if args.delete:
+                await asyncio.to_thread(store.content.delete, digest)
+            return {"blob": digest, "actual": actual, "views": views, "deleted": bool(args.delete)}
+
+        corrupt = [c for c in await asyncio.gather(*(check(d) for d in digests)) if c]
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps({"checked": len(digests), "corrupt": corrupt}, indent=2))
+    else:
+        for c in corrupt:
+            print(f"CORRUPT {c['blob']} (content hashes to {c['actual']})"
+                  f"{' - deleted' if c['deleted'] else ''}")
+        print(f"checked {len(digests)} blobs: {len(corrupt)} corrupt")
+    return 5 if corrupt else 0
+
+
+async def _cmd_demo(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from .demo import make_demo_layout
+    from .tree import Filters
+
+    base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="modelcache-demo-"))
+    size = args.size if isinstance(args.size, int) else _size(str(args.size))
+    layout = await asyncio.to_thread(make_demo_layout, base, total=size, files=int(args.files))
+    print(f"demo model: {int(args.files)} files, {human(size)}, as an OCI layout in {layout}", file=sys.stderr)
+    return await _pull(args, f"oci-layout://{layout}:demo", Filters())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

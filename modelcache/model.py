@@ -1,0 +1,86 @@
+"""The Model: the one currency every part of modelcache passes around.
+
+A source resolves a reference to a :class:`Model`: an immutable description of
+what to fetch. Content comes in two shapes:
+
+- :class:`FileEntry`: a file stored verbatim; its bytes are one blob whose
+  sha256 is known before the fetch (ModelPack ``.raw`` layers, ORAS files,
+  files of a local directory);
+- :class:`Archive`: a tar layer (plain, gzip or zstd) whose files are only
+  known once it has been fetched and unpacked (image layers, ModelPack tar
+  layers).
+
+Both point at a :class:`Blob`: the digest and size of the bytes at the origin,
+which is all the transfer engine and the store need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+@dataclass(frozen=True, slots=True)
+class Blob:
+    """Bytes at an origin, named by their sha256 digest (``sha256:<hex>``)."""
+
+    digest: str
+    size: int
+    media_type: str = "application/octet-stream"
+
+    @property
+    def hex(self) -> str:
+        """The hex part of the digest, the blob's name in the store."""
+        return self.digest.partition(":")[2]
+
+
+class Compression(str, Enum):
+    """How an archive layer is compressed."""
+
+    NONE = "none"
+    GZIP = "gzip"
+    ZSTD = "zstd"
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    """A file of the model stored verbatim as one blob."""
+
+    path: str
+    blob: Blob
+
+
+@dataclass(frozen=True, slots=True)
+class Archive:
+    """A tar layer unpacked under ``prefix`` (``""`` for the model's root)."""
+
+    blob: Blob
+    compression: Compression
+    prefix: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    """What a reference resolved to: parts applied in order, like image layers.
+
+    ``digest`` identifies the resolved content at its source (the manifest
+    digest for OCI, a digest of the file list for a local directory).
+    """
+
+    ref: str
+    digest: str
+    parts: tuple[FileEntry | Archive, ...]
+    annotations: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def blobs(self) -> list[Blob]:
+        """Every distinct blob the model needs, in order of first use."""
+        seen: dict[str, Blob] = {}
+        for part in self.parts:
+            seen.setdefault(part.blob.digest, part.blob)
+        return list(seen.values())
+
+    @property
+    def size(self) -> int:
+        """Bytes to fetch from the origin if nothing were cached."""
+        return sum(b.size for b in self.blobs)

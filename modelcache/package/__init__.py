@@ -1,0 +1,1 @@
+"""Packaging: writing OCI image layouts and manifests for models."""

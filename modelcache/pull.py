@@ -1,0 +1,110 @@
+"""Pulling a model: resolve, fetch missing blobs, unpack layers, build the view.
+
+This is the one place that strings sources, the transfer engine and the store
+together; the CLI and the daemon both call :func:`pull`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import NotFound
+from .model import Archive, FileEntry, Model
+from .refs import parse
+from .sources import SourceOptions, open_source
+from .store import Store
+from .store.unpack import Row, rows_to_layer
+from .transfer import ChunkRouter, Engine, OriginOnly, TransferStats
+from .transfer.engine import Progress
+from .tree import Filters, Node, overlay
+
+
+@dataclass(frozen=True, slots=True)
+class PullResult:
+    """What a pull produced."""
+
+    ref: str
+    model_digest: str
+    path: Path
+    files: int
+    size: int
+    stats: TransferStats
+    seconds: float
+
+
+async def pull(store: Store, engine: Engine, ref_text: str, *, filters: Filters = Filters(),
+               options: SourceOptions = SourceOptions(), progress: Progress | None = None) -> PullResult:
+    """Pull ``ref_text`` into ``store``; return where its read-only tree is."""
+    started = time.monotonic()
+    ref = parse(ref_text)
+    source = open_source(ref, options)
+    try:
+        model = await source.resolve()
+        return await materialize(store, engine, model, OriginOnly(source), filters=filters,
+                                 progress=progress, started=started)
+    finally:
+        await source.close()
+
+
+async def materialize(store: Store, engine: Engine, model: Model, router: ChunkRouter, *,
+                      filters: Filters, progress: Progress | None = None,
+                      started: float | None = None) -> PullResult:
+    """Fetch what ``model`` needs through ``router`` and build its view."""
+    started = time.monotonic() if started is None else started
+    files = [p for p in model.parts if isinstance(p, FileEntry) and filters.match(p.path)]
+    archives = [p for p in model.parts if isinstance(p, Archive)]
+    known = {a.blob.digest: await asyncio.to_thread(store.layer_rows, a.blob.digest) for a in archives}
+    needed = [f.blob for f in files] + [a.blob for a in archives if known[a.blob.digest] is None]
+    stats = await engine.fetch(needed, router, progress=progress)
+
+    rows = dict(known)
+    pending = {a.blob.digest: a for a in archives if known[a.blob.digest] is None}
+    unpacked = await asyncio.gather(*(_unpack(store, engine, a, router, stats) for a in pending.values()))
+    rows.update(zip(pending, unpacked, strict=True))
+
+    layers: list[Sequence[Node | tuple[str, str]]] = []
+    for part in model.parts:
+        if isinstance(part, FileEntry):
+            layers.append([Node(part.path, "file", digest=part.blob.digest, size=part.blob.size)])
+        else:
+            layer_rows = rows[part.blob.digest]
+            assert layer_rows is not None
+            layers.append(rows_to_layer(layer_rows, part.prefix))
+    tree = overlay(layers)
+    selected = [n for n in tree.values() if filters.match(n.path) and (n.kind != "dir" or not filters.key())]
+    if not any(n.kind != "dir" for n in selected):
+        hint = " match --include/--exclude" if filters.key() else " in it"
+        raise NotFound(f"{model.ref}: no files{hint}")
+    path = await asyncio.to_thread(store.build_view, selected)
+    size = sum(n.size for n in selected if n.kind == "file")
+    count = sum(1 for n in selected if n.kind == "file")
+    await asyncio.to_thread(
+        store.index.record_view, ref=model.ref, filters=filters.key(), model_digest=model.digest,
+        view="sha256:" + path.name, size=size, files=count,
+        blobs=[n.digest for n in selected if n.kind == "file"],
+    )
+    return PullResult(ref=model.ref, model_digest=model.digest, path=path, files=count, size=size,
+                      stats=stats, seconds=time.monotonic() - started)
+
+
+async def _unpack(store: Store, engine: Engine, archive: Archive, router: ChunkRouter,
+                  stats: TransferStats) -> list[Row]:
+    """Unpack one archive layer once, even with other processes doing the same."""
+    digest = archive.blob.digest
+    lock = store.content.ingest_dir / f"{archive.blob.hex}.unpack.lock"
+    fd = await store.content.lock(lock)
+    assert fd is not None
+    try:
+        rows = await asyncio.to_thread(store.layer_rows, digest)
+        if rows is not None:
+            return rows
+        if not store.content.has(digest):  # unpacked and dropped by someone whose listing went stale
+            await engine.fetch([archive.blob], router, stats=stats)
+        return await asyncio.to_thread(store.unpack, archive)
+    finally:
+        os.close(fd)

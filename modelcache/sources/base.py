@@ -1,0 +1,65 @@
+"""The two small interfaces every source implements, and the factory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..model import Blob, Model
+from ..refs import DirRef, LayoutRef, OciRef, Ref
+
+
+class ByteSource(Protocol):
+    """Somewhere the bytes of a blob can be read from, by range.
+
+    ``read`` yields the bytes ``[offset, offset + length)`` of ``blob`` in
+    pieces. It raises :class:`~modelcache.errors.Unavailable` for failures
+    worth retrying (the caller retries from where the bytes stopped) and other
+    :class:`~modelcache.errors.ModelCacheError` subclasses for final ones.
+    """
+
+    name: str
+
+    def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes]:
+        """Yield the requested byte range of ``blob``."""
+        ...
+
+
+class Source(ByteSource, Protocol):
+    """A resolvable reference that is also the origin of its blobs."""
+
+    async def resolve(self) -> Model:
+        """Resolve the reference to an immutable Model (manifests are verified)."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections and files."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class SourceOptions:
+    """Knobs shared by sources (all have defaults)."""
+
+    plain_http: bool = False
+    connect_timeout: float = 30.0
+    read_timeout: float = 30.0
+    connections: int = 16
+
+
+def open_source(ref: Ref, options: SourceOptions) -> Source:
+    """The source that serves ``ref``."""
+    if isinstance(ref, OciRef):
+        from .registry import RegistrySource
+
+        return RegistrySource(ref, options)
+    if isinstance(ref, LayoutRef):
+        from .layout import LayoutSource
+
+        return LayoutSource(ref)
+    if isinstance(ref, DirRef):
+        from .local import DirectorySource
+
+        return DirectorySource(ref)
+    raise TypeError(f"no source for {ref!r}")

@@ -1,0 +1,75 @@
+"""Shared HTTP plumbing for sources: sessions, status mapping, ranged reads."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+
+from ..errors import ModelCacheError, NotFound, Unauthorized, Unavailable
+
+READ_BUFSIZE = 1 << 20
+
+
+def new_session(*, connections: int, connect_timeout: float, read_timeout: float) -> aiohttp.ClientSession:
+    """A session tuned for big downloads: large read buffer, per-read stall timeout."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=connections, limit_per_host=connections, ttl_dns_cache=300),
+        timeout=aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=read_timeout),
+        read_bufsize=READ_BUFSIZE,
+        auto_decompress=False,
+    )
+
+
+def retry_after(resp: aiohttp.ClientResponse) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta or HTTP date), if any."""
+    value = resp.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    when = email.utils.parsedate_to_datetime(value) if value else None
+    return max(0.0, when.timestamp() - time.time()) if when else None
+
+
+def status_error(resp: aiohttp.ClientResponse, what: str) -> ModelCacheError:
+    """The error for a failed response: retryable (Unavailable) or final."""
+    status = resp.status
+    if status == 404:
+        return NotFound(f"{what}: not found (HTTP 404)")
+    if status in (401, 403):
+        return Unauthorized(f"{what}: access denied (HTTP {status})")
+    if status == 429 or status >= 500 or status == 408:
+        return Unavailable(f"{what}: HTTP {status}", retry_after=retry_after(resp))
+    return ModelCacheError(f"{what}: unexpected HTTP {status}")
+
+
+async def body_pieces(resp: aiohttp.ClientResponse, offset: int, length: int, *, skip: int, what: str) -> AsyncIterator[bytes]:
+    """Yield exactly ``length`` bytes of a response body after dropping ``skip``.
+
+    ``skip`` is non-zero only when a server ignored our Range header and sent
+    the whole blob. A body that ends early raises :class:`Unavailable`, so the
+    caller retries from the last byte it got.
+    """
+    remaining = length
+    try:
+        async for piece in resp.content.iter_any():
+            if skip:
+                if len(piece) <= skip:
+                    skip -= len(piece)
+                    continue
+                piece, skip = piece[skip:], 0
+            if len(piece) >= remaining:
+                yield piece[:remaining]
+                return
+            remaining -= len(piece)
+            yield piece
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        raise Unavailable(f"{what}: connection failed at byte {offset + length - remaining}: "
+                          f"{type(e).__name__} {e}".rstrip()) from e
+    raise Unavailable(f"{what}: body ended {remaining} bytes early")

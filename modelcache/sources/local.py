@@ -1,0 +1,73 @@
+"""A plain local directory as a source.
+
+Every regular file below the directory is a file of the model. Symlinks are
+followed when they resolve inside the directory and refused otherwise; other
+special files are refused. Files are hashed (in threads, in parallel) while
+resolving, since a directory carries no digests of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from ..errors import NotFound, UnsafePath
+from ..model import Blob, FileEntry, Model
+from ..refs import DirRef
+from ..store.content import hash_file
+from .files import read_file_range
+
+
+class DirectorySource:
+    """Resolves and reads one local directory."""
+
+    def __init__(self, ref: DirRef) -> None:
+        self.ref = ref
+        self.name = str(ref)
+        self._paths: dict[str, Path] = {}
+
+    def _walk(self) -> list[tuple[str, Path]]:
+        root = self.ref.path.resolve()
+        found: list[tuple[str, Path]] = []
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+            dirnames.sort()
+            for name in sorted(filenames) + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+                path = Path(dirpath) / name
+                rel = path.relative_to(root).as_posix()
+                real = path.resolve()
+                if not real.is_relative_to(root):
+                    raise UnsafePath(f"{self.name}: {rel} links outside the directory")
+                if real.is_dir():
+                    raise UnsafePath(f"{self.name}: {rel} is a symlink to a directory; not supported")
+                if not real.is_file():
+                    raise UnsafePath(f"{self.name}: {rel} is not a regular file")
+                found.append((rel, real))
+        if not found:
+            raise NotFound(f"{self.name}: the directory holds no files")
+        return found
+
+    async def resolve(self) -> Model:
+        """List and hash the directory's files."""
+        found = await asyncio.to_thread(self._walk)
+        limit = asyncio.Semaphore(os.cpu_count() or 2)
+
+        async def entry(rel: str, path: Path) -> FileEntry:
+            async with limit:
+                digest = await asyncio.to_thread(hash_file, path)
+            size = path.stat().st_size
+            self._paths[digest] = path
+            return FileEntry(path=rel, blob=Blob(digest=digest, size=size))
+
+        parts = await asyncio.gather(*(entry(rel, p) for rel, p in found))
+        listing = "".join(f"{p.path}\0{p.blob.digest}\n" for p in parts).encode()
+        return Model(ref=self.name, digest="sha256:" + hashlib.sha256(listing).hexdigest(), parts=tuple(parts))
+
+    def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes]:
+        """Yield a range of the file that had this digest when resolved."""
+        return read_file_range(self._paths[blob.digest], offset, length, what=self.name)
+
+    async def close(self) -> None:
+        """Nothing to release."""

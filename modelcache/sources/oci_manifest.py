@@ -1,0 +1,156 @@
+"""Reading OCI and Docker manifests into a Model (no I/O here).
+
+Handles image indexes / Docker manifest lists (choosing one child), OCI image
+manifests and Docker v2 schema 2 manifests, and classifies layers:
+
+- ModelPack (``application/vnd.cncf.model.*``, older ``vnd.cnai.model.*``):
+  ``.raw`` layers are files at ``org.cncf.model.filepath``; ``.tar``,
+  ``.tar+gzip``, ``.tar+zstd`` layers are unpacked;
+- image layers (OCI and Docker, tar / gzip / zstd, nondistributable too)
+  are unpacked at the model's root, so a modelcar's ``/models`` tree works;
+- ORAS files: a layer titled by ``org.opencontainers.image.title`` is a
+  file at that path, whatever its media type (a tar+gzip one with
+  ``io.deis.oras.content.unpack`` is a directory, unpacked under the title).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from ..errors import InvalidContent
+from ..model import Archive, Blob, Compression, FileEntry, Model
+from ..tree import safe_path
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
+MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
+ACCEPT = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST))
+MAX_MANIFEST_BYTES = 4 << 20
+
+MODELPACK_ARTIFACT_TYPES = (
+    "application/vnd.cncf.model.manifest.v1+json",
+    "application/vnd.cnai.model.manifest.v1+json",
+)
+MODELPACK_FILEPATH = ("org.cncf.model.filepath", "org.cnai.model.filepath")
+TITLE = "org.opencontainers.image.title"
+ORAS_UNPACK = "io.deis.oras.content.unpack"
+
+_MODELPACK_LAYER = re.compile(r"^application/vnd\.(?:cncf|cnai)\.model\.[a-z0-9.]+\.v1\.(raw|tar|tar\+gzip|tar\+zstd)$")
+_IMAGE_LAYER = re.compile(
+    r"^application/vnd\.(?:oci\.image\.layer(?:\.nondistributable)?\.v1\.tar(\+gzip|\+zstd)?"
+    r"|docker\.image\.rootfs(?:\.foreign)?\.diff\.tar(\.gzip)?)$"
+)
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def parse_json(body: bytes, *, what: str) -> dict[str, Any]:
+    """Decode a manifest or index, refusing oversized or non-object JSON."""
+    if len(body) > MAX_MANIFEST_BYTES:
+        raise InvalidContent(f"{what} is {len(body)} bytes, over the {MAX_MANIFEST_BYTES >> 20} MiB limit")
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidContent(f"{what} is not valid JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise InvalidContent(f"{what} is not a JSON object")
+    return doc
+
+
+def media_type_of(doc: dict[str, Any], header: str | None = None) -> str:
+    """The document's media type: its own field, else the HTTP header, else guessed."""
+    mt = doc.get("mediaType") or (header or "").split(";")[0].strip()
+    if mt:
+        return mt
+    return OCI_INDEX if "manifests" in doc else OCI_MANIFEST
+
+
+def descriptor(raw: Any, *, what: str) -> Blob:
+    """A validated content descriptor."""
+    if not isinstance(raw, dict):
+        raise InvalidContent(f"{what}: descriptor is not an object")
+    digest, size, mt = raw.get("digest"), raw.get("size"), raw.get("mediaType", "")
+    if not isinstance(digest, str) or not _DIGEST.match(digest):
+        raise InvalidContent(f"{what}: unsupported or invalid digest {digest!r}")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise InvalidContent(f"{what}: invalid size {size!r}")
+    return Blob(digest=digest, size=size, media_type=str(mt))
+
+
+def select_from_index(doc: dict[str, Any], *, what: str) -> Blob:
+    """Pick the manifest to use from an index.
+
+    The ModelPack artifact if the index lists one, else linux/amd64, else the
+    only manifest there is.
+    """
+    manifests = doc.get("manifests")
+    if not isinstance(manifests, list) or not manifests:
+        raise InvalidContent(f"{what}: image index lists no manifests")
+    for m in manifests:
+        if isinstance(m, dict) and m.get("artifactType") in MODELPACK_ARTIFACT_TYPES:
+            return descriptor(m, what=what)
+    for m in manifests:
+        p = m.get("platform") if isinstance(m, dict) else None
+        if isinstance(p, dict) and p.get("os") == "linux" and p.get("architecture") == "amd64":
+            return descriptor(m, what=what)
+    if len(manifests) == 1:
+        return descriptor(manifests[0], what=what)
+    platforms = ", ".join(
+        f"{m.get('platform', {}).get('os')}/{m.get('platform', {}).get('architecture')}"
+        for m in manifests if isinstance(m, dict)
+    )
+    raise InvalidContent(f"{what}: index has no ModelPack or linux/amd64 manifest (has {platforms})")
+
+
+def model_from_manifest(doc: dict[str, Any], *, ref: str, digest: str) -> Model:
+    """Turn an image or artifact manifest into a Model."""
+    layers = doc.get("layers")
+    if not isinstance(layers, list):
+        raise InvalidContent(f"{ref}: manifest has no layers list")
+    parts: list[FileEntry | Archive] = []
+    for n, raw in enumerate(layers):
+        blob = descriptor(raw, what=f"{ref} layer {n}")
+        annotations = raw.get("annotations") or {}
+        if not isinstance(annotations, dict):
+            raise InvalidContent(f"{ref} layer {n}: annotations is not an object")
+        parts.append(_classify(blob, annotations, what=f"{ref} layer {n}"))
+    annotations = doc.get("annotations") if isinstance(doc.get("annotations"), dict) else {}
+    return Model(ref=ref, digest=digest, parts=tuple(parts), annotations=dict(annotations or {}))
+
+
+def _compression(suffix: str | None) -> Compression:
+    if not suffix:
+        return Compression.NONE
+    return Compression.ZSTD if "zstd" in suffix else Compression.GZIP
+
+
+def _classify(blob: Blob, annotations: dict[str, Any], *, what: str) -> FileEntry | Archive:
+    mt = blob.media_type
+    modelpack = _MODELPACK_LAYER.match(mt)
+    if modelpack:
+        kind = modelpack.group(1)
+        if kind == "raw":
+            path = next((annotations[k] for k in MODELPACK_FILEPATH if k in annotations), None)
+            path = path or annotations.get(TITLE)
+            if not isinstance(path, str):
+                raise InvalidContent(f"{what}: raw ModelPack layer without org.cncf.model.filepath")
+            return FileEntry(path=safe_path(path, context=what), blob=blob)
+        return Archive(blob=blob, compression=_compression(kind[3:]))
+    image = _IMAGE_LAYER.match(mt)
+    title = annotations.get(TITLE)
+    if image:
+        suffix = image.group(1) or image.group(2)
+        if not isinstance(title, str):
+            return Archive(blob=blob, compression=_compression(suffix))
+        # ORAS names files by title (its default file media type is the image
+        # layer tar type) and marks directories it packed with ORAS_UNPACK.
+        if str(annotations.get(ORAS_UNPACK)).lower() == "true":
+            return Archive(blob=blob, compression=_compression(suffix), prefix=safe_path(title, context=what))
+        return FileEntry(path=safe_path(title, context=what), blob=blob)
+    if isinstance(title, str):
+        return FileEntry(path=safe_path(title, context=what), blob=blob)
+    raise InvalidContent(f"{what}: unsupported layer media type {mt!r} without a file name")

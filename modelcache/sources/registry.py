@@ -1,0 +1,176 @@
+"""An OCI distribution registry as a source (pull side of the distribution spec).
+
+Manifests are fetched with the OCI and Docker media types accepted, capped
+at 4 MiB and verified against the digest they were asked by (or, for a tag,
+against ``Docker-Content-Digest`` when the registry sends one). Blobs are read
+by byte range. Redirects are followed by hand so that the registry's
+``Authorization`` never travels to another host (blob storage behind a
+redirect has its own signed URL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Mapping
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+
+from ..errors import DigestMismatch, InvalidContent, ModelCacheError, NotFound, Unauthorized, Unavailable
+from ..model import Blob, Model
+from ..refs import OciRef
+from .base import SourceOptions
+from .http import body_pieces, new_session, status_error
+from .oci_manifest import (
+    ACCEPT,
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    MAX_MANIFEST_BYTES,
+    media_type_of,
+    model_from_manifest,
+    parse_json,
+    select_from_index,
+)
+from .registry_auth import Authenticator, load_credentials
+
+_MAX_REDIRECTS = 5
+
+
+class RegistrySource:
+    """Resolves and reads one ``oci://`` reference."""
+
+    def __init__(self, ref: OciRef, options: SourceOptions) -> None:
+        self.ref = ref
+        self.name = str(ref)
+        scheme = "http" if options.plain_http or ref.is_loopback() else "https"
+        self._base = f"{scheme}://{ref.host}/v2/{ref.repository}"
+        self._scope = f"repository:{ref.repository}:pull"
+        self._options = options
+        self._session: aiohttp.ClientSession | None = None
+        self._auth: Authenticator | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The HTTP session, created on first use (inside the event loop)."""
+        if self._session is None:
+            o = self._options
+            self._session = new_session(connections=o.connections, connect_timeout=o.connect_timeout,
+                                        read_timeout=o.read_timeout)
+            self._auth = Authenticator(self._session, self.ref.host, load_credentials(self.ref.host))
+        return self._session
+
+    async def close(self) -> None:
+        """Close the HTTP session."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _send(self, url: str, headers: Mapping[str, str]) -> aiohttp.ClientResponse:
+        """GET with auth challenges answered and redirects followed safely."""
+        session = self.session
+        assert self._auth is not None
+        origin = urlsplit(url)[:2]
+        answered = False
+        for _ in range(_MAX_REDIRECTS + 1):
+            sent = dict(headers)
+            same_origin = urlsplit(url)[:2] == origin
+            auth = self._auth.header(self._scope) if same_origin else None
+            if auth:
+                sent["Authorization"] = auth
+            try:
+                resp = await session.get(url, headers=sent, allow_redirects=False)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                raise Unavailable(f"{self.ref.host}: {type(e).__name__}: {e}".rstrip(": ")) from e
+            if resp.status == 401 and same_origin and not answered:
+                challenge = resp.headers.get("WWW-Authenticate", "")
+                resp.release()
+                if not challenge:
+                    raise Unauthorized(f"{self.name}: registry answered 401 without a challenge")
+                await self._auth.answer(challenge, self._scope)
+                answered = True
+                continue
+            if resp.status in (301, 302, 303, 307, 308):
+                location = resp.headers.get("Location")
+                resp.release()
+                if not location:
+                    raise InvalidContent(f"{self.name}: redirect without Location")
+                url = urljoin(url, location)
+                continue
+            return resp
+        raise InvalidContent(f"{self.name}: too many redirects")
+
+    async def _get_manifest(self, reference: str, *, expect: str | None) -> tuple[dict, str, str]:
+        """(document, media type, digest) of a manifest, size-capped and verified."""
+        what = f"{self.ref.host}/{self.ref.repository}@{reference}" if expect else self.name
+        resp = await self._send(f"{self._base}/manifests/{reference}", {"Accept": ACCEPT})
+        async with resp:
+            if resp.status == 404:
+                kind = "manifest" if expect else f"tag {reference!r}"
+                raise NotFound(f"{kind} not found in {self.ref.host}/{self.ref.repository}")
+            if resp.status in (401, 403):
+                raise Unauthorized(f"{self.name}: access denied (HTTP {resp.status}); check your registry login")
+            if resp.status != 200:
+                raise status_error(resp, what)
+            if (resp.content_length or 0) > MAX_MANIFEST_BYTES:
+                raise InvalidContent(f"{what}: manifest of {resp.content_length} bytes is over the 4 MiB limit")
+            try:
+                body = await resp.content.read(MAX_MANIFEST_BYTES + 1)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                raise Unavailable(f"{what}: reading manifest failed: {e}") from e
+            header_digest = resp.headers.get("Docker-Content-Digest")
+            header_type = resp.headers.get("Content-Type")
+        if len(body) > MAX_MANIFEST_BYTES:
+            raise InvalidContent(f"{what}: manifest is over the 4 MiB limit")
+        actual = "sha256:" + hashlib.sha256(body).hexdigest()
+        wanted = expect or (header_digest if header_digest and header_digest.startswith("sha256:") else None)
+        if wanted and actual != wanted:
+            raise DigestMismatch(f"{what}: manifest digest is {actual}, expected {wanted}")
+        doc = parse_json(body, what=f"manifest of {what}")
+        return doc, media_type_of(doc, header_type), actual
+
+    async def resolve(self) -> Model:
+        """Fetch the manifest (through an index if need be) and build the Model."""
+        doc, media_type, digest = await self._get_manifest(self.ref.reference, expect=self.ref.digest)
+        if media_type in INDEX_TYPES:
+            chosen = select_from_index(doc, what=self.name)
+            doc, media_type, digest = await self._get_manifest(chosen.digest, expect=chosen.digest)
+        if media_type not in MANIFEST_TYPES:
+            raise InvalidContent(f"{self.name}: unsupported manifest media type {media_type!r}")
+        return model_from_manifest(doc, ref=self.name, digest=digest)
+
+    async def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes]:
+        """Yield bytes ``[offset, offset+length)`` of a blob, by HTTP range."""
+        what = f"{self.ref.host}/{self.ref.repository} blob {blob.digest[:19]}"
+        headers = {"Accept-Encoding": "identity"}
+        whole = offset == 0 and length == blob.size
+        if not whole:
+            headers["Range"] = f"bytes={offset}-{offset + length - 1}"
+        resp = await self._send(f"{self._base}/blobs/{blob.digest}", headers)
+        async with resp:
+            if resp.status == 206:
+                skip = 0
+                start = _content_range_start(resp.headers.get("Content-Range"))
+                if start != offset:
+                    raise Unavailable(f"{what}: asked for byte {offset}, got a range from {start}")
+            elif resp.status == 200:
+                skip = offset  # Range ignored: the whole blob is coming
+            elif resp.status == 416:
+                raise InvalidContent(f"{what}: range {offset}+{length} not satisfiable; blob size differs from manifest")
+            else:
+                err = status_error(resp, what)
+                if isinstance(err, NotFound):
+                    raise NotFound(f"{what}: blob not found in the registry")
+                raise err if isinstance(err, ModelCacheError) else Unavailable(str(err))
+            async for piece in body_pieces(resp, offset, length, skip=skip, what=what):
+                yield piece
+
+
+def _content_range_start(value: str | None) -> int | None:
+    # "bytes START-END/TOTAL" (RFC 9110 14.4)
+    if not value or not value.startswith("bytes "):
+        return None
+    try:
+        return int(value[6:].split("-", 1)[0])
+    except ValueError:
+        return None

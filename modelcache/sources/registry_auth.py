@@ -1,0 +1,135 @@
+"""Registry credentials and the auth challenge flow.
+
+- Credentials come from Docker's ``config.json`` (``$DOCKER_CONFIG`` or
+  ``~/.docker/config.json``): ``auths.<host>.auth`` (base64 ``user:password``)
+  or ``username``/``password``; Docker Hub's aliases are matched too.
+- A 401 carries ``WWW-Authenticate``. ``Basic`` is answered with the
+  credentials; ``Bearer realm=…,service=…,scope=…`` is answered by fetching a
+  token from the realm (with the credentials, if any, as basic auth), as the
+  distribution token spec describes, and the token is cached per scope.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlencode
+
+import aiohttp
+
+from ..errors import InvalidContent, Unauthorized, Unavailable
+
+_PARAM = re.compile(r'([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)')
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """A username and password (or token) for one registry."""
+
+    username: str
+    password: str
+
+    def basic(self) -> str:
+        """The value of an ``Authorization: Basic`` header."""
+        raw = f"{self.username}:{self.password}".encode()
+        return "Basic " + base64.b64encode(raw).decode()
+
+
+def docker_config_path() -> Path:
+    """Where Docker keeps ``config.json``."""
+    base = os.environ.get("DOCKER_CONFIG")
+    return Path(base) / "config.json" if base else Path.home() / ".docker" / "config.json"
+
+
+def load_credentials(host: str, config: Path | None = None) -> Credentials | None:
+    """Credentials for ``host`` from Docker's config file, or None."""
+    path = config or docker_config_path()
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise Unauthorized(f"cannot read registry credentials from {path}: {e}") from e
+    auths = doc.get("auths") if isinstance(doc, dict) else None
+    if not isinstance(auths, dict):
+        return None
+    names = {host, f"https://{host}", f"http://{host}", f"https://{host}/v1/", f"https://{host}/v2/"}
+    if host in ("docker.io", "registry-1.docker.io", "index.docker.io"):
+        names.add("https://index.docker.io/v1/")
+    for key, entry in auths.items():
+        if key.rstrip("/") not in {n.rstrip("/") for n in names} or not isinstance(entry, dict):
+            continue
+        if entry.get("auth"):
+            try:
+                user, sep, password = base64.b64decode(entry["auth"]).decode().partition(":")
+            except (binascii.Error, UnicodeDecodeError) as e:
+                raise Unauthorized(f"{path}: auths.{key}.auth is not base64 user:password") from e
+            if sep:
+                return Credentials(user, password)
+        if entry.get("username") and entry.get("password"):
+            return Credentials(str(entry["username"]), str(entry["password"]))
+    return None
+
+
+def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
+    """Split ``WWW-Authenticate`` into its scheme and parameters."""
+    scheme, _, rest = header.strip().partition(" ")
+    params = {}
+    for key, value in _PARAM.findall(rest):
+        if value.startswith('"'):
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        params[key.lower()] = value
+    return scheme.lower(), params
+
+
+class Authenticator:
+    """Answers one registry's challenges; caches the header per scope."""
+
+    def __init__(self, session: aiohttp.ClientSession, registry: str, credentials: Credentials | None) -> None:
+        self._session = session
+        self._registry = registry
+        self._credentials = credentials
+        self._headers: dict[str, str] = {}
+
+    def header(self, scope: str) -> str | None:
+        """The Authorization header to send for ``scope``, if one is known."""
+        return self._headers.get(scope) or self._headers.get("*")
+
+    async def answer(self, challenge: str, scope: str) -> str:
+        """Obtain an Authorization header for a 401's challenge; raise if impossible."""
+        scheme, params = parse_challenge(challenge)
+        if scheme == "basic":
+            if not self._credentials:
+                raise Unauthorized(f"{self._registry} requires a login (no credentials in {docker_config_path()})")
+            self._headers["*"] = self._credentials.basic()
+            return self._headers["*"]
+        if scheme != "bearer" or "realm" not in params:
+            raise Unauthorized(f"{self._registry}: unsupported auth challenge {challenge!r}")
+        query = {"service": params.get("service", "")} if params.get("service") else {}
+        wanted = params.get("scope") or scope
+        if wanted:
+            query["scope"] = wanted
+        url = params["realm"] + ("&" if "?" in params["realm"] else "?") + urlencode(query)
+        headers = {"Authorization": self._credentials.basic()} if self._credentials else {}
+        try:
+            async with self._session.get(url, headers=headers) as resp:
+                if resp.status in (401, 403):
+                    raise Unauthorized(f"{self._registry}: token server refused "
+                                       f"{'our credentials' if self._credentials else 'anonymous access'}")
+                if resp.status >= 400:
+                    raise Unavailable(f"{self._registry}: token server answered HTTP {resp.status}")
+                body = await resp.json(content_type=None)
+        except aiohttp.ClientError as e:
+            raise Unavailable(f"{self._registry}: token server unreachable: {e}") from e
+        except ValueError as e:
+            raise InvalidContent(f"{self._registry}: token server sent invalid JSON") from e
+        token = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
+        if not isinstance(token, str) or not token:
+            raise InvalidContent(f"{self._registry}: token server sent no token")
+        self._headers[scope] = f"Bearer {token}"
+        return self._headers[scope]

@@ -1,0 +1,309 @@
+"""Blobs and blobs in progress: the content half of the store.
+
+The roles follow containerd's content store: a reader of committed blobs
+(:meth:`ContentStore.path`, :meth:`ContentStore.has`), a writer factory for a
+blob of known digest (:meth:`ContentStore.open_ingest`, resumable, chunked) and
+one for bytes whose digest is learnt while writing them
+(:meth:`ContentStore.write_stream`, used to unpack layers).
+
+All methods here block (file I/O, fsync, hashing); async callers run them in
+threads. The only async method waits for another process's lock without
+holding a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import hashlib
+import os
+import secrets
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from ..errors import DigestMismatch, InvalidContent
+from ..model import Blob
+
+_RECORD_MAGIC = b"MCCHUNK1"
+_RECORD_HEADER = struct.Struct("<8sQQ")  # magic, blob size, chunk size
+_HASH_BLOCK = 4 << 20
+
+
+class ContentStore:
+    """Committed blobs under ``blobs/sha256`` and the ``ingest/`` area."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs_dir = root / "blobs" / "sha256"
+        self.ingest_dir = root / "ingest"
+        self.blobs_dir.mkdir(parents=True, exist_ok=True)
+        self.ingest_dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, digest: str) -> Path:
+        """Where the committed blob ``digest`` lives (it may not exist)."""
+        algo, _, hex_ = digest.partition(":")
+        if algo != "sha256" or len(hex_) != 64:
+            raise InvalidContent(f"unsupported digest {digest!r}")
+        return self.blobs_dir / hex_
+
+    def has(self, digest: str) -> bool:
+        """True when the blob is committed (and so verified)."""
+        return self.path(digest).is_file()
+
+    def digests(self) -> Iterator[str]:
+        """Every committed blob's digest."""
+        for entry in os.scandir(self.blobs_dir):
+            if entry.is_file() and len(entry.name) == 64:
+                yield "sha256:" + entry.name
+
+    def delete(self, digest: str) -> None:
+        """Remove a committed blob (views keep their own hardlinks)."""
+        try:
+            self.path(digest).unlink()
+        except FileNotFoundError:
+            pass
+
+    # -- ingest of a blob whose digest is known ------------------------------
+
+    async def open_ingest(self, blob: Blob, chunk_size: int) -> BlobIngest | None:
+        """Take the cross-process write lock for ``blob`` and open its ingest.
+
+        Returns ``None`` when the blob is (or became, while waiting for another
+        writer) committed.
+        """
+        lock_path = self.ingest_dir / f"{blob.hex}.lock"
+        fd = await self.lock(lock_path, unless=lambda: self.has(blob.digest))
+        if fd is None:
+            return None
+        try:
+            return await asyncio.to_thread(BlobIngest, self, blob, chunk_size, fd, lock_path)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    async def lock(self, path: Path, *, unless: Callable[[], bool] = lambda: False,
+                   poll: float = 0.1) -> int | None:
+        """Take an exclusive flock on ``path``; return its fd (close it to release).
+
+        Returns ``None``, holding nothing, as soon as ``unless()`` is true (the
+        work the lock guards was done by someone else). The lock is polled
+        rather than waited on in a thread, so many waiters cost no threads.
+        """
+        while True:
+            if unless():
+                return None
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                await asyncio.sleep(poll)
+                continue
+            # The holder before us may have unlinked the lock file after we
+            # opened it; a lock on an unlinked inode guards nothing.
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same and not unless():
+                return fd
+            os.close(fd)
+            if same:
+                return None
+
+    # -- ingest of bytes whose digest is learnt while writing ---------------
+
+    def write_stream(self, source: BinaryIO, *, expected_size: int | None = None) -> tuple[str, int]:
+        """Copy ``source`` into the store, hashing on the way; return (digest, size).
+
+        The data lands in a unique temp file and is linked into place only once
+        fsync'd and named by its sha256.
+        """
+        tmp = self.ingest_dir / f"tmp-{secrets.token_hex(8)}"
+        h = hashlib.sha256()
+        size = 0
+        try:
+            with open(tmp, "wb") as out:
+                while True:
+                    block = source.read(_HASH_BLOCK)
+                    if not block:
+                        break
+                    h.update(block)
+                    out.write(block)
+                    size += len(block)
+                out.flush()
+                os.fsync(out.fileno())
+            if expected_size is not None and size != expected_size:
+                raise InvalidContent(f"stream ended after {size} bytes, expected {expected_size}")
+            digest = "sha256:" + h.hexdigest()
+            self._link_into_place(tmp, digest)
+            return digest, size
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _link_into_place(self, tmp: Path, digest: str) -> None:
+        os.chmod(tmp, 0o444)
+        try:
+            os.link(tmp, self.path(digest))
+        except FileExistsError:
+            return  # same digest, same bytes: AlreadyExists is success
+        _fsync_dir(self.blobs_dir)
+
+
+class BlobIngest:
+    """A blob being written in fixed-size chunks, resumable across crashes.
+
+    ``data`` is preallocated; ``chunks`` holds one byte per chunk, set only
+    after that chunk's bytes were fdatasync'd, so after a crash (even a power
+    loss) every chunk marked done really is on disk. The sha256 is computed
+    over the done prefix as it grows, reading back from the page cache, so no
+    chunk is ever held in memory whole.
+    """
+
+    def __init__(self, store: ContentStore, blob: Blob, chunk_size: int, lock_fd: int, lock_path: Path) -> None:
+        self.store = store
+        self.blob = blob
+        self.chunk_size = chunk_size
+        self.chunks = max(1, -(-blob.size // chunk_size))
+        self._lock_fd = lock_fd
+        self._lock_path = lock_path
+        self.dir = store.ingest_dir / blob.hex
+        self.dir.mkdir(exist_ok=True)
+        self.data_path = self.dir / "data"
+        self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._record_fd = os.open(self.dir / "chunks", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self.done = self._load_record()
+        self._hash = hashlib.sha256()
+        self._hashed = 0  # bytes of the prefix fed to the hash
+        self._hash_lock = threading.Lock()
+        self._closed = False
+
+    def _load_record(self) -> bytearray:
+        header = _RECORD_HEADER.pack(_RECORD_MAGIC, self.blob.size, self.chunk_size)
+        raw = os.pread(self._record_fd, _RECORD_HEADER.size + self.chunks, 0)
+        if raw[: _RECORD_HEADER.size] == header and len(raw) == _RECORD_HEADER.size + self.chunks:
+            return bytearray(raw[_RECORD_HEADER.size :])
+        # No record, or one from another chunk size: start over.
+        os.ftruncate(self._record_fd, 0)
+        os.pwrite(self._record_fd, header + bytes(self.chunks), 0)
+        os.ftruncate(self.fd, 0)
+        if self.blob.size:
+            try:
+                os.posix_fallocate(self.fd, 0, self.blob.size)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                os.ftruncate(self.fd, self.blob.size)
+        os.fsync(self._record_fd)
+        return bytearray(self.chunks)
+
+    def chunk_range(self, index: int) -> tuple[int, int]:
+        """(offset, length) of chunk ``index``."""
+        start = index * self.chunk_size
+        return start, min(self.chunk_size, self.blob.size - start)
+
+    def missing(self) -> list[int]:
+        """Indexes of chunks not yet durable."""
+        return [i for i, d in enumerate(self.done) if not d]
+
+    @property
+    def bytes_done(self) -> int:
+        """Bytes in chunks already durable."""
+        return sum(self.chunk_range(i)[1] for i, d in enumerate(self.done) if d)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` at ``offset`` of the blob (positional, no seek)."""
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view = view[n:]
+            offset += n
+
+    def mark_done(self, index: int) -> None:
+        """Make chunk ``index`` durable and record it; then extend the hash."""
+        os.fdatasync(self.fd)
+        os.pwrite(self._record_fd, b"\x01", _RECORD_HEADER.size + index)
+        self.done[index] = 1
+        self._advance_hash()
+
+    def _advance_hash(self) -> None:
+        with self._hash_lock:
+            self._advance_hash_locked()
+
+    def _advance_hash_locked(self) -> None:
+        while self._hashed < self.blob.size:
+            index = self._hashed // self.chunk_size
+            if not self.done[index]:
+                return
+            start, length = self.chunk_range(index)
+            end = start + length
+            while self._hashed < end:
+                block = os.pread(self.fd, min(_HASH_BLOCK, end - self._hashed), self._hashed)
+                if not block:
+                    raise InvalidContent(f"{self.blob.digest}: ingest data shorter than its record")
+                self._hash.update(block)
+                self._hashed += len(block)
+
+    def complete(self) -> bool:
+        """True when every chunk is durable."""
+        return all(self.done)
+
+    def commit(self) -> None:
+        """Verify the digest and link the blob into ``blobs/``; then clean up.
+
+        On a digest mismatch the partial data is discarded (so the next try
+        starts clean) and :class:`DigestMismatch` is raised.
+        """
+        if not self.complete():
+            raise InvalidContent(f"{self.blob.digest}: commit before every chunk is done")
+        self._advance_hash()
+        actual = "sha256:" + self._hash.hexdigest()
+        if actual != self.blob.digest:
+            self.discard()
+            raise DigestMismatch(f"blob {self.blob.digest} arrived as {actual}: refusing it")
+        os.fsync(self.fd)
+        self.store._link_into_place(self.data_path, self.blob.digest)
+        self.discard()
+
+    def discard(self) -> None:
+        """Drop the partial data and record, and release the lock."""
+        for name in ("data", "chunks"):
+            (self.dir / name).unlink(missing_ok=True)
+        try:
+            self.dir.rmdir()
+        except OSError:
+            pass
+        self._lock_path.unlink(missing_ok=True)
+        self.close()
+
+    def close(self) -> None:
+        """Release the lock, keeping partial data for a later resume."""
+        if self._closed:
+            return
+        self._closed = True
+        for fd in (self.fd, self._record_fd, self._lock_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def hash_file(path: Path) -> str:
+    """The sha256 digest of a file, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,149 @@
+"""The store's SQLite index: what the blobs and views mean.
+
+Tables:
+
+- ``refs``: a reference (with its include/exclude filters) -> the view it
+  resolved to last, and the model digest it came from;
+- ``views``: one row per built view: size, file count, created, last used;
+- ``view_blobs``: which blobs a view holds (for gc and for ``ls``);
+- ``layers``: the listing of an archive layer already unpacked into blobs, so
+  a later pull of the same layer fetches nothing;
+- ``leases`` and ``pins``: what must not be evicted (mounted, or pinned).
+
+One connection per :class:`Index`, serialised by a lock; WAL mode and a busy
+timeout let several processes share the file. Methods block; async callers
+run them in a thread.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS refs (
+  ref TEXT NOT NULL, filters TEXT NOT NULL, view TEXT NOT NULL,
+  model_digest TEXT NOT NULL, updated REAL NOT NULL,
+  PRIMARY KEY (ref, filters));
+CREATE TABLE IF NOT EXISTS views (
+  digest TEXT PRIMARY KEY, size INTEGER NOT NULL, files INTEGER NOT NULL,
+  created REAL NOT NULL, last_used REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS view_blobs (
+  view TEXT NOT NULL, blob TEXT NOT NULL, PRIMARY KEY (view, blob));
+CREATE INDEX IF NOT EXISTS view_blobs_by_blob ON view_blobs (blob);
+CREATE TABLE IF NOT EXISTS layers (
+  digest TEXT PRIMARY KEY, entries TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS leases (
+  id TEXT PRIMARY KEY, view TEXT NOT NULL, holder TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS pins (
+  view TEXT PRIMARY KEY, created REAL NOT NULL);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ViewRecord:
+    """A cached model as ``ls`` shows it."""
+
+    ref: str
+    filters: str
+    model_digest: str
+    view: str
+    size: int
+    files: int
+    last_used: float
+    pinned: bool
+    leases: int
+
+
+class Index:
+    """The SQLite index of one store."""
+
+    def __init__(self, path: Path) -> None:
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        with self._lock:
+            self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self._db.close()
+
+    def _tx(self, statements: Iterable[tuple[str, Sequence[object]]]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, args in statements:
+                    self._db.execute(sql, args)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: Sequence[object] = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # -- layers ---------------------------------------------------------------
+
+    def layer_entries(self, digest: str) -> list[list] | None:
+        """The listing recorded for an unpacked layer, or None."""
+        rows = self._query("SELECT entries FROM layers WHERE digest = ?", (digest,))
+        return json.loads(rows[0][0]) if rows else None
+
+    def put_layer(self, digest: str, entries: list[list]) -> None:
+        """Record the listing of a layer unpacked into blobs."""
+        self._tx([(
+            "INSERT OR REPLACE INTO layers (digest, entries, created) VALUES (?, ?, ?)",
+            (digest, json.dumps(entries, separators=(",", ":")), time.time()),
+        )])
+
+    def forget_layer(self, digest: str) -> None:
+        """Drop a layer listing (one of its blobs went missing)."""
+        self._tx([("DELETE FROM layers WHERE digest = ?", (digest,))])
+
+    # -- views and refs ---------------------------------------------------------
+
+    def record_view(self, *, ref: str, filters: str, model_digest: str, view: str,
+                    size: int, blobs: Iterable[str], files: int) -> None:
+        """Record that ``ref`` (with ``filters``) is materialised as ``view``."""
+        now = time.time()
+        stmts: list[tuple[str, Sequence[object]]] = [
+            ("INSERT INTO views (digest, size, files, created, last_used) VALUES (?, ?, ?, ?, ?) "
+             "ON CONFLICT(digest) DO UPDATE SET last_used = excluded.last_used",
+             (view, size, files, now, now)),
+            ("INSERT OR REPLACE INTO refs (ref, filters, view, model_digest, updated) VALUES (?, ?, ?, ?, ?)",
+             (ref, filters, view, model_digest, now)),
+        ]
+        stmts += [("INSERT OR IGNORE INTO view_blobs (view, blob) VALUES (?, ?)", (view, b)) for b in set(blobs)]
+        self._tx(stmts)
+
+    def lookup(self, ref: str, filters: str) -> tuple[str, str] | None:
+        """(view, model digest) last recorded for a ref, or None."""
+        rows = self._query("SELECT view, model_digest FROM refs WHERE ref = ? AND filters = ?", (ref, filters))
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    def touch(self, view: str) -> None:
+        """Mark a view as used now."""
+        self._tx([("UPDATE views SET last_used = ? WHERE digest = ?", (time.time(), view))])
+
+    def records(self) -> list[ViewRecord]:
+        """Every ref with its view, newest use first."""
+        rows = self._query(
+            "SELECT r.ref, r.filters, r.model_digest, v.digest, v.size, v.files, v.last_used, "
+            "EXISTS(SELECT 1 FROM pins p WHERE p.view = v.digest), "
+            "(SELECT COUNT(*) FROM leases l WHERE l.view = v.digest) "
+            "FROM refs r JOIN views v ON v.digest = r.view ORDER BY v.last_used DESC, r.ref"
+        )
+        return [ViewRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]), r[8]) for r in rows]
+
+    def blob_users(self, blob: str) -> list[str]:
+        """Views that hold ``blob``."""
+        return [r[0] for r in self._query("SELECT view FROM view_blobs WHERE blob = ?", (blob,))]

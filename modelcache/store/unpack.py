@@ -1,0 +1,105 @@
+"""Unpacking tar layers (plain, gzip, zstd) into blobs, safely.
+
+Each regular file of a layer becomes a blob named by its sha256, so a file
+shared by two images (or by an image and a raw artifact) is stored once. The
+layer's listing is returned as compact JSON-able rows, recorded in the index:
+
+    ["f", path, digest, size]   a regular file (hardlinks become files too)
+    ["l", path, target]         a symlink whose target stays inside the tree
+    ["d", path]                 a directory
+    ["w", path]                 an OCI whiteout: hide ``path`` from lower layers
+    ["o", dir]                  an opaque whiteout: hide all of ``dir`` below
+
+Refused, with :class:`UnsafePath`: paths that climb out of the root,
+symlinks pointing outside it, hardlinks to files not in the layer, device
+files and FIFOs. Runs in a thread (it blocks).
+"""
+
+from __future__ import annotations
+
+import gzip
+import posixpath
+import tarfile
+import zlib
+from pathlib import Path
+from typing import IO
+
+import zstandard
+
+from ..errors import InvalidContent, UnsafePath
+from ..model import Compression
+from ..tree import OPAQUE_WHITEOUT, WHITEOUT_PREFIX, Node, safe_link_target, safe_path
+from .content import ContentStore
+
+Row = list
+
+
+def unpack_layer(content: ContentStore, layer: Path, compression: Compression, *, name: str) -> list[Row]:
+    """Unpack ``layer`` (a committed blob) into ``content``; return its listing."""
+    with open(layer, "rb") as raw:
+        stream: IO[bytes]
+        if compression is Compression.GZIP:
+            stream = gzip.GzipFile(fileobj=raw, mode="rb")
+        elif compression is Compression.ZSTD:
+            stream = zstandard.ZstdDecompressor().stream_reader(raw, read_size=1 << 20)
+        else:
+            stream = raw
+        try:
+            with tarfile.open(fileobj=stream, mode="r|") as tar:
+                return _rows(content, tar, name)
+        except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error, zstandard.ZstdError) as e:
+            raise InvalidContent(f"layer {name}: not a valid {compression.value} tar archive: {e}") from e
+
+
+def _rows(content: ContentStore, tar: tarfile.TarFile, name: str) -> list[Row]:
+    rows: list[Row] = []
+    files: dict[str, tuple[str, int]] = {}
+    for member in tar:
+        path = safe_path(member.name, context=f"layer {name}")
+        base = posixpath.basename(path)
+        if base.startswith(WHITEOUT_PREFIX):
+            parent = posixpath.dirname(path)
+            if base == OPAQUE_WHITEOUT:
+                rows.append(["o", parent])
+            else:
+                rows.append(["w", posixpath.join(parent, base[len(WHITEOUT_PREFIX):])])
+            continue
+        if member.isreg():
+            src = tar.extractfile(member)
+            assert src is not None
+            digest, size = content.write_stream(src, expected_size=member.size)
+            files[path] = (digest, size)
+            rows.append(["f", path, digest, size])
+        elif member.isdir():
+            rows.append(["d", path])
+        elif member.issym():
+            rows.append(["l", path, safe_link_target(path, member.linkname, context=f"layer {name}")])
+        elif member.islnk():
+            target = safe_path(member.linkname, context=f"layer {name}")
+            if target not in files:
+                raise UnsafePath(f"layer {name}: hardlink {path!r} -> {member.linkname!r} names no earlier file")
+            rows.append(["f", path, *files[target]])
+        else:
+            raise UnsafePath(f"layer {name}: {path!r} is a device file or FIFO; refusing the layer")
+    return rows
+
+
+def rows_to_layer(rows: list[Row], prefix: str = "") -> list[Node | tuple[str, str]]:
+    """Turn recorded rows into :func:`modelcache.tree.overlay` input under ``prefix``."""
+    def at(path: str) -> str:
+        return posixpath.join(prefix, path) if prefix else path
+
+    out: list[Node | tuple[str, str]] = []
+    for row in rows:
+        kind = row[0]
+        if kind == "f":
+            out.append(Node(at(row[1]), "file", digest=row[2], size=row[3]))
+        elif kind == "l":
+            out.append(Node(at(row[1]), "symlink", target=row[2]))
+        elif kind == "d":
+            out.append(Node(at(row[1]), "dir"))
+        elif kind == "w":
+            out.append(("whiteout", at(row[1])))
+        elif kind == "o":
+            out.append(("opaque", at(row[1]) if row[1] else prefix))
+    return out

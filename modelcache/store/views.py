@@ -1,0 +1,83 @@
+"""Views: a model's file tree made of hardlinks to committed blobs.
+
+A view is named by :func:`view_digest` of its listing (path, kind, content),
+so two references that resolve to the same tree share one view. It is built
+in ``views/.tmp-*`` and renamed into place whole; files are the blobs' own
+inodes (0444) and directories are made 0555, so the tree is read-only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class ViewEntry:
+    """One node of a model tree: a file (``digest``), a symlink (``target``) or a dir."""
+
+    path: str
+    kind: str  # "file" | "symlink" | "dir"
+    digest: str = ""
+    size: int = 0
+    target: str = ""
+
+
+def view_digest(entries: Sequence[ViewEntry]) -> str:
+    """The identity of a tree: sha256 over its sorted canonical listing."""
+    h = hashlib.sha256()
+    for e in sorted(entries, key=lambda e: e.path):
+        h.update(json.dumps([e.path, e.kind, e.digest, e.target], separators=(",", ":")).encode())
+        h.update(b"\n")
+    return "sha256:" + h.hexdigest()
+
+
+def build_view(views_dir: Path, entries: Sequence[ViewEntry], blob_path: Callable[[str], Path]) -> Path:
+    """Materialise ``entries`` under ``views_dir`` (idempotent); return its path."""
+    final = views_dir / view_digest(entries).partition(":")[2]
+    if final.is_dir():
+        return final
+    tmp = views_dir / f".tmp-{secrets.token_hex(8)}"
+    tmp.mkdir(parents=True)
+    dirs = {tmp}
+    try:
+        for e in sorted(entries, key=lambda e: e.path):
+            dest = tmp / e.path
+            parent = dest.parent
+            if parent not in dirs:
+                parent.mkdir(parents=True, exist_ok=True)
+                dirs.update(p for p in [parent, *parent.parents] if p.is_relative_to(tmp))
+            if e.kind == "file":
+                os.link(blob_path(e.digest), dest)
+            elif e.kind == "symlink":
+                os.symlink(e.target, dest)
+            elif e.kind == "dir":
+                dest.mkdir(exist_ok=True)
+                dirs.add(dest)
+        for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+            os.chmod(d, 0o555)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+            remove_tree(tmp)  # built concurrently by someone else: theirs is the same
+        return final
+    except BaseException:
+        remove_tree(tmp)
+        raise
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a view tree, making its read-only directories writable first."""
+    if not path.exists():
+        return
+    for dirpath, _dirnames, _files in os.walk(path):
+        os.chmod(dirpath, 0o755)
+    shutil.rmtree(path, ignore_errors=True)

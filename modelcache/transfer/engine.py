@@ -1,0 +1,236 @@
+"""Fetching blobs into the store as fixed-size chunks, many in parallel.
+
+Guarantees:
+
+- A blob is fetched at most once at a time: in this process through a
+  single-flight map of digest -> task, across processes through the store's
+  per-blob lock; a blob already committed (from any model or source) is not
+  fetched again.
+- Chunks go straight from the socket to positional writes in a preallocated
+  file (a few MiB buffered per stream, never a whole chunk or file); a chunk
+  is recorded done only once durable, so a crash loses at most the chunks
+  in flight.
+- Failures worth retrying (5xx, 429, resets, stalls) are retried per chunk
+  with exponential backoff and full jitter, honouring ``Retry-After``, and the
+  retry resumes at the byte where the previous attempt stopped. The stall
+  timeout is the sources' per-read timeout, so a hung connection cannot hang
+  a pull.
+- Hashing, writes and fsync run in a thread pool: the event loop only moves
+  bytes between sockets and threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from ..errors import Unavailable
+from ..model import Blob
+from ..sources.base import ByteSource
+from ..store.content import BlobIngest, ContentStore
+from .routing import ChunkRouter
+
+log = logging.getLogger(__name__)
+
+WRITE_BLOCK = 4 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class TransferConfig:
+    """Tuning of the engine (every field has a sane default)."""
+
+    chunk_size: int = 16 << 20
+    concurrency: int = 8
+    retries: int = 6
+    backoff_base: float = 0.25
+    backoff_max: float = 15.0
+
+
+@dataclass(slots=True)
+class TransferStats:
+    """What a transfer did, for progress lines and the closing summary."""
+
+    bytes_total: int = 0
+    bytes_done: int = 0
+    bytes_fetched: int = 0
+    bytes_reused: int = 0
+    chunks_retried: int = 0
+    fetched_by_source: dict[str, int] = field(default_factory=dict)
+
+
+Progress = Callable[[TransferStats], None]
+
+
+class Engine:
+    """Fetches blobs into a content store through a chunk router."""
+
+    def __init__(self, content: ContentStore, config: TransferConfig | None = None) -> None:
+        self.content = content
+        self.config = config or TransferConfig()
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._slots = asyncio.Semaphore(self.config.concurrency)
+        self._pool = ThreadPoolExecutor(max_workers=self.config.concurrency + 4, thread_name_prefix="mc-io")
+
+    def close(self) -> None:
+        """Stop the I/O threads."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _io(self, fn: Callable, *args: object) -> object:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def fetch(self, blobs: Sequence[Blob], router: ChunkRouter, *,
+                    stats: TransferStats | None = None, progress: Progress | None = None) -> TransferStats:
+        """Make every blob in ``blobs`` committed in the store."""
+        stats = stats or TransferStats()
+        unique = {b.digest: b for b in blobs}
+        stats.bytes_total += sum(b.size for b in unique.values())
+        tasks = []
+        for blob in unique.values():
+            if self.content.has(blob.digest):
+                stats.bytes_done += blob.size
+                stats.bytes_reused += blob.size
+                continue
+            task = self._inflight.get(blob.digest)
+            if task is None:
+                task = asyncio.create_task(self._fetch_blob(blob, router, stats, progress))
+                self._inflight[blob.digest] = task
+                task.add_done_callback(lambda _t, d=blob.digest: self._inflight.pop(d, None))
+            tasks.append(task)
+        if progress:
+            progress(stats)
+        if tasks:
+            # shield: one caller giving up must not cancel a fetch others wait on.
+            results = await asyncio.gather(*(asyncio.shield(t) for t in tasks), return_exceptions=True)
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if errors:
+                raise errors[0]
+        return stats
+
+    async def _fetch_blob(self, blob: Blob, router: ChunkRouter, stats: TransferStats,
+                          progress: Progress | None) -> None:
+        ingest = await self.content.open_ingest(blob, self.config.chunk_size)
+        if ingest is None:  # another process committed it meanwhile
+            stats.bytes_done += blob.size
+            stats.bytes_reused += blob.size
+            return
+        try:
+            resumed = ingest.bytes_done
+            stats.bytes_done += resumed
+            stats.bytes_reused += resumed
+            todo = deque(ingest.missing())
+            workers = [
+                asyncio.create_task(self._worker(ingest, todo, router, stats, progress))
+                for _ in range(min(self.config.concurrency, len(todo)))
+            ]
+            try:
+                await asyncio.gather(*workers)
+            except BaseException:
+                for w in workers:
+                    w.cancel()
+                await asyncio.gather(*workers, return_exceptions=True)
+                raise
+            await self._io(ingest.commit)
+        finally:
+            ingest.close()
+
+    async def _worker(self, ingest: BlobIngest, todo: deque[int], router: ChunkRouter,
+                      stats: TransferStats, progress: Progress | None) -> None:
+        while todo:
+            index = todo.popleft()
+            async with self._slots:
+                await self._fetch_chunk(ingest, index, router, stats, progress)
+
+    async def _fetch_chunk(self, ingest: BlobIngest, index: int, router: ChunkRouter,
+                           stats: TransferStats, progress: Progress | None) -> None:
+        blob = ingest.blob
+        offset, length = ingest.chunk_range(index)
+        got = 0
+        attempt = 0
+        sources = list(router.sources(blob, index))
+        while True:
+            source = sources[attempt % len(sources)]
+            try:
+                got += await self._stream(ingest, source, offset + got, length - got, stats, progress)
+                break
+            except Unavailable as e:
+                if isinstance(e, _Partial):
+                    got += e.written
+                attempt += 1
+                stats.chunks_retried += 1
+                if attempt > self.config.retries:
+                    raise Unavailable(f"{e} (gave up after {attempt} attempts)") from e
+                delay = self._backoff(attempt, e.retry_after)
+                log.info("chunk %d of %s: %s; retry %d in %.1fs", index, blob.digest[:19], e, attempt, delay)
+                await asyncio.sleep(delay)
+        await self._io(ingest.mark_done, index)
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, 300.0)
+        cap = min(self.config.backoff_max, self.config.backoff_base * (2 ** attempt))
+        return random.uniform(0, cap)
+
+    async def _stream(self, ingest: BlobIngest, source: ByteSource, offset: int, length: int,
+                      stats: TransferStats, progress: Progress | None) -> int:
+        """Copy one byte range from ``source`` into the ingest; return bytes written.
+
+        On a retryable failure the bytes already received are still written,
+        and :class:`_Partial` tells the caller how many, so it resumes after them.
+        """
+        pieces: list[bytes] = []
+        buffered = 0
+        written = 0
+        position = offset
+        pending: asyncio.Future | None = None
+        loop = asyncio.get_running_loop()
+        fetched = stats.fetched_by_source
+
+        async def flush() -> None:
+            nonlocal pieces, buffered, written, position, pending
+            if pending is not None:
+                await pending
+                pending = None
+            if buffered:
+                data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                pending = loop.run_in_executor(self._pool, ingest.write, position, data)
+                position += buffered
+                written += buffered
+                pieces, buffered = [], 0
+
+        try:
+            async for piece in source.read(ingest.blob, offset, length):
+                pieces.append(piece)
+                buffered += len(piece)
+                n = len(piece)
+                stats.bytes_done += n
+                stats.bytes_fetched += n
+                fetched[source.name] = fetched.get(source.name, 0) + n
+                if buffered >= WRITE_BLOCK:
+                    await flush()
+                    if progress:
+                        progress(stats)
+        except Unavailable as e:
+            await flush()
+            if pending is not None:
+                await pending
+            raise _Partial(written, e) from e
+        await flush()
+        if pending is not None:
+            await pending
+        if progress:
+            progress(stats)
+        return written
+
+
+class _Partial(Unavailable):
+    """A retryable failure after ``written`` bytes of the range were kept."""
+
+    def __init__(self, written: int, cause: Unavailable) -> None:
+        super().__init__(str(cause), retry_after=cause.retry_after)
+        self.written = written
+

@@ -1,0 +1,142 @@
+"""Model trees: safe relative paths, include/exclude globs, and layer overlay.
+
+Pure functions, no I/O. Paths in a model are POSIX, relative, normalised and
+never escape the model's root: this module is the one place that decides it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import posixpath
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from .errors import InvalidReference, UnsafePath
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_WHITEOUT = ".wh..wh..opq"
+
+
+def safe_path(raw: str, *, context: str) -> str:
+    """Normalise a path from a layer or manifest; refuse one that escapes the root.
+
+    Leading ``/`` and ``./`` are dropped, as tar and image layers use them for
+    the layer's own root; ``..`` that climbs above the root is refused.
+    """
+    if "\x00" in raw:
+        raise UnsafePath(f"{context}: path {raw!r} contains NUL")
+    path = posixpath.normpath("/" + raw.lstrip("/"))
+    if any(part == ".." for part in raw.split("/")):
+        # normpath of "/a/../../b" is "/b": check the raw components ourselves.
+        depth = 0
+        for part in raw.strip("/").split("/"):
+            if part == "..":
+                depth -= 1
+                if depth < 0:
+                    raise UnsafePath(f"{context}: path {raw!r} escapes the model directory")
+            elif part not in ("", "."):
+                depth += 1
+    rel = path.lstrip("/")
+    if not rel:
+        raise UnsafePath(f"{context}: empty path {raw!r}")
+    return rel
+
+
+def safe_link_target(link_path: str, target: str, *, context: str) -> str:
+    """A symlink target that stays inside the root, as a relative path.
+
+    Absolute targets mean the image's own root, so they are rewritten relative
+    to the link; targets that climb out of the root are refused.
+    """
+    base = posixpath.dirname(link_path)
+    joined = target.lstrip("/") if target.startswith("/") else posixpath.join(base, target)
+    resolved = posixpath.normpath("/" + joined)
+    depth = 0
+    for part in joined.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                raise UnsafePath(f"{context}: symlink {link_path!r} -> {target!r} points outside the model")
+        elif part not in ("", "."):
+            depth += 1
+    if not target.startswith("/"):
+        return target
+    rel = posixpath.relpath(resolved, "/" + base if base else "/")
+    return rel
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    """Include/exclude globs (fnmatch, ``*`` also matches ``/``)."""
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, include: Iterable[str] = (), exclude: Iterable[str] = ()) -> Filters:
+        """Build from user input, refusing empty patterns."""
+        inc, exc = tuple(include), tuple(exclude)
+        for pattern in inc + exc:
+            if not pattern.strip():
+                raise InvalidReference("empty --include/--exclude pattern")
+        return cls(inc, exc)
+
+    def match(self, path: str) -> bool:
+        """True when ``path`` is selected."""
+        if self.include and not any(_glob(path, p) for p in self.include):
+            return False
+        return not any(_glob(path, p) for p in self.exclude)
+
+    def key(self) -> str:
+        """A stable text form, part of the index key of a pulled ref."""
+        if not self.include and not self.exclude:
+            return ""
+        return "inc=" + ",".join(sorted(self.include)) + ";exc=" + ",".join(sorted(self.exclude))
+
+
+def _glob(path: str, pattern: str) -> bool:
+    pattern = pattern.lstrip("/")
+    if fnmatch.fnmatchcase(path, pattern):
+        return True
+    # "dir/" or "dir" selects everything below it, as people expect of a directory.
+    return path.startswith(pattern.rstrip("/") + "/")
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """One entry of a composed tree (``kind``: file, symlink, dir)."""
+
+    path: str
+    kind: str
+    digest: str = ""
+    size: int = 0
+    target: str = ""
+
+
+def overlay(layers: Sequence[Sequence[Node | tuple[str, str]]]) -> dict[str, Node]:
+    """Apply layers in order, honouring OCI whiteouts; return path -> node.
+
+    A layer is a sequence of nodes and of ``("whiteout", path)`` /
+    ``("opaque", dir)`` markers, as recorded when the layer was unpacked.
+    """
+    tree: dict[str, Node] = {}
+    for layer in layers:
+        # Whiteouts hide what lower layers put there, never the layer's own entries.
+        for item in layer:
+            if isinstance(item, tuple):
+                marker, path = item
+                if marker == "whiteout":
+                    tree.pop(path, None)
+                _drop_below(tree, path)
+        for item in layer:
+            if isinstance(item, Node):
+                if item.kind != "dir":
+                    _drop_below(tree, item.path)  # a file replaces a directory
+                tree[item.path] = item
+    return tree
+
+
+def _drop_below(tree: dict[str, Node], path: str) -> None:
+    prefix = path.rstrip("/") + "/" if path else ""
+    for key in [k for k in tree if k.startswith(prefix)]:
+        del tree[key]

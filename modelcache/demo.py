@@ -18,6 +18,7 @@ WEIGHT_CONFIG = "application/vnd.cncf.model.weight.config.v1.raw"
 MODEL_CONFIG = "application/vnd.cncf.model.config.v1+json"
 ARTIFACT = "application/vnd.cncf.model.manifest.v1+json"
 FILEPATH = "org.cncf.model.filepath"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
 def make_demo_layout(base: Path, *, total: int, files: int) -> Path:
@@ -46,7 +47,7 @@ def make_demo_layout(base: Path, *, total: int, files: int) -> Path:
          "modelfs": {"type": "layers", "diffIds": [layer["digest"] for layer in layers]}},
         MODEL_CONFIG,
     )
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+    manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
                 "artifactType": ARTIFACT, "config": model_config, "layers": layers}
-    layout.tag(layout.add_json(manifest, manifest["mediaType"], artifactType=ARTIFACT), "demo")
+    layout.tag(layout.add_json(manifest, OCI_MANIFEST, artifactType=ARTIFACT), "demo")
     return layout.root

@@ -17,7 +17,7 @@ which is all the transfer engine and the store need.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +34,7 @@ class Blob:
         return self.digest.partition(":")[2]
 
 
-class Compression(str, Enum):
+class Compression(StrEnum):
     """How an archive layer is compressed."""
 
     NONE = "none"

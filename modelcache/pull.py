@@ -37,15 +37,15 @@ class PullResult:
     seconds: float
 
 
-async def pull(store: Store, engine: Engine, ref_text: str, *, filters: Filters = Filters(),
-               options: SourceOptions = SourceOptions(), progress: Progress | None = None) -> PullResult:
+async def pull(store: Store, engine: Engine, ref_text: str, *, filters: Filters | None = None,
+               options: SourceOptions | None = None, progress: Progress | None = None) -> PullResult:
     """Pull ``ref_text`` into ``store``; return where its read-only tree is."""
     started = time.monotonic()
     ref = parse(ref_text)
-    source = open_source(ref, options)
+    source = open_source(ref, options or SourceOptions())
     try:
         model = await source.resolve()
-        return await materialize(store, engine, model, OriginOnly(source), filters=filters,
+        return await materialize(store, engine, model, OriginOnly(source), filters=filters or Filters(),
                                  progress=progress, started=started)
     finally:
         await source.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import time
 from collections.abc import AsyncIterator
@@ -69,7 +68,7 @@ async def body_pieces(resp: aiohttp.ClientResponse, offset: int, length: int, *,
                 return
             remaining -= len(piece)
             yield piece
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+    except (TimeoutError, aiohttp.ClientError) as e:
         raise Unavailable(f"{what}: connection failed at byte {offset + length - remaining}: "
                           f"{type(e).__name__} {e}".rstrip()) from e
     raise Unavailable(f"{what}: body ended {remaining} bytes early")

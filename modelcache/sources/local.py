@@ -56,8 +56,7 @@ class DirectorySource:
 
         async def entry(rel: str, path: Path) -> FileEntry:
             async with limit:
-                digest = await asyncio.to_thread(hash_file, path)
-            size = path.stat().st_size
+                digest, size = await asyncio.to_thread(_hash_and_size, path)
             self._paths[digest] = path
             return FileEntry(path=rel, blob=Blob(digest=digest, size=size))
 
@@ -71,3 +70,7 @@ class DirectorySource:
 
     async def close(self) -> None:
         """Nothing to release."""
+
+
+def _hash_and_size(path: Path) -> tuple[str, int]:
+    return hash_file(path), path.stat().st_size

@@ -10,14 +10,20 @@ redirect has its own signed URL).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Mapping
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
-from ..errors import DigestMismatch, InvalidContent, ModelCacheError, NotFound, Unauthorized, Unavailable
+from ..errors import (
+    DigestMismatch,
+    InvalidContent,
+    ModelCacheError,
+    NotFound,
+    Unauthorized,
+    Unavailable,
+)
 from ..model import Blob, Model
 from ..refs import OciRef
 from .base import SourceOptions
@@ -80,7 +86,7 @@ class RegistrySource:
                 sent["Authorization"] = auth
             try:
                 resp = await session.get(url, headers=sent, allow_redirects=False)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            except (TimeoutError, aiohttp.ClientError) as e:
                 raise Unavailable(f"{self.ref.host}: {type(e).__name__}: {e}".rstrip(": ")) from e
             if resp.status == 401 and same_origin and not answered:
                 challenge = resp.headers.get("WWW-Authenticate", "")
@@ -116,7 +122,7 @@ class RegistrySource:
                 raise InvalidContent(f"{what}: manifest of {resp.content_length} bytes is over the 4 MiB limit")
             try:
                 body = await resp.content.read(MAX_MANIFEST_BYTES + 1)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            except (TimeoutError, aiohttp.ClientError) as e:
                 raise Unavailable(f"{what}: reading manifest failed: {e}") from e
             header_digest = resp.headers.get("Docker-Content-Digest")
             header_type = resp.headers.get("Content-Type")

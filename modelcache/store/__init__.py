@@ -26,7 +26,7 @@ Guarantees:
 
 from .content import BlobIngest, ContentStore
 from .index import Index, ViewRecord
-from .views import ViewEntry, view_digest
 from .store import Store
+from .views import ViewEntry, view_digest
 
 __all__ = ["BlobIngest", "ContentStore", "Index", "Store", "ViewEntry", "ViewRecord", "view_digest"]

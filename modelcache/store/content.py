@@ -23,7 +23,7 @@ import struct
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 from ..errors import DigestMismatch, InvalidContent
 from ..model import Blob
@@ -117,7 +117,7 @@ class ContentStore:
 
     # -- ingest of bytes whose digest is learnt while writing ---------------
 
-    def write_stream(self, source: BinaryIO, *, expected_size: int | None = None) -> tuple[str, int]:
+    def write_stream(self, source: IO[bytes], *, expected_size: int | None = None) -> tuple[str, int]:
         """Copy ``source`` into the store, hashing on the way; return (digest, size).
 
         The data lands in a unique temp file and is linked into place only once

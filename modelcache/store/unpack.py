@@ -22,7 +22,7 @@ import posixpath
 import tarfile
 import zlib
 from pathlib import Path
-from typing import IO
+from typing import IO, cast
 
 import zstandard
 
@@ -39,9 +39,9 @@ def unpack_layer(content: ContentStore, layer: Path, compression: Compression, *
     with open(layer, "rb") as raw:
         stream: IO[bytes]
         if compression is Compression.GZIP:
-            stream = gzip.GzipFile(fileobj=raw, mode="rb")
+            stream = cast(IO[bytes], gzip.GzipFile(fileobj=raw, mode="rb"))
         elif compression is Compression.ZSTD:
-            stream = zstandard.ZstdDecompressor().stream_reader(raw, read_size=1 << 20)
+            stream = cast(IO[bytes], zstandard.ZstdDecompressor().stream_reader(raw, read_size=1 << 20))
         else:
             stream = raw
         try:

@@ -99,7 +99,7 @@ class Engine:
             if task is None:
                 task = asyncio.create_task(self._fetch_blob(blob, router, stats, progress))
                 self._inflight[blob.digest] = task
-                task.add_done_callback(lambda _t, d=blob.digest: self._inflight.pop(d, None))
+                task.add_done_callback(self._forget)
             tasks.append(task)
         if progress:
             progress(stats)
@@ -110,6 +110,11 @@ class Engine:
             if errors:
                 raise errors[0]
         return stats
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        for digest, t in list(self._inflight.items()):
+            if t is task:
+                del self._inflight[digest]
 
     async def _fetch_blob(self, blob: Blob, router: ChunkRouter, stats: TransferStats,
                           progress: Progress | None) -> None:

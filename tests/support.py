@@ -1,0 +1,144 @@
+"""Test helpers that speak the distribution API directly (not through modelcache).
+
+Images made here are written byte by byte from the OCI specs with urllib, so
+a bug in modelcache's own manifest code cannot hide in both the image and the
+pull of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+MP_WEIGHT = "application/vnd.cncf.model.weight.v1.raw"
+MP_CONFIG = "application/vnd.cncf.model.config.v1+json"
+MP_ARTIFACT = "application/vnd.cncf.model.manifest.v1+json"
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Registry:
+    """A running docker-registry on loopback."""
+
+    host: str  # "127.0.0.1:PORT"
+    root: Path
+    auth: str | None = None  # value of an Authorization header to send, if the registry needs one
+
+    def url(self, path: str) -> str:
+        return f"http://{self.host}{path}"
+
+    def _request(self, method: str, url: str, data: bytes | None = None, headers: dict | None = None):
+        req = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))
+        if self.auth:
+            req.add_header("Authorization", self.auth)
+        return urllib.request.urlopen(req, timeout=60)
+
+    def push_blob(self, repo: str, data: bytes) -> dict:
+        """Monolithic upload (POST then PUT ?digest=); return a descriptor stub."""
+        digest = sha256(data)
+        with self._request("POST", self.url(f"/v2/{repo}/blobs/uploads/"), data=b"") as resp:
+            location = resp.headers["Location"]
+        if location.startswith("/"):
+            location = self.url(location)
+        sep = "&" if "?" in location else "?"
+        with self._request("PUT", f"{location}{sep}digest={digest}", data=data,
+                           headers={"Content-Type": "application/octet-stream"}):
+            pass
+        return {"digest": digest, "size": len(data)}
+
+    def push_manifest(self, repo: str, ref: str, manifest: dict | bytes, media_type: str = OCI_MANIFEST) -> str:
+        body = manifest if isinstance(manifest, bytes) else json.dumps(manifest).encode()
+        with self._request("PUT", self.url(f"/v2/{repo}/manifests/{ref}"), data=body,
+                           headers={"Content-Type": media_type}):
+            pass
+        return sha256(body)
+
+    def push_image(self, repo: str, tag: str, layers: list[tuple[bytes, str, dict | None]], *,
+                   config: bytes | None = None, config_type: str = OCI_CONFIG,
+                   artifact_type: str | None = None) -> str:
+        """Push layers (bytes, media type, annotations) and a manifest; return its digest."""
+        config = config if config is not None else json.dumps(
+            {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+        cfg = self.push_blob(repo, config)
+        descs = []
+        for data, media_type, notes in layers:
+            d = self.push_blob(repo, data)
+            d["mediaType"] = media_type
+            if notes:
+                d["annotations"] = notes
+            descs.append(d)
+        manifest: dict = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                          "config": {"mediaType": config_type, **cfg}, "layers": descs}
+        if artifact_type:
+            manifest["artifactType"] = artifact_type
+        return self.push_manifest(repo, tag, manifest)
+
+
+def make_tar(entries: list[tuple[str, bytes | None, dict]], *, fmt=tarfile.PAX_FORMAT) -> bytes:
+    """A tar archive from (name, data or None, TarInfo field overrides)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for name, data, fields in entries:
+            info = tarfile.TarInfo(name)
+            info.mtime = 0
+            for key, value in fields.items():
+                setattr(info, key, value)
+            if data is not None and info.type in (tarfile.REGTYPE, tarfile.AREGTYPE):
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                tar.addfile(info)
+    return buf.getvalue()
+
+
+def write_random(path: Path, size: int, seed: int = 0) -> bytes | None:
+    """Write ``size`` pseudo-random bytes (returns them when small)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rnd = __import__("random").Random(seed)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 1 << 20)
+            f.write(rnd.randbytes(n))
+            left -= n
+    return path.read_bytes() if size <= (1 << 20) else None
+
+
+def run_cli(*args: str, store: Path, env: dict | None = None, timeout: float = 120,
+            check: bool = False) -> subprocess.CompletedProcess:
+    """Run ``python -m modelcache --store STORE ARGS`` as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "modelcache", "--store", str(store), *args],
+                          capture_output=True, text=True, timeout=timeout, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"modelcache {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
+    return proc
+
+
+def tree_digests(root: Path) -> dict[str, str]:
+    """relative path -> sha256 of every regular file under ``root`` (symlinks as '-> target')."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_symlink():
+            out[rel] = "-> " + os.readlink(p)
+        elif p.is_file():
+            out[rel] = sha256(p.read_bytes())
+    return out

@@ -1,0 +1,158 @@
+"""Shared pieces of the benchmarks in tools/: timing commands, ceilings, reports.
+
+Each benchmark measures side by side in one run (these machines are shared
+and noisy): ours, the peer tool a user would otherwise run, and the ceiling
+of this machine (each resource alone), alternating and taking medians.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+@dataclass
+class Timing:
+    """Seconds and peak RSS (bytes) of each run of one contender."""
+
+    name: str
+    seconds: list[float] = field(default_factory=list)
+    rss: list[int] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+def run_timed(cmd: Sequence[str], *, env: dict | None = None, sync: bool = True) -> tuple[float, int, str]:
+    """Run a command as a user would, plus ``sync``; return (seconds, its peak RSS in bytes, stdout)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = time.perf_counter()
+        proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, env={**os.environ, **(env or {})})
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if sync:
+            os.sync()
+        elapsed = time.perf_counter() - started
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode:
+            raise SystemExit(f"{cmd[0]} failed ({proc.returncode}):\n{err.read().decode(errors='replace')[-2000:]}")
+        return elapsed, usage.ru_maxrss * 1024, out.read().decode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_registry(root: Path) -> tuple[subprocess.Popen, str]:
+    """A docker-registry on loopback with storage under ``root``."""
+    port = free_port()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.yml").write_text(
+        f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n")
+    proc = subprocess.Popen(["docker-registry", "serve", str(root / "config.yml")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1).close()
+            return proc, f"127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("docker-registry did not start")
+
+
+def make_weights(directory: Path, total: int, files: int) -> list[Path]:
+    """``files`` random files summing to ``total`` bytes (incompressible, like weights)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    per = total // files
+    for n in range(files):
+        path = directory / f"model-{n + 1:05d}-of-{files:05d}.safetensors"
+        if not path.exists() or path.stat().st_size != per:
+            with open(path, "wb") as f:
+                left = per
+                while left:
+                    block = os.urandom(min(left, 8 * MiB))
+                    f.write(block)
+                    left -= len(block)
+        paths.append(path)
+    return paths
+
+
+def ceiling_http_get(urls: Sequence[str]) -> float:
+    """Seconds for parallel curl GETs of every URL into /dev/null (one process each)."""
+    started = time.perf_counter()
+    procs = [subprocess.Popen(["curl", "-sf", "-o", "/dev/null", u]) for u in urls]
+    for p in procs:
+        if p.wait():
+            raise SystemExit("curl failed on the ceiling run")
+    return time.perf_counter() - started
+
+
+def ceiling_disk_write(path: Path, total: int) -> float:
+    """Seconds for a sequential fsync'd write of ``total`` bytes with dd."""
+    started = time.perf_counter()
+    subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=4M", f"count={total // (4 * MiB)}", "conv=fsync"],
+                   check=True, capture_output=True)
+    elapsed = time.perf_counter() - started
+    path.unlink()
+    return elapsed
+
+
+def ceiling_sha256(paths: Sequence[Path]) -> float:
+    """Seconds to sha256 the files with hashlib on as many threads as cores."""
+    def one(path: Path) -> str:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(8 * MiB):
+                h.update(block)
+        return h.hexdigest()
+
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2) as pool:
+        list(pool.map(one, paths))
+    return time.perf_counter() - started
+
+
+def rmtree(path: Path) -> None:
+    """Remove a tree even where modelcache made it read-only."""
+    if path.exists():
+        subprocess.run(["chmod", "-R", "u+w", str(path)], check=False)
+        shutil.rmtree(path)
+
+
+def report(title: str, total: int, ours: Timing, peers: Sequence[Timing], ceilings: dict[str, Timing]) -> None:
+    """Print medians, rates and the ratios the closing notes quote."""
+    gb = total / 1e9
+    print(f"\n== {title}: {total / GiB:.2f} GiB, medians of {len(ours.seconds)} runs ==")
+    rows = [ours, *peers, *ceilings.values()]
+    for t in rows:
+        rss = f"  peak RSS {max(t.rss) / MiB:6.0f} MiB" if t.rss else ""
+        print(f"  {t.name:<34} {t.median:7.2f} s  {gb / t.median:6.2f} GB/s{rss}")
+    ceiling = max(ceilings.values(), key=lambda t: t.median)
+    print(f"  ceiling = slowest resource alone: {ceiling.name} ({gb / ceiling.median:.2f} GB/s)")
+    print(f"  ours / ceiling (throughput)       {ceiling.median / ours.median:6.2f}")
+    for p in peers:
+        print(f"  {p.name} time / ours time{' ' * max(0, 14 - len(p.name))}  {p.median / ours.median:6.2f}x")
+    sys.stdout.flush()

@@ -21,7 +21,7 @@ import os
 import secrets
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -31,6 +31,7 @@ from ..model import Blob
 _RECORD_MAGIC = b"MCCHUNK1"
 _RECORD_HEADER = struct.Struct("<8sQQ")  # magic, blob size, chunk size
 _HASH_BLOCK = 4 << 20
+_IOV_MAX = 1024
 
 
 class ContentStore:
@@ -215,13 +216,20 @@ class BlobIngest:
         """Bytes in chunks already durable."""
         return sum(self.chunk_range(i)[1] for i, d in enumerate(self.done) if d)
 
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Write ``data`` at ``offset`` of the blob (positional, no seek)."""
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            view = view[n:]
+    def write(self, offset: int, data: bytes | Sequence[bytes]) -> None:
+        """Write ``data`` (one buffer or several, in order) at ``offset``; no seek, no copy."""
+        buffers = [memoryview(data)] if isinstance(data, bytes | bytearray | memoryview) else \
+            [memoryview(b) for b in data]
+        while buffers:
+            batch = buffers[:_IOV_MAX]
+            n = os.pwritev(self.fd, batch, offset)
             offset += n
+            while n and buffers:  # drop what was written; keep the tail of a partial buffer
+                if n >= len(buffers[0]):
+                    n -= len(buffers.pop(0))
+                else:
+                    buffers[0] = buffers[0][n:]
+                    n = 0
 
     def mark_done(self, index: int) -> None:
         """Make chunk ``index`` durable and record it; then extend the hash."""

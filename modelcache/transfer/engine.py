@@ -201,8 +201,7 @@ class Engine:
                 await pending
                 pending = None
             if buffered:
-                data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-                pending = loop.run_in_executor(self._pool, ingest.write, position, data)
+                pending = loop.run_in_executor(self._pool, ingest.write, position, pieces)
                 position += buffered
                 written += buffered
                 pieces, buffered = [], 0

@@ -90,3 +90,15 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
 def store(tmp_path: Path) -> Path:
     """An empty store directory."""
     return tmp_path / "store"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """One SeaweedFS S3 server for the session (tests use distinct buckets)."""
+    from s3_support import start_seaweed, stop_seaweed
+
+    server = start_seaweed(tmp_path_factory.mktemp("seaweed"))
+    try:
+        yield server
+    finally:
+        stop_seaweed(server)

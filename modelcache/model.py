@@ -44,10 +44,17 @@ class Compression(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class FileEntry:
-    """A file of the model stored verbatim as one blob."""
+    """A file of the model stored verbatim as one blob.
+
+    ``blob`` names the file's own bytes (its sha256). When those bytes sit
+    inside a larger blob at the origin (a single-file tar layer), ``origin``
+    is that blob and ``offset`` where the file's bytes start in it.
+    """
 
     path: str
     blob: Blob
+    origin: Blob | None = None
+    offset: int = 0
 
 
 @dataclass(frozen=True, slots=True)

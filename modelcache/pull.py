@@ -21,6 +21,7 @@ from .store import Store
 from .store.unpack import Row, rows_to_layer
 from .transfer import ChunkRouter, Engine, OriginOnly, TransferStats
 from .transfer.engine import Progress
+from .transfer.routing import WithinOrigin
 from .tree import Filters, Node, overlay
 
 
@@ -45,7 +46,10 @@ async def pull(store: Store, engine: Engine, ref_text: str, *, filters: Filters 
     source = open_source(ref, options or SourceOptions())
     try:
         model = await source.resolve()
-        return await materialize(store, engine, model, OriginOnly(source), filters=filters or Filters(),
+        spans = {p.blob.digest: (p.origin, p.offset) for p in model.parts
+                 if isinstance(p, FileEntry) and p.origin is not None}
+        origin = WithinOrigin(source, spans) if spans else source
+        return await materialize(store, engine, model, OriginOnly(origin), filters=filters or Filters(),
                                  progress=progress, started=started)
     finally:
         await source.close()

@@ -7,7 +7,17 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from support import MP_ARTIFACT, MP_CONFIG, MP_WEIGHT, run_cli, sha256, tree_digests, write_random
+from support import (
+    LAYER_TAR,
+    MP_ARTIFACT,
+    MP_CONFIG,
+    MP_WEIGHT,
+    make_tar,
+    run_cli,
+    sha256,
+    tree_digests,
+    write_random,
+)
 
 
 def test_pull_modelpack_pushed_by_direct_api(registry, store: Path, tmp_path: Path) -> None:
@@ -40,3 +50,43 @@ def test_pull_layout_copied_by_skopeo(registry, store: Path, tmp_path: Path) -> 
     view = Path(proc.stdout.strip().splitlines()[-1])
     assert tree_digests(view) == tree_digests(local_view)
     shutil.rmtree(tmp_path / "demo")
+
+
+def _single_file_layer(name: str, data: bytes) -> tuple[bytes, dict[str, str]]:
+    """An uncompressed one-file tar layer and the io.modelcache.file.* annotations for it."""
+    import io
+    import tarfile
+
+    layer = make_tar([(name, data, {"mode": 0o444})])
+    with tarfile.open(fileobj=io.BytesIO(layer)) as tar:
+        offset = tar.getmember(name).offset_data
+    return layer, {"io.modelcache.file.path": name, "io.modelcache.file.digest": sha256(data),
+                   "io.modelcache.file.size": str(len(data)), "io.modelcache.file.offset": str(offset)}
+
+
+def test_single_file_tar_layer_is_read_by_range(registry, store: Path, tmp_path: Path) -> None:
+    """An annotated one-file tar layer is fetched as the file's byte range, not the whole layer."""
+    write_random(tmp_path / "w.bin", 3 << 20, seed=7)
+    data = (tmp_path / "w.bin").read_bytes()
+    layer, notes = _single_file_layer("models/w.bin", data)
+    small = make_tar([("models/config.json", b'{"a": 1}', {})])
+    registry.push_image("img/annotated", "v1", [(layer, LAYER_TAR, notes), (small, LAYER_TAR, None)])
+    proc = run_cli("pull", "--chunk-size", "1M", f"oci://{registry.host}/img/annotated:v1", store=store,
+                   check=True)
+    view = Path(proc.stdout.strip().splitlines()[-1])
+    assert tree_digests(view) == {"models/w.bin": sha256(data), "models/config.json": sha256(b'{"a": 1}')}
+    # The file's blob is named by the file's own digest, so other sources dedup against it.
+    assert (store / "blobs" / "sha256" / sha256(data)[7:]).is_file()
+    assert not (store / "blobs" / "sha256" / sha256(layer)[7:]).exists()
+
+
+def test_single_file_tar_layer_with_wrong_offset_is_refused(registry, store: Path) -> None:
+    """A lying offset annotation yields bytes whose sha256 differs: refused, nothing kept."""
+    data = bytes(range(256)) * 4096
+    layer, notes = _single_file_layer("w.bin", data)
+    notes["io.modelcache.file.offset"] = str(int(notes["io.modelcache.file.offset"]) - 512)
+    registry.push_image("img/lying", "v1", [(layer, LAYER_TAR, notes)])
+    proc = run_cli("pull", f"oci://{registry.host}/img/lying:v1", store=store)
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stderr.startswith("modelcache: error:") and "Traceback" not in proc.stderr
+    assert not (store / "views").exists() or not any((store / "views").iterdir())

@@ -8,6 +8,12 @@ manifests and Docker v2 schema 2 manifests, and classifies layers:
   ``.tar+gzip``, ``.tar+zstd`` layers are unpacked;
 - image layers (OCI and Docker, tar / gzip / zstd, nondistributable too)
   are unpacked at the model's root, so a modelcar's ``/models`` tree works;
+- single-file tar layers made by ``modelcache package`` carry
+  ``io.modelcache.file.{path,digest,size,offset}``: the file's path in the
+  layer, the sha256 and size of its bytes, and where they start in the
+  uncompressed tar. Such a layer is read as that file, fetched by range
+  straight out of the layer (no second write to unpack it) and deduplicated
+  by the file's own sha256 against every other source;
 - ORAS files: a layer titled by ``org.opencontainers.image.title`` is a
   file at that path, whatever its media type (a tar+gzip one with
   ``io.deis.oras.content.unpack`` is a directory, unpacked under the title).
@@ -38,6 +44,10 @@ MODELPACK_ARTIFACT_TYPES = (
 )
 MODELPACK_FILEPATH = ("org.cncf.model.filepath", "org.cnai.model.filepath")
 TITLE = "org.opencontainers.image.title"
+FILE_PATH = "io.modelcache.file.path"
+FILE_DIGEST = "io.modelcache.file.digest"
+FILE_SIZE = "io.modelcache.file.size"
+FILE_OFFSET = "io.modelcache.file.offset"
 ORAS_UNPACK = "io.deis.oras.content.unpack"
 
 _MODELPACK_LAYER = re.compile(r"^application/vnd\.(?:cncf|cnai)\.model\.[a-z0-9.]+\.v1\.(raw|tar|tar\+gzip|tar\+zstd)$")
@@ -144,6 +154,8 @@ def _classify(blob: Blob, annotations: dict[str, Any], *, what: str) -> FileEntr
     title = annotations.get(TITLE)
     if image:
         suffix = image.group(1) or image.group(2)
+        if not suffix and FILE_DIGEST in annotations:
+            return _file_in_tar(blob, annotations, what=what)
         if not isinstance(title, str):
             return Archive(blob=blob, compression=_compression(suffix))
         # ORAS names files by title (its default file media type is the image
@@ -154,3 +166,18 @@ def _classify(blob: Blob, annotations: dict[str, Any], *, what: str) -> FileEntr
     if isinstance(title, str):
         return FileEntry(path=safe_path(title, context=what), blob=blob)
     raise InvalidContent(f"{what}: unsupported layer media type {mt!r} without a file name")
+
+
+def _file_in_tar(layer: Blob, annotations: dict[str, Any], *, what: str) -> FileEntry:
+    """The file an uncompressed single-file tar layer carries, by its annotations."""
+    digest, path = annotations.get(FILE_DIGEST), annotations.get(FILE_PATH)
+    try:
+        size, offset = int(annotations[FILE_SIZE]), int(annotations[FILE_OFFSET])
+    except (KeyError, TypeError, ValueError) as e:
+        raise InvalidContent(f"{what}: io.modelcache.file.size/offset missing or not integers") from e
+    if not isinstance(digest, str) or not _DIGEST.match(digest) or not isinstance(path, str):
+        raise InvalidContent(f"{what}: invalid io.modelcache.file.digest/path annotations")
+    if size < 0 or offset < 512 or offset + size > layer.size:
+        raise InvalidContent(f"{what}: file range {offset}+{size} lies outside the {layer.size}-byte layer")
+    return FileEntry(path=safe_path(path, context=what), blob=Blob(digest=digest, size=size),
+                     origin=layer, offset=offset)

@@ -7,7 +7,7 @@ order and moves on when one fails.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
 from ..model import Blob
@@ -31,3 +31,24 @@ class OriginOnly:
     def sources(self, blob: Blob, chunk: int) -> Sequence[ByteSource]:
         """Just the origin."""
         return self._origin
+
+
+class WithinOrigin:
+    """Reads files that sit inside larger origin blobs (single-file tar layers).
+
+    ``spans`` maps a file's digest to (the origin blob holding it, the offset
+    of its bytes there); other blobs are read from the origin as they are.
+    """
+
+    def __init__(self, origin: ByteSource, spans: dict[str, tuple[Blob, int]]) -> None:
+        self.name = origin.name
+        self._origin = origin
+        self._spans = spans
+
+    def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes]:
+        """Read ``blob``'s range, translated into its origin blob when it has one."""
+        span = self._spans.get(blob.digest)
+        if span is None:
+            return self._origin.read(blob, offset, length)
+        origin, base = span
+        return self._origin.read(origin, base + offset, length)

@@ -37,7 +37,7 @@ def _env_bool(name: str) -> bool:
     return str(_env(name, "")).lower() in ("1", "true", "yes", "on")
 
 
-def _size(text: str) -> int:
+def _size(text: str, *, allow_zero: bool = False) -> int:
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
     text = text.strip().lower().removesuffix("ib").removesuffix("b")
     mult = units.get(text[-1:], 1)
@@ -45,9 +45,13 @@ def _size(text: str) -> int:
         value = int(float(text[:-1] if text[-1:] in units else text) * mult)
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 16M)") from e
-    if value <= 0:
+    if value < 0 or (value == 0 and not allow_zero):
         raise argparse.ArgumentTypeError("size must be positive")
     return value
+
+
+def _size_or_zero(text: str) -> int:
+    return _size(text, allow_zero=True)
 
 
 def _positive(text: str) -> int:
@@ -81,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", action="store_true", default=_env_bool("json"), help="print JSON")
     verify.add_argument("--delete", action="store_true", default=_env_bool("delete"),
                         help="delete corrupt blobs so the next pull fetches them again")
+
+    gc = sub.add_parser("gc", help="evict least recently used models (never pinned or mounted ones)")
+    gc.add_argument("--max-size", type=_size_or_zero, default=_env("max_size"),
+                    help="evict until the store holds at most SIZE (e.g. 500G); default: evict nothing, "
+                         "only remove blobs no model uses")
+    gc.add_argument("--ingest-max-age", type=float, default=_env("ingest_max_age"),
+                    help="also remove partial downloads untouched for this many seconds")
+    gc.add_argument("--json", action="store_true", default=_env_bool("json"), help="print JSON")
 
     demo = sub.add_parser("demo", help="make a demo model as an OCI layout and pull it (no network)")
     demo.add_argument("--size", type=_size, default=_env("size", "256M"),
@@ -123,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_ls(args)
         if args.command == "verify":
             return asyncio.run(_cmd_verify(args))
+        if args.command == "gc":
+            return _cmd_gc(args)
         if args.command == "demo":
             return asyncio.run(_cmd_demo(args))
     except ModelCacheError as e:
@@ -237,6 +251,27 @@ async def _cmd_verify(args: argparse.Namespace) -> int:
                   f"{' - deleted' if c['deleted'] else ''}")
         print(f"checked {len(digests)} blobs: {len(corrupt)} corrupt")
     return 5 if corrupt else 0
+
+
+def _cmd_gc(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .store.gc import collect
+
+    store = _open_store(args)
+    try:
+        max_bytes = None if args.max_size is None else _size_or_zero(str(args.max_size))
+        age = None if args.ingest_max_age is None else float(args.ingest_max_age)
+        report = collect(store, max_bytes=max_bytes, ingest_max_age=age)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(dataclasses.asdict(report), indent=2))
+    else:
+        print(f"evicted {len(report.views_removed)} models, removed {report.blobs_removed} blobs "
+              f"({human(report.bytes_freed)}), {report.ingests_removed} partial downloads; "
+              f"{human(report.bytes_kept)} kept")
+    return 0
 
 
 async def _cmd_demo(args: argparse.Namespace) -> int:

@@ -147,3 +147,21 @@ class Index:
     def blob_users(self, blob: str) -> list[str]:
         """Views that hold ``blob``."""
         return [r[0] for r in self._query("SELECT view FROM view_blobs WHERE blob = ?", (blob,))]
+
+    # -- eviction ---------------------------------------------------------------
+
+    def eviction_candidates(self) -> list[tuple[str, int, float]]:
+        """(view, size, last used) of views neither pinned nor leased, least recently used first."""
+        return [(r[0], r[1], r[2]) for r in self._query(
+            "SELECT v.digest, v.size, v.last_used FROM views v "
+            "WHERE NOT EXISTS (SELECT 1 FROM pins p WHERE p.view = v.digest) "
+            "AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.view = v.digest) "
+            "ORDER BY v.last_used ASC")]
+
+    def forget_view(self, view: str) -> None:
+        """Drop a view and the refs that pointed at it."""
+        self._tx([
+            ("DELETE FROM refs WHERE view = ?", (view,)),
+            ("DELETE FROM view_blobs WHERE view = ?", (view,)),
+            ("DELETE FROM views WHERE digest = ?", (view,)),
+        ])

@@ -90,3 +90,13 @@ def test_single_file_tar_layer_with_wrong_offset_is_refused(registry, store: Pat
     assert proc.returncode == 5, proc.stderr
     assert proc.stderr.startswith("modelcache: error:") and "Traceback" not in proc.stderr
     assert not (store / "views").exists() or not any((store / "views").iterdir())
+
+
+def test_empty_file_layer(registry, store: Path) -> None:
+    """A zero-byte raw layer becomes an empty file (no range request for nothing)."""
+    registry.push_image("mp/empty", "v1", [(b"", MP_WEIGHT, {"org.cncf.model.filepath": "empty.bin"}),
+                                           (b"x", MP_WEIGHT, {"org.cncf.model.filepath": "x.bin"})],
+                        config_type=MP_CONFIG, artifact_type=MP_ARTIFACT)
+    proc = run_cli("pull", f"oci://{registry.host}/mp/empty:v1", store=store, check=True)
+    view = Path(proc.stdout.strip().splitlines()[-1])
+    assert tree_digests(view) == {"empty.bin": sha256(b""), "x.bin": sha256(b"x")}

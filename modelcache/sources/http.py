@@ -56,6 +56,8 @@ async def body_pieces(resp: aiohttp.ClientResponse, offset: int, length: int, *,
     caller retries from the last byte it got.
     """
     remaining = length
+    if not remaining:
+        return
     try:
         async for piece in resp.content.iter_any():
             if skip:

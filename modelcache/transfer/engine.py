@@ -154,6 +154,9 @@ class Engine:
                            stats: TransferStats, progress: Progress | None) -> None:
         blob = ingest.blob
         offset, length = ingest.chunk_range(index)
+        if length == 0:  # an empty blob: nothing to ask anyone for
+            await self._io(ingest.mark_done, index)
+            return
         got = 0
         attempt = 0
         sources = list(router.sources(blob, index))

@@ -90,7 +90,7 @@ def start_seaweed(root: Path, timeout: float = 60.0) -> S3Server:
         except Exception:
             if time.monotonic() > deadline:
                 stop_seaweed(server)
-                raise RuntimeError("weed S3 did not answer in time:\n" + (root / "weed.out").read_text()[-3000:])
+                raise RuntimeError("weed S3 did not answer in time:\n" + (root / "weed.out").read_text()[-3000:]) from None
             time.sleep(0.3)
 
 

@@ -1,0 +1,194 @@
+"""Conformance suite for the content store, plus views and the index.
+
+The suite is written against a factory so that any other ContentStore
+implementation can be run through the same tests (STYLE.md: one conformance
+suite for every implementation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from support import make_tar
+
+from modelcache.errors import DigestMismatch, UnsafePath
+from modelcache.model import Archive, Blob, Compression
+from modelcache.store import Store
+from modelcache.store.content import ContentStore
+from modelcache.store.views import ViewEntry, build_view, remove_tree, view_digest
+from modelcache.tree import Node
+
+CHUNK = 64 << 10
+IMPLEMENTATIONS: dict[str, Callable[[Path], ContentStore]] = {"local": ContentStore}
+
+
+def blob_of(data: bytes) -> Blob:
+    return Blob("sha256:" + hashlib.sha256(data).hexdigest(), len(data))
+
+
+@pytest.fixture(params=sorted(IMPLEMENTATIONS))
+def content(request, tmp_path: Path) -> ContentStore:
+    return IMPLEMENTATIONS[request.param](tmp_path / "store")
+
+
+def ingest(content: ContentStore, blob: Blob):
+    return asyncio.run(content.open_ingest(blob, CHUNK))
+
+
+def write_all(ing, data: bytes, chunks=None) -> None:
+    for i in chunks if chunks is not None else range(ing.chunks):
+        start, length = ing.chunk_range(i)
+        ing.write(start, data[start:start + length])
+        ing.mark_done(i)
+
+
+class TestContentStore:
+    data = os.urandom(5 * CHUNK + 123)
+
+    def test_round_trip(self, content: ContentStore) -> None:
+        """Chunks written in any order commit to a read-only blob named by its digest."""
+        blob = blob_of(self.data)
+        ing = ingest(content, blob)
+        write_all(ing, self.data, reversed(range(ing.chunks)))
+        ing.commit()
+        assert content.has(blob.digest)
+        assert content.path(blob.digest).read_bytes() == self.data
+        assert os.stat(content.path(blob.digest)).st_mode & 0o777 == 0o444
+        assert not (content.ingest_dir / blob.hex).exists()
+
+    def test_invisible_until_commit(self, content: ContentStore) -> None:
+        """All chunks written but not committed: the blob does not exist for readers."""
+        blob = blob_of(self.data)
+        ing = ingest(content, blob)
+        write_all(ing, self.data)
+        assert not content.has(blob.digest) and not content.path(blob.digest).exists()
+        ing.close()
+
+    def test_digest_mismatch_leaves_nothing(self, content: ContentStore) -> None:
+        """Wrong bytes: DigestMismatch, no blob, no ingest left behind."""
+        blob = blob_of(self.data)
+        ing = ingest(content, blob)
+        write_all(ing, bytes(len(self.data)))
+        with pytest.raises(DigestMismatch):
+            ing.commit()
+        assert not content.has(blob.digest)
+        assert not (content.ingest_dir / blob.hex).exists()
+
+    def test_resume_keeps_durable_chunks(self, content: ContentStore) -> None:
+        """Reopening after close() knows which chunks are done; finishing them commits."""
+        blob = blob_of(self.data)
+        ing = ingest(content, blob)
+        write_all(ing, self.data, [0, 2, 3])
+        ing.close()
+        again = ingest(content, blob)
+        assert again.missing() == [1, 4, 5]
+        assert again.bytes_done == 3 * CHUNK
+        write_all(again, self.data, again.missing())
+        again.commit()
+        assert content.path(blob.digest).read_bytes() == self.data
+
+    def test_other_chunk_size_restarts(self, content: ContentStore) -> None:
+        """A record made with another chunk size is not trusted."""
+        blob = blob_of(self.data)
+        ing = ingest(content, blob)
+        write_all(ing, self.data, [0])
+        ing.close()
+        other = asyncio.run(content.open_ingest(blob, CHUNK * 2))
+        assert other.missing() == list(range(other.chunks))
+        other.close()
+
+    def test_committed_blob_needs_no_ingest(self, content: ContentStore) -> None:
+        """open_ingest of a committed blob returns None; committing the same digest twice is fine."""
+        blob = blob_of(self.data)
+        ing = ingest(content, blob)
+        write_all(ing, self.data)
+        ing.commit()
+        assert ingest(content, blob) is None
+        digest, size = content.write_stream(io.BytesIO(self.data))
+        assert (digest, size) == (blob.digest, blob.size)
+
+    def test_write_stream_names_by_digest(self, content: ContentStore) -> None:
+        """Streams are named by what they hash to, and a short stream is refused."""
+        digest, size = content.write_stream(io.BytesIO(b"hello"))
+        assert digest == blob_of(b"hello").digest and size == 5
+        with pytest.raises(Exception, match="expected 10"):
+            content.write_stream(io.BytesIO(b"short"), expected_size=10)
+        assert not [p for p in content.ingest_dir.iterdir() if p.name.startswith("tmp-")]
+
+    def test_second_writer_waits_then_finds_it_committed(self, content: ContentStore) -> None:
+        """Two open_ingest calls for one blob: the second waits, then sees the commit."""
+        blob = blob_of(self.data)
+
+        async def race() -> object:
+            first = await content.open_ingest(blob, CHUNK)
+            waiter = asyncio.create_task(content.open_ingest(blob, CHUNK))
+            await asyncio.sleep(0.3)
+            assert not waiter.done()
+            write_all(first, self.data)
+            first.commit()
+            return await asyncio.wait_for(waiter, 5)
+
+        assert asyncio.run(race()) is None
+
+
+def test_views_are_read_only_shared_and_idempotent(tmp_path: Path) -> None:
+    """A view hardlinks blobs, is 0555/0444, and the same listing gives the same directory."""
+    store = Store(tmp_path / "s")
+    digest, size = store.content.write_stream(io.BytesIO(b"weights"))
+    entries = [ViewEntry("a/w.bin", "file", digest, size), ViewEntry("a/link", "symlink", target="w.bin"),
+               ViewEntry("empty", "dir")]
+    first = build_view(store.views_dir, entries, store.content.path)
+    second = build_view(store.views_dir, list(reversed(entries)), store.content.path)
+    assert first == second and first.name == view_digest(entries)[7:]
+    assert os.stat(first / "a" / "w.bin").st_ino == os.stat(store.content.path(digest)).st_ino
+    assert os.stat(first / "a").st_mode & 0o777 == 0o555
+    assert (first / "a" / "link").read_bytes() == b"weights" and (first / "empty").is_dir()
+    assert not [p for p in store.views_dir.iterdir() if p.name.startswith(".tmp-")]
+    remove_tree(first)
+    assert not first.exists()
+
+
+def test_failed_view_build_leaves_no_temp(tmp_path: Path) -> None:
+    """A view naming a missing blob fails whole, leaving no .tmp-* behind."""
+    store = Store(tmp_path / "s")
+    with pytest.raises(FileNotFoundError):
+        store.build_view([Node("x", "file", "sha256:" + "0" * 64)])
+    assert list(store.views_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("compression", list(Compression))
+def test_unpack_records_layer_and_drops_archive(tmp_path: Path, compression: Compression) -> None:
+    """Unpacking stores files as blobs, records the listing, and forgets it if a blob vanishes."""
+    import gzip
+
+    import zstandard
+
+    raw = make_tar([("d/a.txt", b"a", {}), ("d/.wh.gone", b"", {})])
+    data = {Compression.NONE: raw, Compression.GZIP: gzip.compress(raw),
+            Compression.ZSTD: zstandard.ZstdCompressor().compress(raw)}[compression]
+    store = Store(tmp_path / "s")
+    layer_digest, _ = store.content.write_stream(io.BytesIO(data))
+    rows = store.unpack(Archive(Blob(layer_digest, len(data)), compression))
+    a = blob_of(b"a").digest
+    assert rows == [["f", "d/a.txt", a, 1], ["w", "d/gone"]]
+    assert not store.content.has(layer_digest) and store.content.has(a)
+    assert store.layer_rows(layer_digest) == rows
+    store.content.delete(a)
+    assert store.layer_rows(layer_digest) is None and store.index.layer_entries(layer_digest) is None
+
+
+def test_unpack_refuses_unsafe_entries(tmp_path: Path) -> None:
+    """A layer with a device file is refused with UnsafePath."""
+    import tarfile
+
+    data = make_tar([("dev/sda", None, {"type": tarfile.BLKTYPE})])
+    store = Store(tmp_path / "s")
+    digest, _ = store.content.write_stream(io.BytesIO(data))
+    with pytest.raises(UnsafePath):
+        store.unpack(Archive(Blob(digest, len(data)), Compression.NONE))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import posixpath
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .errors import InvalidReference, UnsafePath
@@ -48,6 +48,8 @@ def safe_link_target(link_path: str, target: str, *, context: str) -> str:
     Absolute targets mean the image's own root, so they are rewritten relative
     to the link; targets that climb out of the root are refused.
     """
+    if not target:
+        raise UnsafePath(f"{context}: symlink {link_path!r} has an empty target")
     base = posixpath.dirname(link_path)
     joined = target.lstrip("/") if target.startswith("/") else posixpath.join(base, target)
     resolved = posixpath.normpath("/" + joined)
@@ -63,6 +65,51 @@ def safe_link_target(link_path: str, target: str, *, context: str) -> str:
         return target
     rel = posixpath.relpath(resolved, "/" + base if base else "/")
     return rel
+
+
+def check_links(links: Mapping[str, str], paths: Iterable[str], *, context: str) -> None:
+    """Refuse a tree that leads outside its root through its own symlinks.
+
+    :func:`safe_link_target` judges one target by its text; only the whole
+    tree shows that ``x -> a/l/../..`` climbs out when ``a/l -> ..``, or that
+    an entry below a symlink would be written wherever that symlink points.
+    ``links`` maps each symlink's path to its target; ``paths`` is every entry.
+    """
+    for path in paths:
+        parent = posixpath.dirname(path)
+        while parent:
+            if parent in links:
+                raise UnsafePath(f"{context}: {path!r} lies below the symlink {parent!r}")
+            parent = posixpath.dirname(parent)
+    for path, target in links.items():
+        _resolve_inside(links, path, target, context=context)
+
+
+def _resolve_inside(links: Mapping[str, str], path: str, target: str, *, context: str) -> None:
+    # Walk the target as the kernel would, following the tree's own links.
+    if target.startswith("/"):
+        raise UnsafePath(f"{context}: symlink {path!r} -> {target!r} is absolute; it would leave the model")
+    where = path.split("/")[:-1]
+    pending = target.split("/")[::-1]
+    hops = 0
+    while pending:
+        part = pending.pop()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not where:
+                raise UnsafePath(f"{context}: symlink {path!r} -> {target!r} leads outside the model")
+            where.pop()
+            continue
+        where.append(part)
+        step = links.get("/".join(where))
+        if step is None:
+            continue
+        hops += 1
+        if hops > 40 or step.startswith("/"):  # 40: the kernel's own limit before ELOOP
+            raise UnsafePath(f"{context}: symlink {path!r} -> {target!r} loops or leaves the model")
+        where.pop()
+        pending.extend(step.split("/")[::-1])
 
 
 @dataclass(frozen=True, slots=True)

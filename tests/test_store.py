@@ -136,6 +136,52 @@ class TestContentStore:
 
         assert asyncio.run(race()) is None
 
+    def test_commit_when_already_present_is_success(self, content: ContentStore) -> None:
+        """The same bytes committed meanwhile by another writer: commit succeeds (AlreadyExists)."""
+        blob = blob_of(self.data)
+        ing = ingest(content, blob)
+        write_all(ing, self.data)
+        content.write_stream(io.BytesIO(self.data))
+        inode = os.stat(content.path(blob.digest)).st_ino
+        ing.commit()
+        assert os.stat(content.path(blob.digest)).st_ino == inode
+        assert content.path(blob.digest).read_bytes() == self.data
+        assert not (content.ingest_dir / blob.hex).exists()
+
+    def test_mismatch_leaves_blobs_empty(self, content: ContentStore) -> None:
+        """A refused commit leaves no file of any name under blobs/, and the next try starts clean."""
+        blob = blob_of(self.data)
+        ing = ingest(content, blob)
+        write_all(ing, self.data[::-1])
+        with pytest.raises(DigestMismatch):
+            ing.commit()
+        assert list(content.blobs_dir.iterdir()) == [] and list(content.digests()) == []
+        again = ingest(content, blob)
+        assert again.missing() == list(range(again.chunks))
+        again.close()
+
+    def test_restart_after_chunk_size_change_commits(self, content: ContentStore) -> None:
+        """After a restart forced by another chunk size, writing every chunk again commits."""
+        blob = blob_of(self.data)
+        first = ingest(content, blob)
+        write_all(first, bytes(len(self.data)), [0, 1])
+        first.close()
+        other = asyncio.run(content.open_ingest(blob, CHUNK * 2))
+        assert other.bytes_done == 0
+        write_all(other, self.data)
+        other.commit()
+        assert content.path(blob.digest).read_bytes() == self.data
+
+    @pytest.mark.parametrize("size", [0, 1, CHUNK, CHUNK + 1])
+    def test_edge_sizes(self, content: ContentStore, size: int) -> None:
+        """Empty, tiny and chunk-boundary blobs commit with the right chunk count."""
+        data = os.urandom(size)
+        ing = ingest(content, blob_of(data))
+        assert ing.chunks == max(1, -(-size // CHUNK))
+        write_all(ing, data)
+        ing.commit()
+        assert content.path(blob_of(data).digest).read_bytes() == data
+
 
 def test_views_are_read_only_shared_and_idempotent(tmp_path: Path) -> None:
     """A view hardlinks blobs, is 0555/0444, and the same listing gives the same directory."""
@@ -192,3 +238,130 @@ def test_unpack_refuses_unsafe_entries(tmp_path: Path) -> None:
     digest, _ = store.content.write_stream(io.BytesIO(data))
     with pytest.raises(UnsafePath):
         store.unpack(Archive(Blob(digest, len(data)), Compression.NONE))
+
+
+def test_index_round_trip(tmp_path: Path) -> None:
+    """record_view / lookup / records / blob_users agree, per ref and filters, across reopening."""
+    store = Store(tmp_path / "s")
+    view = "sha256:" + "1" * 64
+    store.index.record_view(ref="oci://r/m:v1", filters="", model_digest="sha256:" + "a" * 64,
+                            view=view, size=30, blobs=["sha256:b1", "sha256:b2", "sha256:b1"], files=3)
+    store.index.record_view(ref="oci://r/m:v1", filters="inc=*.json;exc=", model_digest="sha256:" + "a" * 64,
+                            view="sha256:" + "2" * 64, size=5, blobs=["sha256:b1"], files=1)
+    store.close()
+    index = Store(tmp_path / "s").index
+    assert index.lookup("oci://r/m:v1", "") == (view, "sha256:" + "a" * 64)
+    assert index.lookup("oci://r/m:v1", "inc=*.json;exc=") == ("sha256:" + "2" * 64, "sha256:" + "a" * 64)
+    assert index.lookup("oci://r/m:v2", "") is None
+    records = {(r.filters, r.view): r for r in index.records()}
+    assert set(records) == {("", view), ("inc=*.json;exc=", "sha256:" + "2" * 64)}
+    full = records[("", view)]
+    assert (full.ref, full.size, full.files, full.pinned, full.leases) == ("oci://r/m:v1", 30, 3, False, 0)
+    assert sorted(index.blob_users("sha256:b1")) == sorted([view, "sha256:" + "2" * 64])
+    assert index.blob_users("sha256:b2") == [view]
+    index.forget_view(view)
+    assert index.lookup("oci://r/m:v1", "") is None and index.blob_users("sha256:b2") == []
+
+
+def test_index_layers(tmp_path: Path) -> None:
+    """put_layer / layer_entries keep a listing verbatim; forget_layer drops it."""
+    store = Store(tmp_path / "s")
+    rows = [["d", "a"], ["f", "a/x", "sha256:" + "3" * 64, 7], ["l", "a/y", "x"], ["w", "b"], ["o", ""]]
+    assert store.index.layer_entries("sha256:layer") is None
+    store.index.put_layer("sha256:layer", rows)
+    assert store.index.layer_entries("sha256:layer") == rows
+    store.index.forget_layer("sha256:layer")
+    assert store.index.layer_entries("sha256:layer") is None
+
+
+def unpack_tar(tmp_path: Path, entries: list) -> list:
+    """Store a plain tar of ``entries`` and unpack it; return its rows."""
+    from modelcache.store.unpack import unpack_layer
+
+    content = ContentStore(tmp_path / "store")
+    data = make_tar(entries)
+    digest, _ = content.write_stream(io.BytesIO(data))
+    return unpack_layer(content, content.path(digest), Compression.NONE, name="L")
+
+
+def test_unpack_listing(tmp_path: Path) -> None:
+    """Every kind of entry becomes its row; the root entry is skipped; hardlinks become files."""
+    import tarfile
+
+    rows = unpack_tar(tmp_path, [
+        ("./", None, {"type": tarfile.DIRTYPE}),
+        ("./models/", None, {"type": tarfile.DIRTYPE}),
+        ("./models/w.bin", b"weights", {}),
+        ("/models/link", None, {"type": tarfile.SYMTYPE, "linkname": "w.bin"}),
+        ("models/abs", None, {"type": tarfile.SYMTYPE, "linkname": "/models/w.bin"}),
+        ("models/hard", None, {"type": tarfile.LNKTYPE, "linkname": "./models/w.bin"}),
+        ("models/.wh.old", b"", {}),
+        ("cfg/.wh..wh..opq", b"", {}),
+        ("models/empty", b"", {}),
+    ])
+    w = blob_of(b"weights").digest
+    assert rows == [
+        ["d", "models"], ["f", "models/w.bin", w, 7], ["l", "models/link", "w.bin"],
+        ["l", "models/abs", "w.bin"], ["f", "models/hard", w, 7], ["w", "models/old"], ["o", "cfg"],
+        ["f", "models/empty", blob_of(b"").digest, 0],
+    ]
+
+
+@pytest.mark.parametrize("entries,message", [
+    ([("dev/sda", None, {"type": "3"})], "device file or FIFO"),
+    ([("dev/tty", None, {"type": "4"})], "device file or FIFO"),
+    ([("fifo", None, {"type": "6"})], "device file or FIFO"),
+    ([("../evil", b"x", {})], "escapes"),
+    ([("a/../../evil", b"x", {})], "escapes"),
+    ([("l", None, {"type": "2", "linkname": "../../etc/passwd"})], "points outside"),
+    ([("a/l", None, {"type": "2", "linkname": "/../etc/passwd"})], "points outside"),
+    ([("l", None, {"type": "2", "linkname": ""})], "empty target"),
+    ([("h", None, {"type": "1", "linkname": "not-in-layer"})], "names no earlier file"),
+    ([("h", None, {"type": "1", "linkname": "f"}), ("f", b"late", {})], "names no earlier file"),
+    ([("h", None, {"type": "1", "linkname": "../../etc/shadow"})], "escapes"),
+])
+def test_unpack_refuses(tmp_path: Path, entries: list, message: str) -> None:
+    """Device files, FIFOs, escaping paths and symlinks, and dangling hardlinks are UnsafePath."""
+    import tarfile
+
+    typed = [(n, d, {**f, "type": f["type"].encode()} if "type" in f else f) for n, d, f in entries]
+    assert all(isinstance(f.get("type", tarfile.REGTYPE), bytes) for _, _, f in typed)
+    with pytest.raises(UnsafePath, match=f"layer L: .*{message}"):
+        unpack_tar(tmp_path, typed)
+
+
+@pytest.mark.parametrize("entries", [
+    [ViewEntry("a/l", "symlink", target=".."), ViewEntry("x", "symlink", target="a/l/../.."),
+     ViewEntry("x/PWNED", "file", "")],
+    [ViewEntry("x", "symlink", target="d"), ViewEntry("x/f", "file", "")],
+    [ViewEntry("a/l", "symlink", target=".."), ViewEntry("peek", "symlink", target="a/l/../../..")],
+    [ViewEntry("abs", "symlink", target="/etc")],
+])
+def test_view_never_leads_outside(tmp_path: Path, entries: list[ViewEntry]) -> None:
+    """A listing that would write through, or link out through, its own symlinks is refused whole."""
+    store = Store(tmp_path / "s")
+    digest, size = store.content.write_stream(io.BytesIO(b"payload"))
+    entries = [ViewEntry(e.path, e.kind, digest, size) if e.kind == "file" else e for e in entries]
+    with pytest.raises(UnsafePath):
+        build_view(store.views_dir, entries, store.content.path)
+    assert list(store.views_dir.iterdir()) == []
+    assert sorted(p.name for p in store.root.iterdir()) == ["blobs", "index.sqlite", "index.sqlite-shm",
+                                                            "index.sqlite-wal", "ingest", "views"]
+
+
+def test_layer_with_a_symlink_chain_cannot_write_outside(tmp_path: Path) -> None:
+    """A tar whose links each look safe but chain out of the root writes nothing outside its view."""
+    import tarfile
+
+    from modelcache.store.unpack import rows_to_layer
+    from modelcache.tree import overlay
+
+    store = Store(tmp_path / "s")
+    data = make_tar([("a/l", None, {"type": tarfile.SYMTYPE, "linkname": ".."}),
+                     ("x", None, {"type": tarfile.SYMTYPE, "linkname": "a/l/../.."}),
+                     ("x/PWNED", b"owned", {})])
+    digest, _ = store.content.write_stream(io.BytesIO(data))
+    rows = store.unpack(Archive(Blob(digest, len(data)), Compression.NONE))
+    with pytest.raises(UnsafePath):
+        store.build_view(list(overlay([rows_to_layer(rows)]).values()))
+    assert not list(tmp_path.rglob("PWNED"))

@@ -224,12 +224,12 @@ class BlobIngest:
             batch = buffers[:_IOV_MAX]
             n = os.pwritev(self.fd, batch, offset)
             offset += n
-            while n and buffers:  # drop what was written; keep the tail of a partial buffer
-                if n >= len(buffers[0]):
-                    n -= len(buffers.pop(0))
-                else:
-                    buffers[0] = buffers[0][n:]
-                    n = 0
+            # Drop what was written (empty buffers too, or this never ends);
+            # keep the tail of a partial buffer.
+            while buffers and n >= len(buffers[0]):
+                n -= len(buffers.pop(0))
+            if n:
+                buffers[0] = buffers[0][n:]
 
     def mark_done(self, index: int) -> None:
         """Make chunk ``index`` durable and record it; then extend the hash."""
@@ -268,6 +268,12 @@ class BlobIngest:
         """
         if not self.complete():
             raise InvalidContent(f"{self.blob.digest}: commit before every chunk is done")
+        # The hash covers blob.size bytes only: a write past the end (a source
+        # that sent more than asked) must not ride along into blobs/.
+        size = os.fstat(self.fd).st_size
+        if size != self.blob.size:
+            self.discard()
+            raise DigestMismatch(f"blob {self.blob.digest} arrived as {size} bytes, expected {self.blob.size}")
         self._advance_hash()
         actual = "sha256:" + self._hash.hexdigest()
         if actual != self.blob.digest:

@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..tree import check_links
+
 
 @dataclass(frozen=True, slots=True)
 class ViewEntry:
@@ -43,6 +45,9 @@ def build_view(views_dir: Path, entries: Sequence[ViewEntry], blob_path: Callabl
     final = views_dir / view_digest(entries).partition(":")[2]
     if final.is_dir():
         return final
+    # Never write through, or link out through, the tree's own symlinks.
+    check_links({e.path: e.target for e in entries if e.kind == "symlink"}, (e.path for e in entries),
+                context=f"view {final.name[:12]}")
     tmp = views_dir / f".tmp-{secrets.token_hex(8)}"
     tmp.mkdir(parents=True)
     dirs = {tmp}

@@ -1,0 +1,312 @@
+"""The transfer engine against an in-memory byte source with scripted faults."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import itertools
+import os
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from pathlib import Path
+
+import pytest
+
+from modelcache.errors import DigestMismatch, NotFound, Unavailable
+from modelcache.model import Blob
+from modelcache.store.content import ContentStore
+from modelcache.transfer import ChunkRouter, Engine, OriginOnly, TransferConfig, TransferStats
+
+CHUNK = 64 << 10
+PIECE = 10_000
+
+Fault = tuple[int, Exception]  # (bytes to serve first, then raise this)
+
+
+def blob_of(data: bytes) -> Blob:
+    """The blob that names ``data``."""
+    return Blob("sha256:" + hashlib.sha256(data).hexdigest(), len(data))
+
+
+class MemorySource:
+    """A ByteSource over bytes in memory, in small pieces, recording every request.
+
+    ``faults`` is consulted once per request, in order: each item is None (serve
+    the range) or (n, exc): serve ``n`` bytes of the range, then raise ``exc``.
+    """
+
+    def __init__(self, data: dict[str, bytes], *, name: str = "memory",
+                 faults: Iterable[Fault | None] = ()) -> None:
+        self.name = name
+        self.data = data
+        self.requests: list[tuple[str, int, int]] = []
+        self._faults = iter(faults)
+
+    @classmethod
+    def of(cls, *blobs: bytes, **kwargs) -> MemorySource:
+        """Serve each of ``blobs`` under its own digest."""
+        return cls({blob_of(b).digest: b for b in blobs}, **kwargs)
+
+    def requested(self, digest: str | None = None) -> int:
+        """Bytes asked for (of one blob, or of all)."""
+        return sum(n for d, _, n in self.requests if digest in (None, d))
+
+    async def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes]:
+        """Yield the range piece by piece, letting other tasks run in between."""
+        self.requests.append((blob.digest, offset, length))
+        data = self.data.get(blob.digest)
+        if data is None:
+            raise NotFound(f"{self.name}: no blob {blob.digest}")
+        fault = next(self._faults, None)
+        served = 0
+        for start in range(offset, offset + length, PIECE):
+            if fault is not None and served >= fault[0]:
+                raise fault[1]
+            piece = data[start:min(start + PIECE, offset + length)]
+            served += len(piece)
+            await asyncio.sleep(0)
+            yield piece
+        if fault is not None:
+            raise fault[1]
+
+
+class Router:
+    """Routes every chunk to the given sources, in order."""
+
+    def __init__(self, *sources: MemorySource) -> None:
+        self._sources = sources
+
+    def sources(self, blob: Blob, chunk: int) -> Sequence[MemorySource]:
+        """The same sources for every chunk."""
+        return self._sources
+
+
+def config(**overrides: float) -> TransferConfig:
+    """Small chunks, short backoff: the engine's logic without its waiting."""
+    settings: dict = {"chunk_size": CHUNK, "concurrency": 4, "retries": 3,
+                      "backoff_base": 0.001, "backoff_max": 0.005}
+    return TransferConfig(**(settings | overrides))
+
+
+def run(content: ContentStore, blobs: Sequence[Blob], source: MemorySource, *,
+        cfg: TransferConfig | None = None, router: ChunkRouter | None = None, **kwargs) -> TransferStats:
+    """One engine, one fetch (``kwargs`` go to it) in a fresh event loop, engine closed after."""
+    async def go() -> TransferStats:
+        engine = Engine(content, cfg or config())
+        try:
+            return await engine.fetch(blobs, router or OriginOnly(source), **kwargs)
+        finally:
+            engine.close()
+
+    return asyncio.run(go())
+
+
+def assert_committed(content: ContentStore, data: bytes) -> None:
+    """The blob is in the store, whole, read-only, with no ingest left behind."""
+    blob = blob_of(data)
+    path = content.path(blob.digest)
+    assert path.read_bytes() == data
+    assert os.stat(path).st_mode & 0o777 == 0o444
+    assert not (content.ingest_dir / blob.hex).exists()
+
+
+def assert_absent(content: ContentStore, blob: Blob) -> None:
+    """Nothing of the blob is visible under blobs/."""
+    assert not content.has(blob.digest)
+    assert list(content.blobs_dir.iterdir()) == []
+
+
+@pytest.fixture
+def content(tmp_path: Path) -> ContentStore:
+    """An empty content store."""
+    return ContentStore(tmp_path / "store")
+
+
+def test_multi_chunk_blobs_land_verified(content: ContentStore) -> None:
+    """Blobs of every shape arrive whole, each chunk asked for exactly once."""
+    datas = [os.urandom(n) for n in (1, CHUNK - 1, CHUNK, 3 * CHUNK + 5, 7 * CHUNK)] + [b""]
+    source = MemorySource.of(*datas)
+    stats = run(content, [blob_of(d) for d in datas], source)
+    for data in datas:
+        assert_committed(content, data)
+        blob = blob_of(data)
+        ranges = sorted((o, n) for d, o, n in source.requests if d == blob.digest)
+        assert ranges == [(o, min(CHUNK, len(data) - o)) for o in range(0, len(data), CHUNK)]
+    total = sum(map(len, datas))
+    assert stats.bytes_total == stats.bytes_done == stats.bytes_fetched == total
+    assert stats.fetched_by_source == {"memory": total}
+    assert stats.bytes_reused == stats.chunks_retried == 0
+
+
+def test_duplicates_in_one_request_are_fetched_once(content: ContentStore) -> None:
+    """The same blob named twice is one download."""
+    data = os.urandom(2 * CHUNK)
+    source = MemorySource.of(data)
+    stats = run(content, [blob_of(data), blob_of(data)], source)
+    assert source.requested() == len(data) == stats.bytes_total
+
+
+def test_retry_resumes_at_the_byte_where_it_stopped(content: ContentStore) -> None:
+    """Two resets mid-range: two retries, each asking only for the bytes not yet received."""
+    data = os.urandom(CHUNK)
+    reset = Unavailable("connection reset")
+    source = MemorySource.of(data, faults=[(2 * PIECE, reset), (3 * PIECE, reset)])
+    stats = run(content, [blob_of(data)], source)
+    assert stats.chunks_retried == 2
+    assert [(o, n) for _, o, n in source.requests] == [
+        (0, CHUNK), (2 * PIECE, CHUNK - 2 * PIECE), (5 * PIECE, CHUNK - 5 * PIECE)]
+    assert stats.bytes_fetched == CHUNK
+    assert_committed(content, data)
+
+
+def test_failing_forever_gives_up_after_retries(content: ContentStore) -> None:
+    """A source that never works ends in Unavailable after 1 + retries attempts."""
+    data = os.urandom(CHUNK)
+    source = MemorySource.of(data, faults=itertools.repeat((0, Unavailable("HTTP 503"))))
+    with pytest.raises(Unavailable, match=r"HTTP 503 \(gave up after 3 attempts\)"):
+        run(content, [blob_of(data)], source, cfg=config(retries=2))
+    assert len(source.requests) == 3
+    assert_absent(content, blob_of(data))
+
+
+def test_final_errors_are_not_retried(content: ContentStore) -> None:
+    """NotFound is not worth retrying: one request, and the error as it was."""
+    data = os.urandom(100)
+    source = MemorySource({})
+    with pytest.raises(NotFound):
+        run(content, [blob_of(data)], source)
+    assert len(source.requests) == 1
+
+
+def test_retry_after_is_honoured(content: ContentStore) -> None:
+    """A 429's Retry-After replaces the (here tiny) backoff."""
+    data = os.urandom(1000)
+    source = MemorySource.of(data, faults=[(0, Unavailable("HTTP 429", retry_after=0.3))])
+    started = time.monotonic()
+    stats = run(content, [blob_of(data)], source)
+    assert 0.3 <= time.monotonic() - started < 5
+    assert stats.chunks_retried == 1 and len(source.requests) == 2
+    assert_committed(content, data)
+
+
+def test_failed_fetch_resumes_with_only_missing_chunks(content: ContentStore) -> None:
+    """Chunks made durable before a failure are not fetched again by the next pull."""
+    data = os.urandom(4 * CHUNK)
+    down = itertools.repeat((PIECE, Unavailable("down")))
+    broken = MemorySource.of(data, faults=itertools.chain([None, None], down))
+    with pytest.raises(Unavailable):
+        run(content, [blob_of(data)], broken, cfg=config(concurrency=1, retries=1))
+    healthy = MemorySource.of(data)
+    stats = run(content, [blob_of(data)], healthy)
+    assert sorted(o for _, o, _ in healthy.requests) == [2 * CHUNK, 3 * CHUNK]
+    assert stats.bytes_reused == 2 * CHUNK and stats.bytes_fetched == 2 * CHUNK
+    assert_committed(content, data)
+
+
+def test_blob_already_in_store_costs_no_reads(content: ContentStore) -> None:
+    """A committed blob (from any model) is reused, not fetched."""
+    data = os.urandom(3 * CHUNK)
+    content.write_stream(io.BytesIO(data))
+    source = MemorySource.of(data)
+    stats = run(content, [blob_of(data)], source)
+    assert source.requests == []
+    assert stats.bytes_reused == stats.bytes_done == len(data) and stats.bytes_fetched == 0
+
+
+@pytest.mark.parametrize("engines", [1, 2], ids=["one-engine", "two-engines"])
+def test_concurrent_fetches_read_each_byte_once(content: ContentStore, engines: int) -> None:
+    """Two pulls of one blob at once (one engine, or two as two processes would) download it once."""
+    data = os.urandom(5 * CHUNK + 7)
+    sources = [MemorySource.of(data, name=f"s{i}") for i in range(2)]
+
+    async def go() -> None:
+        pool = [Engine(content, config()) for _ in range(engines)]
+        try:
+            await asyncio.gather(*(pool[i % engines].fetch([blob_of(data)], OriginOnly(s))
+                                   for i, s in enumerate(sources)))
+        finally:
+            for engine in pool:
+                engine.close()
+
+    asyncio.run(go())
+    assert sum(s.requested() for s in sources) == len(data)
+    assert_committed(content, data)
+
+
+def test_wrong_bytes_end_in_digest_mismatch(content: ContentStore) -> None:
+    """Bytes that hash to something else are refused, nothing is committed, the next try starts clean."""
+    data = os.urandom(3 * CHUNK)
+    blob = blob_of(data)
+    liar = MemorySource({blob.digest: os.urandom(len(data))})
+    with pytest.raises(DigestMismatch, match=blob.digest):
+        run(content, [blob], liar)
+    assert_absent(content, blob)
+    assert not (content.ingest_dir / blob.hex).exists()
+    honest = MemorySource.of(data)
+    stats = run(content, [blob], honest)
+    assert honest.requested() == len(data) and stats.bytes_reused == 0
+    assert_committed(content, data)
+
+
+@pytest.mark.parametrize("extra", [1, PIECE])
+def test_a_source_sending_too_much_commits_nothing_wrong(content: ContentStore, extra: int) -> None:
+    """A source that overruns the range it was asked for cannot make a blob bigger than its size."""
+    data = os.urandom(2 * CHUNK + 10)
+    blob = blob_of(data)
+    source = OverrunSource({blob.digest: data + os.urandom(extra)}, extra=extra)
+    with pytest.raises(DigestMismatch, match=f"arrived as {len(data) + extra} bytes"):
+        run(content, [blob], source)
+    assert_absent(content, blob)
+    assert not (content.ingest_dir / blob.hex).exists()
+
+
+def test_empty_pieces_are_harmless(content: ContentStore) -> None:
+    """A source may yield empty pieces between real ones (a quiet socket read)."""
+    data = os.urandom(2 * CHUNK + 3)
+    source = GappySource.of(data)
+    run(content, [blob_of(data)], source, cfg=config(concurrency=1))
+    assert_committed(content, data)
+
+
+def test_router_falls_back_to_the_next_source(content: ContentStore) -> None:
+    """A chunk whose first source fails is fetched from the next one, and counted there."""
+    data = os.urandom(CHUNK)
+    peer = MemorySource.of(data, name="peer", faults=[(PIECE, Unavailable("peer gone"))])
+    origin = MemorySource.of(data, name="origin")
+    stats = run(content, [blob_of(data)], origin, router=Router(peer, origin))
+    assert origin.requests == [(blob_of(data).digest, PIECE, CHUNK - PIECE)]
+    assert stats.fetched_by_source == {"peer": PIECE, "origin": CHUNK - PIECE}
+    assert_committed(content, data)
+
+
+def test_progress_is_reported(content: ContentStore) -> None:
+    """The progress callback sees the transfer advance to its total."""
+    data = os.urandom(2 * CHUNK)
+    seen: list[int] = []
+    run(content, [blob_of(data)], MemorySource.of(data), progress=lambda s: seen.append(s.bytes_done))
+    assert seen and seen == sorted(seen) and seen[-1] == len(data)
+
+
+class OverrunSource(MemorySource):
+    """Sends ``extra`` bytes past every range it is asked for."""
+
+    def __init__(self, data: dict[str, bytes], *, extra: int) -> None:
+        super().__init__(data)
+        self.extra = extra
+
+    async def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes]:
+        """The range, then more."""
+        async for piece in super().read(blob, offset, length + self.extra):
+            yield piece
+
+
+class GappySource(MemorySource):
+    """Yields an empty piece before and after every real one."""
+
+    async def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes]:
+        """The range, with empty pieces around each piece."""
+        async for piece in super().read(blob, offset, length):
+            yield b""
+            yield piece
+            yield b""

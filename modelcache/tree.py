@@ -179,6 +179,11 @@ def overlay(layers: Sequence[Sequence[Node | tuple[str, str]]]) -> dict[str, Nod
             if isinstance(item, Node):
                 if item.kind != "dir":
                     _drop_below(tree, item.path)  # a file replaces a directory
+                parent = posixpath.dirname(item.path)
+                while parent:  # and a directory replaces a file (or link) in its way
+                    if parent in tree and tree[parent].kind != "dir":
+                        del tree[parent]
+                    parent = posixpath.dirname(parent)
                 tree[item.path] = item
     return tree
 

@@ -251,14 +251,23 @@ def test_wrong_bytes_end_in_digest_mismatch(content: ContentStore) -> None:
 
 @pytest.mark.parametrize("extra", [1, PIECE])
 def test_a_source_sending_too_much_commits_nothing_wrong(content: ContentStore, extra: int) -> None:
-    """A source that overruns the range it was asked for cannot make a blob bigger than its size."""
+    """A source that overruns the range it was asked for cannot write past it: the blob is exact."""
     data = os.urandom(2 * CHUNK + 10)
     blob = blob_of(data)
     source = OverrunSource({blob.digest: data + os.urandom(extra)}, extra=extra)
-    with pytest.raises(DigestMismatch, match=f"arrived as {len(data) + extra} bytes"):
-        run(content, [blob], source)
-    assert_absent(content, blob)
-    assert not (content.ingest_dir / blob.hex).exists()
+    run(content, [blob], source)
+    assert_committed(content, data)
+    assert content.path(blob.digest).stat().st_size == len(data)
+
+
+def test_a_source_ending_early_is_retried_for_the_rest(content: ContentStore) -> None:
+    """A range that ends short without an error is retried from where it stopped, not marked done."""
+    data = os.urandom(2 * CHUNK)
+    source = ShortSource({blob_of(data).digest: data}, short=1000)
+    stats = run(content, [blob_of(data)], source)
+    assert_committed(content, data)
+    assert stats.chunks_retried == 2
+    assert (blob_of(data).digest, CHUNK - 1000, 1000) in source.requests
 
 
 def test_empty_pieces_are_harmless(content: ContentStore) -> None:
@@ -298,6 +307,23 @@ class OverrunSource(MemorySource):
     async def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes]:
         """The range, then more."""
         async for piece in super().read(blob, offset, length + self.extra):
+            yield piece
+
+
+class ShortSource(MemorySource):
+    """Ends the first answer for each chunk ``short`` bytes early, silently."""
+
+    def __init__(self, data: dict[str, bytes], *, short: int) -> None:
+        super().__init__(data)
+        self.short = short
+        self.cut: set[int] = set()
+
+    async def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes]:
+        """The range, short once per offset."""
+        if offset not in self.cut and length > self.short:
+            self.cut.add(offset)
+            length -= self.short
+        async for piece in super().read(blob, offset, length):
             yield piece
 
 

@@ -164,14 +164,16 @@ class Engine:
             source = sources[attempt % len(sources)]
             try:
                 got += await self._stream(ingest, source, offset + got, length - got, stats, progress)
+                if got != length:  # a source that ends early without saying so: retry the rest now
+                    raise Unavailable(f"{source.name}: range of {blob.digest[:19]} ended after {got} of {length} bytes")
                 break
             except Unavailable as e:
                 if isinstance(e, _Partial):
                     got += e.written
                 attempt += 1
-                stats.chunks_retried += 1
                 if attempt > self.config.retries:
                     raise Unavailable(f"{e} (gave up after {attempt} attempts)") from e
+                stats.chunks_retried += 1
                 delay = self._backoff(attempt, e.retry_after)
                 log.info("chunk %d of %s: %s; retry %d in %.1fs", index, blob.digest[:19], e, attempt, delay)
                 await asyncio.sleep(delay)
@@ -209,8 +211,12 @@ class Engine:
                 written += buffered
                 pieces, buffered = [], 0
 
+        remaining = length
         try:
             async for piece in source.read(ingest.blob, offset, length):
+                if len(piece) >= remaining:  # never write past the range, whatever the source sends
+                    piece = piece[:remaining]
+                remaining -= len(piece)
                 pieces.append(piece)
                 buffered += len(piece)
                 n = len(piece)
@@ -221,6 +227,8 @@ class Engine:
                     await flush()
                     if progress:
                         progress(stats)
+                if not remaining:
+                    break
         except Unavailable as e:
             await flush()
             if pending is not None:

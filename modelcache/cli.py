@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import os
+import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -148,6 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         print(f"modelcache: error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}",
               file=sys.stderr)
+        return 1
+    except sqlite3.Error as e:
+        print(f"modelcache: error: store index {args.store}/index.sqlite: {e}", file=sys.stderr)
         return 1
     parser.error(f"unknown command {args.command}")
     return 2

@@ -18,6 +18,7 @@ run them in a thread.
 from __future__ import annotations
 
 import json
+import random
 import sqlite3
 import threading
 import time
@@ -66,10 +67,18 @@ class Index:
     def __init__(self, path: Path) -> None:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        with self._lock:
-            self._db.executescript(_SCHEMA)
+        # Two processes opening a new store at once can get SQLITE_BUSY from the
+        # journal-mode switch, which the busy timeout does not cover: retry it.
+        for attempt in range(100):
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.executescript(_SCHEMA)
+                break
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e) or attempt == 99:
+                    raise
+                time.sleep(0.05 + random.random() * 0.1)
 
     def close(self) -> None:
         """Close the connection."""

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import base64
 import os
-import threading
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 from auth_support import (
     PASSWORD,
     USER,
@@ -102,82 +100,6 @@ def test_bearer_refusals(token_registry, tmp_path: Path) -> None:
     _refused_unauthorized(anonymous, registry.host)
     wrong = docker_config(tmp_path / "docker", registry.host, auth_entry(password="nope"))
     _refused_unauthorized(run_cli("pull", ref, store=tmp_path / "s", env=wrong), registry.host)
-
-
-class _RedirectingRegistry:
-    """A minimal registry (basic auth) whose blob GETs redirect to a separate 'CDN' host."""
-
-    def __init__(self, manifest: bytes, blob: bytes) -> None:
-        self.manifest, self.blob = manifest, blob
-        self.cdn_headers: list[dict] = []
-        self.registry_auth: list[str | None] = []
-
-    async def registry(self, request: web.Request) -> web.StreamResponse:
-        auth = request.headers.get("Authorization")
-        self.registry_auth.append(auth)
-        if auth != basic():
-            return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="test"'})
-        if "/manifests/" in request.path:
-            return web.Response(body=self.manifest, content_type="application/vnd.oci.image.manifest.v1+json")
-        return web.Response(status=307, headers={"Location": f"http://127.0.0.2:{self.cdn_port}/blob?sig=x"})
-
-    async def cdn(self, request: web.Request) -> web.StreamResponse:
-        self.cdn_headers.append(dict(request.headers))
-        rng = request.headers.get("Range")
-        if rng:
-            start, end = (int(x) for x in rng.removeprefix("bytes=").split("-"))
-            return web.Response(status=206, body=self.blob[start:end + 1],
-                                headers={"Content-Range": f"bytes {start}-{end}/{len(self.blob)}"})
-        return web.Response(body=self.blob)
-
-
-def test_redirected_blob_gets_no_registry_credentials(tmp_path: Path) -> None:
-    """Blob storage behind a redirect never sees the registry's Authorization header."""
-    import asyncio
-    import json
-
-    blob = os.urandom(300_000)
-    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                           "config": {"mediaType": MP_CONFIG, "digest": sha256(b"{}"), "size": 2},
-                           "layers": [{"mediaType": MP_WEIGHT, "digest": sha256(blob), "size": len(blob),
-                                       "annotations": {"org.cncf.model.filepath": "w.bin"}}]}).encode()
-    fake = _RedirectingRegistry(manifest, blob)
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    ports: dict[str, int] = {}
-    done = asyncio.Event()
-
-    async def serve() -> None:
-        runners = []
-        for name, handler, host in (("registry", fake.registry, "127.0.0.1"), ("cdn", fake.cdn, "127.0.0.2")):
-            app = web.Application()
-            app.router.add_route("*", "/{tail:.*}", handler)
-            runner = web.AppRunner(app, handle_signals=False)
-            await runner.setup()
-            site = web.TCPSite(runner, host, 0)
-            await site.start()
-            ports[name] = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            runners.append(runner)
-        fake.cdn_port = ports["cdn"]
-        started.set()
-        try:
-            await asyncio.wait_for(done.wait(), 60)
-        finally:
-            for runner in runners:
-                await runner.cleanup()
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-    thread.start()
-    assert started.wait(10)
-    host = f"127.0.0.1:{ports['registry']}"
-    env = docker_config(tmp_path / "docker", host, auth_entry())
-    proc = run_cli("pull", "--chunk-size", "64K", f"oci://{host}/private/model:v1", store=tmp_path / "s", env=env)
-    assert proc.returncode == 0, proc.stderr
-    assert (Path(proc.stdout.split()[-1]) / "w.bin").read_bytes() == blob
-    assert fake.cdn_headers and all("Authorization" not in h for h in fake.cdn_headers)
-    assert basic() in fake.registry_auth
-    loop.call_soon_threadsafe(done.set)
-    thread.join(10)
 
 
 def test_parse_challenge() -> None:

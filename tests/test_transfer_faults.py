@@ -423,6 +423,8 @@ def test_redirected_blob_gets_carry_no_registry_credentials(tmp_path: Path) -> N
     assert (_view(proc) / "w.bin").read_bytes() == weights
     blob_gets = [auth for path, auth in fake.registry_log if "/blobs/" in path]
     assert len(blob_gets) >= 4 and all(a == fake.basic for a in blob_gets)  # four 1 MiB ranges, all logged in
-    assert len(fake.cdn_log) == len(blob_gets)
+    # One CDN fetch per chunk (the first blob GETs may reach the registry twice
+    # while the client learns that this registry redirects).
+    assert len(fake.cdn_log) == 4
     assert all("Range" in h for h in fake.cdn_log)
     assert not any(k.lower() == "authorization" for h in fake.cdn_log for k in h), fake.cdn_log

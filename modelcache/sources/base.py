@@ -21,7 +21,7 @@ class ByteSource(Protocol):
 
     name: str
 
-    def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes]:
+    def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes | memoryview]:
         """Yield the requested byte range of ``blob``."""
         ...
 

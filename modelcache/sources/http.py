@@ -11,6 +11,7 @@ import aiohttp
 from ..errors import ModelCacheError, NotFound, Unauthorized, Unavailable
 
 READ_BUFSIZE = 1 << 20
+Buffer = bytes | memoryview
 
 
 def new_session(*, connections: int, connect_timeout: float, read_timeout: float) -> aiohttp.ClientSession:
@@ -24,16 +25,23 @@ def new_session(*, connections: int, connect_timeout: float, read_timeout: float
 
 
 def retry_after(resp: aiohttp.ClientResponse) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta or HTTP date), if any."""
-    value = resp.headers.get("Retry-After")
+    """Seconds from a response's ``Retry-After`` header, if any."""
+    return parse_retry_after(resp.headers.get("Retry-After"))
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` value: a delay or an HTTP date (RFC 9110 10.2.3)."""
     if not value:
         return None
     try:
         return max(0.0, float(value))
     except ValueError:
         pass
-    when = email.utils.parsedate_to_datetime(value) if value else None
-    return max(0.0, when.timestamp() - time.time()) if when else None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 def status_error(resp: aiohttp.ClientResponse, what: str) -> ModelCacheError:
@@ -48,8 +56,22 @@ def status_error(resp: aiohttp.ClientResponse, what: str) -> ModelCacheError:
     return ModelCacheError(f"{what}: unexpected HTTP {status}")
 
 
-async def body_pieces(resp: aiohttp.ClientResponse, offset: int, length: int, *, skip: int, what: str) -> AsyncIterator[bytes]:
-    """Yield exactly ``length`` bytes of a response body after dropping ``skip``.
+async def body_pieces(resp: aiohttp.ClientResponse, offset: int, length: int, *, skip: int, what: str) -> AsyncIterator[Buffer]:
+    """Yield exactly ``length`` bytes of an aiohttp response body after dropping ``skip``."""
+    async def pieces() -> AsyncIterator[Buffer]:
+        try:
+            async for piece in resp.content.iter_any():
+                yield piece
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise Unavailable(f"{what}: connection failed: {type(e).__name__} {e}".rstrip()) from e
+
+    async for piece in exact_range(pieces(), offset, length, skip=skip, what=what):
+        yield piece
+
+
+async def exact_range(pieces: AsyncIterator[Buffer], offset: int, length: int, *, skip: int,
+                      what: str) -> AsyncIterator[Buffer]:
+    """Yield exactly ``length`` bytes of a body after dropping ``skip``.
 
     ``skip`` is non-zero only when a server ignored our Range header and sent
     the whole blob. A body that ends early raises :class:`Unavailable`, so the
@@ -58,19 +80,15 @@ async def body_pieces(resp: aiohttp.ClientResponse, offset: int, length: int, *,
     remaining = length
     if not remaining:
         return
-    try:
-        async for piece in resp.content.iter_any():
-            if skip:
-                if len(piece) <= skip:
-                    skip -= len(piece)
-                    continue
-                piece, skip = piece[skip:], 0
-            if len(piece) >= remaining:
-                yield piece[:remaining]
-                return
-            remaining -= len(piece)
-            yield piece
-    except (TimeoutError, aiohttp.ClientError) as e:
-        raise Unavailable(f"{what}: connection failed at byte {offset + length - remaining}: "
-                          f"{type(e).__name__} {e}".rstrip()) from e
-    raise Unavailable(f"{what}: body ended {remaining} bytes early")
+    async for piece in pieces:
+        if skip:
+            if len(piece) <= skip:
+                skip -= len(piece)
+                continue
+            piece, skip = piece[skip:], 0
+        if len(piece) >= remaining:
+            yield piece[:remaining]
+            return
+        remaining -= len(piece)
+        yield piece
+    raise Unavailable(f"{what}: body ended {remaining} bytes early (at byte {offset + length - remaining})")

@@ -27,7 +27,7 @@ from ..errors import (
 from ..model import Blob, Model
 from ..refs import OciRef
 from .base import SourceOptions
-from .http import body_pieces, new_session, status_error
+from .http import body_pieces, exact_range, new_session, parse_retry_after, status_error
 from .oci_manifest import (
     ACCEPT,
     INDEX_TYPES,
@@ -38,6 +38,7 @@ from .oci_manifest import (
     parse_json,
     select_from_index,
 )
+from .rawget import RawPool, RawResponse
 from .registry_auth import Authenticator, load_credentials
 
 _MAX_REDIRECTS = 5
@@ -55,6 +56,8 @@ class RegistrySource:
         self._options = options
         self._session: aiohttp.ClientSession | None = None
         self._auth: Authenticator | None = None
+        self._raw = RawPool(connect_timeout=options.connect_timeout, read_timeout=options.read_timeout)
+        self._redirects = False
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -68,6 +71,7 @@ class RegistrySource:
 
     async def close(self) -> None:
         """Close the HTTP session."""
+        self._raw.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -145,31 +149,75 @@ class RegistrySource:
             raise InvalidContent(f"{self.name}: unsupported manifest media type {media_type!r}")
         return model_from_manifest(doc, ref=self.name, digest=digest)
 
-    async def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes]:
+    async def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes | memoryview]:
         """Yield bytes ``[offset, offset+length)`` of a blob, by HTTP range."""
         what = f"{self.ref.host}/{self.ref.repository} blob {blob.digest[:19]}"
         headers = {"Accept-Encoding": "identity"}
-        whole = offset == 0 and length == blob.size
-        if not whole:
+        if not (offset == 0 and length == blob.size):
             headers["Range"] = f"bytes={offset}-{offset + length - 1}"
-        resp = await self._send(f"{self._base}/blobs/{blob.digest}", headers)
+        url = f"{self._base}/blobs/{blob.digest}"
+        raw = await self._raw_get(url, headers)
+        if raw is not None:
+            try:
+                skip = _check_blob_response(raw.status, raw.headers, offset, length, what)
+                pieces = exact_range(raw.body(), offset, length, skip=skip, what=what)
+                async for piece in pieces:
+                    yield piece
+            finally:
+                raw.close()
+            return
+        resp = await self._send(url, headers)
         async with resp:
-            if resp.status == 206:
-                skip = 0
-                start = _content_range_start(resp.headers.get("Content-Range"))
-                if start != offset:
-                    raise Unavailable(f"{what}: asked for byte {offset}, got a range from {start}")
-            elif resp.status == 200:
-                skip = offset  # Range ignored: the whole blob is coming
-            elif resp.status == 416:
-                raise InvalidContent(f"{what}: range {offset}+{length} not satisfiable; blob size differs from manifest")
-            else:
+            if resp.status not in (200, 206, 416):
                 err = status_error(resp, what)
-                if isinstance(err, NotFound):
-                    raise NotFound(f"{what}: blob not found in the registry")
-                raise err if isinstance(err, ModelCacheError) else Unavailable(str(err))
+                raise NotFound(f"{what}: blob not found in the registry") if isinstance(err, NotFound) else err
+            skip = _check_blob_response(resp.status, {k.lower(): v for k, v in resp.headers.items()},
+                                        offset, length, what)
             async for piece in body_pieces(resp, offset, length, skip=skip, what=what):
                 yield piece
+
+    async def _raw_get(self, url: str, headers: dict[str, str]) -> RawResponse | None:
+        """The blob GET on the lean client, or None where the general client must take it.
+
+        Redirects and auth challenges go to the general client (which follows
+        them safely and learns the token); once a registry has redirected a
+        blob, its blobs all take that path.
+        """
+        if self._redirects:
+            return None
+        self.session  # noqa: B018 - creates the authenticator on first use
+        assert self._auth is not None
+        sent = dict(headers)
+        auth = self._auth.header(self._scope)
+        if auth:
+            sent["Authorization"] = auth
+        resp = await self._raw.get(url, sent)
+        if resp.status in (301, 302, 303, 307, 308):
+            self._redirects = True
+        if resp.content_length is None or resp.status in (401, 301, 302, 303, 307, 308):
+            resp.close()
+            return None
+        return resp
+
+
+def _check_blob_response(status: int, headers: dict[str, str], offset: int, length: int, what: str) -> int:
+    """Validate a blob GET's status and range; return the bytes to skip (Range ignored)."""
+    if status == 206:
+        start = _content_range_start(headers.get("content-range"))
+        if start != offset:
+            raise Unavailable(f"{what}: asked for byte {offset}, got a range from {start}")
+        return 0
+    if status == 200:
+        return offset  # Range ignored: the whole blob is coming
+    if status == 416:
+        raise InvalidContent(f"{what}: range {offset}+{length} not satisfiable; blob size differs from manifest")
+    if status == 404:
+        raise NotFound(f"{what}: blob not found in the registry")
+    if status in (401, 403):
+        raise Unauthorized(f"{what}: access denied (HTTP {status})")
+    if status in (408, 429) or status >= 500:
+        raise Unavailable(f"{what}: HTTP {status}", retry_after=parse_retry_after(headers.get("retry-after")))
+    raise ModelCacheError(f"{what}: unexpected HTTP {status}")
 
 
 def _content_range_start(value: str | None) -> int | None:

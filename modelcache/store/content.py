@@ -216,7 +216,7 @@ class BlobIngest:
         """Bytes in chunks already durable."""
         return sum(self.chunk_range(i)[1] for i, d in enumerate(self.done) if d)
 
-    def write(self, offset: int, data: bytes | Sequence[bytes]) -> None:
+    def write(self, offset: int, data: bytes | memoryview | Sequence[bytes | memoryview]) -> None:
         """Write ``data`` (one buffer or several, in order) at ``offset``; no seek, no copy."""
         buffers = [memoryview(data)] if isinstance(data, bytes | bytearray | memoryview) else \
             [memoryview(b) for b in data]

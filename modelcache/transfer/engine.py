@@ -192,7 +192,7 @@ class Engine:
         On a retryable failure the bytes already received are still written,
         and :class:`_Partial` tells the caller how many, so it resumes after them.
         """
-        pieces: list[bytes] = []
+        pieces: list[bytes | memoryview] = []
         buffered = 0
         written = 0
         position = offset

@@ -45,7 +45,7 @@ class WithinOrigin:
         self._origin = origin
         self._spans = spans
 
-    def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes]:
+    def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes | memoryview]:
         """Read ``blob``'s range, translated into its origin blob when it has one."""
         span = self._spans.get(blob.digest)
         if span is None:

@@ -1,0 +1,116 @@
+"""The lean blob reader (sources/rawget.py) against a real aiohttp server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+from aiohttp import web
+
+from modelcache.errors import Unavailable
+from modelcache.sources.rawget import BUFFER, RawPool
+
+DATA = os.urandom(BUFFER * 2 + 12345)
+
+
+async def _server(handlers: dict) -> tuple[web.AppRunner, str]:
+    app = web.Application()
+    for path, handler in handlers.items():
+        app.router.add_get(path, handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+
+
+async def _collect(resp) -> bytes:
+    return b"".join([bytes(p) async for p in resp.body()])
+
+
+def test_bodies_arrive_whole_and_connections_are_reused() -> None:
+    """Content-Length bodies of any size come back byte for byte over one kept-alive connection."""
+    peers: set = set()
+
+    async def blob(request: web.Request) -> web.Response:
+        peers.add(request.transport.get_extra_info("peername"))  # type: ignore[union-attr]
+        size = int(request.query["n"])
+        return web.Response(body=DATA[:size])
+
+    async def main() -> None:
+        runner, base = await _server({"/blob": blob})
+        pool = RawPool(connect_timeout=5, read_timeout=5)
+        try:
+            for size in (0, 1, 1000, BUFFER, len(DATA)):
+                resp = await pool.get(f"{base}/blob?n={size}", {})
+                assert resp.status == 200 and resp.content_length == size
+                assert await _collect(resp) == DATA[:size]
+        finally:
+            pool.close()
+            await runner.cleanup()
+
+    asyncio.run(main())
+    assert len(peers) == 1
+
+
+def test_chunked_bodies_are_left_to_the_general_client() -> None:
+    """A response without Content-Length has no body here: the caller takes its other path."""
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await resp.write(b"abc")
+        await resp.write_eof()
+        return resp
+
+    async def main() -> None:
+        runner, base = await _server({"/chunked": chunked})
+        pool = RawPool(connect_timeout=5, read_timeout=5)
+        try:
+            resp = await pool.get(f"{base}/chunked", {})
+            assert resp.status == 200 and resp.content_length is None
+        finally:
+            pool.close()
+            await runner.cleanup()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("mode", ["reset", "stall"])
+def test_broken_bodies_keep_what_arrived_then_fail(mode: str) -> None:
+    """A body cut short (reset) or gone quiet (stall) yields the bytes received, then Unavailable."""
+    async def broken(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Length": str(len(DATA))})
+        await resp.prepare(request)
+        await resp.write(DATA[:300_000])
+        if mode == "stall":
+            await asyncio.sleep(3)
+        request.transport.abort()  # type: ignore[union-attr]
+        return resp
+
+    async def main() -> None:
+        runner, base = await _server({"/broken": broken})
+        pool = RawPool(connect_timeout=5, read_timeout=0.5)
+        got = bytearray()
+        try:
+            resp = await pool.get(f"{base}/broken", {})
+            with pytest.raises(Unavailable):
+                async for piece in resp.body():
+                    got += piece
+        finally:
+            pool.close()
+            await runner.cleanup()
+        assert 0 < len(got) <= 300_000 and DATA.startswith(bytes(got))
+
+    asyncio.run(main())
+
+
+def test_connection_refused_is_unavailable() -> None:
+    """Nothing listening: a retryable Unavailable, not an OSError."""
+    async def main() -> None:
+        pool = RawPool(connect_timeout=2, read_timeout=2)
+        with pytest.raises(Unavailable, match="cannot connect"):
+            await pool.get("http://127.0.0.1:9/x", {})
+
+    asyncio.run(main())

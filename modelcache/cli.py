@@ -279,6 +279,7 @@ def _cmd_gc(args: argparse.Namespace) -> int:
 
 
 async def _cmd_demo(args: argparse.Namespace) -> int:
+    import shutil
     import tempfile
 
     from .demo import make_demo_layout
@@ -286,9 +287,13 @@ async def _cmd_demo(args: argparse.Namespace) -> int:
 
     base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="modelcache-demo-"))
     size = args.size if isinstance(args.size, int) else _size(str(args.size))
-    layout = await asyncio.to_thread(make_demo_layout, base, total=size, files=int(args.files))
-    print(f"demo model: {int(args.files)} files, {human(size)}, as an OCI layout in {layout}", file=sys.stderr)
-    return await _pull(args, f"oci-layout://{layout}:demo", Filters())
+    try:
+        layout = await asyncio.to_thread(make_demo_layout, base, total=size, files=int(args.files))
+        print(f"demo model: {int(args.files)} files, {human(size)}, as an OCI layout in {layout}", file=sys.stderr)
+        return await _pull(args, f"oci-layout://{layout}:demo", Filters())
+    finally:
+        if not args.dir:  # the pulled model lives on in the store; the demo source need not
+            shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,23 @@ WHITEOUT_PREFIX = ".wh."
 OPAQUE_WHITEOUT = ".wh..wh..opq"
 
 
+def _climbs_out(path: str) -> bool:
+    """True when walking ``path`` from the root goes above it at some point.
+
+    ``normpath("/a/../../b")`` is ``"/b"``, which hides the escape: count the
+    components ourselves.
+    """
+    depth = 0
+    for part in path.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return True
+        elif part not in ("", "."):
+            depth += 1
+    return False
+
+
 def safe_path(raw: str, *, context: str) -> str:
     """Normalise a path from a layer or manifest; refuse one that escapes the root.
 
@@ -25,18 +42,9 @@ def safe_path(raw: str, *, context: str) -> str:
     """
     if "\x00" in raw:
         raise UnsafePath(f"{context}: path {raw!r} contains NUL")
-    path = posixpath.normpath("/" + raw.lstrip("/"))
-    if any(part == ".." for part in raw.split("/")):
-        # normpath of "/a/../../b" is "/b": check the raw components ourselves.
-        depth = 0
-        for part in raw.strip("/").split("/"):
-            if part == "..":
-                depth -= 1
-                if depth < 0:
-                    raise UnsafePath(f"{context}: path {raw!r} escapes the model directory")
-            elif part not in ("", "."):
-                depth += 1
-    rel = path.lstrip("/")
+    if _climbs_out(raw):
+        raise UnsafePath(f"{context}: path {raw!r} escapes the model directory")
+    rel = posixpath.normpath("/" + raw.lstrip("/")).lstrip("/")
     if not rel:
         raise UnsafePath(f"{context}: empty path {raw!r}")
     return rel
@@ -52,19 +60,11 @@ def safe_link_target(link_path: str, target: str, *, context: str) -> str:
         raise UnsafePath(f"{context}: symlink {link_path!r} has an empty target")
     base = posixpath.dirname(link_path)
     joined = target.lstrip("/") if target.startswith("/") else posixpath.join(base, target)
-    resolved = posixpath.normpath("/" + joined)
-    depth = 0
-    for part in joined.split("/"):
-        if part == "..":
-            depth -= 1
-            if depth < 0:
-                raise UnsafePath(f"{context}: symlink {link_path!r} -> {target!r} points outside the model")
-        elif part not in ("", "."):
-            depth += 1
+    if _climbs_out(joined):
+        raise UnsafePath(f"{context}: symlink {link_path!r} -> {target!r} points outside the model")
     if not target.startswith("/"):
         return target
-    rel = posixpath.relpath(resolved, "/" + base if base else "/")
-    return rel
+    return posixpath.relpath(posixpath.normpath("/" + joined), "/" + base if base else "/")
 
 
 def check_links(links: Mapping[str, str], paths: Iterable[str], *, context: str) -> None:

@@ -95,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also remove partial downloads untouched for this many seconds")
     gc.add_argument("--json", action="store_true", default=_env_bool("json"), help="print JSON")
 
+    serve = sub.add_parser("serve", help="run the node daemon: HTTP API and the CSI node plugin")
+    serve.add_argument("--listen", default=_env("listen", "127.0.0.1:8470"),
+                       help="HOST:PORT of the HTTP API (default %(default)s)")
+    serve.add_argument("--csi-socket", default=_env("csi_socket", "/csi/csi.sock"),
+                       help="unix socket of the CSI plugin (default %(default)s)")
+    serve.add_argument("--node-name", default=_env("node_name", os.uname().nodename),
+                       help="node id reported to kubelet (default: the host name)")
+    _transfer_flags(serve, with_filters=False, quiet=False)
+
     demo = sub.add_parser("demo", help="make a demo model as an OCI layout and pull it (no network)")
     demo.add_argument("--size", type=_size, default=_env("size", "256M"),
                       help="total size of the demo weights (default %(default)s)")
@@ -104,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _transfer_flags(p: argparse.ArgumentParser, *, with_filters: bool = True) -> None:
+def _transfer_flags(p: argparse.ArgumentParser, *, with_filters: bool = True, quiet: bool = True) -> None:
     if with_filters:
         p.add_argument("--include", action="append", default=_env_list("include"), metavar="GLOB",
                        help="only files matching GLOB (repeatable; * matches across /)")
@@ -120,7 +129,8 @@ def _transfer_flags(p: argparse.ArgumentParser, *, with_filters: bool = True) ->
                    help="seconds a read may stall before the request is retried (default %(default)s)")
     p.add_argument("--retries", type=int, default=int(str(_env("retries", 6))),
                    help="retries per chunk (default %(default)s)")
-    p.add_argument("--quiet", "-q", action="store_true", default=_env_bool("quiet"), help="no progress output")
+    if quiet:
+        p.add_argument("--quiet", "-q", action="store_true", default=_env_bool("quiet"), help="no progress output")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -136,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_ls(args)
         if args.command == "verify":
             return asyncio.run(_cmd_verify(args))
+        if args.command == "serve":
+            return _cmd_serve(args)
         if args.command == "gc":
             return _cmd_gc(args)
         if args.command == "demo":
@@ -165,15 +177,11 @@ def _open_store(args: argparse.Namespace):
 
 async def _pull(args: argparse.Namespace, ref: str, filters) -> int:
     from .pull import pull
-    from .sources import SourceOptions
-    from .transfer import Engine, TransferConfig
+    from .transfer import Engine
 
     store = _open_store(args)
-    engine = Engine(store.content, TransferConfig(
-        chunk_size=int(args.chunk_size if isinstance(args.chunk_size, int) else _size(str(args.chunk_size))),
-        concurrency=int(args.concurrency), retries=args.retries))
-    options = SourceOptions(plain_http=args.plain_http, read_timeout=args.read_timeout,
-                            connections=max(16, int(args.concurrency) * 2))
+    transfer, options = _transfer_options(args)
+    engine = Engine(store.content, transfer)
     reporter = ProgressReporter(f"pull {ref}", quiet=args.quiet)
     try:
         result = await pull(store, engine, ref, filters=filters, options=options, progress=reporter)
@@ -255,6 +263,27 @@ async def _cmd_verify(args: argparse.Namespace) -> int:
                   f"{' - deleted' if c['deleted'] else ''}")
         print(f"checked {len(digests)} blobs: {len(corrupt)} corrupt")
     return 5 if corrupt else 0
+
+
+def _transfer_options(args: argparse.Namespace):
+    from .sources import SourceOptions
+    from .transfer import TransferConfig
+
+    chunk = args.chunk_size if isinstance(args.chunk_size, int) else _size(str(args.chunk_size))
+    return (TransferConfig(chunk_size=chunk, concurrency=int(args.concurrency), retries=int(args.retries)),
+            SourceOptions(plain_http=args.plain_http, read_timeout=float(args.read_timeout),
+                          connections=max(16, int(args.concurrency) * 2)))
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .daemon.server import DaemonConfig, run
+
+    transfer, sources = _transfer_options(args)
+    config = DaemonConfig(store=Path(str(args.store)).expanduser(), listen=str(args.listen),
+                          csi_socket=Path(str(args.csi_socket)), node_name=str(args.node_name),
+                          transfer=transfer, sources=sources)
+    asyncio.run(run(config))
+    return 0
 
 
 def _cmd_gc(args: argparse.Namespace) -> int:

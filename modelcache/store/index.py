@@ -174,3 +174,31 @@ class Index:
             ("DELETE FROM view_blobs WHERE view = ?", (view,)),
             ("DELETE FROM views WHERE digest = ?", (view,)),
         ])
+
+    # -- leases and pins ----------------------------------------------------------
+
+    def add_lease(self, lease_id: str, view: str, holder: str) -> None:
+        """Hold ``view`` for ``lease_id`` (a mounted volume); idempotent."""
+        self._tx([("INSERT OR REPLACE INTO leases (id, view, holder, created) VALUES (?, ?, ?, ?)",
+                   (lease_id, view, holder, time.time()))])
+
+    def drop_lease(self, lease_id: str) -> None:
+        """Release a lease (nothing happens if there is none)."""
+        self._tx([("DELETE FROM leases WHERE id = ?", (lease_id,))])
+
+    def leases(self) -> list[tuple[str, str, str]]:
+        """Every lease as (id, view, holder)."""
+        return [(r[0], r[1], r[2]) for r in self._query("SELECT id, view, holder FROM leases ORDER BY id")]
+
+    def pin(self, view: str) -> bool:
+        """Pin a known view so gc never evicts it; False if no such view."""
+        if not self._query("SELECT 1 FROM views WHERE digest = ?", (view,)):
+            return False
+        self._tx([("INSERT OR IGNORE INTO pins (view, created) VALUES (?, ?)", (view, time.time()))])
+        return True
+
+    def unpin(self, view: str) -> bool:
+        """Remove a pin; False if there was none."""
+        existed = bool(self._query("SELECT 1 FROM pins WHERE view = ?", (view,)))
+        self._tx([("DELETE FROM pins WHERE view = ?", (view,))])
+        return existed

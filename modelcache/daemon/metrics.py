@@ -1,0 +1,59 @@
+"""The daemon's Prometheus metrics, in a registry of its own (no process globals)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from ..transfer import TransferStats
+
+
+class _Gauges(Collector):
+    """Gauges computed when scraped: store bytes used and free, mounts active."""
+
+    def __init__(self, used: Callable[[], int], free_path: str, mounts: Callable[[], int]) -> None:
+        self._used, self._free_path, self._mounts = used, free_path, mounts
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        yield GaugeMetricFamily("modelcache_store_bytes_used", "Bytes held in committed blobs.", value=self._used())
+        yield GaugeMetricFamily("modelcache_store_bytes_free", "Free bytes on the store's filesystem.",
+                                value=shutil.disk_usage(self._free_path).free)
+        yield GaugeMetricFamily("modelcache_mounts_active", "Volumes published to pods.", value=self._mounts())
+
+
+class Metrics:
+    """Counters and histograms the pull manager and CSI driver update."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.fetched = Counter("modelcache_fetched_bytes", "Bytes fetched, by source.", ["source"],
+                               registry=self.registry)
+        self.hits = Counter("modelcache_cache_hits", "Pulls served entirely from the store.", registry=self.registry)
+        self.misses = Counter("modelcache_cache_misses", "Pulls that fetched bytes.", registry=self.registry)
+        self.retried = Counter("modelcache_chunks_retried", "Chunk requests retried.", registry=self.registry)
+        self.pull_seconds = Histogram("modelcache_pull_duration_seconds", "Pull durations.", ["outcome"],
+                                      buckets=(0.05, 0.25, 1, 5, 15, 60, 300, 900, 3600),
+                                      registry=self.registry)
+        self.publishes = Counter("modelcache_csi_publish", "NodePublishVolume calls by gRPC code.", ["code"],
+                                 registry=self.registry)
+
+    def add_gauges(self, used: Callable[[], int], free_path: str, mounts: Callable[[], int]) -> None:
+        """Register the scrape-time gauges."""
+        self.registry.register(_Gauges(used, free_path, mounts))
+
+    def record_pull(self, stats: TransferStats, seconds: float, outcome: str) -> None:
+        """Account one finished pull."""
+        for source, n in stats.fetched_by_source.items():
+            self.fetched.labels(source=source).inc(n)
+        if outcome == "done":
+            (self.misses if stats.bytes_fetched else self.hits).inc()
+        self.retried.inc(stats.chunks_retried)
+        self.pull_seconds.labels(outcome=outcome).observe(seconds)
+
+    def render(self) -> bytes:
+        """The text exposition format."""
+        return generate_latest(self.registry)

@@ -1,0 +1,130 @@
+"""Running `modelcache serve` as a real process, and talking to it as kubelet and users do."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from modelcache.csi import csi_pb2 as pb
+from modelcache.csi import csi_pb2_grpc as rpc
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class DaemonProcess:
+    """A daemon subprocess with its store, HTTP address and CSI socket."""
+
+    store: Path
+    socket: Path
+    http: str
+    process: subprocess.Popen
+    log: Path
+
+    def call(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"http://{self.http}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"} if data else {})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                raw = resp.read()
+                return resp.status, json.loads(raw) if resp.headers.get_content_type() == "application/json" else {
+                    "text": raw.decode()}
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(f"unix://{self.socket}")
+
+    def node(self) -> rpc.NodeStub:
+        return rpc.NodeStub(self.channel())
+
+    def identity(self) -> rpc.IdentityStub:
+        return rpc.IdentityStub(self.channel())
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_daemon(root: Path, *extra: str, store: Path | None = None) -> DaemonProcess:
+    """Start a daemon with its own store and socket under ``root``; wait until ready."""
+    root.mkdir(parents=True, exist_ok=True)
+    store = store or root / "store"
+    sock = root / "csi" / "csi.sock"
+    http = f"127.0.0.1:{free_port()}"
+    log = root / f"daemon-{time.monotonic_ns()}.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modelcache", "--store", str(store), "serve", "--listen", http,
+         "--csi-socket", str(sock), "--node-name", "test-node", "--chunk-size", "1M", *extra],
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    daemon = DaemonProcess(store, sock, http, proc, log)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("daemon exited:\n" + log.read_text())
+        try:
+            if daemon.call("GET", "/readyz")[0] == 200:
+                return daemon
+        except OSError:
+            pass
+        time.sleep(0.05)
+    daemon.stop(signal.SIGKILL)
+    raise RuntimeError("daemon did not become ready:\n" + log.read_text())
+
+
+def publish_request(volume_id: str, target: Path, model: str, **attrs: str) -> pb.NodePublishVolumeRequest:
+    """NodePublishVolume as kubelet sends it for an inline ephemeral volume."""
+    context = {
+        "model": model,
+        "csi.storage.k8s.io/ephemeral": "true",
+        "csi.storage.k8s.io/pod.name": f"pod-{volume_id}",
+        "csi.storage.k8s.io/pod.namespace": "default",
+        "csi.storage.k8s.io/pod.uid": f"uid-{volume_id}",
+        "csi.storage.k8s.io/serviceAccount.name": "default",
+        **attrs,
+    }
+    capability = pb.VolumeCapability(
+        mount=pb.VolumeCapability.MountVolume(),
+        access_mode=pb.VolumeCapability.AccessMode(mode=pb.VolumeCapability.AccessMode.SINGLE_NODE_READER_ONLY))
+    return pb.NodePublishVolumeRequest(volume_id=volume_id, target_path=str(target), volume_capability=capability,
+                                       readonly=True, volume_context=context)
+
+
+def mountinfo() -> dict[str, list[str]]:
+    """Mount point -> its mount options, from /proc/self/mountinfo."""
+    out = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            out[fields[4]] = fields[5].split(",")
+    return out
+
+
+def unmount_all_below(root: Path) -> None:
+    """Lazily unmount anything a failed test left mounted under ``root``."""
+    for point in sorted(mountinfo(), key=len, reverse=True):
+        if point.startswith(str(root) + os.sep):
+            subprocess.run(["umount", "-l", point], check=False, capture_output=True)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .errors import ModelCacheError
+from .errors import InvalidReference, ModelCacheError
 from .progress import ProgressReporter, human
 
 DEFAULT_STORE = "~/.cache/modelcache"
@@ -95,6 +95,23 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also remove partial downloads untouched for this many seconds")
     gc.add_argument("--json", action="store_true", default=_env_bool("json"), help="print JSON")
 
+    pkg = sub.add_parser("package", help="package a weights directory as an OCI image (or ModelPack) and push it")
+    pkg.add_argument("source", help="a directory, or any reference `pull` understands (pulled first)")
+    pkg.add_argument("--to", required=not _env("to"), default=_env("to"),
+                     help="oci://HOST/REPO:TAG, oci-layout:///DIR:TAG, or DIR:TAG for a layout")
+    pkg.add_argument("--format", choices=("image", "modelpack"), default=_env("format", "image"),
+                     help="image: tar layers for Image VolumeSource (default); modelpack: a ModelPack artifact")
+    pkg.add_argument("--prefix", default=_env("prefix", ""),
+                     help="image format: put the files under this directory (e.g. models); default: the root")
+    pkg.add_argument("--large-file", type=_size, default=_env("large_file", "16M"),
+                     help="image format: files at least this big get a layer of their own (default %(default)s)")
+    pkg.add_argument("--follow-symlinks", action="store_true", default=_env_bool("follow_symlinks"),
+                     help="package the targets of symlinks that stay inside the directory (default: refuse links)")
+    pkg.add_argument("--name", default=_env("name"), help="modelpack format: the model's name (default: the dir)")
+    pkg.add_argument("--upload-chunk", type=_size, default=_env("upload_chunk", "32M"),
+                     help="PATCH chunk size for large blobs (default %(default)s)")
+    _transfer_flags(pkg, with_filters=False)
+
     serve = sub.add_parser("serve", help="run the node daemon: HTTP API and the CSI node plugin")
     serve.add_argument("--listen", default=_env("listen", "127.0.0.1:8470"),
                        help="HOST:PORT of the HTTP API (default %(default)s)")
@@ -146,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_ls(args)
         if args.command == "verify":
             return asyncio.run(_cmd_verify(args))
+        if args.command == "package":
+            return _cmd_package(args)
         if args.command == "serve":
             return _cmd_serve(args)
         if args.command == "gc":
@@ -175,7 +194,7 @@ def _open_store(args: argparse.Namespace):
     return Store(Path(str(args.store)).expanduser())
 
 
-async def _pull(args: argparse.Namespace, ref: str, filters) -> int:
+async def _pull(args: argparse.Namespace, ref: str, filters, *, quiet_path: bool = False) -> int:
     from .pull import pull
     from .transfer import Engine
 
@@ -195,7 +214,8 @@ async def _pull(args: argparse.Namespace, ref: str, filters) -> int:
         print(f"{result.ref}: {result.files} files, {human(result.size)}; fetched {human(s.bytes_fetched)} "
               f"in {result.seconds:.2f}s ({human(rate)}/s), reused {human(s.bytes_reused)}, "
               f"{s.chunks_retried} chunk retries", file=sys.stderr)
-    print(result.path)
+    if not quiet_path:
+        print(result.path)
     return 0
 
 
@@ -283,6 +303,87 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                           csi_socket=Path(str(args.csi_socket)), node_name=str(args.node_name),
                           transfer=transfer, sources=sources)
     asyncio.run(run(config))
+    return 0
+
+
+def _package_target(text: str):
+    """The --to reference: oci://, oci-layout://, or DIR:TAG for a layout."""
+    from .refs import LayoutRef, parse
+
+    if text.startswith(("oci://", "oci-layout://")):
+        ref = parse(text)
+    else:
+        head, sep, tag = text.rpartition(":")
+        if not sep or not head or "/" in tag or text.startswith(("s3://", "hf://")):
+            raise InvalidReference(f"--to {text!r}: expected oci://HOST/REPO:TAG, oci-layout:///DIR:TAG or DIR:TAG"
+                                   " (S3 targets are not supported yet)")
+        ref = LayoutRef(Path(head).absolute(), tag=tag)
+    if getattr(ref, "digest", None):
+        raise InvalidReference(f"--to {text!r} names a digest; name the tag to write")
+    return ref
+
+
+def _cmd_package(args: argparse.Namespace) -> int:
+    source_is_dir = Path(str(args.source)).is_dir() and not str(args.source).startswith(("oci://", "oci-layout://"))
+    return asyncio.run(_package(args, _package_target(str(args.to)), source_is_dir))
+
+
+async def _package(args: argparse.Namespace, target_ref, source_is_dir: bool) -> int:
+    from .package.build import PackageOptions, build, publish
+    from .package.targets import LayoutTarget, RegistryTarget, Target
+    from .refs import DirRef, LayoutRef, OciRef, parse
+    from .transfer import TransferStats
+    from .tree import Filters
+
+    source = Path(str(args.source))
+    follow = bool(args.follow_symlinks)
+    store = None
+    if not source_is_dir:
+        parsed = parse(str(args.source))
+        if not isinstance(parsed, DirRef):
+            await _pull(args, str(parsed), Filters(), quiet_path=True)
+            store = _open_store(args)
+            found = store.index.lookup(str(parsed), "")
+            assert found is not None
+            source, follow = store.views_dir / found[0].partition(":")[2], True
+    name = str(args.name or source.name)
+    transfer, sources = _transfer_options(args)
+    options = PackageOptions(format=str(args.format), prefix=str(args.prefix), large_file=int(args.large_file),
+                             concurrency=int(args.concurrency), follow_symlinks=follow, name=name)
+    store = store or _open_store(args)
+    target: Target
+    if isinstance(target_ref, OciRef):
+        if target_ref.digest:
+            raise InvalidReference("--to names a tag to write, not a digest")
+        registry = target_ref.host
+        target = RegistryTarget(target_ref, sources, chunk_size=int(args.upload_chunk),
+                                mount_from=lambda digest: store.index.pushed_to(registry, digest))
+        tag = target_ref.tag or "latest"
+    else:
+        assert isinstance(target_ref, LayoutRef)
+        target, tag = LayoutTarget(target_ref.path, target_ref.tag or "latest"), target_ref.tag or "latest"
+    reporter = ProgressReporter(f"package {source.name} -> {target.name}", quiet=args.quiet)
+    shown = TransferStats()
+    try:
+        package = await build(source, options)
+
+        def progress(stats) -> None:
+            shown.bytes_total, shown.bytes_done = stats.bytes_total, stats.bytes_uploaded
+            shown.bytes_fetched = stats.bytes_uploaded
+            reporter(shown)
+
+        stats = await publish(package, target, tag, concurrency=int(args.concurrency), progress=progress)
+        if isinstance(target_ref, OciRef):
+            store.index.record_pushed(target_ref.host, target_ref.repository, stats.pushed)
+    finally:
+        reporter.close()
+        await target.close()
+        store.close()
+    if not args.quiet:
+        print(f"{target.name}: {stats.files} files in {stats.layers} layers, {human(stats.bytes_total)}; "
+              f"uploaded {human(stats.bytes_uploaded)} ({stats.uploaded} blobs), {stats.mounted} mounted, "
+              f"{stats.present} already there", file=sys.stderr)
+    print(package.digest)
     return 0
 
 

@@ -8,7 +8,9 @@ Tables:
 - ``view_blobs``: which blobs a view holds (for gc and for ``ls``);
 - ``layers``: the listing of an archive layer already unpacked into blobs, so
   a later pull of the same layer fetches nothing;
-- ``leases`` and ``pins``: what must not be evicted (mounted, or pinned).
+- ``leases`` and ``pins``: what must not be evicted (mounted, or pinned);
+- ``remote_blobs``: which repositories of a registry we pushed a blob to,
+  so a push to another repository there can cross-mount it.
 
 One connection per :class:`Index`, serialised by a lock; WAL mode and a busy
 timeout let several processes share the file. Methods block; async callers
@@ -43,6 +45,9 @@ CREATE TABLE IF NOT EXISTS leases (
   id TEXT PRIMARY KEY, view TEXT NOT NULL, holder TEXT NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS pins (
   view TEXT PRIMARY KEY, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS remote_blobs (
+  registry TEXT NOT NULL, digest TEXT NOT NULL, repository TEXT NOT NULL,
+  PRIMARY KEY (registry, digest, repository));
 """
 
 
@@ -202,3 +207,16 @@ class Index:
         existed = bool(self._query("SELECT 1 FROM pins WHERE view = ?", (view,)))
         self._tx([("DELETE FROM pins WHERE view = ?", (view,))])
         return existed
+
+    # -- pushed blobs ---------------------------------------------------------------
+
+    def record_pushed(self, registry: str, repository: str, digests: Iterable[str]) -> None:
+        """Remember that ``repository`` on ``registry`` holds these blobs."""
+        self._tx([("INSERT OR IGNORE INTO remote_blobs (registry, digest, repository) VALUES (?, ?, ?)",
+                   (registry, d, repository)) for d in set(digests)])
+
+    def pushed_to(self, registry: str, digest: str) -> list[str]:
+        """Repositories on ``registry`` known to hold ``digest``."""
+        return [r[0] for r in self._query(
+            "SELECT repository FROM remote_blobs WHERE registry = ? AND digest = ? ORDER BY repository",
+            (registry, digest))]

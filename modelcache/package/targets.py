@@ -1,0 +1,268 @@
+"""Where packages go: an OCI registry, or an OCI image layout directory.
+
+Every target takes blobs first, then manifests by digest, then the root
+under its tag, so a failed push never moves a tag. Blobs the target already
+has are skipped.
+
+Registry pushes follow the distribution spec: a HEAD skips a blob the
+repository has; a blob known to be in another repository of the same
+registry is cross-mounted (``POST …/uploads/?mount=&from=``) instead of sent;
+anything else is uploaded, in one PUT when smaller than ``chunk_size`` and
+otherwise as a session of PATCH chunks of ``chunk_size`` bytes (default
+32 MiB) closed by ``PUT ?digest=``. A chunk that fails is retried after
+asking the registry how much of the upload it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import os
+import random
+import secrets
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlencode, urljoin
+
+import aiohttp
+
+from ..errors import DigestMismatch, InvalidContent, ModelCacheError, Unauthorized, Unavailable
+from ..refs import OciRef
+from ..sources.base import SourceOptions
+from ..sources.http import new_session, parse_retry_after
+from ..sources.registry_auth import Authenticator, load_credentials
+from .image import Document
+from .layers import Layer, Segment, read_segments
+from .layout import LayoutWriter
+
+Progress = Callable[[int], None]
+_RETRIES = 5
+
+
+class Target(Protocol):
+    """A place a package can be published to."""
+
+    name: str
+
+    async def has(self, digest: str, size: int) -> bool:
+        """True when the blob is already there."""
+        ...
+
+    async def put_blob(self, digest: str, size: int, segments: list[Segment], progress: Progress) -> str:
+        """Store a blob; return how: "uploaded", "mounted" or "present"."""
+        ...
+
+    async def put_manifest(self, doc: Document, reference: str) -> None:
+        """Store a manifest or index under ``reference`` (its digest, or the tag: last)."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+def blob_segments(item: Layer | Document) -> list[Segment]:
+    """The segments of a layer, or a document's bytes as one segment."""
+    return item.segments if isinstance(item, Layer) else [item.body]
+
+
+async def _pieces(segments: list[Segment], start: int, length: int) -> AsyncIterator[bytes]:
+    """``length`` bytes of the segments from ``start``, read in a thread piece by piece."""
+    it = read_segments(segments, start=start)
+    left = length
+    while left:
+        piece = await asyncio.to_thread(next, it, None)
+        if piece is None:
+            raise InvalidContent("a source file ended early while being uploaded")
+        piece = piece[:left]
+        left -= len(piece)
+        yield piece
+
+
+class LayoutTarget:
+    """An OCI image layout directory; the tag is written to index.json last."""
+
+    def __init__(self, root: Path, tag: str) -> None:
+        self.name = f"oci-layout://{root}:{tag}"
+        self.tag = tag
+        self._writer = LayoutWriter(root)
+
+    async def has(self, digest: str, size: int) -> bool:
+        path = self._writer.blobs / digest[7:]
+        return await asyncio.to_thread(lambda: path.is_file() and path.stat().st_size == size)
+
+    async def put_blob(self, digest: str, size: int, segments: list[Segment], progress: Progress) -> str:
+        if await self.has(digest, size):
+            return "present"
+        await asyncio.to_thread(self._write, digest, segments, progress)
+        return "uploaded"
+
+    def _write(self, digest: str, segments: list[Segment], progress: Progress) -> None:
+        tmp = self._writer.blobs / f".tmp-{secrets.token_hex(8)}"
+        h = hashlib.sha256()
+        try:
+            with open(tmp, "wb") as out:
+                for piece in read_segments(segments):
+                    h.update(piece)
+                    out.write(piece)
+                    progress(len(piece))
+                out.flush()
+                os.fsync(out.fileno())
+            if "sha256:" + h.hexdigest() != digest:
+                raise DigestMismatch(f"{digest}: bytes changed between hashing and writing")
+            os.replace(tmp, self._writer.blobs / digest[7:])
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    async def put_manifest(self, doc: Document, reference: str) -> None:
+        digest = doc.descriptor["digest"]
+        await self.put_blob(digest, len(doc.body), [doc.body], lambda n: None)
+        if reference != digest:
+            await asyncio.to_thread(self._writer.tag, doc.descriptor, reference)
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
+class RegistryTarget:
+    """A repository in a registry (distribution spec push)."""
+
+    def __init__(self, ref: OciRef, options: SourceOptions, *, chunk_size: int = 32 << 20,
+                 mount_from: Callable[[str], list[str]] = lambda digest: []) -> None:
+        self.ref = ref
+        self.name = str(ref)
+        scheme = "http" if options.plain_http or ref.is_loopback() else "https"
+        self._base = f"{scheme}://{ref.host}/v2/{ref.repository}"
+        self._scope = f"repository:{ref.repository}:pull,push"
+        self._chunk = chunk_size
+        self._mount_from = mount_from
+        self._session = new_session(connections=options.connections, connect_timeout=options.connect_timeout,
+                                    read_timeout=options.read_timeout)
+        self._auth = Authenticator(self._session, ref.host, load_credentials(ref.host))
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    async def _request(self, method: str, url: str, *, headers: dict[str, str] | None = None,
+                       body: Callable[[], AsyncIterator[bytes] | bytes] | None = None,
+                       ok: tuple[int, ...]) -> aiohttp.ClientResponse:
+        """One request with the auth challenge answered; the response is read and released."""
+        for answered in (False, True):
+            sent = dict(headers or {})
+            auth = self._auth.header(self._scope)
+            if auth:
+                sent["Authorization"] = auth
+            try:
+                resp = await self._session.request(method, url, headers=sent, data=body() if body else None,
+                                                   allow_redirects=False)
+                await resp.read()
+            except (aiohttp.ClientError, TimeoutError) as e:
+                raise Unavailable(f"{self.name}: {method} failed: {type(e).__name__} {e}".rstrip()) from e
+            resp.release()
+            if resp.status == 401 and not answered:
+                challenge = resp.headers.get("WWW-Authenticate", "")
+                if not challenge:
+                    raise Unauthorized(f"{self.name}: registry answered 401 without a challenge")
+                await self._auth.answer(challenge, self._scope)
+                continue
+            if resp.status in ok:
+                return resp
+            if resp.status in (401, 403):
+                raise Unauthorized(f"{self.name}: push refused (HTTP {resp.status}); check your registry login")
+            if resp.status == 429 or resp.status >= 500:
+                raise Unavailable(f"{self.name}: {method} answered HTTP {resp.status}",
+                                  retry_after=parse_retry_after(resp.headers.get("Retry-After")))
+            detail = (await resp.text())[:200].strip() if resp.status < 500 else ""
+            raise ModelCacheError(f"{self.name}: registry refused {method} (HTTP {resp.status}) {detail}".rstrip())
+        raise Unauthorized(f"{self.name}: still unauthorized after answering the challenge")
+
+    async def has(self, digest: str, size: int) -> bool:
+        resp = await self._request("HEAD", f"{self._base}/blobs/{digest}", ok=(200, 404))
+        return resp.status == 200
+
+    async def put_blob(self, digest: str, size: int, segments: list[Segment], progress: Progress) -> str:
+        if await self.has(digest, size):
+            return "present"
+        for repo in self._mount_from(digest):
+            if repo == self.ref.repository:
+                continue
+            query = urlencode({"mount": digest, "from": repo})
+            resp = await self._request("POST", f"{self._base}/blobs/uploads/?{query}", ok=(201, 202))
+            if resp.status == 201:
+                return "mounted"
+            await self._cancel(resp)  # 202: the registry opened an upload instead; drop it
+        await self._upload(digest, size, segments, progress)
+        return "uploaded"
+
+    async def _cancel(self, resp: aiohttp.ClientResponse) -> None:
+        location = resp.headers.get("Location")
+        if location:
+            try:
+                await self._request("DELETE", urljoin(self._base, location), ok=(200, 202, 204, 404))
+            except ModelCacheError:
+                pass  # an abandoned upload session expires on its own
+
+    async def _upload(self, digest: str, size: int, segments: list[Segment], progress: Progress) -> None:
+        resp = await self._request("POST", f"{self._base}/blobs/uploads/", ok=(202,),
+                                   headers={"Content-Length": "0"})
+        location = self._location(resp)
+        if size <= self._chunk:
+            url = _with_query(location, digest=digest)
+            await self._with_retries(lambda: self._request(
+                "PUT", url, ok=(201,), body=lambda: _pieces(segments, 0, size),
+                headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)}))
+            progress(size)
+            return
+        offset = failures = 0
+        while offset < size:
+            length = min(self._chunk, size - offset)
+            try:
+                resp = await self._request(
+                    "PATCH", location, ok=(202,), body=functools.partial(_pieces, segments, offset, length),
+                    headers={"Content-Type": "application/octet-stream", "Content-Length": str(length),
+                             "Content-Range": f"{offset}-{offset + length - 1}"})
+            except Unavailable as e:
+                failures += 1
+                if failures > _RETRIES:
+                    raise
+                await asyncio.sleep(e.retry_after if e.retry_after is not None else random.uniform(0.1, 1.0))
+                offset = await self._held(location)  # go on from what the registry kept
+                continue
+            location = self._location(resp)
+            offset += length
+            progress(length)
+        await self._with_retries(lambda: self._request(
+            "PUT", _with_query(location, digest=digest), ok=(201,), headers={"Content-Length": "0"}))
+
+    async def _held(self, location: str) -> int:
+        """Bytes of an upload session the registry holds (its Range header, 0-N)."""
+        resp = await self._request("GET", location, ok=(204,))
+        held = resp.headers.get("Range", "")
+        return int(held.split("-")[-1]) + 1 if "-" in held else 0
+
+    async def _with_retries(self, send: Callable) -> aiohttp.ClientResponse:
+        for attempt in range(_RETRIES + 1):
+            try:
+                return await send()
+            except Unavailable as e:
+                if attempt == _RETRIES:
+                    raise
+                await asyncio.sleep(e.retry_after if e.retry_after is not None else random.uniform(0.1, 2 ** attempt))
+        raise AssertionError("unreachable")
+
+    def _location(self, resp: aiohttp.ClientResponse) -> str:
+        location = resp.headers.get("Location")
+        if not location:
+            raise InvalidContent(f"{self.name}: upload answer without a Location")
+        return urljoin(self._base + "/", location)
+
+    async def put_manifest(self, doc: Document, reference: str) -> None:
+        await self._with_retries(lambda: self._request(
+            "PUT", f"{self._base}/manifests/{reference}", ok=(201,), body=lambda: doc.body,
+            headers={"Content-Type": doc.descriptor["mediaType"]}))
+
+
+def _with_query(url: str, **params: str) -> str:
+    return url + ("&" if "?" in url else "?") + urlencode(params)

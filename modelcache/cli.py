@@ -310,13 +310,19 @@ def _package_target(text: str):
     """The --to reference: oci://, oci-layout://, or DIR:TAG for a layout."""
     from .refs import LayoutRef, parse
 
+    if text.startswith("s3://"):
+        bucket, _, rest = text[5:].partition("/")
+        path, sep, tag = rest.rpartition(":") if ":" in rest.rsplit("/", 1)[-1] else (rest, "", "latest")
+        if not bucket:
+            raise InvalidReference(f"--to {text!r}: expected s3://BUCKET/PREFIX[:TAG]")
+        return ("s3", bucket, path.strip("/"), tag or "latest")
     if text.startswith(("oci://", "oci-layout://")):
         ref = parse(text)
     else:
         head, sep, tag = text.rpartition(":")
-        if not sep or not head or "/" in tag or text.startswith(("s3://", "hf://")):
-            raise InvalidReference(f"--to {text!r}: expected oci://HOST/REPO:TAG, oci-layout:///DIR:TAG or DIR:TAG"
-                                   " (S3 targets are not supported yet)")
+        if not sep or not head or "/" in tag or "://" in text:
+            raise InvalidReference(f"--to {text!r}: expected oci://HOST/REPO:TAG, oci-layout:///DIR:TAG, DIR:TAG "
+                                   "or s3://BUCKET/PREFIX[:TAG]")
         ref = LayoutRef(Path(head).absolute(), tag=tag)
     if getattr(ref, "digest", None):
         raise InvalidReference(f"--to {text!r} names a digest; name the tag to write")
@@ -330,7 +336,7 @@ def _cmd_package(args: argparse.Namespace) -> int:
 
 async def _package(args: argparse.Namespace, target_ref, source_is_dir: bool) -> int:
     from .package.build import PackageOptions, build, publish
-    from .package.targets import LayoutTarget, RegistryTarget, Target
+    from .package.targets import LayoutTarget, RegistryTarget, S3LayoutTarget, Target
     from .refs import DirRef, LayoutRef, OciRef, parse
     from .transfer import TransferStats
     from .tree import Filters
@@ -359,6 +365,9 @@ async def _package(args: argparse.Namespace, target_ref, source_is_dir: bool) ->
         target = RegistryTarget(target_ref, sources, chunk_size=int(args.upload_chunk),
                                 mount_from=lambda digest: store.index.pushed_to(registry, digest))
         tag = target_ref.tag or "latest"
+    elif isinstance(target_ref, tuple):
+        _, bucket, prefix, tag = target_ref
+        target = S3LayoutTarget(bucket, prefix, tag, concurrency=int(args.concurrency))
     else:
         assert isinstance(target_ref, LayoutRef)
         target, tag = LayoutTarget(target_ref.path, target_ref.tag or "latest"), target_ref.tag or "latest"

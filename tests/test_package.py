@@ -181,3 +181,54 @@ def test_file_changing_during_packaging_is_refused(tmp_path: Path) -> None:
     (src / "w.bin").write_bytes(b"y" * 1001)
     with pytest.raises(InvalidContent, match="changed while being packaged"):
         hash_layer(layer)
+
+
+def test_s3_target_holds_a_layout(s3_server, tmp_path: Path) -> None:
+    """An S3 prefix receives an OCI layout (index.json last) that skopeo and modelcache read back."""
+    expected = _model(tmp_path / "src")
+    s3 = s3_server.client()
+    s3.create_bucket(Bucket="packages")
+    proc = run_cli("package", str(tmp_path / "src"), "--to", "s3://packages/team/llama:v1", "--large-file", "1M",
+                   store=tmp_path / "store", env=s3_server.env(), check=True)
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="packages", Prefix="team/llama/")["Contents"]}
+    assert {"team/llama/oci-layout", "team/llama/index.json"} <= keys
+    local = tmp_path / "downloaded"
+    for key in keys:
+        dest = local / key.removeprefix("team/llama/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        s3.download_file("packages", key, str(dest))
+    index = json.loads((local / "index.json").read_text())
+    assert index["manifests"][0]["digest"] == proc.stdout.split()[-1]
+    subprocess.run(["skopeo", "inspect", f"oci:{local}:v1"], check=True, capture_output=True)
+    assert tree_digests(_pull(tmp_path / "pulled", f"oci-layout://{local}:v1")) == expected
+    again = run_cli("package", str(tmp_path / "src"), "--to", "s3://packages/team/llama:v1", "--large-file", "1M",
+                    store=tmp_path / "store", env=s3_server.env(), check=True)
+    assert "uploaded 0 B (0 blobs)" in again.stderr
+
+
+def test_registry_refusing_pushes(tmp_path: Path) -> None:
+    """A read-only registry refuses the push: one clear line, non-zero exit, nothing tagged."""
+    from conftest import start_registry, stop
+
+    _model(tmp_path / "src")
+    proc, host = start_registry(tmp_path / "ro", extra_config="")
+    stop(proc)
+    config = (tmp_path / "ro" / "config.yml").read_text().replace(
+        "  delete:\n    enabled: true\n", "  delete:\n    enabled: true\n  maintenance:\n    readonly:\n      enabled: true\n")
+    (tmp_path / "ro" / "config.yml").write_text(config)
+    ro = subprocess.Popen(["docker-registry", "serve", str(tmp_path / "ro" / "config.yml")],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        from conftest import wait_http
+
+        wait_http(f"http://{host}/v2/")
+        failed = _package(tmp_path / "store", tmp_path / "src", f"oci://{host}/pkg/ro:v1", check=False)
+        assert failed.returncode != 0
+        last = failed.stderr.strip().splitlines()[-1]
+        assert last.startswith("modelcache: error:") and "Traceback" not in failed.stderr
+        assert "registry refused POST (HTTP 405)" in last, last
+        tags = subprocess.run(["skopeo", "list-tags", "--tls-verify=false", f"docker://{host}/pkg/ro"],
+                              capture_output=True, text=True)
+        assert tags.returncode != 0 or json.loads(tags.stdout)["Tags"] == []
+    finally:
+        stop(ro)

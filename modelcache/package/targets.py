@@ -266,3 +266,120 @@ class RegistryTarget:
 
 def _with_query(url: str, **params: str) -> str:
     return url + ("&" if "?" in url else "?") + urlencode(params)
+
+
+class S3LayoutTarget:
+    """An OCI image layout stored in an S3 bucket under a prefix.
+
+    ``PREFIX/oci-layout``, ``PREFIX/blobs/sha256/<hex>`` and, last,
+    ``PREFIX/index.json``. Endpoint and credentials come from the AWS chain
+    (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, profiles, IRSA); a custom
+    endpoint gets path-style addressing, as MinIO and most S3 servers want.
+    Blobs stream from their segments through boto3's managed (multipart)
+    upload in threads.
+    """
+
+    def __init__(self, bucket: str, prefix: str, tag: str, *, concurrency: int = 4) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.name = f"s3://{bucket}/{prefix}:{tag}".replace("//:", "/:")
+        self.bucket, self.prefix, self.tag = bucket, prefix.strip("/"), tag
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        config = Config(s3={"addressing_style": "path"} if endpoint else {}, retries={"mode": "standard"},
+                        max_pool_connections=max(10, concurrency * 2))
+        self._s3 = boto3.client("s3", config=config)
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def _call(self, fn: Callable, *args: object, **kwargs: object) -> object:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(*args, **kwargs)
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
+                raise Unauthorized(f"{self.name}: S3 refused our credentials ({code})") from e
+            if code in ("NoSuchBucket", "404", "NoSuchKey"):
+                from ..errors import NotFound
+
+                raise NotFound(f"{self.name}: {code}") from e
+            raise ModelCacheError(f"{self.name}: S3 error {code}: {e}") from e
+        except BotoCoreError as e:
+            raise Unavailable(f"{self.name}: {e}") from e
+
+    async def has(self, digest: str, size: int) -> bool:
+        def head() -> bool:
+            from botocore.exceptions import ClientError
+
+            try:
+                found = self._s3.head_object(Bucket=self.bucket, Key=self._key(f"blobs/sha256/{digest[7:]}"))
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise
+            return int(found["ContentLength"]) == size
+
+        return bool(await asyncio.to_thread(self._call, head))
+
+    async def put_blob(self, digest: str, size: int, segments: list[Segment], progress: Progress) -> str:
+        if await self.has(digest, size):
+            return "present"
+        reader = _SegmentReader(segments, progress)
+        await asyncio.to_thread(self._call, self._s3.upload_fileobj, reader, self.bucket,
+                                self._key(f"blobs/sha256/{digest[7:]}"))
+        if "sha256:" + reader.hash.hexdigest() != digest:
+            raise DigestMismatch(f"{digest}: bytes changed between hashing and uploading")
+        return "uploaded"
+
+    async def put_manifest(self, doc: Document, reference: str) -> None:
+        digest = str(doc.descriptor["digest"])
+        await self.put_blob(digest, len(doc.body), [doc.body], lambda n: None)
+        if reference == digest:
+            return
+        await asyncio.to_thread(self._tag, doc, reference)
+
+    def _tag(self, doc: Document, tag: str) -> None:
+        import json
+
+        from botocore.exceptions import ClientError
+
+        self._call(self._s3.put_object, Bucket=self.bucket, Key=self._key("oci-layout"),
+                   Body=json.dumps({"imageLayoutVersion": "1.0.0"}).encode())
+        try:
+            body = self._s3.get_object(Bucket=self.bucket, Key=self._key("index.json"))["Body"].read()
+            index = json.loads(body)
+        except ClientError:
+            index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": []}
+        name = "org.opencontainers.image.ref.name"
+        kept = [m for m in index.get("manifests", []) if (m.get("annotations") or {}).get(name) != tag]
+        entry = {**doc.descriptor, "annotations": {**(doc.descriptor.get("annotations") or {}), name: tag}}
+        index["manifests"] = [*kept, entry]
+        self._call(self._s3.put_object, Bucket=self.bucket, Key=self._key("index.json"),
+                   Body=json.dumps(index, indent=2).encode(), ContentType="application/json")
+
+    async def close(self) -> None:
+        """Nothing to release (boto3 pools close with the client)."""
+
+
+class _SegmentReader:
+    """A file-like view of a layer's segments for boto3 (reads in its threads)."""
+
+    def __init__(self, segments: list[Segment], progress: Progress) -> None:
+        self._it = read_segments(segments)
+        self._buf = b""
+        self.hash = hashlib.sha256()
+        self._progress = progress
+
+    def read(self, n: int = -1) -> bytes:
+        while n < 0 or len(self._buf) < n:
+            piece = next(self._it, None)
+            if piece is None:
+                break
+            self._buf += piece
+        out, self._buf = (self._buf, b"") if n < 0 else (self._buf[:n], self._buf[n:])
+        self.hash.update(out)
+        self._progress(len(out))
+        return out

@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     pull = sub.add_parser("pull", help="pull a model into the store; print its directory")
-    pull.add_argument("ref", help="oci://HOST/REPO[:TAG|@DIGEST], oci-layout:///DIR[:TAG], file:///DIR or a path")
+    pull.add_argument("ref", help="oci://HOST/REPO[:TAG|@DIGEST], oci-layout:///DIR[:TAG], s3://BUCKET/PREFIX, "
+                                  "file:///DIR or a path")
+    pull.add_argument("--tag", default=_env("tag"), help="the image to pull from an OCI layout in an S3 prefix")
     _transfer_flags(pull)
 
     ls = sub.add_parser("ls", help="list cached models")
@@ -194,7 +196,8 @@ def _open_store(args: argparse.Namespace):
     return Store(Path(str(args.store)).expanduser())
 
 
-async def _pull(args: argparse.Namespace, ref: str, filters, *, quiet_path: bool = False) -> int:
+async def _pull(args: argparse.Namespace, ref: str, filters, *, quiet_path: bool = False,
+                tag: str | None = None) -> int:
     from .pull import pull
     from .transfer import Engine
 
@@ -203,7 +206,7 @@ async def _pull(args: argparse.Namespace, ref: str, filters, *, quiet_path: bool
     engine = Engine(store.content, transfer)
     reporter = ProgressReporter(f"pull {ref}", quiet=args.quiet)
     try:
-        result = await pull(store, engine, ref, filters=filters, options=options, progress=reporter)
+        result = await pull(store, engine, ref, filters=filters, options=options, progress=reporter, tag=tag)
     finally:
         reporter.close()
         engine.close()
@@ -222,7 +225,7 @@ async def _pull(args: argparse.Namespace, ref: str, filters, *, quiet_path: bool
 async def _cmd_pull(args: argparse.Namespace) -> int:
     from .tree import Filters
 
-    return await _pull(args, args.ref, Filters.of(args.include, args.exclude))
+    return await _pull(args, args.ref, Filters.of(args.include, args.exclude), tag=args.tag)
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:

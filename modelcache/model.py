@@ -22,11 +22,22 @@ from enum import StrEnum
 
 @dataclass(frozen=True, slots=True)
 class Blob:
-    """Bytes at an origin, named by their sha256 digest (``sha256:<hex>``)."""
+    """Bytes at an origin, named by their sha256 digest (``sha256:<hex>``).
+
+    Some origins (S3 objects, small files in a Hub repository) do not tell a
+    file's sha256 before it is read. Such a blob has ``verified=False``: its
+    ``digest`` is a stand-in derived from the origin's own identity of the
+    bytes (bucket, key and ETag, say) that only names the download in
+    progress; the real sha256 is learnt on the way in and the blob is stored
+    under it. ``md5``, when the origin gives one (a plain S3 ETag), is
+    checked too.
+    """
 
     digest: str
     size: int
     media_type: str = "application/octet-stream"
+    verified: bool = True
+    md5: str | None = None
 
     @property
     def hex(self) -> str:
@@ -55,6 +66,7 @@ class FileEntry:
     blob: Blob
     origin: Blob | None = None
     offset: int = 0
+    source_key: str | None = None  # the origin's own name for these bytes (for unverified blobs)
 
 
 @dataclass(frozen=True, slots=True)

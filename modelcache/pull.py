@@ -7,6 +7,7 @@ together; the CLI and the daemon both call :func:`pull`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from .errors import NotFound
 from .model import Archive, FileEntry, Model
-from .refs import parse
+from .refs import S3Ref, parse
 from .sources import SourceOptions, open_source
 from .store import Store
 from .store.unpack import Row, rows_to_layer
@@ -39,11 +40,17 @@ class PullResult:
 
 
 async def pull(store: Store, engine: Engine, ref_text: str, *, filters: Filters | None = None,
-               options: SourceOptions | None = None, progress: Progress | None = None) -> PullResult:
-    """Pull ``ref_text`` into ``store``; return where its read-only tree is."""
+               options: SourceOptions | None = None, progress: Progress | None = None,
+               tag: str | None = None) -> PullResult:
+    """Pull ``ref_text`` into ``store``; return where its read-only tree is.
+
+    ``tag`` picks an image in an OCI layout held in an S3 prefix.
+    """
     started = time.monotonic()
     ref = parse(ref_text)
-    source = open_source(ref, options or SourceOptions())
+    if tag and isinstance(ref, S3Ref):
+        ref = dataclasses.replace(ref, tag=tag)
+    source = open_source(ref, options or SourceOptions(), learned=store.index.learned_digest)
     try:
         model = await source.resolve()
         spans = {p.blob.digest: (p.origin, p.offset) for p in model.parts
@@ -74,7 +81,13 @@ async def materialize(store: Store, engine: Engine, model: Model, router: ChunkR
     layers: list[Sequence[Node | tuple[str, str]]] = []
     for part in model.parts:
         if isinstance(part, FileEntry):
-            layers.append([Node(part.path, "file", digest=part.blob.digest, size=part.blob.size)])
+            digest = part.blob.digest
+            if not part.blob.verified and filters.match(part.path):
+                # Stored under the sha256 learnt on the way in; remember it for next time.
+                digest = stats.learned.get(digest) or engine.learned[digest]
+                if part.source_key:
+                    await asyncio.to_thread(store.index.learn_digest, part.source_key, digest, part.blob.size)
+            layers.append([Node(part.path, "file", digest=digest, size=part.blob.size)])
         else:
             layer_rows = rows[part.blob.digest]
             assert layer_rows is not None

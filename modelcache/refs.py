@@ -5,6 +5,7 @@ Accepted forms:
 - ``oci://HOST[:PORT]/REPO[:TAG|@sha256:HEX]``: a registry; the tag defaults
   to ``latest`` as in Docker. ``HOST`` may be ``[::1]``.
 - ``oci-layout:///PATH[:TAG|@sha256:HEX]``: an OCI image layout directory.
+- ``s3://BUCKET/PREFIX``: the objects under a prefix (or an OCI layout there).
 - ``file:///PATH`` or a plain path: a local directory; an OCI image layout
   directory (one with an ``oci-layout`` file) is read as a layout.
 
@@ -89,7 +90,19 @@ class DirRef:
         return f"file://{self.path}"
 
 
-Ref = OciRef | LayoutRef | DirRef
+@dataclass(frozen=True, slots=True)
+class S3Ref:
+    """Objects under a prefix of an S3 bucket (``tag`` picks an image if it holds a layout)."""
+
+    bucket: str
+    prefix: str
+    tag: str | None = None
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" + (f" (tag {self.tag})" if self.tag else "")
+
+
+Ref = OciRef | LayoutRef | DirRef | S3Ref
 
 
 def parse(text: str) -> Ref:
@@ -101,13 +114,18 @@ def parse(text: str) -> Ref:
         return _parse_oci(text)
     if text.startswith("oci-layout://"):
         return _parse_layout(unquote(text[len("oci-layout://") :]), text)
+    if text.startswith("s3://"):
+        bucket, _, prefix = text[len("s3://"):].partition("/")
+        if not re.match(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", bucket):
+            raise InvalidReference(f"{text!r}: invalid bucket name {bucket!r}")
+        return S3Ref(bucket=bucket, prefix=prefix.strip("/"))
     if text.startswith("file://"):
         return _local(Path(unquote(text[len("file://") :])), text)
     scheme = re.match(r"^([a-z][a-z0-9+.-]*)://", text)
     if scheme:
         raise InvalidReference(
             f"unsupported reference scheme {scheme.group(1)!r} in {text!r} "
-            "(use oci://, oci-layout://, file:// or a path)"
+            "(use oci://, oci-layout://, s3://, file:// or a path)"
         )
     return _local(Path(text), text)
 

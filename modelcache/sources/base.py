@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from ..model import Blob, Model
-from ..refs import DirRef, LayoutRef, OciRef, Ref
+from ..refs import DirRef, LayoutRef, OciRef, Ref, S3Ref
 
 
 class ByteSource(Protocol):
@@ -48,8 +48,9 @@ class SourceOptions:
     connections: int = 16
 
 
-def open_source(ref: Ref, options: SourceOptions) -> Source:
-    """The source that serves ``ref``."""
+def open_source(ref: Ref, options: SourceOptions, *,
+                learned: Callable[[str], str | None] | None = None) -> Source:
+    """The source that serves ``ref``; ``learned`` maps an origin's key to a sha256 already known."""
     if isinstance(ref, OciRef):
         from .registry import RegistrySource
 
@@ -58,6 +59,10 @@ def open_source(ref: Ref, options: SourceOptions) -> Source:
         from .layout import LayoutSource
 
         return LayoutSource(ref)
+    if isinstance(ref, S3Ref):
+        from .s3 import S3Source
+
+        return S3Source(ref, options, learned=learned)
     if isinstance(ref, DirRef):
         from .local import DirectorySource
 

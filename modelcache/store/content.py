@@ -179,6 +179,8 @@ class BlobIngest:
         self._record_fd = os.open(self.dir / "chunks", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         self.done = self._load_record()
         self._hash = hashlib.sha256()
+        self._md5 = hashlib.md5(usedforsecurity=False) if blob.md5 else None
+        self.committed_as = blob.digest  # the stored digest (learnt at commit for unverified blobs)
         self._hashed = 0  # bytes of the prefix fed to the hash
         self._hash_lock = threading.Lock()
         self._closed = False
@@ -254,6 +256,8 @@ class BlobIngest:
                 if not block:
                     raise InvalidContent(f"{self.blob.digest}: ingest data shorter than its record")
                 self._hash.update(block)
+                if self._md5 is not None:
+                    self._md5.update(block)
                 self._hashed += len(block)
 
     def complete(self) -> bool:
@@ -276,11 +280,16 @@ class BlobIngest:
             raise DigestMismatch(f"blob {self.blob.digest} arrived as {size} bytes, expected {self.blob.size}")
         self._advance_hash()
         actual = "sha256:" + self._hash.hexdigest()
-        if actual != self.blob.digest:
+        if self._md5 is not None and self._md5.hexdigest() != self.blob.md5:
+            self.discard()
+            raise DigestMismatch(f"{self.blob.digest}: MD5 {self._md5.hexdigest()} differs from the origin's "
+                                 f"{self.blob.md5}: refusing it")
+        if self.blob.verified and actual != self.blob.digest:
             self.discard()
             raise DigestMismatch(f"blob {self.blob.digest} arrived as {actual}: refusing it")
         os.fsync(self.fd)
-        self.store._link_into_place(self.data_path, self.blob.digest)
+        self.store._link_into_place(self.data_path, actual)
+        self.committed_as = actual
         self.discard()
 
     def discard(self) -> None:

@@ -9,6 +9,8 @@ Tables:
 - ``layers``: the listing of an archive layer already unpacked into blobs, so
   a later pull of the same layer fetches nothing;
 - ``leases`` and ``pins``: what must not be evicted (mounted, or pinned);
+- ``learned_digests``: the sha256 learnt for bytes an origin names its own
+  way (an S3 object's bucket, key and ETag), so they are not fetched again;
 - ``remote_blobs``: which repositories of a registry we pushed a blob to,
   so a push to another repository there can cross-mount it.
 
@@ -45,6 +47,8 @@ CREATE TABLE IF NOT EXISTS leases (
   id TEXT PRIMARY KEY, view TEXT NOT NULL, holder TEXT NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS pins (
   view TEXT PRIMARY KEY, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS learned_digests (
+  source_key TEXT PRIMARY KEY, digest TEXT NOT NULL, size INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS remote_blobs (
   registry TEXT NOT NULL, digest TEXT NOT NULL, repository TEXT NOT NULL,
   PRIMARY KEY (registry, digest, repository));
@@ -220,3 +224,15 @@ class Index:
         return [r[0] for r in self._query(
             "SELECT repository FROM remote_blobs WHERE registry = ? AND digest = ? ORDER BY repository",
             (registry, digest))]
+
+    # -- digests learnt from origins without sha256 -------------------------------
+
+    def learn_digest(self, source_key: str, digest: str, size: int) -> None:
+        """Remember that the origin's ``source_key`` names bytes with this sha256."""
+        self._tx([("INSERT OR REPLACE INTO learned_digests (source_key, digest, size) VALUES (?, ?, ?)",
+                   (source_key, digest, size))])
+
+    def learned_digest(self, source_key: str) -> str | None:
+        """The sha256 learnt for ``source_key``, if any."""
+        rows = self._query("SELECT digest FROM learned_digests WHERE source_key = ?", (source_key,))
+        return rows[0][0] if rows else None

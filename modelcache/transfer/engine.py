@@ -61,6 +61,7 @@ class TransferStats:
     bytes_reused: int = 0
     chunks_retried: int = 0
     fetched_by_source: dict[str, int] = field(default_factory=dict)
+    learned: dict[str, str] = field(default_factory=dict)  # stand-in digest -> sha256 (unverified blobs)
 
 
 Progress = Callable[[TransferStats], None]
@@ -73,6 +74,7 @@ class Engine:
         self.content = content
         self.config = config or TransferConfig()
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self.learned: dict[str, str] = {}  # stand-in digest -> sha256, for every pull sharing this engine
         self._slots = asyncio.Semaphore(self.config.concurrency)
         self._pool = ThreadPoolExecutor(max_workers=self.config.concurrency + 4, thread_name_prefix="mc-io")
 
@@ -140,6 +142,8 @@ class Engine:
                 await asyncio.gather(*workers, return_exceptions=True)
                 raise
             await self._io(ingest.commit)
+            if not blob.verified:
+                stats.learned[blob.digest] = self.learned[blob.digest] = ingest.committed_as
         finally:
             ingest.close()
 

@@ -1,0 +1,207 @@
+"""S3 (and MinIO, SeaweedFS, …) as a source: ``s3://BUCKET/PREFIX``.
+
+Every object under the prefix is a file of the model, at its key relative to
+the prefix. If the prefix holds an OCI image layout (``oci-layout`` and
+``index.json``) it is read as one instead, with the usual digest checks.
+
+Endpoint and credentials come from the AWS chain (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, profiles, IRSA); a custom endpoint gets path-style
+addressing. Listing (paginated) and signing run in threads through boto3;
+the bytes come through presigned URLs on the lean HTTP reader, in parallel
+ranges like every other source: boto3's ``get_object`` in threads pays a
+Python-level copy per read and holds a thread per stream, which the
+presigned path avoids (tools/bench_sources.py measures both).
+
+S3 objects carry no sha256, so a file is fetched as an unverified blob and
+stored under the sha256 computed on the way in; the (bucket, key, ETag) ->
+sha256 mapping is kept in the index, so a second pull of the same objects,
+or of the same bytes from any source, fetches nothing. Every range is asked
+with ``If-Match: ETag``: an object that changes during a pull is an error,
+not a silent mix of old and new bytes. A plain (non-multipart) ETag is the
+object's MD5 and is checked as well.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator
+
+from ..errors import (
+    DigestMismatch,
+    InvalidContent,
+    ModelCacheError,
+    NotFound,
+    Unauthorized,
+    Unavailable,
+)
+from ..model import Blob, FileEntry, Model
+from ..refs import S3Ref
+from .base import SourceOptions
+from .http import exact_range
+from .oci_manifest import (
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    MAX_MANIFEST_BYTES,
+    media_type_of,
+    model_from_manifest,
+    parse_json,
+    select_from_index,
+)
+from .rawget import RawPool
+
+REF_NAME = "org.opencontainers.image.ref.name"
+_PRESIGN_SECONDS = 3600
+
+
+def client(concurrency: int = 16):
+    """A boto3 S3 client from the standard chain (path-style for custom endpoints)."""
+    import boto3
+    from botocore.config import Config
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    config = Config(s3={"addressing_style": "path"} if endpoint else {}, retries={"mode": "standard"},
+                    max_pool_connections=max(10, concurrency))
+    return boto3.client("s3", config=config)
+
+
+def map_error(e: Exception, what: str) -> ModelCacheError:
+    """A botocore error as one of ours."""
+    from botocore.exceptions import ClientError, NoCredentialsError
+
+    if isinstance(e, NoCredentialsError):
+        return Unauthorized(f"{what}: no AWS credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)")
+    if isinstance(e, ClientError):
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "InvalidToken"):
+            return Unauthorized(f"{what}: S3 refused our credentials ({code})")
+        if code in ("NoSuchBucket", "NoSuchKey", "404", "NotFound"):
+            return NotFound(f"{what}: {code}")
+        return ModelCacheError(f"{what}: S3 error {code}")
+    return Unavailable(f"{what}: {type(e).__name__}: {e}")
+
+
+class S3Source:
+    """Resolves and reads one ``s3://`` reference."""
+
+    def __init__(self, ref: S3Ref, options: SourceOptions, *, learned=None) -> None:
+        self.ref = ref
+        self.name = str(ref)
+        self._options = options
+        self._learned = learned or (lambda key: None)  # source key -> sha256 already known
+        self._s3 = client(options.connections)
+        self._raw = RawPool(connect_timeout=options.connect_timeout, read_timeout=options.read_timeout)
+        self._objects: dict[str, tuple[str, str]] = {}  # blob digest -> (key, etag)
+        self._prefix = ref.prefix.strip("/")
+
+    async def _call(self, fn, *args, **kwargs):
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except ModelCacheError:
+            raise
+        except Exception as e:  # botocore raises many kinds; map them once here
+            raise map_error(e, self.name) from e
+
+    def _list(self) -> list[dict]:
+        paginator = self._s3.get_paginator("list_objects_v2")
+        prefix = f"{self._prefix}/" if self._prefix else ""
+        objects = []
+        for page in paginator.paginate(Bucket=self.ref.bucket, Prefix=prefix):
+            objects += [o for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+        return objects
+
+    async def resolve(self) -> Model:
+        objects = await self._call(self._list)
+        if not objects:
+            raise NotFound(f"{self.name}: no objects under this prefix")
+        prefix = f"{self._prefix}/" if self._prefix else ""
+        keys = {o["Key"][len(prefix):]: o for o in objects}
+        if "oci-layout" in keys and "index.json" in keys:
+            return await self._resolve_layout(keys)
+        parts = []
+        for rel, obj in sorted(keys.items()):
+            etag = str(obj["ETag"]).strip('"')
+            source_key = f"s3://{self.ref.bucket}/{obj['Key']}@{etag}"
+            known = self._learned(source_key)
+            md5 = etag if len(etag) == 32 and "-" not in etag else None
+            if known:
+                blob = Blob(known, int(obj["Size"]))
+            else:
+                standin = "sha256:" + hashlib.sha256(source_key.encode()).hexdigest()
+                blob = Blob(standin, int(obj["Size"]), verified=False, md5=md5)
+            self._objects[blob.digest] = (obj["Key"], etag)
+            parts.append(FileEntry(path=rel, blob=blob, source_key=source_key))
+        listing = "".join(f"{p.path}\0{p.source_key}\n" for p in parts).encode()
+        return Model(ref=self.name, digest="sha256:" + hashlib.sha256(listing).hexdigest(), parts=tuple(parts))
+
+    async def _resolve_layout(self, keys: dict[str, dict]) -> Model:
+        def get(rel: str, limit: int = MAX_MANIFEST_BYTES) -> bytes:
+            obj = self._s3.get_object(Bucket=self.ref.bucket, Key=keys[rel]["Key"])
+            if obj["ContentLength"] > limit:
+                raise InvalidContent(f"{self.name}: {rel} is over the 4 MiB limit")
+            return obj["Body"].read()
+
+        def verified(digest: str) -> bytes:
+            rel = f"blobs/sha256/{digest[7:]}"
+            if rel not in keys:
+                raise NotFound(f"{self.name}: blob {digest} missing from the layout")
+            body = get(rel)
+            if "sha256:" + hashlib.sha256(body).hexdigest() != digest:
+                raise DigestMismatch(f"{self.name}: manifest {digest} does not match its digest")
+            return body
+
+        index = parse_json(await self._call(get, "index.json"), what=f"{self.name}/index.json")
+        entries = [m for m in index.get("manifests", []) if isinstance(m, dict)]
+        if self.ref.tag:
+            entries = [m for m in entries if (m.get("annotations") or {}).get(REF_NAME) == self.ref.tag]
+            if not entries:
+                raise NotFound(f"{self.name}: tag {self.ref.tag!r} not in the layout")
+        if len(entries) != 1:
+            raise InvalidContent(f"{self.name}: the layout holds {len(entries)} images; pick one with --tag")
+        digest = str(entries[0].get("digest"))
+        doc = parse_json(await self._call(verified, digest), what=digest)
+        if media_type_of(doc, entries[0].get("mediaType")) in INDEX_TYPES:
+            digest = select_from_index(doc, what=self.name).digest
+            doc = parse_json(await self._call(verified, digest), what=digest)
+        if media_type_of(doc) not in MANIFEST_TYPES:
+            raise InvalidContent(f"{self.name}: unsupported manifest type")
+        model = model_from_manifest(doc, ref=self.name, digest=digest)
+        for blob in model.blobs:
+            key = keys.get(f"blobs/sha256/{blob.hex}")
+            if key is None:
+                raise NotFound(f"{self.name}: blob {blob.digest} missing from the layout")
+            self._objects[blob.digest] = (key["Key"], str(key["ETag"]).strip('"'))
+        return model
+
+    async def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes | memoryview]:
+        key, etag = self._objects[blob.digest]
+        what = f"s3://{self.ref.bucket}/{key}"
+        url = await self._call(self._s3.generate_presigned_url, "get_object",
+                               Params={"Bucket": self.ref.bucket, "Key": key}, ExpiresIn=_PRESIGN_SECONDS)
+        headers = {"Range": f"bytes={offset}-{offset + length - 1}", "If-Match": f'"{etag}"',
+                   "Accept-Encoding": "identity"}
+        resp = await self._raw.get(url, headers)
+        try:
+            if resp.status == 412:
+                raise InvalidContent(f"{what} changed during the pull (its ETag is no longer {etag}); pull again")
+            if resp.status in (401, 403):
+                raise Unauthorized(f"{what}: access denied (HTTP {resp.status})")
+            if resp.status == 404:
+                raise NotFound(f"{what}: object gone")
+            if resp.status == 429 or resp.status >= 500:
+                raise Unavailable(f"{what}: HTTP {resp.status}")
+            if resp.status not in (200, 206) or resp.content_length is None:
+                raise Unavailable(f"{what}: unexpected HTTP {resp.status}")
+            got_etag = resp.headers.get("etag", "").strip('"')
+            if got_etag and got_etag != etag:
+                raise InvalidContent(f"{what} changed during the pull (ETag {got_etag}, listed {etag}); pull again")
+            skip = offset if resp.status == 200 else 0
+            async for piece in exact_range(resp.body(), offset, length, skip=skip, what=what):
+                yield piece
+        finally:
+            resp.close()
+
+    async def close(self) -> None:
+        self._raw.close()
+

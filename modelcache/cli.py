@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pull = sub.add_parser("pull", help="pull a model into the store; print its directory")
     pull.add_argument("ref", help="oci://HOST/REPO[:TAG|@DIGEST], oci-layout:///DIR[:TAG], s3://BUCKET/PREFIX, "
-                                  "file:///DIR or a path")
+                                  "hf://ORG/NAME[@REVISION], file:///DIR or a path")
     pull.add_argument("--tag", default=_env("tag"), help="the image to pull from an OCI layout in an S3 prefix")
     _transfer_flags(pull)
 

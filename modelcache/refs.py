@@ -6,6 +6,7 @@ Accepted forms:
   to ``latest`` as in Docker. ``HOST`` may be ``[::1]``.
 - ``oci-layout:///PATH[:TAG|@sha256:HEX]``: an OCI image layout directory.
 - ``s3://BUCKET/PREFIX``: the objects under a prefix (or an OCI layout there).
+- ``hf://ORG/NAME[@REVISION]``: a Hugging Face Hub model (revision: ``main``).
 - ``file:///PATH`` or a plain path: a local directory; an OCI image layout
   directory (one with an ``oci-layout`` file) is read as a layout.
 
@@ -102,7 +103,18 @@ class S3Ref:
         return f"s3://{self.bucket}/{self.prefix}" + (f" (tag {self.tag})" if self.tag else "")
 
 
-Ref = OciRef | LayoutRef | DirRef | S3Ref
+@dataclass(frozen=True, slots=True)
+class HfRef:
+    """A Hugging Face Hub model repository at a revision (branch, tag or commit)."""
+
+    repo: str
+    revision: str = "main"
+
+    def __str__(self) -> str:
+        return f"hf://{self.repo}@{self.revision}"
+
+
+Ref = OciRef | LayoutRef | DirRef | S3Ref | HfRef
 
 
 def parse(text: str) -> Ref:
@@ -119,13 +131,18 @@ def parse(text: str) -> Ref:
         if not re.match(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", bucket):
             raise InvalidReference(f"{text!r}: invalid bucket name {bucket!r}")
         return S3Ref(bucket=bucket, prefix=prefix.strip("/"))
+    if text.startswith("hf://"):
+        repo, _, revision = text[len("hf://"):].partition("@")
+        if not re.match(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$", repo) or (_ and not revision):
+            raise InvalidReference(f"{text!r}: expected hf://ORG/NAME[@REVISION]")
+        return HfRef(repo=repo, revision=revision or "main")
     if text.startswith("file://"):
         return _local(Path(unquote(text[len("file://") :])), text)
     scheme = re.match(r"^([a-z][a-z0-9+.-]*)://", text)
     if scheme:
         raise InvalidReference(
             f"unsupported reference scheme {scheme.group(1)!r} in {text!r} "
-            "(use oci://, oci-layout://, s3://, file:// or a path)"
+            "(use oci://, oci-layout://, s3://, hf://, file:// or a path)"
         )
     return _local(Path(text), text)
 

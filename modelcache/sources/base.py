@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..model import Blob, Model
-from ..refs import DirRef, LayoutRef, OciRef, Ref, S3Ref
+from ..refs import DirRef, HfRef, LayoutRef, OciRef, Ref, S3Ref
 
 
 class ByteSource(Protocol):
@@ -59,6 +59,10 @@ def open_source(ref: Ref, options: SourceOptions, *,
         from .layout import LayoutSource
 
         return LayoutSource(ref)
+    if isinstance(ref, HfRef):
+        from .hf import HfSource
+
+        return HfSource(ref, options, learned=learned)
     if isinstance(ref, S3Ref):
         from .s3 import S3Source
 

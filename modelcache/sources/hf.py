@@ -1,0 +1,153 @@
+"""The Hugging Face Hub as a source: ``hf://ORG/NAME[@REVISION]``.
+
+The revision (a branch, tag or commit; ``main`` by default) is resolved to a
+commit once, and the file list comes from the Hub API through
+``huggingface_hub`` (``repo_info`` and a recursive ``list_repo_tree``, the
+calls ``snapshot_download`` makes), honouring ``HF_ENDPOINT`` and
+``HF_TOKEN`` as it does. LFS files come with their sha256, so they are
+verified and deduplicated against every other source before a byte moves;
+small non-LFS files are learnt on the way in like S3 objects.
+
+Bytes come from ``{endpoint}/{repo}/resolve/{commit}/{path}`` by parallel
+ranges on the lean HTTP reader. The token goes to the Hub only: a redirect
+to another host (the CDN holding LFS objects) is followed without it, and
+the redirect target is reused for the file's other ranges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator, Callable
+from urllib.parse import quote, urljoin, urlsplit
+
+from ..errors import InvalidContent, ModelCacheError, NotFound, Unauthorized, Unavailable
+from ..model import Blob, FileEntry, Model
+from ..refs import HfRef
+from .base import SourceOptions
+from .http import exact_range, parse_retry_after
+from .rawget import RawPool, RawResponse
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+_REDIRECTS = 5
+
+
+def _endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+
+
+def _token() -> str | None:
+    return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
+
+
+def map_hub_error(e: Exception, repo: str) -> ModelCacheError:
+    """A huggingface_hub error as one of ours, naming the repository."""
+    from huggingface_hub import errors
+
+    if isinstance(e, errors.GatedRepoError):
+        return Unauthorized(f"hf://{repo} is gated: accept its terms on the Hub and set HF_TOKEN")
+    if isinstance(e, errors.RevisionNotFoundError):
+        return NotFound(f"hf://{repo}: revision not found")
+    if isinstance(e, errors.RepositoryNotFoundError):
+        hint = "" if _token() else " (if it is private or gated, set HF_TOKEN)"
+        return NotFound(f"hf://{repo}: repository not found{hint}")
+    if isinstance(e, errors.HfHubHTTPError):
+        status = e.response.status_code if e.response is not None else 0
+        if status in (401, 403):
+            return Unauthorized(f"hf://{repo}: access denied (HTTP {status}); check HF_TOKEN")
+        if status == 429 or status >= 500:
+            return Unavailable(f"hf://{repo}: the Hub answered HTTP {status}")
+        return ModelCacheError(f"hf://{repo}: the Hub answered HTTP {status}")
+    return Unavailable(f"hf://{repo}: cannot reach the Hub at {_endpoint()}: {type(e).__name__}")
+
+
+class HfSource:
+    """Resolves and reads one ``hf://`` reference."""
+
+    def __init__(self, ref: HfRef, options: SourceOptions, *,
+                 learned: Callable[[str], str | None] | None = None) -> None:
+        self.ref = ref
+        self.name = str(ref)
+        self._learned = learned or (lambda key: None)
+        self._raw = RawPool(connect_timeout=options.connect_timeout, read_timeout=options.read_timeout)
+        self._paths: dict[str, str] = {}       # blob digest -> path in the repo
+        self._located: dict[str, str] = {}     # path -> URL after redirects (the CDN's)
+        self._commit = ""
+
+    def _list(self) -> tuple[str, list]:
+        from huggingface_hub import HfApi
+        from huggingface_hub.hf_api import RepoFile
+
+        api = HfApi(endpoint=_endpoint(), token=_token())
+        try:
+            info = api.repo_info(self.ref.repo, revision=self.ref.revision)
+            assert info.sha
+            files = [f for f in api.list_repo_tree(self.ref.repo, revision=info.sha, recursive=True)
+                     if isinstance(f, RepoFile)]
+        except Exception as e:  # huggingface_hub raises its own tree of errors and httpx's
+            raise map_hub_error(e, self.ref.repo) from e
+        return info.sha, files
+
+    async def resolve(self) -> Model:
+        self._commit, files = await asyncio.to_thread(self._list)
+        if not files:
+            raise NotFound(f"{self.name}: the repository has no files at {self._commit[:12]}")
+        parts = []
+        for f in sorted(files, key=lambda f: f.path):
+            source_key = f"hf://{self.ref.repo}@{self._commit}/{f.path}"
+            if f.lfs is not None:
+                blob = Blob("sha256:" + f.lfs.sha256, int(f.lfs.size))
+            elif known := self._learned(source_key):
+                blob = Blob(known, int(f.size))
+            else:
+                blob = Blob("sha256:" + hashlib.sha256(source_key.encode()).hexdigest(), int(f.size), verified=False)
+            self._paths[blob.digest] = f.path
+            parts.append(FileEntry(path=f.path, blob=blob, source_key=source_key))
+        return Model(ref=self.name, digest=f"git:{self._commit}", parts=tuple(parts))
+
+    async def _get(self, path: str, headers: dict[str, str]) -> RawResponse:
+        """GET a file's range, following redirects; the token never leaves the Hub's origin."""
+        url = self._located.get(path) or (
+            f"{_endpoint()}/{self.ref.repo}/resolve/{self._commit}/{quote(path)}")
+        hub = urlsplit(_endpoint())[:2]
+        token = _token()
+        for _ in range(_REDIRECTS + 1):
+            sent = dict(headers)
+            if token and urlsplit(url)[:2] == hub:
+                sent["Authorization"] = f"Bearer {token}"
+            resp = await self._raw.get(url, sent)
+            if resp.status in (301, 302, 303, 307, 308):
+                location = resp.headers.get("location")
+                resp.close()
+                if not location:
+                    raise InvalidContent(f"{self.name}: redirect without Location for {path}")
+                url = urljoin(url, location)
+                continue
+            self._located[path] = url
+            return resp
+        raise InvalidContent(f"{self.name}: too many redirects for {path}")
+
+    async def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes | memoryview]:
+        path = self._paths[blob.digest]
+        what = f"{self.name}/{path}"
+        resp = await self._get(path, {"Range": f"bytes={offset}-{offset + length - 1}",
+                                      "Accept-Encoding": "identity"})
+        try:
+            if resp.status in (401, 403):
+                raise Unauthorized(f"{what}: access denied (HTTP {resp.status}); check HF_TOKEN")
+            if resp.status == 404:
+                raise NotFound(f"{what}: not found")
+            if resp.status == 429 or resp.status >= 500:
+                raise Unavailable(f"{what}: HTTP {resp.status}",
+                                  retry_after=parse_retry_after(resp.headers.get("retry-after")))
+            if resp.status not in (200, 206) or resp.content_length is None:
+                raise Unavailable(f"{what}: unexpected HTTP {resp.status}")
+            skip = offset if resp.status == 200 else 0
+            async for piece in exact_range(resp.body(), offset, length, skip=skip, what=what):
+                yield piece
+        finally:
+            resp.close()
+
+    async def close(self) -> None:
+        self._raw.close()

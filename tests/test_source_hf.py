@@ -1,0 +1,95 @@
+"""`modelcache pull hf://…` against a fake Hub that the real huggingface_hub client accepts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from fake_hub import FakeHub
+from support import MP_ARTIFACT, MP_CONFIG, MP_WEIGHT, run_cli, sha256, tree_digests
+
+FILES = {"model.safetensors": os.urandom(3 << 20), "config.json": b'{"model_type": "test"}',
+         "tokenizer/tokenizer.json": b"{}" * 10, "weights/extra.bin": os.urandom(5000)}
+TOKEN = "hf_test_token"
+
+
+@pytest.fixture(scope="module")
+def hub():
+    with FakeHub() as hub:
+        hub.repo("org/model").commit(FILES)
+        older = hub.repo("org/model").commit({"config.json": b'{"old": true}'}, ref="v0.1")
+        hub.repo("org/model").refs["main"] = hub.repo("org/model").commit(FILES, ref="main")
+        hub.older = older  # type: ignore[attr-defined]
+        gated = hub.repo("org/gated")
+        gated.commit({"w.bin": os.urandom(4096)})
+        gated.gated_token = TOKEN
+        yield hub
+
+
+def _env(hub, **extra: str) -> dict[str, str]:
+    return {"HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1",
+            "HF_TOKEN": "", **extra}
+
+
+def _pull(hub, store: Path, ref: str, *extra: str, env: dict | None = None, check: bool = True):
+    return run_cli("pull", "--chunk-size", "1M", ref, *extra, store=store, env=env or _env(hub), check=check)
+
+
+def test_snapshot_download_and_modelcache_agree(hub, tmp_path: Path, monkeypatch) -> None:
+    """The real client downloads from the fake; modelcache pulls the same files."""
+    for key, value in _env(hub).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("HF_TOKEN")
+    import huggingface_hub
+
+    snapshot = huggingface_hub.snapshot_download("org/model", cache_dir=str(tmp_path / "hf-cache"),
+                                                 endpoint=hub.endpoint)
+    expected = {p: sha256(d) for p, d in FILES.items()}
+    # The client's snapshot is symlinks into its blob cache: compare what they point at.
+    got = {p.relative_to(snapshot).as_posix(): sha256(p.read_bytes())
+           for p in Path(snapshot).rglob("*") if p.is_file()}
+    assert got == expected
+    view = Path(_pull(hub, tmp_path / "store", "hf://org/model").stdout.split()[-1])
+    assert tree_digests(view) == expected
+
+
+def test_revisions_and_filters(hub, tmp_path: Path) -> None:
+    """A tag and a commit pick older files; include/exclude select before fetching."""
+    old = _pull(hub, tmp_path / "s1", "hf://org/model@v0.1")
+    assert tree_digests(Path(old.stdout.split()[-1])) == {"config.json": sha256(b'{"old": true}')}
+    by_commit = _pull(hub, tmp_path / "s1", f"hf://org/model@{hub.older}")
+    assert by_commit.stdout.split()[-1] == old.stdout.split()[-1]
+    some = _pull(hub, tmp_path / "s2", "hf://org/model", "--include", "*.json", "--exclude", "tokenizer/*")
+    assert tree_digests(Path(some.stdout.split()[-1])) == {"config.json": sha256(FILES["config.json"])}
+    assert "fetched 22 B" in some.stderr  # the weights were never asked for
+
+
+def test_gated_repo_needs_the_token_which_never_reaches_the_cdn(hub, tmp_path: Path) -> None:
+    """Without a token: a clear error naming the repo. With it: files, and the CDN never sees it."""
+    denied = _pull(hub, tmp_path / "s", "hf://org/gated", check=False)
+    assert denied.returncode == 4 and "hf://org/gated" in denied.stderr and "Traceback" not in denied.stderr
+    hub.cdn_requests.clear()
+    ok = _pull(hub, tmp_path / "s", "hf://org/gated", env=_env(hub, HF_TOKEN=TOKEN))
+    assert len(tree_digests(Path(ok.stdout.split()[-1]))) == 1
+    assert hub.cdn_requests and not any("Authorization" in h for h in hub.cdn_requests)
+
+
+@pytest.mark.parametrize("ref,code", [("hf://org/absent", 3), ("hf://org/model@no-such-branch", 3),
+                                      ("hf://bad ref", 2)])
+def test_missing_repo_and_revision(hub, tmp_path: Path, ref: str, code: int) -> None:
+    """Missing repos and revisions are NotFound (3); malformed references are rejected (2)."""
+    proc = _pull(hub, tmp_path / "s", ref, check=False)
+    assert proc.returncode == code, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("modelcache: error:")
+
+
+def test_hub_weights_dedup_with_a_registry(hub, registry, tmp_path: Path) -> None:
+    """Weights pulled from the Hub are not fetched again from a registry artifact holding them."""
+    _pull(hub, tmp_path / "store", "hf://org/model")
+    registry.push_image("hfdedup/model", "v1", [
+        (FILES["model.safetensors"], MP_WEIGHT, {"org.cncf.model.filepath": "model.safetensors"}),
+        (FILES["config.json"], MP_WEIGHT, {"org.cncf.model.filepath": "config.json"})],
+        config=b"{}", config_type=MP_CONFIG, artifact_type=MP_ARTIFACT)
+    proc = run_cli("pull", f"oci://{registry.host}/hfdedup/model:v1", store=tmp_path / "store", check=True)
+    assert "fetched 0 B" in proc.stderr

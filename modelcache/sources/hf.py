@@ -26,7 +26,7 @@ from ..errors import InvalidContent, ModelCacheError, NotFound, Unauthorized, Un
 from ..model import Blob, FileEntry, Model
 from ..refs import HfRef
 from .base import SourceOptions
-from .http import exact_range, parse_retry_after
+from .http import check_range_response, exact_range
 from .rawget import RawPool, RawResponse
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -134,16 +134,9 @@ class HfSource:
         resp = await self._get(path, {"Range": f"bytes={offset}-{offset + length - 1}",
                                       "Accept-Encoding": "identity"})
         try:
-            if resp.status in (401, 403):
-                raise Unauthorized(f"{what}: access denied (HTTP {resp.status}); check HF_TOKEN")
-            if resp.status == 404:
-                raise NotFound(f"{what}: not found")
-            if resp.status == 429 or resp.status >= 500:
-                raise Unavailable(f"{what}: HTTP {resp.status}",
-                                  retry_after=parse_retry_after(resp.headers.get("retry-after")))
-            if resp.status not in (200, 206) or resp.content_length is None:
-                raise Unavailable(f"{what}: unexpected HTTP {resp.status}")
-            skip = offset if resp.status == 200 else 0
+            if resp.content_length is None:
+                raise Unavailable(f"{what}: HTTP {resp.status} without a plain body")
+            skip = check_range_response(resp.status, resp.headers, offset, length, what)
             async for piece in exact_range(resp.body(), offset, length, skip=skip, what=what):
                 yield piece
         finally:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 
-from ..errors import ModelCacheError, NotFound, Unauthorized, Unavailable
+from ..errors import InvalidContent, ModelCacheError, NotFound, Unauthorized, Unavailable
 
 READ_BUFSIZE = 1 << 20
 Buffer = bytes | memoryview
@@ -92,3 +92,37 @@ async def exact_range(pieces: AsyncIterator[Buffer], offset: int, length: int, *
         remaining -= len(piece)
         yield piece
     raise Unavailable(f"{what}: body ended {remaining} bytes early (at byte {offset + length - remaining})")
+
+
+def check_range_response(status: int, headers: dict[str, str], offset: int, length: int, what: str) -> int:
+    """Validate a ranged GET's status and range; return the bytes to skip (Range ignored).
+
+    206 must start where asked; 200 means the server ignored the Range and the
+    whole object is coming; other statuses become our errors (retryable or not).
+    """
+    if status == 206:
+        start = content_range_start(headers.get("content-range"))
+        if start != offset:
+            raise Unavailable(f"{what}: asked for byte {offset}, got a range from {start}")
+        return 0
+    if status == 200:
+        return offset  # Range ignored: the whole blob is coming
+    if status == 416:
+        raise InvalidContent(f"{what}: range {offset}+{length} not satisfiable; blob size differs from manifest")
+    if status == 404:
+        raise NotFound(f"{what}: not found")
+    if status in (401, 403):
+        raise Unauthorized(f"{what}: access denied (HTTP {status})")
+    if status in (408, 429) or status >= 500:
+        raise Unavailable(f"{what}: HTTP {status}", retry_after=parse_retry_after(headers.get("retry-after")))
+    raise ModelCacheError(f"{what}: unexpected HTTP {status}")
+
+
+def content_range_start(value: str | None) -> int | None:
+    # "bytes START-END/TOTAL" (RFC 9110 14.4)
+    if not value or not value.startswith("bytes "):
+        return None
+    try:
+        return int(value[6:].split("-", 1)[0])
+    except ValueError:
+        return None

@@ -19,7 +19,6 @@ import aiohttp
 from ..errors import (
     DigestMismatch,
     InvalidContent,
-    ModelCacheError,
     NotFound,
     Unauthorized,
     Unavailable,
@@ -27,7 +26,7 @@ from ..errors import (
 from ..model import Blob, Model
 from ..refs import OciRef
 from .base import SourceOptions
-from .http import body_pieces, exact_range, new_session, parse_retry_after, status_error
+from .http import body_pieces, check_range_response, exact_range, new_session, status_error
 from .oci_manifest import (
     ACCEPT,
     INDEX_TYPES,
@@ -159,7 +158,7 @@ class RegistrySource:
         raw = await self._raw_get(url, headers)
         if raw is not None:
             try:
-                skip = _check_blob_response(raw.status, raw.headers, offset, length, what)
+                skip = check_range_response(raw.status, raw.headers, offset, length, what)
                 pieces = exact_range(raw.body(), offset, length, skip=skip, what=what)
                 async for piece in pieces:
                     yield piece
@@ -171,7 +170,7 @@ class RegistrySource:
             if resp.status not in (200, 206, 416):
                 err = status_error(resp, what)
                 raise NotFound(f"{what}: blob not found in the registry") if isinstance(err, NotFound) else err
-            skip = _check_blob_response(resp.status, {k.lower(): v for k, v in resp.headers.items()},
+            skip = check_range_response(resp.status, {k.lower(): v for k, v in resp.headers.items()},
                                         offset, length, what)
             async for piece in body_pieces(resp, offset, length, skip=skip, what=what):
                 yield piece
@@ -198,33 +197,3 @@ class RegistrySource:
             resp.close()
             return None
         return resp
-
-
-def _check_blob_response(status: int, headers: dict[str, str], offset: int, length: int, what: str) -> int:
-    """Validate a blob GET's status and range; return the bytes to skip (Range ignored)."""
-    if status == 206:
-        start = _content_range_start(headers.get("content-range"))
-        if start != offset:
-            raise Unavailable(f"{what}: asked for byte {offset}, got a range from {start}")
-        return 0
-    if status == 200:
-        return offset  # Range ignored: the whole blob is coming
-    if status == 416:
-        raise InvalidContent(f"{what}: range {offset}+{length} not satisfiable; blob size differs from manifest")
-    if status == 404:
-        raise NotFound(f"{what}: blob not found in the registry")
-    if status in (401, 403):
-        raise Unauthorized(f"{what}: access denied (HTTP {status})")
-    if status in (408, 429) or status >= 500:
-        raise Unavailable(f"{what}: HTTP {status}", retry_after=parse_retry_after(headers.get("retry-after")))
-    raise ModelCacheError(f"{what}: unexpected HTTP {status}")
-
-
-def _content_range_start(value: str | None) -> int | None:
-    # "bytes START-END/TOTAL" (RFC 9110 14.4)
-    if not value or not value.startswith("bytes "):
-        return None
-    try:
-        return int(value[6:].split("-", 1)[0])
-    except ValueError:
-        return None

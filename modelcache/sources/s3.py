@@ -39,7 +39,7 @@ from ..errors import (
 from ..model import Blob, FileEntry, Model
 from ..refs import S3Ref
 from .base import SourceOptions
-from .http import exact_range
+from .http import check_range_response, exact_range
 from .oci_manifest import (
     INDEX_TYPES,
     MANIFEST_TYPES,
@@ -185,18 +185,12 @@ class S3Source:
         try:
             if resp.status == 412:
                 raise InvalidContent(f"{what} changed during the pull (its ETag is no longer {etag}); pull again")
-            if resp.status in (401, 403):
-                raise Unauthorized(f"{what}: access denied (HTTP {resp.status})")
-            if resp.status == 404:
-                raise NotFound(f"{what}: object gone")
-            if resp.status == 429 or resp.status >= 500:
-                raise Unavailable(f"{what}: HTTP {resp.status}")
-            if resp.status not in (200, 206) or resp.content_length is None:
-                raise Unavailable(f"{what}: unexpected HTTP {resp.status}")
+            if resp.content_length is None:
+                raise Unavailable(f"{what}: HTTP {resp.status} without a plain body")
+            skip = check_range_response(resp.status, resp.headers, offset, length, what)
             got_etag = resp.headers.get("etag", "").strip('"')
             if got_etag and got_etag != etag:
                 raise InvalidContent(f"{what} changed during the pull (ETag {got_etag}, listed {etag}); pull again")
-            skip = offset if resp.status == 200 else 0
             async for piece in exact_range(resp.body(), offset, length, skip=skip, what=what):
                 yield piece
         finally:

@@ -271,11 +271,11 @@ async def _cmd_verify(args: argparse.Namespace) -> int:
             if actual == digest:
                 return None
             views = await asyncio.to_thread(store.index.blob_users, digest)
-            if args.delete:
-                await asyncio.to_thread(store.content.delete, digest)
             return {"blob": digest, "actual": actual, "views": views, "deleted": bool(args.delete)}
 
         corrupt = [c for c in await asyncio.gather(*(check(d) for d in digests)) if c]
+        if args.delete:
+            await asyncio.to_thread(_delete_corrupt, store, corrupt)
     finally:
         store.close()
     if args.json:
@@ -286,6 +286,36 @@ async def _cmd_verify(args: argparse.Namespace) -> int:
                   f"{' - deleted' if c['deleted'] else ''}")
         print(f"checked {len(digests)} blobs: {len(corrupt)} corrupt")
     return 5 if corrupt else 0
+
+
+def _delete_corrupt(store, corrupt: list[dict]) -> None:
+    """Delete corrupt blobs and the views made of them.
+
+    A view's files are hardlinks to the blobs' own inodes, so a view that
+    used a corrupt blob holds the same bad bytes: it goes too, or the next
+    pull would fetch the blob again and hand back the old, corrupt view
+    (views are named by their listing, so a rebuild lands on the same path).
+    A mounted view is not deleted under its pod: it is renamed aside to
+    ``views/.corrupt-*`` (the bind mount follows the directory) for the
+    operator to remove once unmounted, and reported.
+    """
+    import secrets
+
+    from .store.views import remove_tree
+
+    mounted = {view for _id, view, _holder in store.index.leases()}
+    for c in corrupt:
+        c["moved_aside"] = []
+        for view in c["views"]:
+            path = store.views_dir / view.partition(":")[2]
+            if view in mounted and path.exists():
+                aside = store.views_dir / f".corrupt-{path.name[:12]}-{secrets.token_hex(4)}"
+                path.rename(aside)
+                c["moved_aside"].append(str(aside))
+            else:
+                remove_tree(path)
+            store.index.forget_view(view)
+        store.content.delete(c["blob"])
 
 
 def _transfer_options(args: argparse.Namespace):

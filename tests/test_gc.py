@@ -80,3 +80,26 @@ def test_gc_zero_budget_empties_an_unprotected_store(tmp_path: Path) -> None:
     assert len(report["views_removed"]) == 2
     assert report["bytes_kept"] == 0
     assert not any((store / "blobs" / "sha256").iterdir())
+
+
+def test_verify_delete_moves_a_mounted_corrupt_view_aside(tmp_path: Path) -> None:
+    """A corrupt blob in a leased view: the view is moved aside (not deleted), and a re-pull is clean."""
+    store = tmp_path / "store"
+    old, _new, _ = _models(tmp_path)
+    view = _pull_dir(store, old)
+    db = sqlite3.connect(store / "index.sqlite")
+    with db:
+        db.execute("INSERT INTO leases (id, view, holder, created) VALUES ('vol-1', ?, '{}', 0)",
+                   ("sha256:" + view.name,))
+    db.close()
+    blob = store / "blobs" / "sha256" / sha256((old / "weights.bin").read_bytes())[7:]
+    os.chmod(blob, 0o644)
+    with open(blob, "r+b") as f:
+        f.write(b"\0\0\0")
+    proc = run_cli("verify", "--json", "--delete", store=store)
+    assert proc.returncode == 5
+    [corrupt] = json.loads(proc.stdout)["corrupt"]
+    [aside] = corrupt["moved_aside"]
+    assert Path(aside).is_dir() and not view.exists()
+    fresh = _pull_dir(store, old)
+    assert fresh == view and tree_digests(fresh) == tree_digests(old)

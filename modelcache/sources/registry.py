@@ -124,7 +124,14 @@ class RegistrySource:
             if (resp.content_length or 0) > MAX_MANIFEST_BYTES:
                 raise InvalidContent(f"{what}: manifest of {resp.content_length} bytes is over the 4 MiB limit")
             try:
-                body = await resp.content.read(MAX_MANIFEST_BYTES + 1)
+                # read(n) returns what has arrived, up to n: loop to the end (or past the cap).
+                buf = bytearray()
+                while len(buf) <= MAX_MANIFEST_BYTES:
+                    piece = await resp.content.read(MAX_MANIFEST_BYTES + 1 - len(buf))
+                    if not piece:
+                        break
+                    buf += piece
+                body = bytes(buf)
             except (TimeoutError, aiohttp.ClientError) as e:
                 raise Unavailable(f"{what}: reading manifest failed: {e}") from e
             header_digest = resp.headers.get("Docker-Content-Digest")

@@ -100,7 +100,16 @@ def _rows(content: ContentStore, tar: tarfile.TarFile, name: str) -> list[Row]:
 
 
 def rows_to_layer(rows: list[Row], prefix: str = "") -> list[Node | tuple[str, str]]:
-    """Turn recorded rows into :func:`modelcache.tree.overlay` input under ``prefix``."""
+    """Turn recorded rows into :func:`modelcache.tree.overlay` input under ``prefix``.
+
+    ORAS writes a directory's entries under the directory's own name (title
+    ``extras``: ``extras``, ``extras/a.txt``) and strips it when it unpacks;
+    a layer whose every entry already lies under ``prefix`` is placed as it
+    is, not under the prefix twice.
+    """
+    if prefix and all(r[1] == prefix or r[1].startswith(prefix + "/") for r in rows):
+        prefix = ""
+
     def at(path: str) -> str:
         return posixpath.join(prefix, path) if prefix else path
 

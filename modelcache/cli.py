@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     _transfer_flags(pkg, with_filters=False)
 
     serve = sub.add_parser("serve", help="run the node daemon: HTTP API and the CSI node plugin")
+    # Also after `serve`, as the docs write it; SUPPRESS keeps the top-level value when absent.
+    serve.add_argument("--store", default=argparse.SUPPRESS, help="store directory (as the global --store)")
     serve.add_argument("--listen", default=_env("listen", "127.0.0.1:8470"),
                        help="HOST:PORT of the HTTP API (default %(default)s)")
     serve.add_argument("--csi-socket", default=_env("csi_socket", "/csi/csi.sock"),

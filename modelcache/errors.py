@@ -53,6 +53,12 @@ class UnsafePath(InvalidContent):
     """A path in a layer that would escape the model directory, or a device file."""
 
 
+class Conflict(ModelCacheError, FileExistsError):
+    """A name already taken by something else (a volume target holding another mount)."""
+
+    http_status = 409
+
+
 class Unavailable(ModelCacheError, ConnectionError):
     """The source could not be reached, or kept failing after retries.
 

@@ -49,6 +49,23 @@ class DaemonProcess:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"{}")
 
+    def metric(self, sample: str) -> float:
+        """The value of one sample of /metrics, e.g. ``modelcache_cache_misses_total``; 0 if absent."""
+        text = self.call("GET", "/metrics")[1]["text"]
+        values = [float(line[len(sample) + 1:]) for line in text.splitlines() if line.startswith(sample + " ")]
+        return values[0] if values else 0.0
+
+    def wait_pull(self, job_id: str, timeout: float = 60) -> dict:
+        """Poll GET /v1/pulls/{id} until the job is done or failed."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status, job = self.call("GET", f"/v1/pulls/{job_id}")
+            assert status == 200, job
+            if job["state"] in ("done", "failed"):
+                return job
+            time.sleep(0.05)
+        raise AssertionError(f"pull {job_id} did not finish in {timeout}s")
+
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(f"unix://{self.socket}")
 
@@ -77,7 +94,7 @@ def start_daemon(root: Path, *extra: str, store: Path | None = None) -> DaemonPr
     http = f"127.0.0.1:{free_port()}"
     log = root / f"daemon-{time.monotonic_ns()}.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "modelcache", "--store", str(store), "serve", "--listen", http,
+        [sys.executable, "-m", "modelcache", "serve", "--store", str(store), "--listen", http,
          "--csi-socket", str(sock), "--node-name", "test-node", "--chunk-size", "1M", *extra],
         stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     daemon = DaemonProcess(store, sock, http, proc, log)

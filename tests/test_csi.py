@@ -6,12 +6,14 @@ import concurrent.futures
 import errno
 import os
 import signal
+import subprocess
+import time
 from pathlib import Path
 
 import grpc
 import pytest
 from daemon_support import mountinfo, publish_request, start_daemon, unmount_all_below
-from faultproxy import FaultProxy
+from faultproxy import FaultProxy, http_error
 from support import MP_ARTIFACT, MP_CONFIG, MP_WEIGHT, sha256, tree_digests
 
 from modelcache.csi import csi_pb2 as pb
@@ -78,6 +80,47 @@ def test_include_exclude_attributes(daemon, registry, tmp_path: Path) -> None:
     assert set(tree_digests(target)) == {"config.json"}
 
 
+def test_missing_capability_is_invalid_argument(daemon, tmp_path: Path) -> None:
+    """CSI: volume_capability is REQUIRED; without it nothing is pulled or mounted."""
+    request = publish_request("vol-c", tmp_path / "t", "oci://127.0.0.1:9/never/pulled:v1")
+    request.ClearField("volume_capability")
+    with pytest.raises(grpc.RpcError) as err:
+        daemon.node().NodePublishVolume(request, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert daemon.call("GET", "/v1/models")[1]["pulls"] == []
+
+
+def test_target_holding_another_model_is_already_exists(daemon, registry, tmp_path: Path) -> None:
+    """A target mounted with one model is never mounted over with another: ALREADY_EXISTS."""
+    _push(registry, "csi/first")
+    _push(registry, "csi/second", {"other.bin": os.urandom(1 << 20)})
+    target, node = tmp_path / "t", daemon.node()
+    node.NodePublishVolume(publish_request("vol-1", target, f"oci://{registry.host}/csi/first:v1"), timeout=60)
+    with pytest.raises(grpc.RpcError) as err:
+        node.NodePublishVolume(publish_request("vol-2", target, f"oci://{registry.host}/csi/second:v1"), timeout=60)
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS, err.value.details()
+    assert set(tree_digests(target)) == set(FILES)  # still the first model
+    mounts = {m["ref"]: m["mounts"] for m in daemon.call("GET", "/v1/models")[1]["models"]}
+    assert mounts == {f"oci://{registry.host}/csi/first:v1": 1, f"oci://{registry.host}/csi/second:v1": 0}
+
+
+def test_origin_down_then_back(daemon, registry, tmp_path: Path) -> None:
+    """While the origin fails, publish answers UNAVAILABLE; kubelet's next try pulls and mounts."""
+    data = os.urandom(1 << 20)
+    _push(registry, "csi/flaky", {"w.bin": data})
+    with FaultProxy(registry.host) as proxy:
+        proxy.inject(http_error(503), times=2)  # the daemon runs with --retries 1: two failures end the pull
+        request = publish_request("vol-f", tmp_path / "t", f"oci://{proxy.host}/csi/flaky:v1")
+        with pytest.raises(grpc.RpcError) as err:
+            daemon.node().NodePublishVolume(request, timeout=60)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+        assert str(tmp_path / "t") not in mountinfo()
+        daemon.node().NodePublishVolume(request, timeout=60)
+    assert (tmp_path / "t" / "w.bin").read_bytes() == data
+    assert daemon.metric('modelcache_csi_publish_total{code="UNAVAILABLE"}') == 1
+    assert daemon.metric('modelcache_csi_publish_total{code="OK"}') == 1
+
+
 @pytest.mark.parametrize("attrs,code", [
     ({"model": ""}, grpc.StatusCode.INVALID_ARGUMENT),
     ({"model": "ftp://nope/x"}, grpc.StatusCode.INVALID_ARGUMENT),
@@ -114,6 +157,7 @@ def test_slow_pull_past_deadline_then_retry(daemon, registry, tmp_path: Path) ->
     assert (tmp_path / "t" / "big.bin").stat().st_size == 6 << 20
 
 
+@pytest.mark.timeout(120)
 def test_fifty_concurrent_publishes_download_once(daemon, registry, tmp_path: Path) -> None:
     """50 pods asking at once for one uncached model: one download, 50 mounts, 50 clean unmounts."""
     files = {"w.bin": os.urandom(4 << 20), "config.json": b"{}"}
@@ -128,6 +172,12 @@ def test_fifty_concurrent_publishes_download_once(daemon, registry, tmp_path: Pa
             for f in futures:
                 f.result()
         assert _served(proxy) == sum(len(d) for d in files.values())
+    # The daemon's own account agrees: one pull job, the model's bytes fetched once, 50 successful calls.
+    assert daemon.metric("modelcache_cache_misses_total") == 1
+    assert daemon.metric('modelcache_fetched_bytes_total{source="oci"}') == sum(len(d) for d in files.values())
+    assert daemon.metric('modelcache_csi_publish_total{code="OK"}') == 50
+    assert len(daemon.call("GET", "/v1/models")[1]["pulls"]) == 1
+    assert daemon.metric("modelcache_mounts_active") == 50
     points = mountinfo()
     assert all("ro" in points[str(t)] for t in targets)
     assert all((t / "w.bin").stat().st_size == 4 << 20 for t in targets)
@@ -149,7 +199,8 @@ def test_restart_keeps_leases_of_mounted_volumes(registry, tmp_path: Path) -> No
         node.NodePublishVolume(publish_request("keep", tmp_path / "keep", model), timeout=60)
         node.NodePublishVolume(publish_request("gone", tmp_path / "gone", model), timeout=60)
         first.stop(signal.SIGKILL)
-        os.system(f"umount {tmp_path / 'gone'}")  # the pod went away while the daemon was down
+        # The pod went away while the daemon was down.
+        subprocess.run(["umount", str(tmp_path / "gone")], check=True)
         second = start_daemon(tmp_path / "node")
         try:
             [model_row] = second.call("GET", "/v1/models")[1]["models"]
@@ -163,6 +214,54 @@ def test_restart_keeps_leases_of_mounted_volumes(registry, tmp_path: Path) -> No
     finally:
         first.stop()
         unmount_all_below(tmp_path)
+
+
+@pytest.mark.timeout(90)
+def test_sigterm_drains_and_the_pull_resumes(registry, tmp_path: Path) -> None:
+    """SIGTERM mid-pull: the waiting publish gets UNAVAILABLE, the daemon exits 0 at once, the
+    durable chunks stay, and the restarted daemon fetches only what was missing."""
+    data = os.urandom(16 << 20)
+    _push(registry, "csi/drain", {"big.bin": data})
+    with FaultProxy(registry.host, rate=4 << 20) as proxy:
+        request = publish_request("vol-t", tmp_path / "t", f"oci://{proxy.host}/csi/drain:v1")
+        first = start_daemon(tmp_path / "node")
+        try:
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                call = pool.submit(first.node().NodePublishVolume, request, timeout=60)
+                deadline = time.monotonic() + 30
+                # 8 parallel 1 MiB chunks at 4 MiB/s complete together after about 2 s: wait for them.
+                while _pulled(first) < 10 << 20:
+                    assert time.monotonic() < deadline, "the pull made no progress"
+                    time.sleep(0.05)
+                stopped = time.monotonic()
+                assert first.stop() == 0
+                assert time.monotonic() - stopped < 8
+                with pytest.raises(grpc.RpcError) as err:
+                    call.result()
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+        finally:
+            first.stop(signal.SIGKILL)
+        assert str(tmp_path / "t") not in mountinfo()
+        assert list((tmp_path / "node" / "store" / "ingest").glob("*/chunks"))  # kept for resume
+        before = _served(proxy)
+        assert 8 << 20 <= before < len(data)
+
+        proxy.rate = None
+        second = start_daemon(tmp_path / "node")
+        try:
+            second.node().NodePublishVolume(request, timeout=60)
+            assert (tmp_path / "t" / "big.bin").read_bytes() == data
+            # Only the chunks not durable before SIGTERM came again.
+            assert second.metric('modelcache_fetched_bytes_total{source="oci"}') <= len(data) - (8 << 20)
+            assert _served(proxy) - before <= len(data) - (8 << 20)
+        finally:
+            second.stop()
+            unmount_all_below(tmp_path)
+
+
+def _pulled(daemon) -> int:
+    pulls = daemon.call("GET", "/v1/models")[1]["pulls"]
+    return pulls[0]["bytes_done"] if pulls else 0
 
 
 def _served(proxy: FaultProxy) -> int:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
-import time
 from pathlib import Path
 
 import pytest
 from daemon_support import start_daemon, unmount_all_below
+from faultproxy import FaultProxy
 from support import MP_ARTIFACT, MP_CONFIG, MP_WEIGHT, sha256, tree_digests
 
 DATA = os.urandom(2 << 20)
@@ -23,17 +24,6 @@ def daemon(tmp_path: Path):
         unmount_all_below(tmp_path)
 
 
-def _wait(daemon, job_id: str, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status, job = daemon.call("GET", f"/v1/pulls/{job_id}")
-        assert status == 200
-        if job["state"] in ("done", "failed"):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"pull {job_id} did not finish")
-
-
 def test_health_and_readiness(daemon) -> None:
     """healthz and readyz answer 200 with JSON once the daemon serves."""
     assert daemon.call("GET", "/healthz") == (200, {"status": "ok"})
@@ -45,34 +35,60 @@ def test_prewarm_pull_models_pins_and_metrics(daemon, registry) -> None:
     registry.push_image("api/model", "v1", [(DATA, MP_WEIGHT, {"org.cncf.model.filepath": "w.bin"}),
                                             (b"{}", MP_WEIGHT, {"org.cncf.model.filepath": "config.json"})],
                         config=b"{}", config_type=MP_CONFIG, artifact_type=MP_ARTIFACT)
-    ref = f"oci://{registry.host}/api/model:v1"
-    status, job = daemon.call("POST", "/v1/pulls", {"ref": ref})
-    assert status == 202 and job["state"] in ("pending", "running", "done") and job["id"]
-    # Asking again while it runs joins the same job.
-    again = daemon.call("POST", "/v1/pulls", {"ref": ref})[1]
-    assert again["id"] == job["id"] or again["state"] == "pending"
-    done = _wait(daemon, job["id"])
-    assert done["state"] == "done" and done["bytes_done"] == done["bytes_total"] == len(DATA) + 2
-    assert tree_digests(Path(done["path"])) == {"w.bin": sha256(DATA), "config.json": sha256(b"{}")}
+    # A slow origin (about 1 s for the model) keeps the first job running while we ask again.
+    with FaultProxy(registry.host, rate=2 << 20) as proxy:
+        ref = f"oci://{proxy.host}/api/model:v1"
+        status, job = daemon.call("POST", "/v1/pulls", {"ref": ref})
+        assert status == 202 and job["state"] in ("pending", "running") and job["id"]
+        again = daemon.call("POST", "/v1/pulls", {"ref": ref, "include": [], "exclude": []})
+        assert again[0] == 202 and again[1]["id"] == job["id"]  # single flight: the same job
+        done = daemon.wait_pull(job["id"])
+        assert done["state"] == "done" and done["bytes_done"] == done["bytes_total"] == len(DATA) + 2
+        assert tree_digests(Path(done["path"])) == {"w.bin": sha256(DATA), "config.json": sha256(b"{}")}
+        assert sum(e.bytes for e in proxy.blob_gets()) == len(DATA) + 2
 
-    [model] = daemon.call("GET", "/v1/models")[1]["models"]
-    assert model["ref"] == ref and model["files"] == 2 and model["pinned"] is False
-    assert daemon.call("PUT", f"/v1/pins/{model['view']}")[1] == {"view": model["view"], "pinned": True}
-    assert daemon.call("GET", "/v1/models")[1]["models"][0]["pinned"] is True
-    assert daemon.call("DELETE", f"/v1/pins/{model['view']}")[0] == 200
-    assert daemon.call("DELETE", f"/v1/pins/{model['view']}")[0] == 404
+        [model] = daemon.call("GET", "/v1/models")[1]["models"]
+        assert model["ref"] == ref and model["files"] == 2 and model["pinned"] is False
+        assert model["path"] == done["path"] and model["mounts"] == 0
+        assert daemon.call("PUT", f"/v1/pins/{model['view']}")[1] == {"view": model["view"], "pinned": True}
+        assert daemon.call("GET", "/v1/models")[1]["models"][0]["pinned"] is True
+        assert daemon.call("DELETE", f"/v1/pins/{model['view']}")[0] == 200
+        assert daemon.call("DELETE", f"/v1/pins/{model['view']}")[0] == 404
 
-    # A second pull of the cached model is a cache hit; metrics show both.
-    _wait(daemon, daemon.call("POST", "/v1/pulls", {"ref": ref})[1]["id"])
+        # A second pull of the cached model is a cache hit; metrics show both.
+        second = daemon.wait_pull(daemon.call("POST", "/v1/pulls", {"ref": ref})[1]["id"])
+        assert second["id"] != job["id"] and second["state"] == "done" and second["bytes_fetched"] == 0
     text = daemon.call("GET", "/metrics")[1]["text"]
     for name in ("modelcache_fetched_bytes_total", "modelcache_cache_hits_total 1.0",
                  "modelcache_cache_misses_total 1.0", "modelcache_pull_duration_seconds_bucket",
                  "modelcache_chunks_retried_total", "modelcache_store_bytes_used", "modelcache_store_bytes_free",
-                 "modelcache_mounts_active 0.0"):
+                 "modelcache_mounts_active 0.0", "modelcache_csi_publish_duration_seconds_bucket"):
         assert name in text, name
-    prefix = f'modelcache_fetched_bytes_total{{source="{ref}"}} '
-    [fetched] = [float(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix)]
-    assert fetched == len(DATA) + 2
+    # Labelled by the kind of source, never by model: series stay few however many models a node pulls.
+    assert daemon.metric('modelcache_fetched_bytes_total{source="oci"}') == len(DATA) + 2
+    assert daemon.metric('modelcache_pull_duration_seconds_count{outcome="done"}') == 2
+    assert ref not in text
+
+
+def test_unknown_paths_and_methods_are_json_errors(daemon) -> None:
+    """aiohttp's own 404 and 405 come in the same JSON shape as ours."""
+    status, body = daemon.call("GET", "/v1/nope")
+    assert status == 404 and body["code"] == "NotFound" and "/v1/nope" in body["message"]
+    status, body = daemon.call("DELETE", "/v1/models")
+    assert status == 405 and body["code"] == "MethodNotAllowed"
+
+
+def test_body_that_is_not_json(daemon) -> None:
+    """A body that is not JSON (or not UTF-8) is a 400 with a JSON error, not a 500."""
+    import urllib.error
+    import urllib.request
+
+    for raw in (b"{not json", b"\xff\xfe"):
+        req = urllib.request.Request(f"http://{daemon.http}/v1/pulls", data=raw, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=10)
+        assert err.value.code == 400 and json.loads(err.value.read())["code"] == "InvalidReference"
 
 
 @pytest.mark.parametrize("body,status,code", [
@@ -89,7 +105,7 @@ def test_bad_pull_requests_are_json_errors(daemon, body: dict, status: int, code
 def test_failed_pull_and_unknown_ids(daemon, registry) -> None:
     """A pull of a missing tag fails with its error; unknown jobs and views are 404/400 JSON."""
     job = daemon.call("POST", "/v1/pulls", {"ref": f"oci://{registry.host}/api/absent:v1"})[1]
-    failed = _wait(daemon, job["id"])
+    failed = daemon.wait_pull(job["id"])
     assert failed["state"] == "failed" and failed["error"]["code"] == "NotFound"
     assert daemon.call("GET", "/v1/pulls/nope")[0] == 404
     assert daemon.call("PUT", "/v1/pins/sha256:" + "0" * 64)[0] == 404

@@ -49,6 +49,9 @@ def test_daemonset_wires_socket_env_and_propagation() -> None:
     assert f"--kubelet-registration-path=/var/lib/kubelet/plugins/{DRIVER_NAME}/csi.sock" in registrar["args"]
     pods = [m for m in daemon["volumeMounts"] if m["mountPath"] == "/var/lib/kubelet/pods"]
     assert pods and pods[0]["mountPropagation"] == "Bidirectional"
+    assert daemon["securityContext"]["privileged"] is True  # mount(2), and Bidirectional propagation needs it
+    # Every node, tainted ones (GPU pools) included: a pod scheduled there needs the driver.
+    assert {"operator": "Exists"} in ds["spec"]["template"]["spec"]["tolerations"]
 
 
 def test_example_pod_uses_the_driver() -> None:

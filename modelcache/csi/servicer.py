@@ -11,10 +11,14 @@ appear at kubelet's target path:
   call's deadline comes first, the answer is DEADLINE_EXCEEDED and kubelet's
   retry finds the same job further along.
 
-Errors become the gRPC codes kubelet understands: INVALID_ARGUMENT for a bad
-request or reference, NOT_FOUND for a model its source does not have,
+This module is the gRPC edge: it validates requests, calls the daemon through
+the small :class:`Backend` protocol, and is the one place where our errors
+become the status codes kubelet understands (CSI spec, "Error Scheme"):
+INVALID_ARGUMENT for a bad request or reference, NOT_FOUND for a model its
+source does not have, ALREADY_EXISTS for a target that holds another mount,
 PERMISSION_DENIED for refused credentials, UNAVAILABLE when the source is
-down, DEADLINE_EXCEEDED while the pull runs on, INTERNAL otherwise.
+down (or the daemon is draining), DEADLINE_EXCEEDED while the pull runs on,
+INTERNAL otherwise.
 """
 
 from __future__ import annotations
@@ -22,13 +26,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 from google.protobuf import wrappers_pb2
 
 from .. import __version__
 from ..errors import (
+    Conflict,
     InvalidContent,
     InvalidReference,
     ModelCacheError,
@@ -36,7 +43,6 @@ from ..errors import (
     Unauthorized,
     Unavailable,
 )
-from ..refs import parse
 from ..tree import Filters
 from . import DRIVER_NAME
 from . import csi_pb2 as pb
@@ -45,19 +51,43 @@ from . import csi_pb2_grpc as rpc
 log = logging.getLogger(__name__)
 
 _DEADLINE_MARGIN = 0.5  # seconds kept back to answer before kubelet's deadline
-_NO_DEADLINE_WAIT = 60.0
+_NO_DEADLINE_WAIT = 60.0  # a caller without a deadline still gets an answer, and retries
 
 
-def grpc_code(error: ModelCacheError) -> grpc.StatusCode:
-    """The gRPC status for one of our errors."""
+class Backend(Protocol):
+    """What the node service needs from the daemon (implemented by daemon.server.Daemon)."""
+
+    async def view_for(self, ref: str, filters: Filters) -> Path:
+        """The model's read-only tree, pulled first if needed; cancelling the wait leaves the pull running."""
+        ...
+
+    async def publish(self, volume_id: str, view: Path, target: Path, holder: dict[str, str]) -> None:
+        """Bind-mount ``view`` read-only at ``target`` under a lease (idempotent)."""
+        ...
+
+    async def unpublish(self, volume_id: str, target: Path) -> None:
+        """Unmount ``target`` and drop its lease (idempotent)."""
+        ...
+
+    def record_publish(self, code: str, seconds: float) -> None:
+        """Account one NodePublishVolume call."""
+        ...
+
+
+def grpc_code(error: BaseException) -> grpc.StatusCode:
+    """The gRPC status for an error raised below this edge."""
     if isinstance(error, InvalidReference):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(error, NotFound):
         return grpc.StatusCode.NOT_FOUND
+    if isinstance(error, Conflict):
+        return grpc.StatusCode.ALREADY_EXISTS
     if isinstance(error, Unauthorized):
         return grpc.StatusCode.PERMISSION_DENIED
     if isinstance(error, Unavailable):
         return grpc.StatusCode.UNAVAILABLE
+    if isinstance(error, TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
     if isinstance(error, InvalidContent):
         return grpc.StatusCode.FAILED_PRECONDITION
     return grpc.StatusCode.INTERNAL
@@ -82,8 +112,8 @@ class IdentityService(rpc.IdentityServicer):
 class NodeService(rpc.NodeServicer):
     """Publishes cached models into pods."""
 
-    def __init__(self, daemon, node_id: str) -> None:  # daemon: server.Daemon (avoids an import cycle)
-        self._daemon = daemon
+    def __init__(self, backend: Backend, node_id: str) -> None:
+        self._backend = backend
         self._node_id = node_id
 
     async def NodeGetInfo(self, request, context):  # noqa: N802
@@ -95,27 +125,29 @@ class NodeService(rpc.NodeServicer):
         return pb.NodeGetCapabilitiesResponse(capabilities=[stats])
 
     async def NodePublishVolume(self, request, context):  # noqa: N802
-        code = "OK"
+        started = time.monotonic()
+        code = grpc.StatusCode.OK
         try:
             await self._publish(request, context)
             return pb.NodePublishVolumeResponse()
-        except ModelCacheError as e:
-            code = grpc_code(e).name
-            await context.abort(grpc_code(e), str(e))
-        except TimeoutError:
-            code = "DEADLINE_EXCEEDED"
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                "the model is still being pulled; the pull goes on and a retry will find it")
-        except OSError as e:
-            code = "INTERNAL"
-            await context.abort(grpc.StatusCode.INTERNAL, f"mount failed: {e}")
+        except (ModelCacheError, TimeoutError, OSError) as e:
+            code = grpc_code(e)
+            message = f"mount failed: {e}" if code is grpc.StatusCode.INTERNAL else str(e)
+            await context.abort(code, message)
+        except Exception as e:  # a bug: say so to kubelet (it retries) and in our log
+            log.exception("NodePublishVolume %s failed unexpectedly", request.volume_id)
+            code = grpc.StatusCode.INTERNAL
+            await context.abort(code, f"internal error: {type(e).__name__}: {e}")
         finally:
-            self._daemon.metrics.publishes.labels(code=code).inc()
+            self._backend.record_publish(code.name, time.monotonic() - started)
 
     async def _publish(self, request, context) -> None:
         volume_id, target = request.volume_id, request.target_path
+        # CSI spec, NodePublishVolume: volume_id, target_path and volume_capability are REQUIRED.
         if not volume_id or not target:
             raise InvalidReference("volume_id and target_path are required")
+        if not request.HasField("volume_capability"):
+            raise InvalidReference("volume_capability is required")
         if request.volume_capability.HasField("block"):
             raise InvalidReference("block access is not supported: models are published as filesystems")
         attrs = dict(request.volume_context)
@@ -123,35 +155,33 @@ class NodeService(rpc.NodeServicer):
         if not ref:
             raise InvalidReference("volume attribute 'model' is required (a model reference such as oci://…)")
         filters = Filters.of(_globs(attrs.get("include")), _globs(attrs.get("exclude")))
-        canonical = str(parse(ref))
-        view = await asyncio.to_thread(self._daemon.cached_view, canonical, filters)
-        if view is None:
-            job = self._daemon.pulls.start(canonical, filters)
-            remaining = context.time_remaining()
-            wait = _NO_DEADLINE_WAIT if remaining is None else max(0.0, remaining - _DEADLINE_MARGIN)
-            assert job.task is not None
-            await asyncio.wait_for(asyncio.shield(job.task), wait)
-            if job.error is not None:
-                raise job.error
-            assert job.path is not None
-            view = job.path
+        remaining = context.time_remaining()
+        wait = _NO_DEADLINE_WAIT if remaining is None else remaining - _DEADLINE_MARGIN
+        try:
+            async with asyncio.timeout(max(0.0, wait)):
+                view = await self._backend.view_for(ref, filters)
+        except TimeoutError:
+            raise TimeoutError(f"{ref} is still being pulled; the pull goes on and a retry will find it "
+                               "(GET /v1/models shows its progress)") from None
+        # The pod's identity (podInfoOnMount) is kept with the lease, for people reading the index.
         holder = {k: v for k, v in attrs.items() if k.startswith("csi.storage.k8s.io/")}
-        holder["model"] = canonical
-        await asyncio.to_thread(self._daemon.mounts.publish, volume_id, view, Path(target), holder)
+        holder["model"] = ref
+        # Always read-only, whatever the access mode asks: the tree is the store's own files.
+        await self._backend.publish(volume_id, view, Path(target), holder)
 
     async def NodeUnpublishVolume(self, request, context):  # noqa: N802
         if not request.volume_id or not request.target_path:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "volume_id and target_path are required")
         try:
-            await asyncio.to_thread(self._daemon.mounts.unpublish, request.volume_id, Path(request.target_path))
+            await self._backend.unpublish(request.volume_id, Path(request.target_path))
         except OSError as e:
             await context.abort(grpc.StatusCode.INTERNAL, f"unmount failed: {e}")
         return pb.NodeUnpublishVolumeResponse()
 
     async def NodeGetVolumeStats(self, request, context):  # noqa: N802
         path = request.volume_path
-        if not path:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "volume_path is required")
+        if not request.volume_id or not path:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "volume_id and volume_path are required")
         try:
             st = await asyncio.to_thread(os.statvfs, path)
         except FileNotFoundError:

@@ -9,19 +9,22 @@
     PUT  /v1/pins/{view}        pin a cached model (its view digest, from /v1/models)
     DELETE /v1/pins/{view}      unpin it
 
-Errors are JSON ``{"code", "message"}`` with the status the error maps to.
+Every error, ours or aiohttp's (404 for an unknown path, 405), is JSON
+``{"code", "message"}`` with the status the error maps to.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import logging
 from typing import Any
 
 from aiohttp import web
 
 from ..errors import InvalidReference, ModelCacheError, NotFound
 from ..tree import Filters
+
+log = logging.getLogger(__name__)
 
 
 def error_response(error: ModelCacheError) -> web.Response:
@@ -31,10 +34,21 @@ def error_response(error: ModelCacheError) -> web.Response:
 
 @web.middleware
 async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    # The one place errors become HTTP: ours by their http_status, aiohttp's own
+    # (unknown path, wrong method) and bugs in the same JSON shape.
     try:
         return await handler(request)
     except ModelCacheError as e:
         return error_response(e)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        body = {"code": e.reason.replace(" ", ""), "message": f"{request.method} {request.path}: {e.reason}"}
+        allow = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
+        return web.json_response(body, status=e.status, headers=allow)
+    except Exception as e:
+        log.exception("%s %s failed", request.method, request.path)
+        return web.json_response({"code": "Internal", "message": f"{type(e).__name__}: {e}"}, status=500)
 
 
 def build_app(daemon: Any) -> web.Application:
@@ -58,7 +72,7 @@ def build_app(daemon: Any) -> web.Application:
     async def start_pull(request: web.Request) -> web.Response:
         try:
             body = await request.json()
-        except json.JSONDecodeError as e:
+        except ValueError as e:  # not JSON, or not even UTF-8
             raise InvalidReference(f"request body is not JSON: {e}") from e
         if not isinstance(body, dict) or not isinstance(body.get("ref"), str):
             raise InvalidReference('expected a JSON object with "ref" (and optional "include", "exclude" lists)')

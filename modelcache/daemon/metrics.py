@@ -1,4 +1,9 @@
-"""The daemon's Prometheus metrics, in a registry of its own (no process globals)."""
+"""The daemon's Prometheus metrics, in a registry of its own (no process globals).
+
+Label values are bounded: ``source`` is the kind of origin (``oci``,
+``oci-layout``, ``s3``, ``hf``, ``file``), never a model reference, so a node
+that pulls a thousand models still exports a handful of series.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,14 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ..transfer import TransferStats
+
+_KINDS = ("oci", "oci-layout", "s3", "hf", "file")
+
+
+def source_kind(name: str) -> str:
+    """The bounded label for a byte source named ``scheme://...``."""
+    scheme = name.partition("://")[0]
+    return scheme if scheme in _KINDS else "other"
 
 
 class _Gauges(Collector):
@@ -30,9 +43,11 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.fetched = Counter("modelcache_fetched_bytes", "Bytes fetched, by source.", ["source"],
+        self.fetched = Counter("modelcache_fetched_bytes", "Bytes fetched, by kind of source.", ["source"],
                                registry=self.registry)
-        self.hits = Counter("modelcache_cache_hits", "Pulls served entirely from the store.", registry=self.registry)
+        self.hits = Counter("modelcache_cache_hits",
+                            "Model requests served from the store without fetching (warm mounts, pulls).",
+                            registry=self.registry)
         self.misses = Counter("modelcache_cache_misses", "Pulls that fetched bytes.", registry=self.registry)
         self.retried = Counter("modelcache_chunks_retried", "Chunk requests retried.", registry=self.registry)
         self.pull_seconds = Histogram("modelcache_pull_duration_seconds", "Pull durations.", ["outcome"],
@@ -40,6 +55,10 @@ class Metrics:
                                       registry=self.registry)
         self.publishes = Counter("modelcache_csi_publish", "NodePublishVolume calls by gRPC code.", ["code"],
                                  registry=self.registry)
+        self.publish_seconds = Histogram("modelcache_csi_publish_duration_seconds",
+                                         "NodePublishVolume latency (warm mounts should stay in the first buckets).",
+                                         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2, 10, 60, 300),
+                                         registry=self.registry)
 
     def add_gauges(self, used: Callable[[], int], free_path: str, mounts: Callable[[], int]) -> None:
         """Register the scrape-time gauges."""
@@ -48,11 +67,16 @@ class Metrics:
     def record_pull(self, stats: TransferStats, seconds: float, outcome: str) -> None:
         """Account one finished pull."""
         for source, n in stats.fetched_by_source.items():
-            self.fetched.labels(source=source).inc(n)
+            self.fetched.labels(source=source_kind(source)).inc(n)
         if outcome == "done":
             (self.misses if stats.bytes_fetched else self.hits).inc()
         self.retried.inc(stats.chunks_retried)
         self.pull_seconds.labels(outcome=outcome).observe(seconds)
+
+    def record_publish(self, code: str, seconds: float) -> None:
+        """Account one NodePublishVolume call."""
+        self.publishes.labels(code=code).inc()
+        self.publish_seconds.observe(seconds)
 
     def render(self) -> bytes:
         """The text exposition format."""

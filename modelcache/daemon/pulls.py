@@ -1,19 +1,30 @@
 """Pull jobs: one pull per (reference, filters) at a time, however many ask.
 
-A job runs in the background and outlives whoever started it: an HTTP
-client that only wanted a 202, or a CSI call whose deadline ran out (kubelet
-calls again and finds the same job). A finished job is kept for a while so
-its state can be read; a failed one is replaced by the next request for the
-same model, which retries.
+Guarantees:
+
+- Single flight: while a job for a model (reference and include/exclude
+  filters) is pending or running, every request for that model joins it;
+  under it, the transfer engine shares blobs between jobs of different models.
+- A job runs in the background and outlives whoever started it: an HTTP
+  client that only wanted a 202, or a CSI call whose deadline ran out
+  (kubelet calls again and finds the same job further along).
+- A job always ends ``done`` or ``failed`` with an error, whatever went
+  wrong; it never raises into the daemon's task group. A failed job is
+  replaced by the next request for the same model, which retries; its
+  partial chunks stay in the store's ingest area, so the retry resumes.
+- Finished jobs are remembered for a while (bounded) so their state can be read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import ModelCacheError, Unavailable
 from ..pull import pull
@@ -24,7 +35,11 @@ from ..transfer import Engine, TransferStats
 from ..tree import Filters
 from .metrics import Metrics
 
+log = logging.getLogger(__name__)
+
 _KEEP_FINISHED = 200
+
+Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
 
 
 @dataclass
@@ -55,19 +70,24 @@ class PullJob:
 
 
 class PullManager:
-    """Starts, deduplicates and tracks pull jobs on one store."""
+    """Starts, deduplicates and tracks pull jobs on one store.
+
+    ``spawn`` starts a job's task; the daemon sets it to its task group's
+    ``create_task`` so that shutdown cancels every running pull.
+    """
 
     def __init__(self, store: Store, engine: Engine, options: SourceOptions, metrics: Metrics) -> None:
         self.store, self.engine, self.options, self.metrics = store, engine, options, metrics
+        self.spawn: Spawn = asyncio.create_task
+        self.accepting = True
         self._jobs: dict[str, PullJob] = {}
         self._by_key: dict[tuple[str, str], PullJob] = {}
         self._ids = itertools.count(1)
-        self.accepting = True
 
     def start(self, ref: str, filters: Filters) -> PullJob:
         """The running job for this model, or a new one. Bad references raise at once."""
         if not self.accepting:
-            raise Unavailable("the daemon is shutting down")
+            raise Unavailable("the daemon is shutting down; ask again after it restarts")
         canonical = str(parse(ref))
         key = (canonical, filters.key())
         job = self._by_key.get(key)
@@ -76,7 +96,7 @@ class PullManager:
         job = PullJob(id=f"p{next(self._ids)}-{int(time.time())}", ref=canonical, filters=filters)
         self._jobs[job.id] = job
         self._by_key[key] = job
-        job.task = asyncio.create_task(self._run(job), name=f"pull {canonical}")
+        job.task = self.spawn(self._run(job))
         self._forget_old()
         return job
 
@@ -87,6 +107,39 @@ class PullManager:
     def jobs(self) -> list[PullJob]:
         """Every job still remembered, newest first."""
         return sorted(self._jobs.values(), key=lambda j: j.started, reverse=True)
+
+    def cached(self, ref: str, filters: Filters) -> Path | None:
+        """The view ``ref`` was last pulled into, if it is still there; marks it used (blocks)."""
+        found = self.store.index.lookup(ref, filters.key())
+        if found is None:
+            return None
+        path = self.store.views_dir / found[0].partition(":")[2]
+        if not path.is_dir():
+            return None
+        self.store.index.touch(found[0])
+        return path
+
+    async def view_for(self, ref: str, filters: Filters) -> Path:
+        """The model's view: from the store if cached, else once its pull job finishes.
+
+        A model already in the store is served from the index without asking
+        its origin, so a warm mount costs the same whatever the model's size.
+        Raises the job's error when it failed. A caller that stops waiting
+        (a deadline, a cancellation) leaves the job running for the next one.
+        """
+        canonical = str(parse(ref))
+        view = await asyncio.to_thread(self.cached, canonical, filters)
+        if view is not None:
+            self.metrics.hits.inc()
+            return view
+        job = self.start(canonical, filters)
+        assert job.task is not None
+        # asyncio.wait never cancels the job when we are cancelled, nor raises its outcome.
+        await asyncio.wait({job.task})
+        if job.error is not None:
+            raise job.error
+        assert job.path is not None
+        return job.path
 
     async def _run(self, job: PullJob) -> None:
         job.state = "running"
@@ -105,19 +158,27 @@ class PullManager:
             raise
         except OSError as e:
             job.state, job.error = "failed", ModelCacheError(f"{e.strerror or e}: {e.filename or ''}".rstrip(": "))
+        except Exception as e:  # a bug or an unexpected library error: fail this job, keep the daemon
+            log.exception("pull %s failed unexpectedly", job.ref)
+            job.state, job.error = "failed", ModelCacheError(f"internal error: {type(e).__name__}: {e}")
         else:
             job.state, job.path, job.stats = "done", result.path, result.stats
         finally:
             job.finished = time.time()
             self.metrics.record_pull(job.stats, time.monotonic() - started, job.state)
+            if job.state == "failed":
+                log.warning("pull %s failed: %s", job.ref, job.error)
 
     def _forget_old(self) -> None:
         finished = sorted((j for j in self._jobs.values() if j.finished is not None), key=lambda j: j.started)
         for job in finished[:max(0, len(finished) - _KEEP_FINISHED)]:
             del self._jobs[job.id]
+            key = (job.ref, job.filters.key())
+            if self._by_key.get(key) is job:
+                del self._by_key[key]
 
     async def drain(self) -> None:
-        """Stop taking work and cancel running pulls (their chunks stay for resume)."""
+        """Stop taking work and cancel running pulls (their durable chunks stay for resume)."""
         self.accepting = False
         tasks = [j.task for j in self._jobs.values() if j.task is not None and not j.task.done()]
         for task in tasks:

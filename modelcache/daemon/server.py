@@ -1,10 +1,18 @@
 """Wiring the node daemon: one store, one engine, HTTP and CSI, one shutdown path.
 
 ``run(config)`` opens the store, recovers leases from before a restart,
-serves the HTTP API on TCP and the CSI services on a unix socket, and on
-SIGTERM/SIGINT drains: it stops taking requests, cancels running pulls (their
-durable chunks stay in ingest/ and resume on the next request), and closes
-the store.
+serves the HTTP API on TCP and the CSI services on a unix socket, and runs
+every pull job in one task group. On SIGTERM/SIGINT it drains:
+
+1. readiness goes false and no new pull is accepted;
+2. the CSI server refuses new calls, running pulls are cancelled (their
+   durable chunks stay in ``ingest/`` and resume on the next request; a
+   kubelet call waiting on one is answered UNAVAILABLE, so kubelet retries
+   against the next daemon), and calls in flight get a short grace;
+3. the HTTP server closes, then the engine and the store.
+
+Nothing else in the daemon package knows about more than its own job; this
+module is the one place that knows all of them.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from aiohttp import web
 
 from ..csi import csi_pb2_grpc as rpc
 from ..csi.servicer import IdentityService, NodeService
+from ..errors import InvalidReference
 from ..sources import SourceOptions
 from ..store import Store
 from ..transfer import Engine, TransferConfig
@@ -32,6 +41,9 @@ from .mounts import Mounts
 from .pulls import PullManager
 
 log = logging.getLogger(__name__)
+
+CSI_GRACE = 5.0  # seconds calls in flight (a mount syscall, say) get to finish at shutdown
+HTTP_GRACE = 2.0
 
 
 @dataclass(frozen=True)
@@ -47,7 +59,7 @@ class DaemonConfig:
 
 
 class Daemon:
-    """The running parts, as the API and the CSI servicer see them."""
+    """The running parts, as the HTTP API and the CSI servicer see them."""
 
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
@@ -59,16 +71,30 @@ class Daemon:
         self.ready = asyncio.Event()
         self.metrics.add_gauges(self.store.disk_usage, str(self.store.root), self.mounts.active)
 
-    def cached_view(self, ref: str, filters: Filters) -> Path | None:
-        """The view a reference was last pulled into, if it is still there (blocks)."""
-        found = self.store.index.lookup(ref, filters.key())
-        if found is None:
-            return None
-        path = self.store.views_dir / found[0].partition(":")[2]
-        if not path.is_dir():
-            return None
-        self.store.index.touch(found[0])
-        return path
+    def close(self) -> None:
+        """Stop the engine's threads and close the store."""
+        self.engine.close()
+        self.store.close()
+
+    # -- what the CSI node service needs (csi.servicer.Backend) -----------------
+
+    async def view_for(self, ref: str, filters: Filters) -> Path:
+        """The model's read-only tree, pulled first if the store lacks it."""
+        return await self.pulls.view_for(ref, filters)
+
+    async def publish(self, volume_id: str, view: Path, target: Path, holder: dict[str, str]) -> None:
+        """Bind-mount ``view`` read-only at ``target`` under a lease (idempotent)."""
+        await asyncio.to_thread(self.mounts.publish, volume_id, view, target, holder)
+
+    async def unpublish(self, volume_id: str, target: Path) -> None:
+        """Unmount ``target`` and drop its lease (idempotent)."""
+        await asyncio.to_thread(self.mounts.unpublish, volume_id, target)
+
+    def record_publish(self, code: str, seconds: float) -> None:
+        """Account one NodePublishVolume call."""
+        self.metrics.record_publish(code, seconds)
+
+    # -- what the HTTP API shows -------------------------------------------------
 
     def models_json(self) -> dict:
         """Cached models and pull jobs, for GET /v1/models (blocks)."""
@@ -83,14 +109,47 @@ class Daemon:
 
 async def run(config: DaemonConfig, *, stop: asyncio.Event | None = None) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop`` is set), then drain."""
-    daemon = Daemon(config)
-    kept, dropped = await asyncio.to_thread(daemon.mounts.recover)
-    log.warning("store %s: kept %d mounted leases, dropped %d stale ones", config.store, kept, dropped)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
         loop.add_signal_handler(sig, stop.set)
+    daemon = await asyncio.to_thread(Daemon, config)  # opening the index may wait on another process
+    try:
+        await _serve(daemon, config, stop)
+    finally:
+        daemon.close()
+        for sig in signals:
+            loop.remove_signal_handler(sig)
 
+
+async def _serve(daemon: Daemon, config: DaemonConfig, stop: asyncio.Event) -> None:
+    kept, dropped = await asyncio.to_thread(daemon.mounts.recover)
+    log.warning("store %s: kept %d leases of mounted volumes, dropped %d stale ones", config.store, kept, dropped)
+
+    # Sockets are bound before the task group opens, so a busy port or socket
+    # path fails plainly (an OSError the CLI reports), not inside an ExceptionGroup.
+    csi = await _start_csi(daemon, config)
+    try:
+        http = await _start_http(daemon, config.listen)
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                daemon.pulls.spawn = tasks.create_task
+                daemon.ready.set()
+                log.warning("serving HTTP on %s and CSI on %s as node %s",
+                            config.listen, config.csi_socket, config.node_name)
+                await stop.wait()
+                daemon.ready.clear()
+                daemon.pulls.accepting = False
+                log.warning("draining: no new work; running pulls keep their chunks for resume")
+                await asyncio.gather(csi.stop(CSI_GRACE), daemon.pulls.drain())
+        finally:
+            await http.cleanup()
+    finally:
+        await csi.stop(None)
+
+
+async def _start_csi(daemon: Daemon, config: DaemonConfig) -> grpc.aio.Server:
     config.csi_socket.parent.mkdir(parents=True, exist_ok=True)
     config.csi_socket.unlink(missing_ok=True)  # a socket left by a killed daemon
     server = grpc.aio.server()
@@ -98,20 +157,18 @@ async def run(config: DaemonConfig, *, stop: asyncio.Event | None = None) -> Non
     rpc.add_NodeServicer_to_server(NodeService(daemon, config.node_name), server)
     server.add_insecure_port(f"unix://{config.csi_socket}")
     await server.start()
+    return server
 
-    host, _, port = config.listen.rpartition(":")
-    runner = web.AppRunner(build_app(daemon), handle_signals=False)
+
+async def _start_http(daemon: Daemon, listen: str) -> web.AppRunner:
+    host, _, port = listen.rpartition(":")
+    if not port.isdigit():
+        raise InvalidReference(f"--listen {listen!r}: expected HOST:PORT")
+    runner = web.AppRunner(build_app(daemon), handle_signals=False, shutdown_timeout=HTTP_GRACE)
     await runner.setup()
-    await web.TCPSite(runner, host.strip("[]") or "0.0.0.0", int(port)).start()
-    daemon.ready.set()
-    log.warning("serving HTTP on %s and CSI on %s as node %s", config.listen, config.csi_socket, config.node_name)
     try:
-        await stop.wait()
-    finally:
-        daemon.ready.clear()
-        log.warning("draining: no new work; running pulls keep their chunks for resume")
-        await server.stop(grace=5)
-        await daemon.pulls.drain()
+        await web.TCPSite(runner, host.strip("[]") or "0.0.0.0", int(port)).start()
+    except BaseException:
         await runner.cleanup()
-        daemon.engine.close()
-        daemon.store.close()
+        raise
+    return runner

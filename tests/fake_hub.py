@@ -9,6 +9,10 @@ bytes or more are LFS files: their resolve URL redirects (302) to a separate
 "CDN" server on another loopback address, which records every request's
 headers so tests can check the token never reaches it. Gated repositories
 answer 401 with X-Error-Code: GatedRepo unless the right token is sent.
+
+A file's content is bytes, or a Path served from disk with sendfile (as a
+real CDN would; the benchmark uses this so the server is not what it
+measures). Each file's hashes are computed once, not per request.
 """
 
 from __future__ import annotations
@@ -17,20 +21,31 @@ import asyncio
 import hashlib
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from aiohttp import web
+
+Content = bytes | Path
+
+
+def _identity(data: Content) -> str:
+    """What makes a commit's content distinct (a file on disk: its path, size and mtime)."""
+    if isinstance(data, Path):
+        st = data.stat()
+        return f"{data}:{st.st_size}:{st.st_mtime_ns}"
+    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass
 class FakeRepo:
     """A repository: commits (sha -> files), refs (branch/tag -> sha), gating."""
 
-    commits: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    commits: dict[str, dict[str, Content]] = field(default_factory=dict)
     refs: dict[str, str] = field(default_factory=dict)
     gated_token: str | None = None
 
-    def commit(self, files: dict[str, bytes], *, ref: str = "main") -> str:
-        sha = hashlib.sha1(repr(sorted((k, hashlib.sha256(v).hexdigest()) for k, v in files.items())).encode())
+    def commit(self, files: dict[str, Content], *, ref: str = "main") -> str:
+        sha = hashlib.sha1(repr(sorted((k, _identity(v)) for k, v in files.items())).encode())
         sha_hex = sha.hexdigest()
         self.commits[sha_hex] = dict(files)
         self.refs[ref] = sha_hex
@@ -45,7 +60,8 @@ class FakeHub:
         self.lfs_threshold = lfs_threshold
         self.cdn_requests: list[dict[str, str]] = []
         self.hub_requests: list[tuple[str, str]] = []
-        self._blobs: dict[str, bytes] = {}
+        self._blobs: dict[str, Content] = {}
+        self._digests: dict[int, tuple[Content, tuple[str, str, int]]] = {}
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -98,7 +114,7 @@ class FakeHub:
 
     # -- the Hub API ----------------------------------------------------------------
 
-    def _lookup(self, request: web.Request) -> tuple[str, FakeRepo, str, dict[str, bytes]]:
+    def _lookup(self, request: web.Request) -> tuple[str, FakeRepo, str, dict[str, Content]]:
         name = f"{request.match_info['org']}/{request.match_info['name']}"
         self.hub_requests.append((request.method, request.path_qs))
         repo = self.repos.get(name)
@@ -114,13 +130,32 @@ class FakeHub:
             raise web.HTTPNotFound(headers={"X-Error-Code": "RevisionNotFound"}, text="Revision not found")
         return name, repo, sha, repo.commits[sha]
 
-    def _entry(self, path: str, data: bytes) -> dict:
-        entry = {"type": "file", "path": path, "size": len(data),
-                 "oid": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()}
-        if len(data) >= self.lfs_threshold:
-            sha = hashlib.sha256(data).hexdigest()
+    def _digests_of(self, data: Content) -> tuple[str, str, int]:
+        """(git blob sha1, sha256, size) of a file's content, computed once (the cache keeps
+        the content alive, so its id is not reused)."""
+        cached = self._digests.get(id(data))
+        if cached is not None and cached[0] is data:
+            return cached[1]
+        size = data.stat().st_size if isinstance(data, Path) else len(data)
+        git, sha = hashlib.sha1(b"blob %d\0" % size), hashlib.sha256()
+        if isinstance(data, Path):
+            with open(data, "rb") as f:
+                while block := f.read(8 << 20):
+                    git.update(block)
+                    sha.update(block)
+        else:
+            git.update(data)
+            sha.update(data)
+        result = (git.hexdigest(), sha.hexdigest(), size)
+        self._digests[id(data)] = (data, result)
+        return result
+
+    def _entry(self, path: str, data: Content) -> dict:
+        git, sha, size = self._digests_of(data)
+        entry: dict = {"type": "file", "path": path, "size": size, "oid": git}
+        if size >= self.lfs_threshold:
             self._blobs[sha] = data
-            entry["lfs"] = {"oid": sha, "size": len(data), "pointerSize": 134}
+            entry["lfs"] = {"oid": sha, "size": size, "pointerSize": 134}
         return entry
 
     async def _info(self, request: web.Request) -> web.Response:
@@ -144,7 +179,7 @@ class FakeHub:
         headers = {"X-Repo-Commit": sha}
         if "lfs" in entry:
             headers.update({"Location": f"{self.cdn}/blobs/{entry['lfs']['oid']}",
-                            "X-Linked-Etag": f'"{entry["lfs"]["oid"]}"', "X-Linked-Size": str(len(data)),
+                            "X-Linked-Etag": f'"{entry["lfs"]["oid"]}"', "X-Linked-Size": str(entry["size"]),
                             "ETag": f'"{entry["oid"]}"'})
             return web.Response(status=302, headers=headers)
         headers["ETag"] = f'"{entry["oid"]}"'
@@ -158,7 +193,9 @@ class FakeHub:
         return _ranged(request, data, {"ETag": f'"{request.match_info["sha"]}"'})
 
 
-def _ranged(request: web.Request, data: bytes, headers: dict[str, str]) -> web.Response:
+def _ranged(request: web.Request, data: Content, headers: dict[str, str]) -> web.StreamResponse:
+    if isinstance(data, Path):  # aiohttp answers HEAD and Range itself, with sendfile
+        return web.FileResponse(data, headers=headers)
     rng = request.headers.get("Range")
     if request.method == "HEAD":
         return web.Response(status=200, headers={**headers, "Content-Length": str(len(data))})
@@ -166,6 +203,6 @@ def _ranged(request: web.Request, data: bytes, headers: dict[str, str]) -> web.R
         start_s, _, end_s = rng[6:].partition("-")
         start = int(start_s)
         end = min(int(end_s) if end_s else len(data) - 1, len(data) - 1)
-        return web.Response(status=206, body=data[start:end + 1],
+        return web.Response(status=206, body=memoryview(data)[start:end + 1],
                             headers={**headers, "Content-Range": f"bytes {start}-{end}/{len(data)}"})
     return web.Response(body=data, headers=headers)

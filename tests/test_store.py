@@ -370,3 +370,22 @@ def test_layer_with_a_symlink_chain_cannot_write_outside(tmp_path: Path) -> None
     with pytest.raises(UnsafePath):
         store.build_view(list(overlay([rows_to_layer(rows[:2])]).values()) +
                          [Node("x/PWNED", "file", rows[2][2], rows[2][3])])
+
+
+def test_bytes_written_in_order_are_hashed_from_memory(tmp_path: Path) -> None:
+    """Writes at the hash's frontier feed the hash at once; a chunk ahead of it waits for its turn."""
+    content = ContentStore(tmp_path / "store")
+    data = os.urandom(3 * CHUNK)
+    blob = blob_of(data)
+    ing = ingest(content, blob)
+    ing.write(2 * CHUNK, data[2 * CHUNK:])  # ahead of the frontier: not hashed yet
+    ing.mark_done(2)
+    assert ing._hashed == 0
+    ing.write(0, [data[:100], data[100:CHUNK]])  # at the frontier: hashed as written
+    assert ing._hashed == CHUNK
+    ing.mark_done(0)
+    ing.write(CHUNK, data[CHUNK:2 * CHUNK])
+    ing.mark_done(1)  # and the done chunk ahead is caught up from disk
+    assert ing._hashed == 3 * CHUNK
+    ing.commit()
+    assert content.path(blob.digest).read_bytes() == data

@@ -100,10 +100,14 @@ def make_weights(directory: Path, total: int, files: int) -> list[Path]:
     return paths
 
 
-def ceiling_http_get(urls: Sequence[str]) -> float:
-    """Seconds for parallel curl GETs of every URL into /dev/null (one process each)."""
+def ceiling_http_get(urls: Sequence[str], *, ranges: Sequence[str | None] = (None,)) -> float:
+    """Seconds for parallel curl GETs of every URL into /dev/null (one process each).
+
+    With ``ranges`` (``"0-1023"``, …), every URL is asked once per range, all at once.
+    """
     started = time.perf_counter()
-    procs = [subprocess.Popen(["curl", "-sf", "-o", "/dev/null", u]) for u in urls]
+    procs = [subprocess.Popen(["curl", "-sfL", "-o", "/dev/null", *(["-r", r] if r else []), u])
+             for u in urls for r in ranges]
     for p in procs:
         if p.wait():
             raise SystemExit("curl failed on the ceiling run")

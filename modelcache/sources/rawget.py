@@ -1,27 +1,33 @@
-"""A lean HTTP/1.1 GET for blob bodies: socket bytes land straight in large buffers.
+"""A lean HTTP/1.1 GET for blob bodies: socket bytes land straight in large buffers, off the event loop.
 
-Why it exists: profiling a 2 GiB pull showed the event loop, the bottleneck
-of a pull on a small node, spending about half its time in the general HTTP
-client's body path (a copy per parsed piece, many small objects, garbage
-collection). Here a :class:`asyncio.BufferedProtocol` receives into 4 MiB
-bytearrays (one copy, kernel to buffer) and whole buffers are handed to the
-writer, which writes them with ``pwritev`` without copying again.
+Why it exists: profiling pulls on a 2-core node showed the event loop as the
+bottleneck: first the general HTTP client's body path (a copy per parsed
+piece, many small objects), then, with a buffered protocol, the loop thread
+itself doing every ``recv`` of every stream while hashing and writing ran in
+threads. Here each connection is a plain blocking socket driven from a small
+thread pool: a thread fills a whole 4 MiB buffer with ``recv_into`` (one copy,
+kernel to buffer, the GIL released) and the loop sees one hand-off per
+buffer. The next buffer is being filled while the caller writes the last.
 
 It speaks only what a ranged blob GET needs: a request line and headers out;
 a status line, headers and a ``Content-Length`` body in (RFC 9112). Anything
 else (a chunked body, a redirect, an auth challenge, a 1xx) is reported as a
 :class:`RawResponse` without a body, and callers take their general client
-path for it. Connections are kept alive and pooled per origin, and never read
-past the end of a response, so a reused connection starts clean.
+path for it. Connections are kept alive and pooled per origin, never read
+past the end of a response (so a reused connection starts clean), and
+dropped, never reused, after any error or abandoned body. A read that waits
+``read_timeout`` seconds without a byte fails as a stall.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import sys
-from collections import deque
+import threading
 from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -29,8 +35,10 @@ from ..errors import Unavailable
 
 BUFFER = 4 << 20
 _MAX_HEAD = 64 << 10
-_QUEUE_LIMIT = 3  # buffers waiting for the writer before the socket is paused
 _SPARES = 64  # buffers kept for reuse (a pull holds a few per stream)
+_THREADS = 32  # at most this many sockets in a blocking call at once, per pool
+
+Key = tuple[str, str, int]
 
 
 @dataclass(slots=True)
@@ -43,231 +51,202 @@ class RawResponse:
     _conn: _Connection | None = field(default=None, repr=False)
 
     async def body(self) -> AsyncIterator[memoryview]:
-        """Yield the body in large pieces; the connection returns to its pool at the end."""
+        """Yield the body in large pieces.
+
+        The connection goes back to its pool as soon as its last byte is in,
+        before the last piece is yielded, so a caller that stops there
+        (having all it asked for) still leaves it reusable. Bytes received
+        before a failure are yielded before the error is raised, so a retry
+        can resume after them.
+        """
         assert self._conn is not None and self.content_length is not None
         conn, self._conn = self._conn, None
+        pool = conn.pool
+        done = False
+        ahead = None  # (the fill running in a thread, the buffer it fills)
         try:
-            async for piece in conn.body():
-                yield piece
+            if not conn.remaining:
+                done = True
+                conn.release()
+            while not done:
+                if ahead is None:
+                    ahead = pool.start_fill(conn)
+                filling, buf = ahead
+                n, error = await filling
+                ahead = None
+                done = error is None and not conn.remaining
+                if done:
+                    conn.release()
+                elif error is None:  # read ahead while the caller writes this piece
+                    ahead = pool.start_fill(conn)
+                if n:
+                    yield memoryview(buf)[:n]
+                if error is not None:
+                    raise error
         except BaseException:
-            conn.close()
+            if not done:
+                conn.abort()
             raise
-        conn.release()
 
     def close(self) -> None:
         """Drop the connection without reading the body."""
         if self._conn is not None:
-            self._conn.close()
+            self._conn.abort()
             self._conn = None
 
 
-class _Connection(asyncio.BufferedProtocol):
-    """One keep-alive connection; receives one response at a time."""
+class _Connection:
+    """One keep-alive connection, used by one request at a time, from pool threads."""
 
-    def __init__(self, pool: RawPool, key: tuple[str, str, int], read_timeout: float) -> None:
-        self._pool = pool
-        self._key = key
-        self._read_timeout = read_timeout
-        self.transport: asyncio.Transport | None = None
-        self._buf = bytearray(_MAX_HEAD)
-        self._cap = _MAX_HEAD  # where this buffer's usable part ends (never past the body)
-        self._filled = 0
-        self._in_body = False
-        self._has_body = False  # this response's body is ours to read (it may be whole already)
-        self._remaining = 0
-        self._ready: deque[memoryview] = deque()
-        self._waiter: asyncio.Future[None] | None = None
-        self._error: BaseException | None = None
-        self._head: tuple[int, dict[str, str]] | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._paused = False
+    def __init__(self, pool: RawPool, key: Key, sock: socket.socket) -> None:
+        self.pool = pool
+        self.key = key
+        self._sock = sock
+        self._lock = threading.Lock()
+        self._busy = False
+        self._dead = False
+        self._pending = b""  # body bytes that came in with the headers
+        self.remaining = 0  # body bytes not yet handed out
         self.reusable = True
 
-    # -- protocol callbacks -----------------------------------------------------
+    # -- run in pool threads ---------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return memoryview(self._buf)[self._filled:self._cap]
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self._filled += nbytes
-        self._arm_timer()
-        if self._in_body:
-            self._remaining -= nbytes
-            if self._filled == self._cap or self._remaining == 0:
-                self._hand_off()
-            return
-        end = self._buf.find(b"\r\n\r\n", 0, self._filled)
-        if end < 0:
-            if self._filled == self._cap:
-                self._fail(Unavailable("response headers over 64 KiB"))
-            return
-        try:
-            self._head = _parse_head(bytes(self._buf[:end]))
-        except ValueError as e:
-            self._fail(Unavailable(f"malformed HTTP response: {e}"))
-            return
-        extra = bytes(self._buf[end + 4:self._filled])
-        self._filled = 0
-        self._wake()
-        status, headers = self._head
-        length = _content_length(headers)
-        if status < 200 or length is None or headers.get("transfer-encoding"):
-            self.reusable = False  # not ours to read: the caller takes another path
-            return
-        if len(extra) > length:
-            self._fail(Unavailable("server sent more than its Content-Length"))
-            return
-        self._in_body = self._has_body = True
-        self._remaining = length - len(extra)  # still to come from the socket
-        # The first buffer holds what came with the headers plus what follows.
-        self._buf = self._pool.buffer()
-        self._cap = min(len(self._buf), length)
-        self._buf[:len(extra)] = extra
-        self._filled = len(extra)
-        if self._remaining == 0 or self._filled == self._cap:
-            self._hand_off()
-
-    def eof_received(self) -> bool | None:
-        self._fail(Unavailable("server closed the connection early"))
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.reusable = False
-        self._cancel_timer()
-        if not self._in_body or self._remaining > 0:
-            self._fail(Unavailable(f"connection lost: {exc}" if exc else "connection closed mid-response"))
-
-    # -- internals ----------------------------------------------------------------
-
-    def _new_buffer(self) -> None:
-        self._buf = self._pool.buffer()
-        self._cap = min(len(self._buf), self._remaining)
-        self._filled = 0
-
-    def _hand_off(self) -> None:
-        if self._filled:
-            self._ready.append(memoryview(self._buf)[:self._filled])
-        if self._remaining > 0:
-            self._new_buffer()
-            if len(self._ready) >= _QUEUE_LIMIT and self.transport and not self._paused:
-                self.transport.pause_reading()
-                self._paused = True
-                self._cancel_timer()  # a slow disk is not a stalled server
-        else:
-            self._in_body = False
-            self._cancel_timer()
-        self._wake()
-
-    def _fail(self, error: BaseException) -> None:
-        self.reusable = False
-        if self._in_body and self._filled:
-            # Bytes received before the failure are good: hand them over, so the
-            # retry resumes after them instead of at the start of the buffer.
-            self._ready.append(memoryview(self._buf)[:self._filled])
-            self._buf, self._cap, self._filled = bytearray(1), 0, 0
-        if self._error is None:
-            self._error = error
-        self._cancel_timer()
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    def _arm_timer(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = loop.call_later(self._read_timeout, self._stalled)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _stalled(self) -> None:
-        self._fail(Unavailable(f"no data for {self._read_timeout:g}s"))
-        if self.transport is not None:
-            self.transport.abort()
-
-    async def _wait(self) -> None:
-        self._waiter = asyncio.get_running_loop().create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
-
-    # -- what the pool and responses call ------------------------------------------
-
-    async def request(self, target: str, host: str, headers: Mapping[str, str]) -> RawResponse:
-        assert self.transport is not None
-        self._head = None
-        self._error = None
-        self._has_body = False
-        self._buf = bytearray(_MAX_HEAD)
-        self._cap = _MAX_HEAD
-        self._filled = 0
+    def request(self, target: str, host: str, headers: Mapping[str, str]) -> tuple[int, dict[str, str]]:
+        """Send the GET and read the response head (blocks)."""
         lines = [f"GET {target} HTTP/1.1", f"Host: {host}", "Connection: keep-alive"]
         lines += [f"{k}: {v}" for k, v in headers.items()]
-        self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        self._arm_timer()
-        while self._head is None and self._error is None:
-            await self._wait()
-        if self._head is None:
-            assert self._error is not None
-            raise self._error
-        status, headers_in = self._head
-        length = _content_length(headers_in)
-        if headers_in.get("connection", "").lower() == "close":
+        head = bytearray()
+        with self._operation():
+            try:
+                self._sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+                while (end := head.find(b"\r\n\r\n")) < 0:
+                    if len(head) >= _MAX_HEAD:
+                        raise Unavailable("response headers over 64 KiB")
+                    got = self._sock.recv(_MAX_HEAD)
+                    if not got:
+                        raise Unavailable("server closed the connection in the response headers")
+                    head += got
+            except (Unavailable, ConnectionError) as e:
+                if head:
+                    raise
+                # Nothing came back: a kept-alive connection the server had already closed.
+                raise _Stale(f"server closed the connection before answering ({e})") from e
+        try:
+            status, fields = _parse_head(bytes(head[:end]))
+        except ValueError as e:
+            raise Unavailable(f"malformed HTTP response: {e}") from e
+        extra = bytes(head[end + 4:])
+        length = _content_length(fields)
+        if fields.get("connection", "").lower() == "close":
             self.reusable = False
-        body = self._has_body
-        if not body:
-            self.close()  # the caller will use another client for this one
-        return RawResponse(status, headers_in, length if body else None, self if body else None)
+        if status < 200 or length is None or fields.get("transfer-encoding"):
+            self.reusable = False  # not ours to read: the caller takes another path
+            self.remaining = 0
+            return status, fields
+        if len(extra) > length:
+            raise Unavailable("server sent more than its Content-Length")
+        self._pending, self.remaining = extra, length
+        return status, fields
 
-    async def body(self) -> AsyncIterator[memoryview]:
-        while True:
-            while self._ready:
-                piece = self._ready.popleft()
-                if self._paused and len(self._ready) < _QUEUE_LIMIT and self.transport:
-                    self.transport.resume_reading()
-                    self._paused = False
-                    self._arm_timer()
-                yield piece
-            if self._error is not None:
-                raise self._error
-            if not self._in_body:
-                return
-            await self._wait()
+    def fill(self, buf: bytearray) -> tuple[int, BaseException | None]:
+        """Fill ``buf`` from the body (up to what remains); (bytes, the error that stopped it early)."""
+        view = memoryview(buf)[: min(len(buf), self.remaining)]
+        n = len(self._pending)
+        view[:n] = self._pending
+        self._pending = b""
+        try:
+            with self._operation():
+                while n < len(view):
+                    got = self._sock.recv_into(view[n:])
+                    if not got:
+                        raise Unavailable("server closed the connection mid-response")
+                    n += got
+        except Unavailable as e:
+            return self._took(n), e
+        return self._took(n), None
+
+    def _took(self, n: int) -> int:
+        self.remaining -= n
+        return n
+
+    # -- the loop's side -----------------------------------------------------------------
 
     def release(self) -> None:
-        if self.reusable and not self._in_body and self._error is None:
-            self._pool._put(self._key, self)
+        """Back to the pool if the response was read cleanly, else closed."""
+        if self.reusable and not self.remaining and not self._dead:
+            self.pool._put(self.key, self)
         else:
-            self.close()
+            self.abort()
 
-    def close(self) -> None:
-        self.reusable = False
-        self._cancel_timer()
-        if self.transport is not None:
-            self.transport.abort()
-            self.transport = None
+    def abort(self) -> None:
+        """Never use this connection again; unblock a thread still reading it."""
+        with self._lock:
+            self.reusable = False
+            if self._dead:
+                return
+            self._dead = True
+            if self._busy:  # the reading thread closes it when its call returns
+                try:
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                return
+        self._sock.close()
+
+    @property
+    def alive(self) -> bool:
+        return not self._dead
+
+    def _operation(self) -> _Operation:
+        return _Operation(self)
+
+
+class _Operation:
+    """One blocking call on a connection: socket errors become Unavailable; an abort closes it after."""
+
+    def __init__(self, conn: _Connection) -> None:
+        self._conn = conn
+
+    def __enter__(self) -> None:
+        conn = self._conn
+        with conn._lock:
+            if conn._dead:
+                raise Unavailable("connection closed")
+            conn._busy = True
+
+    def __exit__(self, kind, error, tb) -> None:
+        conn = self._conn
+        with conn._lock:
+            conn._busy = False
+            aborted = conn._dead
+        if aborted:
+            conn._sock.close()
+        if error is None:
+            return
+        conn.reusable = False
+        if not aborted:
+            conn.abort()
+        if isinstance(error, TimeoutError | socket.timeout):
+            raise Unavailable(f"no data for {conn.pool.read_timeout:g}s") from error
+        if isinstance(error, OSError):
+            raise Unavailable(f"connection lost: {error}") from error
+
+
+class _Stale(Unavailable):
+    """A kept-alive connection the server had closed: try a fresh one."""
 
 
 class RawPool:
-    """Keep-alive connections per origin for :meth:`get`."""
+    """Keep-alive connections per origin for :meth:`get`, and the threads that read them."""
 
     def __init__(self, *, connect_timeout: float, read_timeout: float,
                  ssl_context: ssl.SSLContext | None = None) -> None:
-        self._connect_timeout = connect_timeout
-        self._read_timeout = read_timeout
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
         self._ssl = ssl_context
-        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._idle: dict[Key, list[_Connection]] = {}
         self._spares: list[bytearray] = []
+        self.threads = ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="mc-net")
 
     def buffer(self) -> bytearray:
         """A BUFFER-sized bytearray, recycled when nothing else refers to it any more.
@@ -277,6 +256,7 @@ class RawPool:
         handed out earlier is free again once its only references are this
         list and the call's argument; that refcount test is CPython's, and
         safe: with no other reference, nobody can still read or write it.
+        Called on the event loop thread only.
         """
         for buf in self._spares:
             if sys.getrefcount(buf) == 3:  # the list, the loop variable, getrefcount's argument
@@ -286,7 +266,7 @@ class RawPool:
             self._spares.append(buf)
         return buf
 
-    def _put(self, key: tuple[str, str, int], conn: _Connection) -> None:
+    def _put(self, key: Key, conn: _Connection) -> None:
         self._idle.setdefault(key, []).append(conn)
 
     async def get(self, url: str, headers: Mapping[str, str]) -> RawResponse:
@@ -300,28 +280,60 @@ class RawPool:
         idle = self._idle.get(key) or []
         while idle:
             conn = idle.pop()
-            if conn.transport is not None and not conn.transport.is_closing():
+            if conn.alive:
                 try:
-                    return await conn.request(target, parts.netloc, headers)
-                except Unavailable:
-                    conn.close()  # a stale keep-alive connection: retry on a new one
-        loop = asyncio.get_running_loop()
-        ctx = (self._ssl or ssl.create_default_context()) if secure else None
+                    return await self._ask(conn, target, parts.netloc, headers)
+                except _Stale:
+                    continue  # the server dropped it while idle: try the next one, or a new one
+        conn = await self._run(self._connect, key)
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _Connection(self, key, self._read_timeout), host, port,
-                                       ssl=ctx, server_hostname=host if ctx else None),
-                self._connect_timeout)
-        except (TimeoutError, OSError) as e:
-            raise Unavailable(f"{parts.netloc}: cannot connect: {type(e).__name__} {e}".rstrip()) from e
-        return await conn.request(target, parts.netloc, headers)
+            return await self._ask(conn, target, parts.netloc, headers)
+        except _Stale as e:
+            raise Unavailable(f"{parts.netloc}: {e}") from e
+
+    async def _ask(self, conn: _Connection, target: str, host: str, headers: Mapping[str, str]) -> RawResponse:
+        try:
+            status, fields = await self._run(conn.request, target, host, headers)
+        except BaseException:
+            conn.abort()
+            raise
+        if conn.remaining or _content_length(fields) == 0 and conn.reusable:
+            return RawResponse(status, fields, conn.remaining, conn)
+        conn.abort()  # no body of ours: the caller uses another client for this one
+        return RawResponse(status, fields, None)
+
+    def _connect(self, key: Key) -> _Connection:
+        scheme, host, port = key
+        try:
+            sock = socket.create_connection((host, port), timeout=self.connect_timeout)
+        except OSError as e:
+            raise Unavailable(f"{host}:{port}: cannot connect: {type(e).__name__} {e}".rstrip()) from e
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if scheme == "https":
+                ctx = self._ssl or ssl.create_default_context()
+                sock = ctx.wrap_socket(sock, server_hostname=host)
+            sock.settimeout(self.read_timeout)
+        except OSError as e:
+            sock.close()
+            raise Unavailable(f"{host}:{port}: TLS handshake failed: {e}") from e
+        return _Connection(self, key, sock)
+
+    def start_fill(self, conn: _Connection) -> tuple[asyncio.Future[tuple[int, BaseException | None]], bytearray]:
+        """Start filling a fresh buffer from ``conn``'s body in a thread."""
+        buf = self.buffer()
+        return asyncio.get_running_loop().run_in_executor(self.threads, conn.fill, buf), buf
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.threads, fn, *args)
 
     def close(self) -> None:
-        """Close every idle connection."""
+        """Close every idle connection and let the threads go."""
         for conns in self._idle.values():
             for conn in conns:
-                conn.close()
+                conn.abort()
         self._idle.clear()
+        self.threads.shutdown(wait=False)
 
 
 def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
@@ -346,3 +358,4 @@ def _content_length(headers: Mapping[str, str]) -> int | None:
     if value is None or not value.isdigit():
         return None
     return int(value)
+

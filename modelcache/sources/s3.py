@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 from collections.abc import AsyncIterator
 
 from ..errors import (
@@ -93,6 +94,7 @@ class S3Source:
         self._s3 = client(options.connections)
         self._raw = RawPool(connect_timeout=options.connect_timeout, read_timeout=options.read_timeout)
         self._objects: dict[str, tuple[str, str]] = {}  # blob digest -> (key, etag)
+        self._urls: dict[str, tuple[float, str]] = {}  # key -> (signed at, presigned URL)
         self._prefix = ref.prefix.strip("/")
 
     async def _call(self, fn, *args, **kwargs):
@@ -174,11 +176,19 @@ class S3Source:
             self._objects[blob.digest] = (key["Key"], str(key["ETag"]).strip('"'))
         return model
 
+    async def _presigned(self, key: str) -> str:
+        """A GET URL for ``key``, signed once and reused while it has over half its life left."""
+        signed = self._urls.get(key)
+        if signed is None or time.monotonic() - signed[0] > _PRESIGN_SECONDS / 2:
+            url = await self._call(self._s3.generate_presigned_url, "get_object",
+                                   Params={"Bucket": self.ref.bucket, "Key": key}, ExpiresIn=_PRESIGN_SECONDS)
+            signed = self._urls[key] = (time.monotonic(), url)
+        return signed[1]
+
     async def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes | memoryview]:
         key, etag = self._objects[blob.digest]
         what = f"s3://{self.ref.bucket}/{key}"
-        url = await self._call(self._s3.generate_presigned_url, "get_object",
-                               Params={"Bucket": self.ref.bucket, "Key": key}, ExpiresIn=_PRESIGN_SECONDS)
+        url = await self._presigned(key)
         headers = {"Range": f"bytes={offset}-{offset + length - 1}", "If-Match": f'"{etag}"',
                    "Accept-Encoding": "identity"}
         resp = await self._raw.get(url, headers)

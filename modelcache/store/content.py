@@ -161,8 +161,12 @@ class BlobIngest:
     ``data`` is preallocated; ``chunks`` holds one byte per chunk, set only
     after that chunk's bytes were fdatasync'd, so after a crash (even a power
     loss) every chunk marked done really is on disk. The sha256 is computed
-    over the done prefix as it grows, reading back from the page cache, so no
-    chunk is ever held in memory whole.
+    over the prefix as it grows: from memory for bytes written right where the
+    hash stands (a blob fetched in order), by reading back from the page cache
+    for chunks that completed ahead of it; no chunk is ever held in memory whole.
+    Each byte is written once per ingest (retries resume after what was
+    written), so hashing bytes not yet durable is safe: the hash dies with
+    the process, and a new one starts from the durable chunks.
     """
 
     def __init__(self, store: ContentStore, blob: Blob, chunk_size: int, lock_fd: int, lock_path: Path) -> None:
@@ -219,9 +223,29 @@ class BlobIngest:
         return sum(self.chunk_range(i)[1] for i, d in enumerate(self.done) if d)
 
     def write(self, offset: int, data: bytes | memoryview | Sequence[bytes | memoryview]) -> None:
-        """Write ``data`` (one buffer or several, in order) at ``offset``; no seek, no copy."""
+        """Write ``data`` (one buffer or several, in order) at ``offset``; no seek, no copy.
+
+        Bytes written where the hash has reached are hashed here, from
+        memory; the others are read back when their chunk is done.
+        """
         buffers = [memoryview(data)] if isinstance(data, bytes | bytearray | memoryview) else \
             [memoryview(b) for b in data]
+        self._write_all(offset, list(buffers))
+        if offset == self._hashed:  # unlocked peek; checked again under the lock
+            self._hash_in_memory(offset, buffers)
+
+    def _hash_in_memory(self, offset: int, buffers: list[memoryview]) -> None:
+        with self._hash_lock:
+            if offset != self._hashed:
+                return
+            for buffer in buffers:
+                piece = buffer[: max(0, self.blob.size - self._hashed)]
+                self._hash.update(piece)
+                if self._md5 is not None:
+                    self._md5.update(piece)
+                self._hashed += len(piece)
+
+    def _write_all(self, offset: int, buffers: list[memoryview]) -> None:
         while buffers:
             batch = buffers[:_IOV_MAX]
             n = os.pwritev(self.fd, batch, offset)

@@ -17,6 +17,9 @@ Guarantees:
   a pull.
 - Hashing, writes and fsync run in a thread pool: the event loop only moves
   bytes between sockets and threads.
+- Slots are shared fairly between blobs (:mod:`.slots`): with several blobs
+  each gets its own stream, in order, so its sha256 is computed from the
+  bytes in memory as they are written instead of read back from disk.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from ..model import Blob
 from ..sources.base import ByteSource
 from ..store.content import BlobIngest, ContentStore
 from .routing import ChunkRouter
+from .slots import FairSlots
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +79,7 @@ class Engine:
         self.config = config or TransferConfig()
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self.learned: dict[str, str] = {}  # stand-in digest -> sha256, for every pull sharing this engine
-        self._slots = asyncio.Semaphore(self.config.concurrency)
+        self._slots = FairSlots(self.config.concurrency)
         self._pool = ThreadPoolExecutor(max_workers=self.config.concurrency + 4, thread_name_prefix="mc-io")
 
     def close(self) -> None:
@@ -150,16 +154,21 @@ class Engine:
     async def _worker(self, ingest: BlobIngest, todo: deque[int], router: ChunkRouter,
                       stats: TransferStats, progress: Progress | None) -> None:
         while todo:
-            index = todo.popleft()
-            async with self._slots:
+            # The chunk is taken only once a slot is held, so each blob's chunks start in order;
+            # the slot is given back before the fdatasync, so the next range is already coming.
+            async with self._slots.slot(ingest.blob.digest):
+                if not todo:
+                    return
+                index = todo.popleft()
                 await self._fetch_chunk(ingest, index, router, stats, progress)
+            await self._io(ingest.mark_done, index)
 
     async def _fetch_chunk(self, ingest: BlobIngest, index: int, router: ChunkRouter,
                            stats: TransferStats, progress: Progress | None) -> None:
+        """Write chunk ``index`` whole into the ingest (the caller makes it durable)."""
         blob = ingest.blob
         offset, length = ingest.chunk_range(index)
         if length == 0:  # an empty blob: nothing to ask anyone for
-            await self._io(ingest.mark_done, index)
             return
         got = 0
         attempt = 0
@@ -181,7 +190,6 @@ class Engine:
                 delay = self._backoff(attempt, e.retry_after)
                 log.info("chunk %d of %s: %s; retry %d in %.1fs", index, blob.digest[:19], e, attempt, delay)
                 await asyncio.sleep(delay)
-        await self._io(ingest.mark_done, index)
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:

@@ -114,3 +114,40 @@ def test_connection_refused_is_unavailable() -> None:
             await pool.get("http://127.0.0.1:9/x", {})
 
     asyncio.run(main())
+
+
+def test_abandoned_body_frees_its_thread_and_connection_at_once() -> None:
+    """A caller cancelled while a thread waits on a quiet body: the wait ends now, not at the
+    read timeout, and the connection is dropped (the server sees it go), never reused."""
+    gone = asyncio.Event()
+
+    async def quiet(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Length": str(len(DATA))})
+        await resp.prepare(request)
+        await resp.write(DATA[:1000])
+        for _ in range(600):  # quiet for up to 30 s, watching for the client to hang up
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                gone.set()
+                break
+            await asyncio.sleep(0.05)
+        return resp
+
+    async def main() -> None:
+        runner, base = await _server({"/quiet": quiet})
+        pool = RawPool(connect_timeout=5, read_timeout=30)
+        try:
+            resp = await pool.get(f"{base}/quiet", {})
+            reader = asyncio.create_task(_collect(resp))
+            await asyncio.sleep(0.2)  # the fill thread is now blocked in recv
+            reader.cancel()
+            async with asyncio.timeout(3):
+                with pytest.raises(asyncio.CancelledError):
+                    await reader
+                await gone.wait()
+            assert not pool._idle.get(("http", "127.0.0.1", int(base.rsplit(":", 1)[1])))
+        finally:
+            pool.close()
+            await runner.cleanup()
+
+    asyncio.run(main())

@@ -187,7 +187,9 @@ class _Connection:
             self._dead = True
             if self._busy:  # the reading thread closes it when its call returns
                 try:
-                    self._sock.shutdown(socket.SHUT_RDWR)
+                    # The plain socket's shutdown even for TLS: SSLSocket.shutdown would drop the
+                    # SSL object under the thread still reading through it.
+                    socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
                 except OSError:
                     pass
                 return

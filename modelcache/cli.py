@@ -448,7 +448,9 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     else:
         print(f"evicted {len(report.views_removed)} models, removed {report.blobs_removed} blobs "
               f"({human(report.bytes_freed)}), {report.ingests_removed} partial downloads; "
-              f"{human(report.bytes_kept)} kept")
+              f"{human(report.bytes_kept)} kept"
+              + (f"; removed {len(report.corrupt_views_removed)} corrupt views no pod mounts any more"
+                 if report.corrupt_views_removed else ""))
     return 0
 
 

@@ -3,7 +3,8 @@
 Accepted forms:
 
 - ``oci://HOST[:PORT]/REPO[:TAG|@sha256:HEX]``: a registry; the tag defaults
-  to ``latest`` as in Docker. ``HOST`` may be ``[::1]``.
+  to ``latest`` as in Docker. ``HOST`` may be ``[::1]``. Docker's pinned
+  ``REPO:TAG@sha256:HEX`` is read as the digest alone.
 - ``oci-layout:///PATH[:TAG|@sha256:HEX]``: an OCI image layout directory.
 - ``s3://BUCKET/PREFIX``: the objects under a prefix (or an OCI layout there).
 - ``hf://ORG/NAME[@REVISION]``: a Hugging Face Hub model (revision: ``main``).
@@ -159,12 +160,12 @@ def _parse_oci(text: str) -> OciRef:
         path, _, digest = path.partition("@")
         if not _DIGEST_RE.match(digest):
             raise InvalidReference(f"{text!r}: invalid digest {digest!r} (expected sha256:<64 hex>)")
-    else:
-        last = path.rsplit("/", 1)[-1]
-        if ":" in last:
-            path, _, tag = path.rpartition(":")
-            if not _TAG_RE.match(tag):
-                raise InvalidReference(f"{text!r}: invalid tag {tag!r}")
+    last = path.rsplit("/", 1)[-1]
+    if ":" in last:
+        # REPO:TAG@DIGEST (docker's pinned form) is allowed: the digest decides, the tag is a label.
+        path, _, tag = path.rpartition(":")
+        if not _TAG_RE.match(tag):
+            raise InvalidReference(f"{text!r}: invalid tag {tag!r}")
     if not _REPO_RE.match(path):
         raise InvalidReference(
             f"{text!r}: invalid repository name {path!r} (lowercase letters, digits, . _ - and /)"

@@ -138,7 +138,13 @@ class Filters:
         """A stable text form, part of the index key of a pulled ref."""
         if not self.include and not self.exclude:
             return ""
-        return "inc=" + ",".join(sorted(self.include)) + ";exc=" + ",".join(sorted(self.exclude))
+
+        def joined(patterns: tuple[str, ...] | list[str]) -> str:
+            # Escaped, so a pattern holding "," or ";" never reads as two patterns.
+            return ",".join(p.replace("\\", "\\\\").replace(",", "\\,").replace(";", "\\;")
+                            for p in sorted(patterns))
+
+        return f"inc={joined(self.include)};exc={joined(self.exclude)}"
 
 
 def _glob(path: str, pattern: str) -> bool:

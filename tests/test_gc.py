@@ -103,3 +103,11 @@ def test_verify_delete_moves_a_mounted_corrupt_view_aside(tmp_path: Path) -> Non
     assert Path(aside).is_dir() and not view.exists()
     fresh = _pull_dir(store, old)
     assert fresh == view and tree_digests(fresh) == tree_digests(old)
+    # gc keeps the aside tree while the pod's lease stands, and removes it once the volume is gone.
+    assert _gc(store)["corrupt_views_removed"] == [] and Path(aside).is_dir()
+    db = sqlite3.connect(store / "index.sqlite")
+    with db:
+        db.execute("DELETE FROM leases WHERE id = 'vol-1'")
+    db.close()
+    assert _gc(store)["corrupt_views_removed"] == [Path(aside).name]
+    assert not Path(aside).exists() and tree_digests(fresh) == tree_digests(old)

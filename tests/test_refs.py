@@ -42,6 +42,8 @@ def plain(tmp_path: Path) -> Path:
     ("oci://localhost/my_model.x__y--z", "localhost", "my_model.x__y--z", None, None),
     ("oci://reg.io/m:" + "T" * 128, "reg.io", "m", "T" * 128, None),
     ("  oci://reg.io/m:v1\n", "reg.io", "m", "v1", None),
+    # docker's pinned form: the digest decides, the tag is dropped (the canonical form is @digest)
+    ("oci://reg.io:5000/org/m:v1@" + DIGEST, "reg.io:5000", "org/m", None, DIGEST),
 ])
 def test_oci_references(text: str, host: str, repository: str, tag: str | None, digest: str | None) -> None:
     """oci:// splits into host (with port or IPv6 brackets), nested repository, tag or digest."""
@@ -138,6 +140,7 @@ def test_directory_references(plain: Path, monkeypatch: pytest.MonkeyPatch) -> N
     ("oci://reg.io/m:-x", "invalid tag '-x'"),
     ("oci://reg.io/m:" + "t" * 129, "invalid tag"),
     ("oci://reg.io/m@sha256:abc", "invalid digest 'sha256:abc'"),
+    ("oci://reg.io/m:bad!tag@" + DIGEST, "invalid tag"),
     ("oci://reg.io/m@md5:" + HEX[:32], "invalid digest"),
     ("oci://reg.io/m@sha256:" + HEX.upper(), "invalid digest"),
     ("oci://reg.io/m@", "invalid digest ''"),

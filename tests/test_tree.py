@@ -239,3 +239,11 @@ def test_overlay_opaque_root_and_later_layers() -> None:
     """An opaque root hides every lower layer; layers above it apply normally."""
     tree = overlay([[file("a"), file("b/c")], [("opaque", ""), file("x")], [file("y")]])
     assert sorted(tree) == ["x", "y"]
+
+
+def test_filter_keys_never_collide() -> None:
+    """Distinct filters have distinct keys (they name cached views and single-flight pull jobs)."""
+    cases = [Filters.of(["a,b"]), Filters.of(["a", "b"]), Filters.of(["a;exc=b"]), Filters.of(["a"], ["b"]),
+             Filters.of(["a\\"], ["b"]), Filters.of(["a\\,b"]), Filters.of([], ["a,b"]), Filters()]
+    assert len({f.key() for f in cases}) == len(cases)
+    assert Filters.of(["b", "a"]).key() == Filters.of(["a", "b"]).key() == "inc=a,b;exc="

@@ -5,6 +5,8 @@ any view still uses it: a committed blob with ``st_nlink == 1`` belongs to no
 view and can go. Blobs are deleted only after the views that used them, so a
 reader of a surviving view never loses a file. Partial downloads under
 ``ingest/`` are kept (they resume) unless older than ``ingest_max_age``.
+Views that ``verify --delete`` moved aside (``views/.corrupt-*``, because a
+pod had them mounted) are removed once no lease holds a view of that name.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class GcReport:
     """What a collection removed and what remains."""
 
     views_removed: list[str] = field(default_factory=list)
+    corrupt_views_removed: list[str] = field(default_factory=list)
     blobs_removed: int = 0
     bytes_freed: int = 0
     ingests_removed: int = 0
@@ -46,6 +49,7 @@ def collect(store: Store, *, max_bytes: int | None = None, ingest_max_age: float
             remove_tree(store.views_dir / hex_)
             store.index.forget_view(view)
             report.views_removed.append(view)
+    _remove_unmounted_corrupt_views(store, report)
     for digest in list(store.content.digests()):
         path = store.content.path(digest)
         try:
@@ -64,6 +68,20 @@ def collect(store: Store, *, max_bytes: int | None = None, ingest_max_age: float
                 report.ingests_removed += 1
     report.bytes_kept = store.disk_usage()
     return report
+
+
+def _remove_unmounted_corrupt_views(store: Store, report: GcReport) -> None:
+    """Drop ``views/.corrupt-<hex12>-<random>`` trees no lease needs any more.
+
+    A lease names the view, not the aside directory, so any lease on a view
+    with the same name prefix keeps it: cautious, never a tree under a pod.
+    """
+    leased = {view.partition(":")[2][:12] for _id, view, _holder in store.index.leases()}
+    for entry in os.scandir(store.views_dir):
+        if entry.name.startswith(".corrupt-") and entry.is_dir(follow_symlinks=False):
+            if entry.name.split("-")[1] not in leased:
+                remove_tree(store.views_dir / entry.name)
+                report.corrupt_views_removed.append(entry.name)
 
 
 def _exclusive_bytes(store: Store, view_hex: str) -> int:

@@ -6,7 +6,10 @@ each one (method, path, Range, status, body bytes served), so tests measure
 the next N blob GETs it can misbehave: answer an HTTP status (with
 ``Retry-After``), reset the connection or stall after part of the body, or
 flip a byte; and it can throttle blob bodies to a total rate so a pull can be
-killed midway. It listens on loopback only, every fault is consumed by one
+killed midway. For uploads (PATCH and PUT under ``/blobs/uploads/``) it can
+answer an HTTP status instead of forwarding, or forward only the first N
+bytes of the body (so the registry keeps part of a chunk) and then reset the
+connection. It listens on loopback only, every fault is consumed by one
 request, and a stall ends when the proxy closes.
 
 :class:`BackgroundServer` runs any aiohttp app on its own event loop in a
@@ -150,6 +153,7 @@ class FaultProxy(BackgroundServer):
         self.rate = rate  # blob body bytes per second, all responses together; None: unlimited
         self.events: list[Event] = []
         self._faults: list[Fault] = []
+        self._upload_faults: list[tuple[str, Fault]] = []  # (method, fault)
         self._lock = threading.Lock()
         self._next_slot = 0.0
         self._session: aiohttp.ClientSession | None = None
@@ -160,6 +164,18 @@ class FaultProxy(BackgroundServer):
         """Make each of the next ``times`` blob GETs misbehave with ``fault``."""
         with self._lock:
             self._faults.extend([fault] * times)
+
+    def inject_upload(self, fault: Fault, times: int = 1, *, method: str = "PATCH") -> None:
+        """Make each of the next ``times`` upload ``method`` requests (PATCH or PUT) misbehave:
+        a status, or a reset after forwarding ``fault.at`` body bytes."""
+        assert fault.kind in ("status", "reset") and method in ("PATCH", "PUT")
+        with self._lock:
+            self._upload_faults.extend([(method, fault)] * times)
+
+    def uploads(self) -> list[Event]:
+        """The upload PATCH/PUTs so far; ``bytes`` is the body bytes forwarded to the registry."""
+        with self._lock:
+            return [e for e in self.events if e.method in ("PATCH", "PUT") and "/blobs/uploads/" in e.path]
 
     def pending_faults(self) -> int:
         """Faults queued but not yet used."""
@@ -201,6 +217,11 @@ class FaultProxy(BackgroundServer):
             self.events.append(event)
             if event.method == "GET" and event.digest and self._faults:
                 event.fault = self._faults.pop(0)
+            if "/blobs/uploads/" in event.path:
+                for i, (method, _fault) in enumerate(self._upload_faults):
+                    if method == event.method:
+                        event.fault = self._upload_faults.pop(i)[1]
+                        break
         try:
             return await self._answer(request, event)
         except ConnectionResetError:  # the client went away (killed, or gave up on a stall)
@@ -216,7 +237,13 @@ class FaultProxy(BackgroundServer):
             return web.Response(status=fault.status, headers=headers, text="injected fault\n")
         assert self._session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+        # The client's Host goes upstream, so upload Locations the registry builds point back here.
+        headers["Host"] = request.host
         body = await request.read()
+        if request.method in ("PATCH", "PUT"):
+            event.bytes = len(body)
+        if fault and fault.kind == "reset" and request.method in ("PATCH", "PUT"):
+            return await self._partial_upload(request, event, headers, body[: fault.at])
         async with self._session.request(request.method, f"http://{self.upstream}{request.path_qs}",
                                          headers=headers, data=body or None, allow_redirects=False) as up:
             event.status = up.status
@@ -239,6 +266,21 @@ class FaultProxy(BackgroundServer):
                 await self._send(response, event, piece)
             await response.write_eof()
             return response
+
+    async def _partial_upload(self, request: web.Request, event: Event, headers: dict[str, str],
+                              part: bytes) -> web.StreamResponse:
+        """Forward ``part`` of a PATCH (as a smaller chunk), then drop the client's connection."""
+        assert self._session is not None
+        event.bytes = len(part)
+        if part and request.method == "PATCH":
+            start = int(headers.get("Content-Range", "0-0").split("-")[0])
+            headers = {**headers, "Content-Range": f"{start}-{start + len(part) - 1}"}
+            async with self._session.patch(f"http://{self.upstream}{request.path_qs}", headers=headers,
+                                           data=part) as up:
+                event.status = up.status
+        if request.transport is not None:
+            request.transport.abort()
+        return web.Response(status=499)
 
     async def _send(self, response: web.StreamResponse, event: Event, piece: bytes) -> None:
         if self.rate and event.digest:

@@ -340,8 +340,8 @@ class GappySource(MemorySource):
 
 def test_blobs_share_slots_fairly_and_arrive_in_order(content: ContentStore) -> None:
     """As many blobs as slots: after the first round (where the first blob found every slot
-    free), each blob is fetched by one stream, its chunks in order, so nearly every byte is
-    hashed from memory as it is written instead of read back from disk."""
+    free), each blob is fetched by one stream, its chunks in order, so most bytes are hashed
+    from memory as they are written instead of read back from disk."""
     blobs = [os.urandom(CHUNK * 8) for _ in range(4)]
     source = MemorySource.of(*blobs)
     read_back = 0
@@ -363,6 +363,7 @@ def test_blobs_share_slots_fairly_and_arrive_in_order(content: ContentStore) -> 
     for data in blobs[1:]:
         offsets = [o for d, o, _ in source.requests if d == blob_of(data).digest]
         assert offsets == [i * CHUNK for i in range(8)]
-    # Only the first blob's first round: three chunks ahead of its hash, and the next one,
-    # started before those were caught up; an eighth of the bytes at most.
-    assert read_back <= 4 * CHUNK
+    # The first blob's first round (three chunks ahead of its hash), and any chunk a blob
+    # got a second slot for once others finished: a small share, where fetching every blob
+    # with all slots at once would read back three quarters of the bytes.
+    assert read_back <= len(blobs) * 8 * CHUNK // 4

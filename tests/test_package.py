@@ -232,3 +232,28 @@ def test_registry_refusing_pushes(tmp_path: Path) -> None:
         assert tags.returncode != 0 or json.loads(tags.stdout)["Tags"] == []
     finally:
         stop(ro)
+
+
+@pytest.mark.parametrize("method,fault", [("PATCH", "503"), ("PATCH", "reset"), ("PUT", "503"), ("PUT", "reset")])
+def test_push_survives_upload_failures(registry, tmp_path: Path, method: str, fault: str) -> None:
+    """A chunk PATCH or a whole-blob PUT answered 503, or cut off (a PATCH after the registry
+    kept part of it): the push goes on (from what the registry holds, or with a fresh session)
+    and the image is whole."""
+    from faultproxy import FaultProxy, http_error, reset_after
+
+    _model(tmp_path / "src")
+    with FaultProxy(registry.host) as proxy:
+        for _ in range(2):  # two different blobs' first upload requests
+            proxy.inject_upload(http_error(503) if fault == "503" else reset_after(300_000), method=method)
+        ref = f"oci://{proxy.host}/pkg/faulty:v1"
+        proc = _package(tmp_path / "store", tmp_path / "src", ref, check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert proxy.pending_faults() == 0 and not proxy._upload_faults
+        faulted = [e for e in proxy.uploads() if e.fault is not None]
+        assert len(faulted) == 2 and {e.method for e in faulted} == {method}, faulted
+        sent = sum(e.bytes for e in proxy.uploads())
+    total = sum(p.stat().st_size for p in (tmp_path / "src").rglob("*") if p.is_file())
+    # Each failure costs at most one chunk (1 MiB) again, never a whole layer.
+    assert sent <= total + 2 * (1 << 20) + (64 << 10), (sent, total)
+    assert tree_digests(_pull(tmp_path / "pulled", f"oci://{registry.host}/pkg/faulty:v1")) == \
+        tree_digests(tmp_path / "src")

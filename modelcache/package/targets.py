@@ -205,9 +205,7 @@ class RegistryTarget:
                 pass  # an abandoned upload session expires on its own
 
     async def _upload(self, digest: str, size: int, segments: list[Segment], progress: Progress) -> None:
-        resp = await self._request("POST", f"{self._base}/blobs/uploads/", ok=(202,),
-                                   headers={"Content-Length": "0"})
-        location = self._location(resp)
+        location = await self._open_session()
         if size <= self._chunk:
             url = _with_query(location, digest=digest)
             await self._with_retries(lambda: self._request(
@@ -228,7 +226,7 @@ class RegistryTarget:
                 if failures > _RETRIES:
                     raise
                 await asyncio.sleep(e.retry_after if e.retry_after is not None else random.uniform(0.1, 1.0))
-                offset = await self._held(location)  # go on from what the registry kept
+                location, offset = await self._resume(location)
                 continue
             location = self._location(resp)
             offset += length
@@ -236,11 +234,37 @@ class RegistryTarget:
         await self._with_retries(lambda: self._request(
             "PUT", _with_query(location, digest=digest), ok=(201,), headers={"Content-Length": "0"}))
 
+    async def _open_session(self) -> str:
+        resp = await self._request("POST", f"{self._base}/blobs/uploads/", ok=(202,),
+                                   headers={"Content-Length": "0"})
+        return self._location(resp)
+
+    async def _resume(self, location: str) -> tuple[str, int]:
+        """Where a chunked upload goes on after a failed chunk: (session URL, offset).
+
+        From what the registry kept of this session; or, when the registry no
+        longer knows the session by this URL, from 0 in a fresh one. CNCF
+        Distribution refuses a session URL whose state token is older than the
+        bytes it holds, which is what a chunk cut off midway leaves behind.
+        """
+        try:
+            return location, await self._held(location)
+        except (Unavailable, Unauthorized):
+            raise
+        except ModelCacheError:
+            return await self._open_session(), 0
+
     async def _held(self, location: str) -> int:
-        """Bytes of an upload session the registry holds (its Range header, 0-N)."""
+        """Bytes of an upload session the registry holds (its Range header, ``0-LAST``).
+
+        ``0-0`` is read as nothing held: CNCF Distribution answers it for an
+        empty session (and for one byte); resuming at 0 is always safe, as a
+        registry holding more refuses the chunk instead of corrupting the blob.
+        """
         resp = await self._request("GET", location, ok=(204,))
         held = resp.headers.get("Range", "")
-        return int(held.split("-")[-1]) + 1 if "-" in held else 0
+        last = held.rpartition("-")[2]
+        return int(last) + 1 if last.isdigit() and int(last) > 0 else 0
 
     async def _with_retries(self, send: Callable) -> aiohttp.ClientResponse:
         for attempt in range(_RETRIES + 1):

@@ -163,7 +163,7 @@ class BlobIngest:
     loss) every chunk marked done really is on disk. The sha256 is computed
     over the prefix as it grows: from memory for bytes written right where the
     hash stands (a blob fetched in order), by reading back from the page cache
-    for chunks that completed ahead of it; no chunk is ever held in memory whole.
+    for bytes written ahead of it; no chunk is ever held in memory whole.
     Each byte is written once per ingest (retries resume after what was
     written), so hashing bytes not yet durable is safe: the hash dies with
     the process, and a new one starts from the durable chunks.
@@ -186,6 +186,8 @@ class BlobIngest:
         self._md5 = hashlib.md5(usedforsecurity=False) if blob.md5 else None
         self.committed_as = blob.digest  # the stored digest (learnt at commit for unverified blobs)
         self._hashed = 0  # bytes of the prefix fed to the hash
+        # Per chunk: bytes written contiguously from its start (all of a done chunk).
+        self._written = [self.chunk_range(i)[1] if d else 0 for i, d in enumerate(self.done)]
         self._hash_lock = threading.Lock()
         self._closed = False
 
@@ -225,25 +227,22 @@ class BlobIngest:
     def write(self, offset: int, data: bytes | memoryview | Sequence[bytes | memoryview]) -> None:
         """Write ``data`` (one buffer or several, in order) at ``offset``; no seek, no copy.
 
-        Bytes written where the hash has reached are hashed here, from
-        memory; the others are read back when their chunk is done.
+        Then the hash moves on: over bytes written earlier (read back from the
+        page cache) up to this write, and over this write's own bytes from
+        memory when it lands right where the hash stands, which is the usual
+        case for a blob fetched in order.
         """
         buffers = [memoryview(data)] if isinstance(data, bytes | bytearray | memoryview) else \
             [memoryview(b) for b in data]
         self._write_all(offset, list(buffers))
-        if offset == self._hashed:  # unlocked peek; checked again under the lock
-            self._hash_in_memory(offset, buffers)
-
-    def _hash_in_memory(self, offset: int, buffers: list[memoryview]) -> None:
         with self._hash_lock:
-            if offset != self._hashed:
-                return
-            for buffer in buffers:
-                piece = buffer[: max(0, self.blob.size - self._hashed)]
-                self._hash.update(piece)
-                if self._md5 is not None:
-                    self._md5.update(piece)
-                self._hashed += len(piece)
+            index = offset // self.chunk_size
+            if offset == index * self.chunk_size + self._written[index]:  # contiguous in its chunk
+                self._written[index] += sum(len(b) for b in buffers)
+            self._catch_up(until=offset)
+            if offset == self._hashed:
+                for buffer in buffers:
+                    self._feed(buffer[: max(0, self.blob.size - self._hashed)])
 
     def _write_all(self, offset: int, buffers: list[memoryview]) -> None:
         while buffers:
@@ -262,27 +261,31 @@ class BlobIngest:
         os.fdatasync(self.fd)
         os.pwrite(self._record_fd, b"\x01", _RECORD_HEADER.size + index)
         self.done[index] = 1
-        self._advance_hash()
-
-    def _advance_hash(self) -> None:
         with self._hash_lock:
-            self._advance_hash_locked()
+            self._written[index] = self.chunk_range(index)[1]
+            self._catch_up()
 
-    def _advance_hash_locked(self) -> None:
-        while self._hashed < self.blob.size:
+    def _feed(self, piece: bytes | memoryview) -> None:
+        self._hash.update(piece)
+        if self._md5 is not None:
+            self._md5.update(piece)
+        self._hashed += len(piece)
+
+    def _catch_up(self, until: int | None = None) -> None:
+        """Hash written bytes from the page cache, from where the hash stands to ``until``
+        (or as far as they go). Called with the hash lock held."""
+        limit = self.blob.size if until is None else min(until, self.blob.size)
+        while self._hashed < limit:
             index = self._hashed // self.chunk_size
-            if not self.done[index]:
-                return
             start, length = self.chunk_range(index)
-            end = start + length
+            end = min(start + self._written[index], limit)
             while self._hashed < end:
                 block = os.pread(self.fd, min(_HASH_BLOCK, end - self._hashed), self._hashed)
                 if not block:
                     raise InvalidContent(f"{self.blob.digest}: ingest data shorter than its record")
-                self._hash.update(block)
-                if self._md5 is not None:
-                    self._md5.update(block)
-                self._hashed += len(block)
+                self._feed(block)
+            if self._written[index] < length:
+                return
 
     def complete(self) -> bool:
         """True when every chunk is durable."""
@@ -302,7 +305,8 @@ class BlobIngest:
         if size != self.blob.size:
             self.discard()
             raise DigestMismatch(f"blob {self.blob.digest} arrived as {size} bytes, expected {self.blob.size}")
-        self._advance_hash()
+        with self._hash_lock:
+            self._catch_up()
         actual = "sha256:" + self._hash.hexdigest()
         if self._md5 is not None and self._md5.hexdigest() != self.blob.md5:
             self.discard()

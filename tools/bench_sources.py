@@ -73,9 +73,12 @@ def _ceiling_timings() -> tuple[Timing, Timing, Timing]:
 
 def _warm_up(urls: list[str], work: Path, total: int) -> None:
     """Untimed: on these VMs whoever first reads fresh uploads, or first fills fresh page cache,
-    pays for it (seen: the first run 40% slower, whoever ran first)."""
+    pays for it (seen: the first run 40% slower, whoever ran first); and the upload's own dirty
+    pages must be on disk before anything is timed."""
+    os.sync()
     ceiling_http_get(urls)
     ceiling_disk_write(work, total)
+    os.sync()
 
 
 def bench_s3(work: Path, weights: list[Path], total: int, runs: int) -> None:

@@ -7,7 +7,9 @@ the tests run `huggingface_hub.snapshot_download` against it. It serves
 ETag, X-Repo-Commit, X-Linked-Etag, X-Linked-Size). Files of `lfs_threshold`
 bytes or more are LFS files: their resolve URL redirects (302) to a separate
 "CDN" server on another loopback address, which records every request's
-headers so tests can check the token never reaches it. Gated repositories
+headers so tests can check the token never reaches it. With ``link_ttl``
+set, the redirect carries an expiry, as the Hub's signed CDN links do, and
+the CDN answers 403 once it has passed. Gated repositories
 answer 401 with X-Error-Code: GatedRepo unless the right token is sent.
 
 A file's content is bytes, or a Path served from disk with sendfile (as a
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,8 +58,12 @@ class FakeRepo:
 class FakeHub:
     """``with FakeHub() as hub:`` then HF_ENDPOINT=hub.endpoint."""
 
-    def __init__(self, lfs_threshold: int = 1024) -> None:
+    def __init__(self, lfs_threshold: int = 1024, *, link_ttl: float | None = None,
+                 cdn_delay: float = 0.0) -> None:
         self.repos: dict[str, FakeRepo] = {}
+        self.link_ttl = link_ttl
+        self.cdn_delay = cdn_delay  # seconds the CDN waits before answering (after checking the link)
+        self.expired_refusals = 0
         self.lfs_threshold = lfs_threshold
         self.cdn_requests: list[dict[str, str]] = []
         self.hub_requests: list[tuple[str, str]] = []
@@ -178,7 +185,8 @@ class FakeHub:
         entry = self._entry(path, data)
         headers = {"X-Repo-Commit": sha}
         if "lfs" in entry:
-            headers.update({"Location": f"{self.cdn}/blobs/{entry['lfs']['oid']}",
+            expiry = f"?expires={time.time() + self.link_ttl}" if self.link_ttl is not None else ""
+            headers.update({"Location": f"{self.cdn}/blobs/{entry['lfs']['oid']}{expiry}",
                             "X-Linked-Etag": f'"{entry["lfs"]["oid"]}"', "X-Linked-Size": str(entry["size"]),
                             "ETag": f'"{entry["oid"]}"'})
             return web.Response(status=302, headers=headers)
@@ -187,6 +195,11 @@ class FakeHub:
 
     async def _cdn(self, request: web.Request) -> web.StreamResponse:
         self.cdn_requests.append(dict(request.headers))
+        if "expires" in request.query and float(request.query["expires"]) < time.time():
+            self.expired_refusals += 1
+            raise web.HTTPForbidden(text="Request has expired")
+        if self.cdn_delay:
+            await asyncio.sleep(self.cdn_delay)
         data = self._blobs.get(request.match_info["sha"])
         if data is None:
             raise web.HTTPNotFound()

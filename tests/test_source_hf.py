@@ -93,3 +93,17 @@ def test_hub_weights_dedup_with_a_registry(hub, registry, tmp_path: Path) -> Non
         config=b"{}", config_type=MP_CONFIG, artifact_type=MP_ARTIFACT)
     proc = run_cli("pull", f"oci://{registry.host}/hfdedup/model:v1", store=tmp_path / "store", check=True)
     assert "fetched 0 B" in proc.stderr
+
+
+def test_expired_cdn_links_are_resolved_again(tmp_path: Path) -> None:
+    """The Hub's CDN links are signed and expire: a pull that outlives one asks the Hub again."""
+    data = os.urandom(6 << 20)
+    # Each link lasts 0.25 s and each CDN answer takes 0.1 s: one stream of 1 MiB ranges
+    # outlives its link every two or three ranges.
+    with FakeHub(link_ttl=0.25, cdn_delay=0.1) as hub:
+        hub.repo("org/big").commit({"model.safetensors": data})
+        proc = run_cli("pull", "--chunk-size", "1M", "--concurrency", "1", "hf://org/big", store=tmp_path / "s",
+                       env=_env(hub), check=True)
+        assert (Path(proc.stdout.split()[-1]) / "model.safetensors").read_bytes() == data
+        assert hub.expired_refusals >= 1
+        assert len([r for r in hub.hub_requests if "/resolve/" in r[1]]) == 1 + hub.expired_refusals

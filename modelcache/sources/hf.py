@@ -11,7 +11,8 @@ small non-LFS files are learnt on the way in like S3 objects.
 Bytes come from ``{endpoint}/{repo}/resolve/{commit}/{path}`` by parallel
 ranges on the lean HTTP reader. The token goes to the Hub only: a redirect
 to another host (the CDN holding LFS objects) is followed without it, and
-the redirect target is reused for the file's other ranges.
+the redirect target is reused for the file's other ranges until it refuses
+(signed CDN links expire), when the file is resolved again.
 """
 
 from __future__ import annotations
@@ -39,6 +40,14 @@ def _endpoint() -> str:
 
 def _token() -> str | None:
     return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
+
+
+def _with_token(url: str, headers: dict[str, str]) -> dict[str, str]:
+    """``headers``, plus the token when ``url`` is on the Hub's own origin (never a CDN's)."""
+    token = _token()
+    if token and urlsplit(url)[:2] == urlsplit(_endpoint())[:2]:
+        return {**headers, "Authorization": f"Bearer {token}"}
+    return headers
 
 
 def map_hub_error(e: Exception, repo: str) -> ModelCacheError:
@@ -107,16 +116,25 @@ class HfSource:
         return Model(ref=self.name, digest=f"git:{self._commit}", parts=tuple(parts))
 
     async def _get(self, path: str, headers: dict[str, str]) -> RawResponse:
-        """GET a file's range, following redirects; the token never leaves the Hub's origin."""
-        url = self._located.get(path) or (
-            f"{_endpoint()}/{self.ref.repo}/resolve/{self._commit}/{quote(path)}")
-        hub = urlsplit(_endpoint())[:2]
-        token = _token()
+        """GET a file's range, following redirects; the token never leaves the Hub's origin.
+
+        The place a file was last redirected to is reused for its other
+        ranges; when it refuses (the Hub's CDN links are signed and expire,
+        which a pull of hundreds of GB outlives), the file is resolved again.
+        """
+        located = self._located.get(path)
+        if located is not None:
+            resp = await self._raw.get(located, _with_token(located, headers))
+            if resp.status not in (401, 403, 404, 410):
+                return resp
+            resp.close()
+            del self._located[path]
+        return await self._resolve_and_get(path, headers)
+
+    async def _resolve_and_get(self, path: str, headers: dict[str, str]) -> RawResponse:
+        url = f"{_endpoint()}/{self.ref.repo}/resolve/{self._commit}/{quote(path)}"
         for _ in range(_REDIRECTS + 1):
-            sent = dict(headers)
-            if token and urlsplit(url)[:2] == hub:
-                sent["Authorization"] = f"Bearer {token}"
-            resp = await self._raw.get(url, sent)
+            resp = await self._raw.get(url, _with_token(url, headers))
             if resp.status in (301, 302, 303, 307, 308):
                 location = resp.headers.get("location")
                 resp.close()

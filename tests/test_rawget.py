@@ -8,7 +8,7 @@ import os
 import pytest
 from aiohttp import web
 
-from modelcache.errors import Unavailable
+from modelcache.errors import ModelCacheError, Unavailable
 from modelcache.sources.rawget import BUFFER, RawPool
 
 DATA = os.urandom(BUFFER * 2 + 12345)
@@ -146,6 +146,92 @@ def test_abandoned_body_frees_its_thread_and_connection_at_once() -> None:
                     await reader
                 await gone.wait()
             assert not pool._idle.get(("http", "127.0.0.1", int(base.rsplit(":", 1)[1])))
+        finally:
+            pool.close()
+            await runner.cleanup()
+
+    asyncio.run(main())
+
+
+def _tls_contexts(tmp_path) -> tuple:
+    """A server context with a fresh self-signed certificate for 127.0.0.1, and a client trusting it."""
+    import datetime
+    import ipaddress
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "modelcache test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                         serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    client = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+    return server, client
+
+
+def test_tls_bodies_ranges_and_abandonment(tmp_path) -> None:
+    """Over TLS: ranged bodies arrive whole on one kept-alive connection, an abandoned body is
+    dropped at once, and a certificate the client does not trust is a final error, not a retry."""
+    import ssl
+
+    server_ctx, client_ctx = _tls_contexts(tmp_path)
+    peers: set = set()
+
+    async def blob(request: web.Request) -> web.StreamResponse:
+        peers.add(request.transport.get_extra_info("peername"))  # type: ignore[union-attr]
+        if "quiet" in request.query:
+            resp = web.StreamResponse(headers={"Content-Length": str(len(DATA))})
+            await resp.prepare(request)
+            await resp.write(DATA[:1000])
+            await asyncio.sleep(10)
+            return resp
+        start, end = (int(x) for x in request.headers["Range"][6:].split("-"))
+        return web.Response(status=206, body=DATA[start:end + 1],
+                            headers={"Content-Range": f"bytes {start}-{end}/{len(DATA)}"})
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get("/blob", blob)
+        runner = web.AppRunner(app, shutdown_timeout=0.1)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ctx)
+        await site.start()
+        base = f"https://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+        pool = RawPool(connect_timeout=5, read_timeout=5, ssl_context=client_ctx)
+        try:
+            for start, end in ((0, len(DATA) - 1), (5, 5), (BUFFER - 3, BUFFER + 70_000)):
+                resp = await pool.get(f"{base}/blob", {"Range": f"bytes={start}-{end}"})
+                assert resp.status == 206
+                assert await _collect(resp) == DATA[start:end + 1]
+            assert len(peers) == 1
+            resp = await pool.get(f"{base}/blob?quiet=1", {})
+            reader = asyncio.create_task(_collect(resp))
+            await asyncio.sleep(0.2)
+            reader.cancel()
+            async with asyncio.timeout(2):  # not the 5 s read timeout: the socket was shut down
+                with pytest.raises(asyncio.CancelledError):
+                    await reader
+            untrusting = RawPool(connect_timeout=5, read_timeout=5, ssl_context=ssl.create_default_context())
+            try:
+                with pytest.raises(ModelCacheError, match="certificate not trusted") as refused:
+                    await untrusting.get(f"{base}/blob", {"Range": "bytes=0-1"})
+                assert not isinstance(refused.value, Unavailable)  # final: retrying cannot help
+            finally:
+                untrusting.close()
         finally:
             pool.close()
             await runner.cleanup()

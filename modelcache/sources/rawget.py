@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from ..errors import Unavailable
+from ..errors import ModelCacheError, Unavailable
 
 BUFFER = 4 << 20
 _MAX_HEAD = 64 << 10
@@ -316,6 +316,11 @@ class RawPool:
                 ctx = self._ssl or ssl.create_default_context()
                 sock = ctx.wrap_socket(sock, server_hostname=host)
             sock.settimeout(self.read_timeout)
+        except ssl.SSLCertVerificationError as e:
+            sock.close()
+            # Not worth retrying: the same certificate comes back every time.
+            raise ModelCacheError(f"{host}:{port}: TLS certificate not trusted ({e.verify_message}); "
+                                  "add its CA to SSL_CERT_FILE") from e
         except OSError as e:
             sock.close()
             raise Unavailable(f"{host}:{port}: TLS handshake failed: {e}") from e

@@ -22,6 +22,7 @@ dropped, never reused, after any error or abandoned body. A read that waits
 from __future__ import annotations
 
 import asyncio
+import mmap
 import socket
 import ssl
 import sys
@@ -39,6 +40,7 @@ _SPARES = 64  # buffers kept for reuse (a pull holds a few per stream)
 _THREADS = 32  # at most this many sockets in a blocking call at once, per pool
 
 Key = tuple[str, str, int]
+Buffer = bytearray | mmap.mmap
 
 
 @dataclass(slots=True)
@@ -148,7 +150,7 @@ class _Connection:
         self._pending, self.remaining = extra, length
         return status, fields
 
-    def fill(self, buf: bytearray) -> tuple[int, BaseException | None]:
+    def fill(self, buf: Buffer) -> tuple[int, BaseException | None]:
         """Fill ``buf`` from the body (up to what remains); (bytes, the error that stopped it early)."""
         view = memoryview(buf)[: min(len(buf), self.remaining)]
         n = len(self._pending)
@@ -247,23 +249,26 @@ class RawPool:
         self.read_timeout = read_timeout
         self._ssl = ssl_context
         self._idle: dict[Key, list[_Connection]] = {}
-        self._spares: list[bytearray] = []
+        self._spares: list[Buffer] = []
         self.threads = ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="mc-net")
 
-    def buffer(self) -> bytearray:
-        """A BUFFER-sized bytearray, recycled when nothing else refers to it any more.
+    def buffer(self) -> Buffer:
+        """A BUFFER-sized buffer, recycled when nothing else refers to it any more.
 
-        Fresh multi-MiB allocations cost page faults and zero-filling on every
-        piece (measured: more kernel time than the copy itself). A buffer
-        handed out earlier is free again once its only references are this
-        list and the call's argument; that refcount test is CPython's, and
-        safe: with no other reference, nobody can still read or write it.
+        Fresh multi-MiB allocations cost page faults on every piece
+        (measured: more kernel time than the copy itself). A buffer handed
+        out earlier is free again once its only references are this list and
+        the call's argument; that refcount test is CPython's, and safe: with
+        no other reference, nobody can still read or write it. New buffers
+        are anonymous mappings, whose pages are faulted in by the first
+        ``recv_into``, in a reader thread, rather than zero-filled here on the
+        event loop with the GIL held (measured: 0.35 s of a 2 GiB pull).
         Called on the event loop thread only.
         """
         for buf in self._spares:
             if sys.getrefcount(buf) == 3:  # the list, the loop variable, getrefcount's argument
                 return buf
-        buf = bytearray(BUFFER)
+        buf = mmap.mmap(-1, BUFFER)
         if len(self._spares) < _SPARES:
             self._spares.append(buf)
         return buf
@@ -326,7 +331,7 @@ class RawPool:
             raise Unavailable(f"{host}:{port}: TLS handshake failed: {e}") from e
         return _Connection(self, key, sock)
 
-    def start_fill(self, conn: _Connection) -> tuple[asyncio.Future[tuple[int, BaseException | None]], bytearray]:
+    def start_fill(self, conn: _Connection) -> tuple[asyncio.Future[tuple[int, BaseException | None]], Buffer]:
         """Start filling a fresh buffer from ``conn``'s body in a thread."""
         buf = self.buffer()
         return asyncio.get_running_loop().run_in_executor(self.threads, conn.fill, buf), buf

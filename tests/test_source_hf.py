@@ -98,9 +98,9 @@ def test_hub_weights_dedup_with_a_registry(hub, registry, tmp_path: Path) -> Non
 def test_expired_cdn_links_are_resolved_again(tmp_path: Path) -> None:
     """The Hub's CDN links are signed and expire: a pull that outlives one asks the Hub again."""
     data = os.urandom(6 << 20)
-    # Each link lasts 0.25 s and each CDN answer takes 0.1 s: one stream of 1 MiB ranges
-    # outlives its link every two or three ranges.
-    with FakeHub(link_ttl=0.25, cdn_delay=0.1) as hub:
+    # Each link lasts 1 s and each CDN answer takes 0.4 s: one stream of six 1 MiB ranges
+    # outlives its link every two or three ranges (and a fresh link is followed well within 1 s).
+    with FakeHub(link_ttl=1.0, cdn_delay=0.4) as hub:
         hub.repo("org/big").commit({"model.safetensors": data})
         proc = run_cli("pull", "--chunk-size", "1M", "--concurrency", "1", "hf://org/big", store=tmp_path / "s",
                        env=_env(hub), check=True)

@@ -63,6 +63,7 @@ class FakeHub:
         self.repos: dict[str, FakeRepo] = {}
         self.link_ttl = link_ttl
         self.cdn_delay = cdn_delay  # seconds the CDN waits before answering (after checking the link)
+        self.cdn_failures = 0  # the next N CDN requests answer 503 (Retry-After: 0)
         self.expired_refusals = 0
         self.lfs_threshold = lfs_threshold
         self.cdn_requests: list[dict[str, str]] = []
@@ -198,6 +199,9 @@ class FakeHub:
         if "expires" in request.query and float(request.query["expires"]) < time.time():
             self.expired_refusals += 1
             raise web.HTTPForbidden(text="Request has expired")
+        if self.cdn_failures:
+            self.cdn_failures -= 1
+            raise web.HTTPServiceUnavailable(headers={"Retry-After": "0"}, text="slow down")
         if self.cdn_delay:
             await asyncio.sleep(self.cdn_delay)
         data = self._blobs.get(request.match_info["sha"])

@@ -9,6 +9,8 @@ import pytest
 from fake_hub import FakeHub
 from support import MP_ARTIFACT, MP_CONFIG, MP_WEIGHT, run_cli, sha256, tree_digests
 
+from modelcache.store.content import _RECORD_HEADER
+
 FILES = {"model.safetensors": os.urandom(3 << 20), "config.json": b'{"model_type": "test"}',
          "tokenizer/tokenizer.json": b"{}" * 10, "weights/extra.bin": os.urandom(5000)}
 TOKEN = "hf_test_token"
@@ -107,3 +109,43 @@ def test_expired_cdn_links_are_resolved_again(tmp_path: Path) -> None:
         assert (Path(proc.stdout.split()[-1]) / "model.safetensors").read_bytes() == data
         assert hub.expired_refusals >= 1
         assert len([r for r in hub.hub_requests if "/resolve/" in r[1]]) == 1 + hub.expired_refusals
+
+
+def _cdn_ranges(hub) -> list[str]:
+    return [h.get("Range", "") for h in hub.cdn_requests]
+
+
+def test_cdn_errors_are_retried_and_a_killed_pull_resumes(tmp_path: Path) -> None:
+    """The engine's rules hold for the Hub: 503s are retried per chunk, and a pull killed midway
+    fetches only the chunks it had not made durable."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = os.urandom(8 << 20)
+    with FakeHub(cdn_delay=0.15) as hub:
+        hub.repo("org/big").commit({"model.safetensors": data})
+        hub.cdn_failures = 2
+        store = tmp_path / "s"
+        cmd = [sys.executable, "-m", "modelcache", "--store", str(store), "pull", "-q", "--chunk-size", "1M",
+               "--concurrency", "2", "hf://org/big"]
+        first = subprocess.Popen(cmd, env={**os.environ, **_env(hub)}, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        records = store / "ingest"
+        # Wait until some chunks are durable (their record bytes set), then kill without warning.
+        while not any(b"\x01" in r.read_bytes() for r in records.glob("*/chunks") if r.stat().st_size):
+            assert time.monotonic() < deadline and first.poll() is None, "the pull made no progress"
+            time.sleep(0.02)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        [record] = [r.read_bytes() for r in records.glob("*/chunks")]
+        durable = [i for i, done in enumerate(record[_RECORD_HEADER.size:]) if done]
+        asked_before = len(hub.cdn_requests)
+        assert _cdn_ranges(hub).count("") == 0 and hub.cdn_failures == 0  # ranged, and both 503s were met
+        proc = run_cli("pull", "--chunk-size", "1M", "hf://org/big", store=store, env=_env(hub), check=True)
+        assert (Path(proc.stdout.split()[-1]) / "model.safetensors").read_bytes() == data
+        again = _cdn_ranges(hub)[asked_before:]
+        assert durable and len(again) == 8 - len(durable)  # each missing chunk once, no durable one again
+        assert not {f"bytes={i << 20}-{((i + 1) << 20) - 1}" for i in durable} & set(again)

@@ -14,6 +14,8 @@ request, and a stall ends when the proxy closes.
 
 :class:`BackgroundServer` runs any aiohttp app on its own event loop in a
 thread; the proxy and the fake registries of the tests are built on it.
+With ``blobs="/BUCKET/"`` the same faults apply to S3 object GETs (the
+client's Host goes upstream unchanged, so presigned signatures still hold).
 """
 
 from __future__ import annotations
@@ -147,9 +149,10 @@ class Event:
 class FaultProxy(BackgroundServer):
     """``with FaultProxy(registry.host) as proxy:`` then pull from ``oci://{proxy.host}/...``."""
 
-    def __init__(self, upstream: str, *, rate: float | None = None) -> None:
+    def __init__(self, upstream: str, *, rate: float | None = None, blobs: str = "/blobs/sha256:") -> None:
         super().__init__(self._handle)
         self.upstream = upstream
+        self.blobs = blobs  # what a path holds when it is a blob (for S3: "/BUCKET/")
         self.rate = rate  # blob body bytes per second, all responses together; None: unlimited
         self.events: list[Event] = []
         self._faults: list[Fault] = []
@@ -215,7 +218,7 @@ class FaultProxy(BackgroundServer):
         event = Event(time.monotonic(), request.method, request.path, request.headers.get("Range"))
         with self._lock:
             self.events.append(event)
-            if event.method == "GET" and event.digest and self._faults:
+            if event.method == "GET" and self.blobs in event.path and self._faults:
                 event.fault = self._faults.pop(0)
             if "/blobs/uploads/" in event.path:
                 for i, (method, _fault) in enumerate(self._upload_faults):
@@ -283,7 +286,7 @@ class FaultProxy(BackgroundServer):
         return web.Response(status=499)
 
     async def _send(self, response: web.StreamResponse, event: Event, piece: bytes) -> None:
-        if self.rate and event.digest:
+        if self.rate and self.blobs in event.path:
             now = time.monotonic()
             self._next_slot = max(self._next_slot, now) + len(piece) / self.rate
             await self._sleep(self._next_slot - now)

@@ -131,3 +131,52 @@ def test_object_changed_during_a_pull_is_an_error(s3_server, tmp_path: Path, mon
             await source.close()
 
     asyncio.run(main())
+
+
+def _object_gets(proxy, key: str, *, since: int = 0) -> list[str]:
+    """Ranges of the object GETs answered with data, among requests for ``key`` from the ``since``-th on."""
+    return [e.range or "" for e in proxy.requests(key)[since:] if e.method == "GET" and e.status in (200, 206)]
+
+
+def test_faults_are_retried_and_a_killed_pull_resumes(s3_server, tmp_path: Path) -> None:
+    """The engine's rules hold for S3 (through a fault proxy, presigned URLs and all): 503s and a
+    reset mid-range are retried, and a pull killed midway fetches only its non-durable chunks."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from faultproxy import FaultProxy, http_error, reset_after
+
+    from modelcache.store.content import _RECORD_HEADER
+
+    s3 = s3_server.client()
+    s3.create_bucket(Bucket="models-faults")
+    data = os.urandom(8 << 20)
+    s3.put_object(Bucket="models-faults", Key="m/model.safetensors", Body=data)
+    upstream = s3_server.endpoint.removeprefix("http://")
+    with FaultProxy(upstream, blobs="/models-faults/m/", rate=3 << 20) as proxy:
+        proxy.inject(http_error(503, retry_after="0"), times=2)
+        proxy.inject(reset_after(100_000))
+        env = {**s3_server.env(), "AWS_ENDPOINT_URL": f"http://{proxy.host}"}
+        store = tmp_path / "store"
+        cmd = [sys.executable, "-m", "modelcache", "--store", str(store), "pull", "-q", "--chunk-size", "1M",
+               "--concurrency", "2", "s3://models-faults/m"]
+        first = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        records = store / "ingest"
+        while not any(b"\x01" in r.read_bytes()[_RECORD_HEADER.size:] for r in records.glob("*/chunks")):
+            assert time.monotonic() < deadline and first.poll() is None, "the pull made no progress"
+            time.sleep(0.02)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        assert proxy.pending_faults() == 0  # the faults were met, and the pull went on past them
+        [record] = [r.read_bytes() for r in records.glob("*/chunks")]
+        durable = [i for i, done in enumerate(record[_RECORD_HEADER.size:]) if done]
+        before = len(proxy.requests("model.safetensors"))  # every request of the killed pull had arrived
+        proxy.rate = None
+        proc = run_cli("pull", "--chunk-size", "1M", "s3://models-faults/m", store=store, env=env, check=True)
+        again = _object_gets(proxy, "model.safetensors", since=before)
+    assert (Path(proc.stdout.split()[-1]) / "model.safetensors").read_bytes() == data
+    assert durable and len(again) == 8 - len(durable), (durable, again)
+    assert not {f"bytes={i << 20}-{((i + 1) << 20) - 1}" for i in durable} & set(again)

@@ -79,7 +79,8 @@ class HfSource:
         self.ref = ref
         self.name = str(ref)
         self._learned = learned or (lambda key: None)
-        self._raw = RawPool(connect_timeout=options.connect_timeout, read_timeout=options.read_timeout)
+        self._raw = RawPool(connect_timeout=options.connect_timeout, read_timeout=options.read_timeout,
+                            threads=options.connections)
         self._paths: dict[str, str] = {}       # blob digest -> path in the repo
         self._located: dict[str, str] = {}     # path -> URL after redirects (the CDN's)
         self._commit = ""

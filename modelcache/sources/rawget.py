@@ -37,7 +37,7 @@ from ..errors import ModelCacheError, Unavailable
 BUFFER = 4 << 20
 _MAX_HEAD = 64 << 10
 _SPARES = 64  # buffers kept for reuse (a pull holds a few per stream)
-_THREADS = 32  # at most this many sockets in a blocking call at once, per pool
+_THREADS = 32  # default for the sockets in a blocking call at once, per pool
 
 Key = tuple[str, str, int]
 Buffer = bytearray | mmap.mmap
@@ -244,13 +244,14 @@ class RawPool:
     """Keep-alive connections per origin for :meth:`get`, and the threads that read them."""
 
     def __init__(self, *, connect_timeout: float, read_timeout: float,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, threads: int = _THREADS) -> None:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self._ssl = ssl_context
         self._idle: dict[Key, list[_Connection]] = {}
         self._spares: list[Buffer] = []
-        self.threads = ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="mc-net")
+        # One thread per connection in a blocking call: as many as the streams a pull runs.
+        self.threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mc-net")
 
     def buffer(self) -> Buffer:
         """A BUFFER-sized buffer, recycled when nothing else refers to it any more.

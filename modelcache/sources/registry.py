@@ -55,7 +55,8 @@ class RegistrySource:
         self._options = options
         self._session: aiohttp.ClientSession | None = None
         self._auth: Authenticator | None = None
-        self._raw = RawPool(connect_timeout=options.connect_timeout, read_timeout=options.read_timeout)
+        self._raw = RawPool(connect_timeout=options.connect_timeout, read_timeout=options.read_timeout,
+                            threads=options.connections)
         self._redirects = False
 
     @property

@@ -92,7 +92,8 @@ class S3Source:
         self._options = options
         self._learned = learned or (lambda key: None)  # source key -> sha256 already known
         self._s3 = client(options.connections)
-        self._raw = RawPool(connect_timeout=options.connect_timeout, read_timeout=options.read_timeout)
+        self._raw = RawPool(connect_timeout=options.connect_timeout, read_timeout=options.read_timeout,
+                            threads=options.connections)
         self._objects: dict[str, tuple[str, str]] = {}  # blob digest -> (key, etag)
         self._urls: dict[str, tuple[float, str]] = {}  # key -> (signed at, presigned URL)
         self._prefix = ref.prefix.strip("/")

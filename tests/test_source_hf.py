@@ -124,7 +124,7 @@ def test_cdn_errors_are_retried_and_a_killed_pull_resumes(tmp_path: Path) -> Non
     import time
 
     data = os.urandom(8 << 20)
-    with FakeHub(cdn_delay=0.15) as hub:
+    with FakeHub(cdn_delay=0.4) as hub:  # the whole pull takes about 2 s: time to catch it midway
         hub.repo("org/big").commit({"model.safetensors": data})
         hub.cdn_failures = 2
         store = tmp_path / "s"

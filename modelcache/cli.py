@@ -301,9 +301,7 @@ def _delete_corrupt(store, corrupt: list[dict]) -> None:
     ``views/.corrupt-*`` (the bind mount follows the directory) for the
     operator to remove once unmounted, and reported.
     """
-    import secrets
-
-    from .store.views import remove_tree
+    from .store.views import move_aside, remove_tree
 
     mounted = {view for _id, view, _holder in store.index.leases()}
     for c in corrupt:
@@ -311,9 +309,7 @@ def _delete_corrupt(store, corrupt: list[dict]) -> None:
         for view in c["views"]:
             path = store.views_dir / view.partition(":")[2]
             if view in mounted and path.exists():
-                aside = store.views_dir / f".corrupt-{path.name[:12]}-{secrets.token_hex(4)}"
-                path.rename(aside)
-                c["moved_aside"].append(str(aside))
+                c["moved_aside"].append(str(move_aside(path)))
             else:
                 remove_tree(path)
             store.index.forget_view(view)

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from .store import Store
-from .views import remove_tree
+from .views import aside_owner, remove_tree
 
 
 @dataclass(slots=True)
@@ -78,10 +78,10 @@ def _remove_unmounted_corrupt_views(store: Store, report: GcReport) -> None:
     """
     leased = {view.partition(":")[2][:12] for _id, view, _holder in store.index.leases()}
     for entry in os.scandir(store.views_dir):
-        if entry.name.startswith(".corrupt-") and entry.is_dir(follow_symlinks=False):
-            if entry.name.split("-")[1] not in leased:
-                remove_tree(store.views_dir / entry.name)
-                report.corrupt_views_removed.append(entry.name)
+        owner = aside_owner(entry.name)
+        if owner is not None and owner not in leased and entry.is_dir(follow_symlinks=False):
+            remove_tree(store.views_dir / entry.name)
+            report.corrupt_views_removed.append(entry.name)
 
 
 def _exclusive_bytes(store: Store, view_hex: str) -> int:

@@ -86,3 +86,18 @@ def remove_tree(path: Path) -> None:
     for dirpath, _dirnames, _files in os.walk(path):
         os.chmod(dirpath, 0o755)
     shutil.rmtree(path, ignore_errors=True)
+
+
+_ASIDE = ".corrupt-"
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a view that must go but is still mounted to ``.corrupt-<hex12>-<random>`` beside it."""
+    aside = path.parent / f"{_ASIDE}{path.name[:12]}-{secrets.token_hex(4)}"
+    path.rename(aside)
+    return aside
+
+
+def aside_owner(name: str) -> str | None:
+    """The first 12 hex digits of the view a moved-aside tree was, or None for any other name."""
+    return name[len(_ASIDE):].split("-")[0] if name.startswith(_ASIDE) else None

@@ -180,3 +180,14 @@ def test_faults_are_retried_and_a_killed_pull_resumes(s3_server, tmp_path: Path)
     assert (Path(proc.stdout.split()[-1]) / "model.safetensors").read_bytes() == data
     assert durable and len(again) == 8 - len(durable), (durable, again)
     assert not {f"bytes={i << 20}-{((i + 1) << 20) - 1}" for i in durable} & set(again)
+
+
+def test_s3_and_hub_sources_do_not_import_the_general_http_client() -> None:
+    """Their bytes come through the lean reader: importing aiohttp (0.2 s) would only slow start-up."""
+    import subprocess
+    import sys
+
+    code = ("import sys, modelcache.cli, modelcache.pull, modelcache.sources.s3, modelcache.sources.hf; "
+            "print('aiohttp' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

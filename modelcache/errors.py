@@ -38,6 +38,20 @@ class Unauthorized(ModelCacheError, PermissionError):
     http_status = 403
 
 
+class Unauthenticated(ModelCacheError, PermissionError):
+    """A caller of the daemon (HTTP API, a peer) gave no credential, or one that is not valid."""
+
+    exit_code = 4
+    http_status = 401
+
+
+class Forbidden(ModelCacheError, PermissionError):
+    """A known caller asked for something it may not have (a host path, an unauthorized verb)."""
+
+    exit_code = 4
+    http_status = 403
+
+
 class InvalidContent(ModelCacheError, ValueError):
     """Bytes from a source that we refuse: bad digest, bad manifest, unsafe paths."""
 
@@ -70,5 +84,16 @@ class Unavailable(ModelCacheError, ConnectionError):
     http_status = 503
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Busy(ModelCacheError, RuntimeError):
+    """The daemon has as much work queued as it takes; ask again after ``retry_after`` seconds."""
+
+    exit_code = 6
+    http_status = 429
+
+    def __init__(self, message: str, *, retry_after: float = 5.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after

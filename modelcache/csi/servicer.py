@@ -16,7 +16,8 @@ the small :class:`Backend` protocol, and is the one place where our errors
 become the status codes kubelet understands (CSI spec, "Error Scheme"):
 INVALID_ARGUMENT for a bad request or reference, NOT_FOUND for a model its
 source does not have, ALREADY_EXISTS for a target that holds another mount,
-PERMISSION_DENIED for refused credentials, UNAVAILABLE when the source is
+PERMISSION_DENIED for refused credentials or a forbidden host path,
+UNAUTHENTICATED, RESOURCE_EXHAUSTED when too many pulls are queued, UNAVAILABLE when the source is
 down (or the daemon is draining), DEADLINE_EXCEEDED while the pull runs on,
 INTERNAL otherwise.
 """
@@ -35,11 +36,14 @@ from google.protobuf import wrappers_pb2
 
 from .. import __version__
 from ..errors import (
+    Busy,
     Conflict,
+    Forbidden,
     InvalidContent,
     InvalidReference,
     ModelCacheError,
     NotFound,
+    Unauthenticated,
     Unauthorized,
     Unavailable,
 )
@@ -82,8 +86,12 @@ def grpc_code(error: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.NOT_FOUND
     if isinstance(error, Conflict):
         return grpc.StatusCode.ALREADY_EXISTS
-    if isinstance(error, Unauthorized):
+    if isinstance(error, Unauthorized | Forbidden):
         return grpc.StatusCode.PERMISSION_DENIED
+    if isinstance(error, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED
+    if isinstance(error, Busy):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(error, Unavailable):
         return grpc.StatusCode.UNAVAILABLE
     if isinstance(error, TimeoutError):

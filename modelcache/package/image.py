@@ -40,6 +40,7 @@ MP_WEIGHT_CONFIG = "application/vnd.cncf.model.weight.config.v1.raw"
 MP_DOC = "application/vnd.cncf.model.doc.v1.raw"
 MP_CODE = "application/vnd.cncf.model.code.v1.raw"
 MP_FILEPATH = "org.cncf.model.filepath"
+TITLE = "org.opencontainers.image.title"
 PLATFORMS = ("linux/amd64", "linux/arm64")
 _WEIGHTS = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".h5", ".msgpack", ".npz")
 _CODE = (".py", ".sh", ".ipynb")
@@ -122,7 +123,7 @@ def _layer_descriptor(layer: Layer, *, prefix: str = "") -> dict:
             "io.modelcache.file.digest": layer.file_digest,
             "io.modelcache.file.size": str(f.size),
             "io.modelcache.file.offset": str(layer.file_offset),
-            "org.opencontainers.image.title": f.rel,
+            TITLE: f.rel,
         })
     return descriptor(layer.media_type, layer.digest, layer.size, annotations=annotations)
 
@@ -155,7 +156,8 @@ def modelpack_documents(layers: list[Layer], *, name: str) -> Package:
                    "modelfs": {"type": "layers", "diffIds": [layer.digest for layer in layers]}}, MP_CONFIG)
     package.configs.append(config)
     layer_descs = [descriptor(layer.media_type, layer.digest, layer.size,
-                              annotations={MP_FILEPATH: layer.files[0].rel}) for layer in layers]
+                              annotations={MP_FILEPATH: layer.files[0].rel, TITLE: layer.files[0].rel})
+                   for layer in layers]  # the title: ORAS clients name what they pull by it
     package.root = _doc({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": MP_ARTIFACT,
                          "config": config.descriptor, "layers": layer_descs}, OCI_MANIFEST, artifactType=MP_ARTIFACT)
     return package

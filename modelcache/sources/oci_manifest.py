@@ -15,8 +15,12 @@ manifests and Docker v2 schema 2 manifests, and classifies layers:
   straight out of the layer (no second write to unpack it) and deduplicated
   by the file's own sha256 against every other source;
 - ORAS files: a layer titled by ``org.opencontainers.image.title`` is a
-  file at that path, whatever its media type (a tar+gzip one with
-  ``io.deis.oras.content.unpack`` is a directory, unpacked under the title).
+  file at that path, whatever its media type, except a directory as either
+  ORAS client pushes one: a ``tar+gzip`` layer marked
+  ``io.deis.oras.content.unpack`` (oras-go), or a ``tar+gzip`` layer whose
+  title is not itself an archive's file name (oras-py marks nothing; its
+  pull unpacks every layer of that type). Both write the entries under the
+  directory's own name, which is where they land.
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ FILE_DIGEST = "io.modelcache.file.digest"
 FILE_SIZE = "io.modelcache.file.size"
 FILE_OFFSET = "io.modelcache.file.offset"
 ORAS_UNPACK = "io.deis.oras.content.unpack"
+ORAS_DIR_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
+# A titled tar+gzip layer with one of these names is a file someone pushed as it is, not a directory.
+_ARCHIVE_NAME = re.compile(r"\.(?:t?gz|tar|tar\.\w+|zip|zst|xz|bz2)$", re.IGNORECASE)
 
 _MODELPACK_LAYER = re.compile(r"^application/vnd\.(?:cncf|cnai)\.model\.[a-z0-9.]+\.v1\.(raw|tar|tar\+gzip|tar\+zstd)$")
 _IMAGE_LAYER = re.compile(
@@ -160,12 +167,19 @@ def _classify(blob: Blob, annotations: dict[str, Any], *, what: str) -> FileEntr
             return Archive(blob=blob, compression=_compression(suffix))
         # ORAS names files by title (its default file media type is the image
         # layer tar type) and marks directories it packed with ORAS_UNPACK.
-        if str(annotations.get(ORAS_UNPACK)).lower() == "true":
+        if _oras_directory(mt, title, annotations):
             return Archive(blob=blob, compression=_compression(suffix), prefix=safe_path(title, context=what))
         return FileEntry(path=safe_path(title, context=what), blob=blob)
     if isinstance(title, str):
         return FileEntry(path=safe_path(title, context=what), blob=blob)
     raise InvalidContent(f"{what}: unsupported layer media type {mt!r} without a file name")
+
+
+def _oras_directory(media_type: str, title: str, annotations: dict[str, Any]) -> bool:
+    """True for a directory packed by an ORAS client (see the module docstring)."""
+    if str(annotations.get(ORAS_UNPACK)).lower() == "true":
+        return True
+    return media_type == ORAS_DIR_TYPE and not _ARCHIVE_NAME.search(title)
 
 
 def _file_in_tar(layer: Blob, annotations: dict[str, Any], *, what: str) -> FileEntry:

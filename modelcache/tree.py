@@ -47,7 +47,16 @@ def safe_path(raw: str, *, context: str) -> str:
     rel = posixpath.normpath("/" + raw.lstrip("/")).lstrip("/")
     if not rel:
         raise UnsafePath(f"{context}: empty path {raw!r}")
+    # Linux's NAME_MAX and PATH_MAX (bytes): past them a view cannot be built, so the content is refused
+    # as it arrives rather than failing as an OSError deep in the store.
+    encoded = rel.encode("utf-8", "surrogateescape")
+    if len(encoded) >= 4096 or any(len(part) > 255 for part in encoded.split(b"/")):
+        raise UnsafePath(f"{context}: path {_short(rel)} is too long (255 bytes a name, 4095 a path)")
     return rel
+
+
+def _short(path: str) -> str:
+    return repr(path if len(path) <= 80 else path[:60] + "…" + path[-16:])
 
 
 def safe_link_target(link_path: str, target: str, *, context: str) -> str:

@@ -26,6 +26,7 @@ from urllib.parse import quote, urljoin, urlsplit
 from ..errors import InvalidContent, ModelCacheError, NotFound, Unauthorized, Unavailable
 from ..model import Blob, FileEntry, Model
 from ..refs import HfRef
+from ..tree import safe_path
 from .base import SourceOptions
 from .http import check_range_response, exact_range
 from .rawget import RawPool, RawResponse
@@ -113,7 +114,8 @@ class HfSource:
             else:
                 blob = Blob("sha256:" + hashlib.sha256(source_key.encode()).hexdigest(), int(f.size), verified=False)
             self._paths[blob.digest] = f.path
-            parts.append(FileEntry(path=f.path, blob=blob, source_key=source_key))
+            # HF_ENDPOINT may be any server: its file names are checked like a layer's.
+            parts.append(FileEntry(path=safe_path(f.path, context=self.name), blob=blob, source_key=source_key))
         return Model(ref=self.name, digest=f"git:{self._commit}", parts=tuple(parts))
 
     async def _get(self, path: str, headers: dict[str, str]) -> RawResponse:

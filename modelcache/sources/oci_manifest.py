@@ -73,6 +73,8 @@ def parse_json(body: bytes, *, what: str) -> dict[str, Any]:
         doc = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InvalidContent(f"{what} is not valid JSON: {e}") from e
+    except RecursionError:  # "[[[[…": nesting no manifest has, deeper than the parser recurses
+        raise InvalidContent(f"{what} is nested too deeply to be a manifest") from None
     if not isinstance(doc, dict):
         raise InvalidContent(f"{what} is not a JSON object")
     return doc

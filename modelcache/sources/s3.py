@@ -39,6 +39,7 @@ from ..errors import (
 )
 from ..model import Blob, FileEntry, Model
 from ..refs import S3Ref
+from ..tree import safe_path
 from .base import SourceOptions
 from .http import check_range_response, exact_range
 from .oci_manifest import (
@@ -134,7 +135,8 @@ class S3Source:
                 standin = "sha256:" + hashlib.sha256(source_key.encode()).hexdigest()
                 blob = Blob(standin, int(obj["Size"]), verified=False, md5=md5)
             self._objects[blob.digest] = (obj["Key"], etag)
-            parts.append(FileEntry(path=rel, blob=blob, source_key=source_key))
+            # A key is any string: "../x" must not become a path outside the model.
+            parts.append(FileEntry(path=safe_path(rel, context=self.name), blob=blob, source_key=source_key))
         listing = "".join(f"{p.path}\0{p.source_key}\n" for p in parts).encode()
         return Model(ref=self.name, digest="sha256:" + hashlib.sha256(listing).hexdigest(), parts=tuple(parts))
 

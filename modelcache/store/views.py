@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..tree import check_links
+from ..errors import UnsafePath
+from ..tree import check_links, safe_path
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,10 @@ def build_view(views_dir: Path, entries: Sequence[ViewEntry], blob_path: Callabl
     final = views_dir / view_digest(entries).partition(":")[2]
     if final.is_dir():
         return final
+    # Every source checks its paths; this is the last line: nothing is linked outside the tree.
+    for e in entries:
+        if safe_path(e.path, context=f"view {final.name[:12]}") != e.path:
+            raise UnsafePath(f"view {final.name[:12]}: path {e.path!r} is not a clean relative path")
     # Never write through, or link out through, the tree's own symlinks.
     check_links({e.path: e.target for e in entries if e.kind == "symlink"}, (e.path for e in entries),
                 context=f"view {final.name[:12]}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -155,8 +156,22 @@ def rmtree(path: Path) -> None:
         shutil.rmtree(path)
 
 
+def record(kind: str, **fields: object) -> None:
+    """Append one JSON result to ``$MODELCACHE_BENCH_JSON`` when set (tools/bench_report.py reads it)."""
+    path = os.environ.get("MODELCACHE_BENCH_JSON")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"kind": kind, **fields}) + "\n")
+
+
 def report(title: str, total: int, ours: Timing, peers: Sequence[Timing], ceilings: dict[str, Timing]) -> None:
-    """Print medians, rates and the ratios the closing notes quote."""
+    """Print medians, rates and the ratios the closing notes quote (and record them)."""
+    ceiling_of = max(ceilings.values(), key=lambda t: t.median)
+    record("comparison", title=title, bytes=total, runs=len(ours.seconds),
+           ours={"name": ours.name, "median": ours.median, "rss": max(ours.rss, default=0)},
+           peers=[{"name": p.name, "median": p.median, "rss": max(p.rss, default=0)} for p in peers],
+           ceilings={k: {"name": t.name, "median": t.median} for k, t in ceilings.items()},
+           ceiling=ceiling_of.name)
     gb = total / 1e9
     print(f"\n== {title}: {total / GiB:.2f} GiB, medians of {len(ours.seconds)} runs ==")
     rows = [ours, *peers, *ceilings.values()]
@@ -169,3 +184,63 @@ def report(title: str, total: int, ours: Timing, peers: Sequence[Timing], ceilin
     for p in peers:
         print(f"  {p.name} time / ours time{' ' * max(0, 14 - len(p.name))}  {p.median / ours.median:6.2f}x")
     sys.stdout.flush()
+
+
+class CountingProxy:
+    """A TCP proxy on loopback that counts the bytes the upstream sends back.
+
+    Benchmarks put it between a client and a server to learn how many bytes
+    really crossed the wire (a killed pull cannot report what it received).
+    """
+
+    def __init__(self, upstream: str) -> None:
+        import threading
+
+        host, _, port = upstream.rpartition(":")
+        self._upstream = (host, int(port))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._lock = threading.Lock()
+        self.downstream_bytes = 0
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def reset(self) -> int:
+        """Return the count so far and start again from zero."""
+        with self._lock:
+            count, self.downstream_bytes = self.downstream_bytes, 0
+        return count
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self._upstream)
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, count: bool) -> None:
+        buf = bytearray(1 << 20)
+        try:
+            while n := src.recv_into(buf):
+                dst.sendall(memoryview(buf)[:n])
+                if count:
+                    with self._lock:
+                        self.downstream_bytes += n
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()

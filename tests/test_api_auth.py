@@ -46,7 +46,8 @@ def _assert_unauthenticated(answer: tuple[int, dict, dict[str, str]]) -> None:
 
 def _serve_fails(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `modelcache serve` expecting it to refuse to start."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MODELCACHE_")} | (env or {})
+    full_env = {k: v for k, v in os.environ.items()
+                if not k.startswith(("MODELCACHE_", "KUBERNETES_SERVICE_"))} | (env or {})
     out = subprocess.run([sys.executable, "-m", "modelcache", "serve", "--store", str(tmp_path / "store"),
                           "--listen", f"127.0.0.1:{free_port()}", "--csi-socket", str(tmp_path / "csi.sock"), *args],
                          capture_output=True, text=True, timeout=60, env=full_env)
@@ -300,3 +301,4 @@ def test_kubernetes_is_the_default_in_a_cluster(tmp_path: Path, kube: FakeKubern
     # Outside a cluster the same command wants a kubeconfig to review with, and says so.
     assert "--kubeconfig" in _serve_fails(tmp_path, "--api-auth", "kubernetes").stderr
     assert "--kubeconfig" in _serve_fails(tmp_path, env={"KUBERNETES_SERVICE_HOST": "10.0.0.1"}).stderr
+    assert "expected one of token, kubernetes, none" in _serve_fails(tmp_path, env={"MODELCACHE_API_AUTH": "tokn"}).stderr

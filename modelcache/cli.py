@@ -65,6 +65,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from e
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("must be 0 or more seconds")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (defaults read from ``MODELCACHE_*``)."""
     parser = argparse.ArgumentParser(prog="modelcache", description=__doc__.split("\n")[0])
@@ -123,6 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="unix socket of the CSI plugin (default %(default)s)")
     serve.add_argument("--node-name", default=_env("node_name", os.uname().nodename),
                        help="node id reported to kubelet (default: the host name)")
+    serve.add_argument("--api-auth", choices=("token", "kubernetes", "none"), default=_env("api_auth"),
+                       help="how API callers authenticate: token (a bearer token file), kubernetes (TokenReview "
+                            "and SubjectAccessReview) or none (no check); default: kubernetes in a cluster, "
+                            "else token")
+    serve.add_argument("--api-token-file", default=_env("api_token_file"), metavar="PATH",
+                       help="token mode: the bearer token callers send (default: <store>/api-token, made on "
+                            "first start, mode 0600)")
+    serve.add_argument("--kubeconfig", default=_env("kubeconfig"), metavar="PATH",
+                       help="kubernetes mode: the API server to review tokens with (default: in-cluster config)")
+    serve.add_argument("--api-auth-cache-ttl", type=_seconds, default=_env("api_auth_cache_ttl", "10"),
+                       metavar="SECONDS", help="kubernetes mode: seconds a review's answer is reused, yes or no "
+                                               "(default %(default)s; 0: review every request)")
     _transfer_flags(serve, with_filters=False, quiet=False)
 
     demo = sub.add_parser("demo", help="make a demo model as an OCI layout and pull it (no network)")
@@ -327,12 +349,17 @@ def _transfer_options(args: argparse.Namespace):
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from .daemon.auth import AuthConfig, default_mode
     from .daemon.server import DaemonConfig, run
 
     transfer, sources = _transfer_options(args)
+    auth = AuthConfig(mode=str(args.api_auth or default_mode()),
+                      token_file=Path(args.api_token_file).expanduser() if args.api_token_file else None,
+                      kubeconfig=Path(args.kubeconfig).expanduser() if args.kubeconfig else None,
+                      cache_ttl=_seconds(str(args.api_auth_cache_ttl)))
     config = DaemonConfig(store=Path(str(args.store)).expanduser(), listen=str(args.listen),
                           csi_socket=Path(str(args.csi_socket)), node_name=str(args.node_name),
-                          transfer=transfer, sources=sources)
+                          transfer=transfer, sources=sources, auth=auth)
     asyncio.run(run(config))
     return 0
 

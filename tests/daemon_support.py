@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from types import EllipsisType
 
 import grpc
 
@@ -36,18 +37,29 @@ class DaemonProcess:
     http: str
     process: subprocess.Popen
     log: Path
+    token: str | None = None  # the bearer credential call() sends by default (token mode: the daemon's own)
 
-    def call(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    def call(self, method: str, path: str, body: dict | None = None, *,
+             token: str | None | EllipsisType = ...) -> tuple[int, dict]:
+        """One API request; ``token``: the bearer token to send (default :attr:`token`, None: none)."""
+        return self.call_full(method, path, body, token=token)[:2]
+
+    def call_full(self, method: str, path: str, body: dict | None = None, *,
+                  token: str | None | EllipsisType = ...) -> tuple[int, dict, dict[str, str]]:
+        """As :meth:`call`, with the response's headers too."""
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(f"http://{self.http}{path}", data=data, method=method,
-                                     headers={"Content-Type": "application/json"} if data else {})
+        headers = {"Content-Type": "application/json"} if data else {}
+        bearer = self.token if token is ... else token
+        if bearer is not None:
+            headers["Authorization"] = f"Bearer {bearer}"
+        req = urllib.request.Request(f"http://{self.http}{path}", data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
                 raw = resp.read()
                 return resp.status, json.loads(raw) if resp.headers.get_content_type() == "application/json" else {
-                    "text": raw.decode()}
+                    "text": raw.decode()}, dict(resp.headers)
         except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"{}")
+            return e.code, json.loads(e.read() or b"{}"), dict(e.headers)
 
     def metric(self, sample: str) -> float:
         """The value of one sample of /metrics, e.g. ``modelcache_cache_misses_total``; 0 if absent."""
@@ -86,8 +98,15 @@ class DaemonProcess:
         return self.process.returncode
 
 
-def start_daemon(root: Path, *extra: str, store: Path | None = None) -> DaemonProcess:
-    """Start a daemon with its own store and socket under ``root``; wait until ready."""
+def start_daemon(root: Path, *extra: str, store: Path | None = None, token: str | None = None,
+                 env: dict[str, str | None] | None = None) -> DaemonProcess:
+    """Start a daemon with its own store and socket under ``root``; wait until ready.
+
+    API authentication is token mode unless ``extra`` says otherwise (or ``env``
+    sets ``MODELCACHE_API_AUTH``); ``env`` adds variables (None removes one).
+    The returned process sends ``token`` with every call, by default the
+    daemon's own: the ``--api-token-file`` passed, else ``<store>/api-token``.
+    """
     root.mkdir(parents=True, exist_ok=True)
     store = store or root / "store"
     sock = root / "csi" / "csi.sock"
@@ -96,20 +115,41 @@ def start_daemon(root: Path, *extra: str, store: Path | None = None) -> DaemonPr
     proc = subprocess.Popen(
         [sys.executable, "-m", "modelcache", "serve", "--store", str(store), "--listen", http,
          "--csi-socket", str(sock), "--node-name", "test-node", "--chunk-size", "1M", *extra],
-        stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-    daemon = DaemonProcess(store, sock, http, proc, log)
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=_daemon_env(env))
+    daemon = DaemonProcess(store, sock, http, proc, log, token)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError("daemon exited:\n" + log.read_text())
         try:
             if daemon.call("GET", "/readyz")[0] == 200:
+                if token is None:
+                    daemon.token = _own_token(store, extra)
                 return daemon
         except OSError:
             pass
         time.sleep(0.05)
     daemon.stop(signal.SIGKILL)
     raise RuntimeError("daemon did not become ready:\n" + log.read_text())
+
+
+def _daemon_env(overrides: dict[str, str | None] | None) -> dict[str, str]:
+    # Token mode unless a test asks for another: a suite run inside a pod must not turn kubernetes mode on.
+    env = {k: v for k, v in os.environ.items() if k not in ("KUBERNETES_SERVICE_HOST", "MODELCACHE_API_AUTH")}
+    env["MODELCACHE_API_AUTH"] = "token"
+    for name, value in (overrides or {}).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env
+
+
+def _own_token(store: Path, extra: tuple[str, ...]) -> str | None:
+    """The token a token-mode daemon accepts: its --api-token-file, else the one it made in the store."""
+    args = list(extra)
+    path = Path(args[args.index("--api-token-file") + 1]) if "--api-token-file" in args else store / "api-token"
+    return path.read_text().strip() if path.exists() else None
 
 
 def publish_request(volume_id: str, target: Path, model: str, **attrs: str) -> pb.NodePublishVolumeRequest:

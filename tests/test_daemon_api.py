@@ -85,7 +85,8 @@ def test_body_that_is_not_json(daemon) -> None:
 
     for raw in (b"{not json", b"\xff\xfe"):
         req = urllib.request.Request(f"http://{daemon.http}/v1/pulls", data=raw, method="POST",
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": f"Bearer {daemon.token}"})
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(req, timeout=10)
         assert err.value.code == 400 and json.loads(err.value.read())["code"] == "InvalidReference"

@@ -11,8 +11,13 @@ import yaml
 
 from modelcache.cli import build_parser
 from modelcache.csi import DRIVER_NAME
+from modelcache.daemon.api import ACCESS
+from modelcache.daemon.auth import API_GROUP
 
 ROOT = Path(__file__).resolve().parent.parent / "daemonset"
+# Variables the sources read (registry_auth, hf, s3): the only non-MODELCACHE_ env the DaemonSet sets.
+CREDENTIAL_ENV = {"DOCKER_CONFIG", "HF_TOKEN", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                  "AWS_SECRET_ACCESS_KEY"}
 
 
 def _docs(path: Path) -> list[dict]:
@@ -43,7 +48,8 @@ def test_daemonset_wires_socket_env_and_propagation() -> None:
     serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
     known = {"MODELCACHE_" + a.dest.upper() for a in serve._actions} | {"MODELCACHE_STORE"}
     env = {e["name"]: e for e in daemon["env"]}
-    assert set(env) <= known
+    assert {name for name in env if name.startswith("MODELCACHE_")} <= known
+    assert {name for name in env if not name.startswith("MODELCACHE_")} <= CREDENTIAL_ENV
     assert env["MODELCACHE_CSI_SOCKET"]["value"] == "/csi/csi.sock"
     assert "--csi-address=/csi/csi.sock" in registrar["args"]
     assert f"--kubelet-registration-path=/var/lib/kubelet/plugins/{DRIVER_NAME}/csi.sock" in registrar["args"]
@@ -67,4 +73,97 @@ def test_kustomize_builds() -> None:
     out = subprocess.run(["kubectl", "kustomize", str(ROOT)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     kinds = {d["kind"] for d in yaml.safe_load_all(out.stdout) if d}
-    assert {"Namespace", "ServiceAccount", "ClusterRole", "CSIDriver", "Service", "DaemonSet"} <= kinds
+    assert {"Namespace", "ServiceAccount", "ClusterRole", "CSIDriver", "Service", "DaemonSet", "NetworkPolicy"} <= kinds
+
+
+def _pod_spec() -> dict:
+    return _docs(ROOT / "daemonset.yaml")[0]["spec"]["template"]["spec"]
+
+
+def _container(name: str) -> dict:
+    return {c["name"]: c for c in _pod_spec()["containers"]}[name]
+
+
+def test_daemonset_authenticates_api_callers_with_kubernetes() -> None:
+    """The DaemonSet's args parse as `serve --api-auth kubernetes` (in-cluster config, no token file)."""
+    args = build_parser().parse_args(["--store", "/x", *_container("modelcache")["args"]])
+    assert args.command == "serve" and args.api_auth == "kubernetes"
+    assert args.api_token_file is None and args.kubeconfig is None
+
+
+def test_daemon_may_create_reviews_and_nothing_more_of_them() -> None:
+    """The daemon's ServiceAccount is bound to create TokenReviews and SubjectAccessReviews, only create."""
+    docs = _docs(ROOT / "rbac.yaml")
+    roles = {d["metadata"]["name"]: d["rules"] for d in docs if d["kind"] == "ClusterRole"}
+    bound = [d["roleRef"]["name"] for d in docs if d["kind"] == "ClusterRoleBinding"
+             and {"kind": "ServiceAccount", "name": "modelcache", "namespace": "modelcache-system"} in d["subjects"]]
+    grants = {(g, r, v) for name in bound for rule in roles[name] for g in rule["apiGroups"]
+              for r in rule["resources"] for v in rule["verbs"]}
+    review = {(g, r, v) for g, r, v in grants if g in ("authentication.k8s.io", "authorization.k8s.io")}
+    assert review == {("authentication.k8s.io", "tokenreviews", "create"),
+                      ("authorization.k8s.io", "subjectaccessreviews", "create")}
+    assert not any(g == "modelcache.io" for g, _, _ in grants)  # the daemon grants itself no API rights
+
+
+def test_prewarmer_role_covers_every_api_route() -> None:
+    """The example ClusterRole grants each (resource, verb) the API asks for, in modelcache.io only, and binds it."""
+    docs = _docs(ROOT / "examples" / "rbac-prewarmer.yaml")
+    [role] = [d for d in docs if d["kind"] == "ClusterRole"]
+    [binding] = [d for d in docs if d["kind"] == "ClusterRoleBinding"]
+    granted = {(r, v) for rule in role["rules"] for r in rule["resources"] for v in rule["verbs"]}
+    assert all(rule["apiGroups"] == [API_GROUP] for rule in role["rules"])
+    assert set(ACCESS.values()) <= granted
+    assert ("prewarms", "create") in granted
+    assert binding["roleRef"]["name"] == role["metadata"]["name"] == "modelcache-prewarmer"
+    assert binding["subjects"][0]["kind"] == "ServiceAccount"
+
+
+def test_network_policy_admits_peers_and_scrapers_only_on_the_api_port() -> None:
+    """Ingress to the daemon pods: their own kind, pods or namespaces labelled for scraping, on port http."""
+    [policy] = _docs(ROOT / "networkpolicy.yaml")
+    daemon_labels = _docs(ROOT / "daemonset.yaml")[0]["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= daemon_labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    [rule] = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert "http" in {p["name"] for p in _container("modelcache")["ports"]}
+    peers = {"podSelector": {"matchLabels": dict(policy["spec"]["podSelector"]["matchLabels"])}}
+    assert peers in rule["from"]
+    assert {"namespaceSelector": {"matchLabels": {"modelcache.io/scrape": "true"}}} in rule["from"]
+    assert {"namespaceSelector": {}, "podSelector": {"matchLabels": {"modelcache.io/scrape": "true"}}} in rule["from"]
+    for peer in rule["from"]:  # no entry admits everyone: each names a label
+        assert any(sel.get("matchLabels") for sel in peer.values()), peer
+    readme = (ROOT.parent / "README.md").read_text()
+    assert "modelcache.io/scrape" in readme and "modelcache.io/api-client" in readme
+
+
+def test_credentials_are_wired_and_optional() -> None:
+    """Docker config.json from a Secret at $DOCKER_CONFIG, HF_TOKEN and AWS settings: all optional refs."""
+    daemon, spec = _container("modelcache"), _pod_spec()
+    env = {e["name"]: e for e in daemon["env"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    [mount] = [m for m in daemon["volumeMounts"] if m["mountPath"] == env["DOCKER_CONFIG"]["value"]]
+    secret = volumes[mount["name"]]["secret"]
+    assert mount["readOnly"] is True and secret["optional"] is True
+    assert secret["items"] == [{"key": ".dockerconfigjson", "path": "config.json"}]
+    refs = [e["valueFrom"] for e in daemon["env"] if "valueFrom" in e and "fieldRef" not in e["valueFrom"]]
+    assert {"HF_TOKEN", "AWS_REGION", "AWS_ENDPOINT_URL"} <= set(env)
+    assert refs and all(next(iter(r.values()))["optional"] is True for r in refs)
+    # The example objects are the ones the DaemonSet names, with the keys it reads.
+    examples = {(d["kind"], d["metadata"]["name"]): d for d in _docs(ROOT / "examples" / "credentials.yaml")}
+    assert ".dockerconfigjson" in examples[("Secret", secret["secretName"])]["stringData"]
+    for r in refs:
+        kind, ref = ("Secret", r["secretKeyRef"]) if "secretKeyRef" in r else ("ConfigMap", r["configMapKeyRef"])
+        example = examples[(kind, ref["name"])]
+        assert ref["key"] in example.get("stringData", example.get("data", {})), ref
+    assert "eks.amazonaws.com/role-arn" in (ROOT / "serviceaccount.yaml").read_text()  # IRSA, documented
+
+
+def test_registrar_has_probe_and_resources() -> None:
+    """The registrar serves /healthz on --http-endpoint, probed there, with requests and a memory limit."""
+    registrar = _container("node-driver-registrar")
+    [endpoint] = [a.split("=", 1)[1] for a in registrar["args"] if a.startswith("--http-endpoint=")]
+    ports = {p["name"]: p["containerPort"] for p in registrar["ports"]}
+    probe = registrar["livenessProbe"]["httpGet"]
+    assert probe["path"] == "/healthz" and endpoint == f":{ports[probe['port']]}"
+    assert registrar["resources"]["requests"]["cpu"] and registrar["resources"]["limits"]["memory"]

@@ -11,6 +11,13 @@
 
 Every error, ours or aiohttp's (404 for an unknown path, 405), is JSON
 ``{"code", "message"}`` with the status the error maps to.
+
+Only /healthz, /readyz and /metrics are open. Every other request needs a
+bearer credential (reads too: model names may be private): no credential or a
+bad one is a 401 with ``WWW-Authenticate: Bearer``, a known caller without the
+right is a 403, and an unreachable review API a 503 (``auth``). What each
+route asks for is a verb on a resource of API group ``modelcache.io``
+(:data:`ACCESS`), so RBAC can grant it.
 """
 
 from __future__ import annotations
@@ -21,10 +28,23 @@ from typing import Any
 
 from aiohttp import web
 
-from ..errors import InvalidReference, ModelCacheError, NotFound
+from ..errors import InvalidReference, ModelCacheError, NotFound, Unauthenticated
 from ..tree import Filters
+from .auth import Access, Authenticator
 
 log = logging.getLogger(__name__)
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapers carry no credential
+
+# (method, route) -> (resource, verb) in API group modelcache.io: the rights RBAC grants
+# (daemonset/examples/rbac-prewarmer.yaml). The route's {id} or {view} is the resource name.
+ACCESS = {
+    ("GET", "/v1/models"): ("models", "list"),
+    ("POST", "/v1/pulls"): ("pulls", "create"),
+    ("GET", "/v1/pulls/{id}"): ("pulls", "get"),
+    ("PUT", "/v1/pins/{view}"): ("pins", "create"),
+    ("DELETE", "/v1/pins/{view}"): ("pins", "delete"),
+}
 
 
 def error_response(error: ModelCacheError) -> web.Response:
@@ -51,9 +71,46 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return web.json_response({"code": "Internal", "message": f"{type(e).__name__}: {e}"}, status=500)
 
 
-def build_app(daemon: Any) -> web.Application:
-    """The aiohttp application over a running daemon (server.Daemon)."""
-    app = web.Application(middlewares=[_errors])
+def _bearer(request: web.Request) -> str | None:
+    scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+    return (token.strip() or None) if scheme.lower() == "bearer" else None
+
+
+def _access(request: web.Request) -> Access | None:
+    """What a routed request asks for; None for an unknown path or method (answered 404/405)."""
+    resource = request.match_info.route.resource
+    if resource is None:
+        return None
+    wanted = ACCESS.get((request.method, resource.canonical))
+    if wanted is None:
+        return None
+    names = list(request.match_info.values())
+    return Access(wanted[0], wanted[1], names[0] if names else "")
+
+
+def _authentication(auth: Authenticator) -> Any:
+    @web.middleware
+    async def check(request: web.Request, handler: Any) -> web.StreamResponse:
+        # Closed unless named open: a route added later is never public by accident.
+        if request.path in OPEN_PATHS:
+            return await handler(request)
+        try:
+            caller = await auth.authenticate(_bearer(request))
+        except Unauthenticated as e:
+            response = error_response(e)
+            response.headers["WWW-Authenticate"] = 'Bearer realm="modelcache"'  # RFC 6750 section 3
+            return response
+        access = _access(request)
+        if access is not None:
+            await auth.authorize(caller, access)  # Forbidden (403) or Unavailable (503) go to _errors
+        return await handler(request)
+
+    return check
+
+
+def build_app(daemon: Any, *, auth: Authenticator) -> web.Application:
+    """The aiohttp application over a running daemon (server.Daemon), its callers checked by ``auth``."""
+    app = web.Application(middlewares=[_errors, _authentication(auth)])
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

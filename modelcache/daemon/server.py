@@ -36,6 +36,8 @@ from ..store import Store
 from ..transfer import Engine, TransferConfig
 from ..tree import Filters
 from .api import build_app
+from .auth import AuthConfig
+from .auth import build as build_auth
 from .metrics import Metrics
 from .mounts import Mounts
 from .pulls import PullManager
@@ -56,6 +58,7 @@ class DaemonConfig:
     node_name: str = field(default_factory=lambda: os.uname().nodename)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     sources: SourceOptions = field(default_factory=SourceOptions)
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
 
 class Daemon:
@@ -63,6 +66,7 @@ class Daemon:
 
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
+        self.auth = build_auth(config.auth, config.store)  # first: a bad token file or kubeconfig opens nothing
         self.store = Store(config.store)
         self.engine = Engine(self.store.content, config.transfer)
         self.metrics = Metrics()
@@ -75,6 +79,7 @@ class Daemon:
         """Stop the engine's threads and close the store."""
         self.engine.close()
         self.store.close()
+        self.auth.close()
 
     # -- what the CSI node service needs (csi.servicer.Backend) -----------------
 
@@ -164,7 +169,7 @@ async def _start_http(daemon: Daemon, listen: str) -> web.AppRunner:
     host, _, port = listen.rpartition(":")
     if not port.isdigit():
         raise InvalidReference(f"--listen {listen!r}: expected HOST:PORT")
-    runner = web.AppRunner(build_app(daemon), handle_signals=False, shutdown_timeout=HTTP_GRACE)
+    runner = web.AppRunner(build_app(daemon, auth=daemon.auth), handle_signals=False, shutdown_timeout=HTTP_GRACE)
     await runner.setup()
     try:
         await web.TCPSite(runner, host.strip("[]") or "0.0.0.0", int(port)).start()

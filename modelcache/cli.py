@@ -65,6 +65,22 @@ def _positive(text: str) -> int:
     return value
 
 
+def _ttl_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from e
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("must be a number of seconds, 0 or more")
+    return value
+
+
+def _mount_policy(text: str) -> str:
+    if text not in ("always", "private", "never"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected always, private or never")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (defaults read from ``MODELCACHE_*``)."""
     parser = argparse.ArgumentParser(prog="modelcache", description=__doc__.split("\n")[0])
@@ -123,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="unix socket of the CSI plugin (default %(default)s)")
     serve.add_argument("--node-name", default=_env("node_name", os.uname().nodename),
                        help="node id reported to kubelet (default: the host name)")
+    serve.add_argument("--mount-credential-check", type=_mount_policy, metavar="{always,private,never}",
+                       default=_env("mount_credential_check", "private"),
+                       help="check a pod's volume credentials at the origin before mounting a cached model: "
+                            "private = models that needed credentials (default), always = every model, "
+                            "never = no check (env MODELCACHE_MOUNT_CREDENTIAL_CHECK)")
+    serve.add_argument("--mount-credential-ttl", type=_ttl_seconds,
+                       default=_env("mount_credential_ttl", "60"),
+                       help="seconds an origin's answer to that check is reused (env MODELCACHE_MOUNT_CREDENTIAL_TTL)")
     _transfer_flags(serve, with_filters=False, quiet=False)
 
     demo = sub.add_parser("demo", help="make a demo model as an OCI layout and pull it (no network)")
@@ -332,7 +356,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     transfer, sources = _transfer_options(args)
     config = DaemonConfig(store=Path(str(args.store)).expanduser(), listen=str(args.listen),
                           csi_socket=Path(str(args.csi_socket)), node_name=str(args.node_name),
-                          transfer=transfer, sources=sources)
+                          transfer=transfer, sources=sources,
+                          mount_credential_check=str(args.mount_credential_check),
+                          mount_credential_ttl=float(args.mount_credential_ttl))
     asyncio.run(run(config))
     return 0
 

@@ -284,3 +284,29 @@ def test_gate_cache_is_bounded_expires_and_never_keeps_an_outage(tmp_path: Path)
         asyncio.run(scenario())
     finally:
         store.close()
+
+
+def test_s3_model_mounts_only_for_pods_with_keys_that_read_it(s3_server, node, tmp_path: Path, monkeypatch) -> None:
+    """SeaweedFS with an identity refuses anonymous reads: the model counts as private, the pod's keys are checked."""
+    s3 = s3_server.client()
+    s3.create_bucket(Bucket="models-private")
+    s3.put_object(Bucket="models-private", Key="m/w.bin", Body=DATA)
+    # The daemon knows the endpoint but has no AWS credentials of its own.
+    for name, value in {"AWS_ENDPOINT_URL": s3_server.endpoint, "AWS_DEFAULT_REGION": "us-east-1",
+                        "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": str(tmp_path / "none"),
+                        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    keys = {"AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}
+    wrong = {**keys, "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
+    daemon = node()
+    ref = "s3://models-private/m"
+    _refused(daemon, "vol-0", tmp_path / "t0", ref)  # cold, no keys anywhere: the pull itself is refused
+    _publish(daemon, "vol-1", tmp_path / "t1", ref, keys)
+    assert (tmp_path / "t1" / "w.bin").read_bytes() == DATA
+    assert _needed(daemon, ref) == 1  # the anonymous listing was refused, so not provably public
+    _refused(daemon, "vol-2", tmp_path / "t2", ref)
+    assert "refused the volume's credentials" in _refused(daemon, "vol-3", tmp_path / "t3", ref, wrong)
+    _publish(daemon, "vol-4", tmp_path / "t4", ref, keys)
+    assert (tmp_path / "t4" / "w.bin").read_bytes() == DATA

@@ -27,11 +27,13 @@ from daemon_support import (
     start_daemon,
     unmount_all_below,
 )
+from fake_hub import FakeHub
 from faultproxy import FaultProxy
 from support import MP_ARTIFACT, MP_CONFIG, MP_WEIGHT, Registry, sha256, tree_digests
 
 from modelcache.daemon.access import AccessGate
 from modelcache.errors import InvalidReference, Unauthorized, Unavailable
+from modelcache.refs import parse
 from modelcache.sources import SourceCredentials, SourceOptions
 from modelcache.store import Store
 
@@ -65,7 +67,7 @@ def _refused(daemon: DaemonProcess, volume: str, target: Path, ref: str, secrets
 
 def _needed(daemon: DaemonProcess, ref: str) -> int | None:
     with sqlite3.connect(daemon.store / "index.sqlite") as db:
-        row = db.execute("SELECT needed_credentials FROM origin_access WHERE ref = ?", (ref,)).fetchone()
+        row = db.execute("SELECT needed_credentials FROM origin_access WHERE ref = ?", (str(parse(ref)),)).fetchone()
     return row[0] if row else None
 
 
@@ -310,3 +312,30 @@ def test_s3_model_mounts_only_for_pods_with_keys_that_read_it(s3_server, node, t
     assert "refused the volume's credentials" in _refused(daemon, "vol-3", tmp_path / "t3", ref, wrong)
     _publish(daemon, "vol-4", tmp_path / "t4", ref, keys)
     assert (tmp_path / "t4" / "w.bin").read_bytes() == DATA
+
+
+def test_hub_models_gated_or_public_with_a_pod_token(node, tmp_path: Path, monkeypatch) -> None:
+    """A gated repository read with the pod's token is private; a public one read with a token is not."""
+    token = "hf_pod_token"
+    with FakeHub() as hub:
+        gated = hub.repo("org/gated")
+        gated.commit({"w.bin": DATA})
+        gated.gated_token = token
+        hub.repo("org/open").commit({"w.bin": DATA})
+        for name, value in {"HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_TELEMETRY": "1",
+                            "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "hf-home")}.items():
+            monkeypatch.setenv(name, value)
+        for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+            monkeypatch.delenv(name, raising=False)
+        daemon = node()
+        _publish(daemon, "vol-1", tmp_path / "t1", "hf://org/gated", {"HF_TOKEN": token})
+        assert (tmp_path / "t1" / "w.bin").read_bytes() == DATA and _needed(daemon, "hf://org/gated") == 1
+        _refused(daemon, "vol-2", tmp_path / "t2", "hf://org/gated")
+        _refused(daemon, "vol-3", tmp_path / "t3", "hf://org/gated", {"token": "hf_wrong"})
+        _publish(daemon, "vol-4", tmp_path / "t4", "hf://org/gated", {"token": token})
+
+        _publish(daemon, "vol-5", tmp_path / "t5", "hf://org/open", {"HF_TOKEN": token})
+        assert _needed(daemon, "hf://org/open") == 0  # the Hub says: neither private nor gated
+        hub.hub_requests.clear()
+        _publish(daemon, "vol-6", tmp_path / "t6", "hf://org/open")
+        assert hub.hub_requests == []

@@ -100,7 +100,7 @@ class HfSource:
             info = api.repo_info(self.ref.repo, revision=self.ref.revision)
             assert info.sha
             # Conservative: with a token, public only when the Hub says so in as many words.
-            self.needed_credentials = bool(self._token) and not (info.private is False and not info.gated)
+            self.needed_credentials = bool(self._token) and not (info.private is False and info.gated is False)
             files = [f for f in api.list_repo_tree(self.ref.repo, revision=info.sha, recursive=True)
                      if isinstance(f, RepoFile)]
         except Exception as e:  # huggingface_hub raises its own tree of errors and httpx's

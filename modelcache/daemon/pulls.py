@@ -3,7 +3,8 @@
 Guarantees:
 
 - Single flight: while a job for a model (reference and include/exclude
-  filters) is pending or running, every request for that model joins it;
+  filters, pulled with the daemon's credentials or one pod's) is pending or
+  running, every request for that model with those credentials joins it;
   under it, the transfer engine shares blobs between jobs of different models.
 - A job runs in the background and outlives whoever started it: an HTTP
   client that only wanted a 202, or a CSI call whose deadline ran out

@@ -75,6 +75,12 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _mount_policy(text: str) -> str:
+    if text not in ("always", "private", "never"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected always, private or never")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (defaults read from ``MODELCACHE_*``)."""
     parser = argparse.ArgumentParser(prog="modelcache", description=__doc__.split("\n")[0])
@@ -145,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-auth-cache-ttl", type=_seconds, default=_env("api_auth_cache_ttl", "10"),
                        metavar="SECONDS", help="kubernetes mode: seconds a review's answer is reused, yes or no "
                                                "(default %(default)s; 0: review every request)")
+    serve.add_argument("--mount-credential-check", type=_mount_policy, metavar="{always,private,never}",
+                       default=_env("mount_credential_check", "private"),
+                       help="check a pod's volume credentials at the origin before mounting a cached model: "
+                            "private = models that needed credentials (default), always = every model, "
+                            "never = no check (env MODELCACHE_MOUNT_CREDENTIAL_CHECK)")
+    serve.add_argument("--mount-credential-ttl", type=_seconds,
+                       default=_env("mount_credential_ttl", "60"),
+                       help="seconds an origin's answer to that check is reused (env MODELCACHE_MOUNT_CREDENTIAL_TTL)")
     _transfer_flags(serve, with_filters=False, quiet=False)
 
     demo = sub.add_parser("demo", help="make a demo model as an OCI layout and pull it (no network)")
@@ -359,7 +373,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                       cache_ttl=_seconds(str(args.api_auth_cache_ttl)))
     config = DaemonConfig(store=Path(str(args.store)).expanduser(), listen=str(args.listen),
                           csi_socket=Path(str(args.csi_socket)), node_name=str(args.node_name),
-                          transfer=transfer, sources=sources, auth=auth)
+                          transfer=transfer, sources=sources, auth=auth,
+                          mount_credential_check=str(args.mount_credential_check),
+                          mount_credential_ttl=float(args.mount_credential_ttl))
     asyncio.run(run(config))
     return 0
 

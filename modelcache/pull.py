@@ -56,8 +56,12 @@ async def pull(store: Store, engine: Engine, ref_text: str, *, filters: Filters 
         spans = {p.blob.digest: (p.origin, p.offset) for p in model.parts
                  if isinstance(p, FileEntry) and p.origin is not None}
         origin = WithinOrigin(source, spans) if spans else source
-        return await materialize(store, engine, model, OriginOnly(origin), filters=filters or Filters(),
-                                 progress=progress, started=started)
+        result = await materialize(store, engine, model, OriginOnly(origin), filters=filters or Filters(),
+                                   progress=progress, started=started)
+        # Private or not, as this pull found it (KEP-2535: warm mounts of private models are checked).
+        needed = bool(getattr(source, "needed_credentials", False))
+        await asyncio.to_thread(store.index.record_origin_access, model.ref, needed)
+        return result
     finally:
         await source.close()
 

@@ -167,8 +167,10 @@ class FakeHub:
         return entry
 
     async def _info(self, request: web.Request) -> web.Response:
-        name, _repo, sha, files = self._lookup(request)
+        name, repo, sha, files = self._lookup(request)
+        # As the Hub: "gated" is false, "auto" or "manual".
         return web.json_response({"id": name, "modelId": name, "sha": sha, "private": False,
+                                  "gated": "manual" if repo.gated_token else False,
                                   "siblings": [{"rfilename": p} for p in sorted(files)]})
 
     async def _tree(self, request: web.Request) -> web.Response:

@@ -5,8 +5,11 @@ A pod names a model in its volume's attributes (``volume_context``):
 (comma-separated globs). NodePublishVolume makes the model's read-only tree
 appear at kubelet's target path:
 
-- a model already in the store is mounted straight from the index, without
-  asking its origin (a warm mount costs two mount(2) calls, whatever its size);
+- a model already in the store is mounted straight from the index (a warm
+  mount costs two mount(2) calls, whatever its size), once the mount
+  credential policy is met: a model that needed credentials at its origin is
+  mounted only for a pod whose volume secret (``nodePublishSecretRef``, passed
+  by kubelet as ``secrets``) can read it there (see daemon.access);
 - otherwise one pull job fetches it, however many pods ask at once; if the
   call's deadline comes first, the answer is DEADLINE_EXCEEDED and kubelet's
   retry finds the same job further along.
@@ -47,6 +50,7 @@ from ..errors import (
     Unauthorized,
     Unavailable,
 )
+from ..sources import SourceCredentials
 from ..tree import Filters
 from . import DRIVER_NAME
 from . import csi_pb2 as pb
@@ -61,8 +65,11 @@ _NO_DEADLINE_WAIT = 60.0  # a caller without a deadline still gets an answer, an
 class Backend(Protocol):
     """What the node service needs from the daemon (implemented by daemon.server.Daemon)."""
 
-    async def view_for(self, ref: str, filters: Filters) -> Path:
-        """The model's read-only tree, pulled first if needed; cancelling the wait leaves the pull running."""
+    async def view_for(self, ref: str, filters: Filters, *, credentials: SourceCredentials | None = None) -> Path:
+        """The model's read-only tree, pulled first if needed; cancelling the wait leaves the pull running.
+
+        ``credentials`` are the pod's (its volume's secret): used for a pull, checked for a cached model.
+        """
         ...
 
     async def publish(self, volume_id: str, view: Path, target: Path, holder: dict[str, str]) -> None:
@@ -163,11 +170,12 @@ class NodeService(rpc.NodeServicer):
         if not ref:
             raise InvalidReference("volume attribute 'model' is required (a model reference such as oci://…)")
         filters = Filters.of(_globs(attrs.get("include")), _globs(attrs.get("exclude")))
+        credentials = SourceCredentials.from_secrets(dict(request.secrets))  # never logged: repr redacts
         remaining = context.time_remaining()
         wait = _NO_DEADLINE_WAIT if remaining is None else remaining - _DEADLINE_MARGIN
         try:
             async with asyncio.timeout(max(0.0, wait)):
-                view = await self._backend.view_for(ref, filters)
+                view = await self._backend.view_for(ref, filters, credentials=credentials)
         except TimeoutError:
             raise TimeoutError(f"{ref} is still being pulled; the pull goes on and a retry will find it "
                                "(GET /v1/models shows its progress)") from None

@@ -3,7 +3,8 @@
 Guarantees:
 
 - Single flight: while a job for a model (reference and include/exclude
-  filters) is pending or running, every request for that model joins it;
+  filters, pulled with the daemon's credentials or one pod's) is pending or
+  running, every request for that model with those credentials joins it;
   under it, the transfer engine shares blobs between jobs of different models.
 - A job runs in the background and outlives whoever started it: an HTTP
   client that only wanted a 202, or a CSI call whose deadline ran out
@@ -18,6 +19,7 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
@@ -29,10 +31,11 @@ from typing import Any
 from ..errors import ModelCacheError, Unavailable
 from ..pull import pull
 from ..refs import parse
-from ..sources import SourceOptions
+from ..sources import SourceCredentials, SourceOptions
 from ..store import Store
 from ..transfer import Engine, TransferStats
 from ..tree import Filters
+from .access import AccessGate
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,7 @@ class PullJob:
     started: float = field(default_factory=time.time)
     finished: float | None = None
     task: asyncio.Task[None] | None = field(default=None, repr=False)
+    credentials: SourceCredentials | None = field(default=None, repr=False)  # a pod's; None: the daemon's
 
     def as_json(self) -> dict:
         """What the HTTP API shows."""
@@ -81,19 +85,25 @@ class PullManager:
         self.spawn: Spawn = asyncio.create_task
         self.accepting = True
         self._jobs: dict[str, PullJob] = {}
-        self._by_key: dict[tuple[str, str], PullJob] = {}
+        self._by_key: dict[tuple[str, str, str], PullJob] = {}
         self._ids = itertools.count(1)
+        self.gate: AccessGate | None = None  # checks a pod's credentials before a mount (None: no check)
 
-    def start(self, ref: str, filters: Filters) -> PullJob:
-        """The running job for this model, or a new one. Bad references raise at once."""
+    def start(self, ref: str, filters: Filters, *, credentials: SourceCredentials | None = None) -> PullJob:
+        """The running job for this model (pulled with these credentials), or a new one.
+
+        Bad references raise at once. Jobs with different credentials never merge:
+        each proves its own access at the origin.
+        """
         if not self.accepting:
             raise Unavailable("the daemon is shutting down; ask again after it restarts")
         canonical = str(parse(ref))
-        key = (canonical, filters.key())
+        key = (canonical, filters.key(), _fingerprint(credentials))
         job = self._by_key.get(key)
         if job is not None and job.state in ("pending", "running"):
             return job
-        job = PullJob(id=f"p{next(self._ids)}-{int(time.time())}", ref=canonical, filters=filters)
+        job = PullJob(id=f"p{next(self._ids)}-{int(time.time())}", ref=canonical, filters=filters,
+                      credentials=credentials)
         self._jobs[job.id] = job
         self._by_key[key] = job
         job.task = self.spawn(self._run(job))
@@ -119,11 +129,13 @@ class PullManager:
         self.store.index.touch(found[0])
         return path
 
-    async def view_for(self, ref: str, filters: Filters) -> Path:
+    async def view_for(self, ref: str, filters: Filters, *, credentials: SourceCredentials | None = None) -> Path:
         """The model's view: from the store if cached, else once its pull job finishes.
 
-        A model already in the store is served from the index without asking
-        its origin, so a warm mount costs the same whatever the model's size.
+        A model already in the store is served from the index; the gate (if
+        any) decides whether these credentials may have it, which for a public
+        model under the default policy costs no origin round trip. A pull made
+        with the caller's own credentials proves access by itself.
         Raises the job's error when it failed. A caller that stops waiting
         (a deadline, a cancellation) leaves the job running for the next one.
         """
@@ -131,15 +143,20 @@ class PullManager:
         view = await asyncio.to_thread(self.cached, canonical, filters)
         if view is not None:
             self.metrics.hits.inc()
-            return view
-        job = self.start(canonical, filters)
-        assert job.task is not None
-        # asyncio.wait never cancels the job when we are cancelled, nor raises its outcome.
-        await asyncio.wait({job.task})
-        if job.error is not None:
-            raise job.error
-        assert job.path is not None
-        return job.path
+        else:
+            job = self.start(canonical, filters, credentials=credentials)
+            assert job.task is not None
+            # asyncio.wait never cancels the job when we are cancelled, nor raises its outcome.
+            await asyncio.wait({job.task})
+            if job.error is not None:
+                raise job.error
+            assert job.path is not None
+            view = job.path
+            if credentials is not None:
+                return view
+        if self.gate is not None:
+            await self.gate.check(canonical, credentials)
+        return view
 
     async def _run(self, job: PullJob) -> None:
         job.state = "running"
@@ -149,7 +166,8 @@ class PullManager:
             job.stats = stats
 
         try:
-            result = await pull(self.store, self.engine, job.ref, filters=job.filters, options=self.options,
+            options = dataclasses.replace(self.options, credentials=job.credentials)
+            result = await pull(self.store, self.engine, job.ref, filters=job.filters, options=options,
                                 progress=progress)
         except ModelCacheError as e:
             job.state, job.error = "failed", e
@@ -173,7 +191,7 @@ class PullManager:
         finished = sorted((j for j in self._jobs.values() if j.finished is not None), key=lambda j: j.started)
         for job in finished[:max(0, len(finished) - _KEEP_FINISHED)]:
             del self._jobs[job.id]
-            key = (job.ref, job.filters.key())
+            key = (job.ref, job.filters.key(), _fingerprint(job.credentials))
             if self._by_key.get(key) is job:
                 del self._by_key[key]
 
@@ -184,3 +202,7 @@ class PullManager:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _fingerprint(credentials: SourceCredentials | None) -> str:
+    return "" if credentials is None else credentials.fingerprint()

@@ -31,10 +31,11 @@ from aiohttp import web
 from ..csi import csi_pb2_grpc as rpc
 from ..csi.servicer import IdentityService, NodeService
 from ..errors import InvalidReference
-from ..sources import SourceOptions
+from ..sources import SourceCredentials, SourceOptions
 from ..store import Store
 from ..transfer import Engine, TransferConfig
 from ..tree import Filters
+from .access import DEFAULT_TTL, AccessGate
 from .api import build_app
 from .auth import AuthConfig
 from .auth import build as build_auth
@@ -59,6 +60,8 @@ class DaemonConfig:
     transfer: TransferConfig = field(default_factory=TransferConfig)
     sources: SourceOptions = field(default_factory=SourceOptions)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    mount_credential_check: str = "private"  # always | private | never (daemon.access)
+    mount_credential_ttl: float = DEFAULT_TTL
 
 
 class Daemon:
@@ -71,6 +74,8 @@ class Daemon:
         self.engine = Engine(self.store.content, config.transfer)
         self.metrics = Metrics()
         self.pulls = PullManager(self.store, self.engine, config.sources, self.metrics)
+        self.pulls.gate = AccessGate(self.store, config.sources, policy=config.mount_credential_check,
+                                     ttl=config.mount_credential_ttl)
         self.mounts = Mounts(self.store)
         self.ready = asyncio.Event()
         self.metrics.add_gauges(self.store.disk_usage, str(self.store.root), self.mounts.active)
@@ -83,9 +88,9 @@ class Daemon:
 
     # -- what the CSI node service needs (csi.servicer.Backend) -----------------
 
-    async def view_for(self, ref: str, filters: Filters) -> Path:
-        """The model's read-only tree, pulled first if the store lacks it."""
-        return await self.pulls.view_for(ref, filters)
+    async def view_for(self, ref: str, filters: Filters, *, credentials: SourceCredentials | None = None) -> Path:
+        """The model's read-only tree, pulled first if the store lacks it, if these credentials may have it."""
+        return await self.pulls.view_for(ref, filters, credentials=credentials)
 
     async def publish(self, volume_id: str, view: Path, target: Path, holder: dict[str, str]) -> None:
         """Bind-mount ``view`` read-only at ``target`` under a lease (idempotent)."""

@@ -4,6 +4,7 @@ Every source implements :class:`Source`; :func:`open_source` picks one for a
 parsed reference.
 """
 
-from .base import ByteSource, Source, SourceOptions, open_source
+from .base import ByteSource, Probe, Source, SourceOptions, open_source
+from .credentials import SourceCredentials
 
-__all__ = ["ByteSource", "Source", "SourceOptions", "open_source"]
+__all__ = ["ByteSource", "Probe", "Source", "SourceCredentials", "SourceOptions", "open_source"]

@@ -8,6 +8,7 @@ from typing import Protocol
 
 from ..model import Blob, Model
 from ..refs import DirRef, HfRef, LayoutRef, OciRef, Ref, S3Ref
+from .credentials import SourceCredentials
 
 
 class ByteSource(Protocol):
@@ -38,6 +39,19 @@ class Source(ByteSource, Protocol):
         ...
 
 
+class Probe(Protocol):
+    """A remote source that can check access without resolving the whole model."""
+
+    @property
+    def needed_credentials(self) -> bool:
+        """After resolve: whether the origin gave the model only because we showed credentials."""
+        ...
+
+    async def probe(self) -> None:
+        """Read the model's manifest (or listing, or revision) at the origin; raise if refused."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class SourceOptions:
     """Knobs shared by sources (all have defaults)."""
@@ -46,6 +60,8 @@ class SourceOptions:
     connect_timeout: float = 30.0
     read_timeout: float = 30.0
     connections: int = 16
+    # None: the daemon's own (Docker config, AWS chain, HF_TOKEN); set: only these (a pod's secret).
+    credentials: SourceCredentials | None = None
 
 
 def open_source(ref: Ref, options: SourceOptions, *,

@@ -4,7 +4,9 @@ The revision (a branch, tag or commit; ``main`` by default) is resolved to a
 commit once, and the file list comes from the Hub API through
 ``huggingface_hub`` (``repo_info`` and a recursive ``list_repo_tree``, the
 calls ``snapshot_download`` makes), honouring ``HF_ENDPOINT`` and
-``HF_TOKEN`` as it does. LFS files come with their sha256, so they are
+``HF_TOKEN`` as it does (or only the token given with the request: a pod's
+secret). A model read with a token counts as private unless the Hub says the
+repository is neither private nor gated. LFS files come with their sha256, so they are
 verified and deduplicated against every other source before a byte moves;
 small non-LFS files are learnt on the way in like S3 objects.
 
@@ -43,9 +45,8 @@ def _token() -> str | None:
     return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
 
 
-def _with_token(url: str, headers: dict[str, str]) -> dict[str, str]:
+def _with_token(url: str, headers: dict[str, str], token: str | None) -> dict[str, str]:
     """``headers``, plus the token when ``url`` is on the Hub's own origin (never a CDN's)."""
-    token = _token()
     if token and urlsplit(url)[:2] == urlsplit(_endpoint())[:2]:
         return {**headers, "Authorization": f"Bearer {token}"}
     return headers
@@ -85,20 +86,40 @@ class HfSource:
         self._paths: dict[str, str] = {}       # blob digest -> path in the repo
         self._located: dict[str, str] = {}     # path -> URL after redirects (the CDN's)
         self._commit = ""
+        given = options.credentials
+        self._token = _token() if given is None else given.hf_token  # a pod's secret: its token only
+        # For huggingface_hub: False never lets it find a token by itself (its login cache) for a pod.
+        self._api_token: str | bool | None = self._token or (None if given is None else False)
+        self.needed_credentials = False  # set by resolve
 
     def _list(self) -> tuple[str, list]:
         from huggingface_hub import HfApi
         from huggingface_hub.hf_api import RepoFile
 
-        api = HfApi(endpoint=_endpoint(), token=_token())
+        api = HfApi(endpoint=_endpoint(), token=self._api_token)
         try:
             info = api.repo_info(self.ref.repo, revision=self.ref.revision)
             assert info.sha
+            # Conservative: with a token, public only when the Hub says so in as many words.
+            self.needed_credentials = bool(self._token) and not (info.private is False and info.gated is False)
             files = [f for f in api.list_repo_tree(self.ref.repo, revision=info.sha, recursive=True)
                      if isinstance(f, RepoFile)]
         except Exception as e:  # huggingface_hub raises its own tree of errors and httpx's
             raise map_hub_error(e, self.ref.repo) from e
         return info.sha, files
+
+    def _revision(self) -> None:
+        from huggingface_hub import HfApi
+
+        try:
+            HfApi(endpoint=_endpoint(), token=self._api_token).repo_info(self.ref.repo,
+                                                                             revision=self.ref.revision)
+        except Exception as e:  # as in _list
+            raise map_hub_error(e, self.ref.repo) from e
+
+    async def probe(self) -> None:
+        """Resolve the revision with our token (access check)."""
+        await asyncio.to_thread(self._revision)
 
     async def resolve(self) -> Model:
         self._commit, files = await asyncio.to_thread(self._list)
@@ -127,7 +148,7 @@ class HfSource:
         """
         located = self._located.get(path)
         if located is not None:
-            resp = await self._raw.get(located, _with_token(located, headers))
+            resp = await self._raw.get(located, _with_token(located, headers, self._token))
             if resp.status not in (401, 403, 404, 410):
                 return resp
             resp.close()
@@ -137,7 +158,7 @@ class HfSource:
     async def _resolve_and_get(self, path: str, headers: dict[str, str]) -> RawResponse:
         url = f"{_endpoint()}/{self.ref.repo}/resolve/{self._commit}/{quote(path)}"
         for _ in range(_REDIRECTS + 1):
-            resp = await self._raw.get(url, _with_token(url, headers))
+            resp = await self._raw.get(url, _with_token(url, headers, self._token))
             if resp.status in (301, 302, 303, 307, 308):
                 location = resp.headers.get("location")
                 resp.close()

@@ -38,7 +38,7 @@ from .oci_manifest import (
     select_from_index,
 )
 from .rawget import RawPool, RawResponse
-from .registry_auth import Authenticator, load_credentials
+from .registry_auth import Authenticator, credentials_in, load_credentials
 
 _MAX_REDIRECTS = 5
 
@@ -66,8 +66,24 @@ class RegistrySource:
             o = self._options
             self._session = new_session(connections=o.connections, connect_timeout=o.connect_timeout,
                                         read_timeout=o.read_timeout)
-            self._auth = Authenticator(self._session, self.ref.host, load_credentials(self.ref.host))
+            given = o.credentials
+            if given is None:
+                self._auth = Authenticator(self._session, self.ref.host, load_credentials(self.ref.host))
+            else:  # a pod's secret: its logins only, never the daemon's
+                where = "the volume's secret"
+                self._auth = Authenticator(self._session, self.ref.host,
+                                           credentials_in(given.docker_auths(), self.ref.host, where=where),
+                                           where=where)
         return self._session
+
+    @property
+    def needed_credentials(self) -> bool:
+        """Whether the registry demanded a login that we answered with credentials."""
+        return self._auth is not None and self._auth.used_credentials
+
+    async def probe(self) -> None:
+        """Read the reference's manifest (access check; the Model is not built)."""
+        await self._get_manifest(self.ref.reference, expect=self.ref.digest)
 
     async def close(self) -> None:
         """Close the HTTP session."""

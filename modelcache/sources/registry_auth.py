@@ -55,6 +55,11 @@ def load_credentials(host: str, config: Path | None = None) -> Credentials | Non
         return None
     except (OSError, ValueError) as e:
         raise Unauthorized(f"cannot read registry credentials from {path}: {e}") from e
+    return credentials_in(doc, host, where=str(path))
+
+
+def credentials_in(doc: object, host: str, *, where: str) -> Credentials | None:
+    """Credentials for ``host`` in a parsed Docker config (a file's, or a pod secret's), or None."""
     auths = doc.get("auths") if isinstance(doc, dict) else None
     if not isinstance(auths, dict):
         return None
@@ -68,7 +73,7 @@ def load_credentials(host: str, config: Path | None = None) -> Credentials | Non
             try:
                 user, sep, password = base64.b64decode(entry["auth"]).decode().partition(":")
             except (binascii.Error, UnicodeDecodeError) as e:
-                raise Unauthorized(f"{path}: auths.{key}.auth is not base64 user:password") from e
+                raise Unauthorized(f"{where}: auths.{key}.auth is not base64 user:password") from e
             if sep:
                 return Credentials(user, password)
         if entry.get("username") and entry.get("password"):
@@ -90,11 +95,16 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
 class Authenticator:
     """Answers one registry's challenges; caches the header per scope."""
 
-    def __init__(self, session: aiohttp.ClientSession, registry: str, credentials: Credentials | None) -> None:
+    def __init__(self, session: aiohttp.ClientSession, registry: str, credentials: Credentials | None, *,
+                 where: str | None = None) -> None:
         self._session = session
         self._registry = registry
         self._credentials = credentials
+        self._where = where  # where credentials would come from, for messages (default: Docker's file)
         self._headers: dict[str, str] = {}
+        # True once a challenge was answered with our credentials (not an anonymous token):
+        # the registry demanded a login, so what we read is private (KEP-2535's "pulled with a secret").
+        self.used_credentials = False
 
     def header(self, scope: str) -> str | None:
         """The Authorization header to send for ``scope``, if one is known."""
@@ -105,8 +115,10 @@ class Authenticator:
         scheme, params = parse_challenge(challenge)
         if scheme == "basic":
             if not self._credentials:
-                raise Unauthorized(f"{self._registry} requires a login (no credentials in {docker_config_path()})")
+                raise Unauthorized(f"{self._registry} requires a login "
+                                   f"(no credentials in {self._where or docker_config_path()})")
             self._headers["*"] = self._credentials.basic()
+            self.used_credentials = True
             return self._headers["*"]
         if scheme != "bearer" or "realm" not in params:
             raise Unauthorized(f"{self._registry}: unsupported auth challenge {challenge!r}")
@@ -132,4 +144,5 @@ class Authenticator:
         if not isinstance(token, str) or not token:
             raise InvalidContent(f"{self._registry}: token server sent no token")
         self._headers[scope] = f"Bearer {token}"
+        self.used_credentials = self.used_credentials or self._credentials is not None
         return self._headers[scope]

@@ -5,8 +5,10 @@ the prefix. If the prefix holds an OCI image layout (``oci-layout`` and
 ``index.json``) it is read as one instead, with the usual digest checks.
 
 Endpoint and credentials come from the AWS chain (``AWS_ENDPOINT_URL``,
-``AWS_ACCESS_KEY_ID``, profiles, IRSA); a custom endpoint gets path-style
-addressing. Listing (paginated) and signing run in threads through boto3;
+``AWS_ACCESS_KEY_ID``, profiles, IRSA), or only from the keys given with the
+request (a pod's secret; none given means anonymous); a custom endpoint gets
+path-style addressing. Objects read with credentials count as private unless
+an anonymous listing and HEAD of the first object prove them public. Listing (paginated) and signing run in threads through boto3;
 the bytes come through presigned URLs on the lean HTTP reader, in parallel
 ranges like every other source: boto3's ``get_object`` in threads pays a
 Python-level copy per read and holds a thread per stream, which the
@@ -41,6 +43,7 @@ from ..model import Blob, FileEntry, Model
 from ..refs import S3Ref
 from ..tree import safe_path
 from .base import SourceOptions
+from .credentials import SourceCredentials
 from .http import check_range_response, exact_range
 from .oci_manifest import (
     INDEX_TYPES,
@@ -57,15 +60,28 @@ REF_NAME = "org.opencontainers.image.ref.name"
 _PRESIGN_SECONDS = 3600
 
 
-def client(concurrency: int = 16):
-    """A boto3 S3 client from the standard chain (path-style for custom endpoints)."""
+def client(concurrency: int = 16, credentials: SourceCredentials | None = None, *, unsigned: bool = False):
+    """A boto3 S3 client (path-style for custom endpoints).
+
+    Credentials: the standard chain when ``credentials`` is None, else only its
+    keys; ``unsigned`` (or ``credentials`` without keys) sends anonymous requests.
+    """
     import boto3
+    from botocore import UNSIGNED
     from botocore.config import Config
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    keys: dict[str, str | None] = {}
+    if credentials is not None and credentials.aws_access_key_id:
+        keys = {"aws_access_key_id": credentials.aws_access_key_id,
+                "aws_secret_access_key": credentials.aws_secret_access_key,
+                "aws_session_token": credentials.aws_session_token}
+    elif credentials is not None:
+        unsigned = True
+    extra = {"signature_version": UNSIGNED} if unsigned else {}
     config = Config(s3={"addressing_style": "path"} if endpoint else {}, retries={"mode": "standard"},
-                    max_pool_connections=max(10, concurrency))
-    return boto3.client("s3", config=config)
+                    max_pool_connections=max(10, concurrency), **extra)
+    return boto3.client("s3", config=config, **keys)
 
 
 def map_error(e: Exception, what: str) -> ModelCacheError:
@@ -92,7 +108,9 @@ class S3Source:
         self.name = str(ref)
         self._options = options
         self._learned = learned or (lambda key: None)  # source key -> sha256 already known
-        self._s3 = client(options.connections)
+        self._s3 = client(options.connections, options.credentials)
+        self._signed = options.credentials is None or bool(options.credentials.aws_access_key_id)
+        self.needed_credentials = False  # set by resolve
         self._raw = RawPool(connect_timeout=options.connect_timeout, read_timeout=options.read_timeout,
                             threads=options.connections)
         self._objects: dict[str, tuple[str, str]] = {}  # blob digest -> (key, etag)
@@ -115,10 +133,30 @@ class S3Source:
             objects += [o for o in page.get("Contents", []) if not o["Key"].endswith("/")]
         return objects
 
+    def _public(self, key: str) -> bool:
+        """Whether anyone may list the prefix and read ``key`` (two anonymous requests)."""
+        anonymous = client(unsigned=True)
+        prefix = f"{self._prefix}/" if self._prefix else ""
+        try:
+            anonymous.list_objects_v2(Bucket=self.ref.bucket, Prefix=prefix, MaxKeys=1)
+            anonymous.head_object(Bucket=self.ref.bucket, Key=key)
+        except Exception:  # refused, or anything else: not proven public, so private
+            return False
+        return True
+
+    async def probe(self) -> None:
+        """List one object under the prefix with our credentials (access check)."""
+        prefix = f"{self._prefix}/" if self._prefix else ""
+        page = await self._call(self._s3.list_objects_v2, Bucket=self.ref.bucket, Prefix=prefix, MaxKeys=1)
+        if not page.get("Contents"):
+            raise NotFound(f"{self.name}: no objects under this prefix")
+
     async def resolve(self) -> Model:
         objects = await self._call(self._list)
         if not objects:
             raise NotFound(f"{self.name}: no objects under this prefix")
+        if self._signed:
+            self.needed_credentials = not await asyncio.to_thread(self._public, objects[0]["Key"])
         prefix = f"{self._prefix}/" if self._prefix else ""
         keys = {o["Key"][len(prefix):]: o for o in objects}
         if "oci-layout" in keys and "index.json" in keys:

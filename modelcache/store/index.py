@@ -12,7 +12,9 @@ Tables:
 - ``learned_digests``: the sha256 learnt for bytes an origin names its own
   way (an S3 object's bucket, key and ETag), so they are not fetched again;
 - ``remote_blobs``: which repositories of a registry we pushed a blob to,
-  so a push to another repository there can cross-mount it.
+  so a push to another repository there can cross-mount it;
+- ``origin_access``: whether a reference needed credentials at its origin
+  when it was last pulled (a private model: warm mounts check the pod's).
 
 One connection per :class:`Index`, serialised by a lock; WAL mode and a busy
 timeout let several processes share the file. Methods block; async callers
@@ -55,6 +57,16 @@ CREATE TABLE IF NOT EXISTS remote_blobs (
 """
 
 
+def add_origin_access_table(db: sqlite3.Connection) -> None:
+    """Additive schema step: ``origin_access`` (ref -> needed credentials at its origin, 0 or 1).
+
+    Idempotent and independent of the other tables, so it can become one step of a
+    versioned migration. A ref without a row was pulled before this table existed.
+    """
+    db.execute("CREATE TABLE IF NOT EXISTS origin_access ("
+               "ref TEXT PRIMARY KEY, needed_credentials INTEGER NOT NULL, updated REAL NOT NULL)")
+
+
 @dataclass(frozen=True, slots=True)
 class ViewRecord:
     """A cached model as ``ls`` shows it."""
@@ -83,6 +95,7 @@ class Index:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=NORMAL")
                 self._db.executescript(_SCHEMA)
+                add_origin_access_table(self._db)
                 break
             except sqlite3.OperationalError as e:
                 if "locked" not in str(e) and "busy" not in str(e) or attempt == 99:
@@ -236,3 +249,15 @@ class Index:
         """The sha256 learnt for ``source_key``, if any."""
         rows = self._query("SELECT digest FROM learned_digests WHERE source_key = ?", (source_key,))
         return rows[0][0] if rows else None
+
+    # -- private models ----------------------------------------------------------------
+
+    def record_origin_access(self, ref: str, needed_credentials: bool) -> None:
+        """Remember whether ``ref``'s origin gave it only against credentials (its last pull)."""
+        self._tx([("INSERT OR REPLACE INTO origin_access (ref, needed_credentials, updated) VALUES (?, ?, ?)",
+                   (ref, int(needed_credentials), time.time()))])
+
+    def origin_needed_credentials(self, ref: str) -> bool | None:
+        """Whether ``ref`` needed credentials at its origin; None when unknown."""
+        rows = self._query("SELECT needed_credentials FROM origin_access WHERE ref = ?", (ref,))
+        return bool(rows[0][0]) if rows else None

@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="unix socket of the CSI plugin (default %(default)s)")
     serve.add_argument("--node-name", default=_env("node_name", os.uname().nodename),
                        help="node id reported to kubelet (default: the host name)")
+    serve.add_argument("--allow-local", action="append", default=_env_list("allow_local"), metavar="PATH",
+                       help="let the API and CSI volumes name host directories under PATH (repeatable; "
+                            "default: none, only oci:// s3:// hf:// references)")
+    serve.add_argument("--max-pulls", type=_positive, default=_env("max_pulls", 16),
+                       help="pull jobs queued or running at once; more get 429 (default %(default)s)")
     _transfer_flags(serve, with_filters=False, quiet=False)
 
     demo = sub.add_parser("demo", help="make a demo model as an OCI layout and pull it (no network)")
@@ -332,7 +337,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     transfer, sources = _transfer_options(args)
     config = DaemonConfig(store=Path(str(args.store)).expanduser(), listen=str(args.listen),
                           csi_socket=Path(str(args.csi_socket)), node_name=str(args.node_name),
-                          transfer=transfer, sources=sources)
+                          transfer=transfer, sources=sources, max_pulls=int(args.max_pulls),
+                          allow_local=tuple(Path(p).expanduser() for p in args.allow_local))
     asyncio.run(run(config))
     return 0
 

@@ -37,16 +37,22 @@ class DaemonProcess:
     process: subprocess.Popen
     log: Path
 
-    def call(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-        data = json.dumps(body).encode() if body is not None else None
+    def call(self, method: str, path: str, body: dict | None = None, *, raw: bytes | None = None,
+             response_headers: dict[str, str] | None = None) -> tuple[int, dict]:
+        """One API call: ``body`` as JSON (or ``raw`` bytes as they are); ``response_headers`` is filled in."""
+        data = raw if raw is not None else json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(f"http://{self.http}{path}", data=data, method=method,
                                      headers={"Content-Type": "application/json"} if data else {})
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
+                if response_headers is not None:
+                    response_headers.update(resp.headers)
                 raw = resp.read()
                 return resp.status, json.loads(raw) if resp.headers.get_content_type() == "application/json" else {
                     "text": raw.decode()}
         except urllib.error.HTTPError as e:
+            if response_headers is not None:
+                response_headers.update(e.headers)
             return e.code, json.loads(e.read() or b"{}")
 
     def metric(self, sample: str) -> float:

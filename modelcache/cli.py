@@ -159,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--mount-credential-ttl", type=_seconds,
                        default=_env("mount_credential_ttl", "60"),
                        help="seconds an origin's answer to that check is reused (env MODELCACHE_MOUNT_CREDENTIAL_TTL)")
+    serve.add_argument("--allow-local", action="append", default=_env_list("allow_local"), metavar="PATH",
+                       help="let the API and CSI volumes name host directories under PATH (repeatable; "
+                            "default: none, only oci:// s3:// hf:// references)")
+    serve.add_argument("--max-pulls", type=_positive, default=_env("max_pulls", 16),
+                       help="pull jobs queued or running at once; more get 429 (default %(default)s)")
     _transfer_flags(serve, with_filters=False, quiet=False)
 
     demo = sub.add_parser("demo", help="make a demo model as an OCI layout and pull it (no network)")
@@ -375,7 +380,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                           csi_socket=Path(str(args.csi_socket)), node_name=str(args.node_name),
                           transfer=transfer, sources=sources, auth=auth,
                           mount_credential_check=str(args.mount_credential_check),
-                          mount_credential_ttl=float(args.mount_credential_ttl))
+                          mount_credential_ttl=float(args.mount_credential_ttl), max_pulls=int(args.max_pulls),
+                          allow_local=tuple(Path(p).expanduser() for p in args.allow_local))
     asyncio.run(run(config))
     return 0
 

@@ -24,6 +24,10 @@ class InvalidReference(ModelCacheError, ValueError):
     http_status = 400
 
 
+class InvalidBody(InvalidReference):
+    """A request body that is not what the API takes: not UTF-8, not JSON, nested too deeply, wrong shape."""
+
+
 class NotFound(ModelCacheError, LookupError):
     """The model, tag, blob or file does not exist at its source."""
 

@@ -39,15 +39,20 @@ class DaemonProcess:
     log: Path
     token: str | None = None  # the bearer credential call() sends by default (token mode: the daemon's own)
 
-    def call(self, method: str, path: str, body: dict | None = None, *,
-             token: str | None | EllipsisType = ...) -> tuple[int, dict]:
-        """One API request; ``token``: the bearer token to send (default :attr:`token`, None: none)."""
-        return self.call_full(method, path, body, token=token)[:2]
+    def call(self, method: str, path: str, body: dict | None = None, *, raw: bytes | None = None,
+             token: str | None | EllipsisType = ...,
+             response_headers: dict[str, str] | None = None) -> tuple[int, dict]:
+        """One API request: ``body`` as JSON (or ``raw`` bytes as they are); ``token``: the bearer token to
+        send (default :attr:`token`, None: none); ``response_headers`` is filled in."""
+        status, doc, headers = self.call_full(method, path, body, raw=raw, token=token)
+        if response_headers is not None:
+            response_headers.update(headers)
+        return status, doc
 
-    def call_full(self, method: str, path: str, body: dict | None = None, *,
+    def call_full(self, method: str, path: str, body: dict | None = None, *, raw: bytes | None = None,
                   token: str | None | EllipsisType = ...) -> tuple[int, dict, dict[str, str]]:
         """As :meth:`call`, with the response's headers too."""
-        data = json.dumps(body).encode() if body is not None else None
+        data = raw if raw is not None else json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if data else {}
         bearer = self.token if token is ... else token
         if bearer is not None:
@@ -55,9 +60,9 @@ class DaemonProcess:
         req = urllib.request.Request(f"http://{self.http}{path}", data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
-                raw = resp.read()
-                return resp.status, json.loads(raw) if resp.headers.get_content_type() == "application/json" else {
-                    "text": raw.decode()}, dict(resp.headers)
+                answer = resp.read()
+                return resp.status, json.loads(answer) if resp.headers.get_content_type() == "application/json" \
+                    else {"text": answer.decode()}, dict(resp.headers)
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"{}"), dict(e.headers)
 

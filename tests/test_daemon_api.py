@@ -89,13 +89,13 @@ def test_body_that_is_not_json(daemon) -> None:
                                               "Authorization": f"Bearer {daemon.token}"})
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(req, timeout=10)
-        assert err.value.code == 400 and json.loads(err.value.read())["code"] == "InvalidReference"
+        assert err.value.code == 400 and json.loads(err.value.read())["code"] == "InvalidBody"
 
 
 @pytest.mark.parametrize("body,status,code", [
     ({"ref": "ftp://x/y"}, 400, "InvalidReference"),
-    ({"nope": 1}, 400, "InvalidReference"),
-    ({"ref": "oci://h/r:v1", "include": "not-a-list"}, 400, "InvalidReference"),
+    ({"nope": 1}, 400, "InvalidBody"),
+    ({"ref": "oci://h/r:v1", "include": "not-a-list"}, 400, "InvalidBody"),
 ])
 def test_bad_pull_requests_are_json_errors(daemon, body: dict, status: int, code: str) -> None:
     """Bad requests get a JSON error with a code and message, never a traceback."""

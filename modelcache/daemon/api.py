@@ -5,12 +5,15 @@
     GET  /metrics               Prometheus text format
     GET  /v1/models             cached models (pinned, mounted) and pull jobs
     POST /v1/pulls              {"ref", "include": [], "exclude": []} -> 202 {"id", ...}
+                                (403 for a host path not allowed, 429 + Retry-After when too many
+                                pulls are queued; a body that is not a small JSON object: 400 / 413)
     GET  /v1/pulls/{id}         {"state", "bytes_done", "bytes_total", "path", "error", ...}
     PUT  /v1/pins/{view}        pin a cached model (its view digest, from /v1/models)
     DELETE /v1/pins/{view}      unpin it
 
-Every error, ours or aiohttp's (404 for an unknown path, 405), is JSON
-``{"code", "message"}`` with the status the error maps to.
+Every error, ours or aiohttp's (404 for an unknown path, 405, 413), is JSON
+``{"code", "message"}`` with the status the error maps to; an error that
+carries ``retry_after`` (Busy, Unavailable) also sets ``Retry-After``.
 
 Only /healthz, /readyz and /metrics are open. Every other request needs a
 bearer credential (reads too: model names may be private): no credential or a
@@ -23,16 +26,20 @@ route asks for is a verb on a resource of API group ``modelcache.io``
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
 from typing import Any
 
 from aiohttp import web
 
-from ..errors import InvalidReference, ModelCacheError, NotFound, Unauthenticated
+from ..errors import InvalidBody, InvalidReference, ModelCacheError, NotFound, Unauthenticated
 from ..tree import Filters
 from .auth import Access, Authenticator
 
 log = logging.getLogger(__name__)
+
+MAX_BODY = 256 << 10  # a pull request is a reference and a few globs; aiohttp answers 413 past this
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapers carry no credential
 
@@ -48,8 +55,11 @@ ACCESS = {
 
 
 def error_response(error: ModelCacheError) -> web.Response:
-    """A JSON error with the status our error maps to."""
-    return web.json_response({"code": type(error).__name__, "message": str(error)}, status=error.http_status)
+    """A JSON error with the status our error maps to (and Retry-After when it carries one)."""
+    retry_after = getattr(error, "retry_after", None)
+    headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after is not None else None
+    return web.json_response({"code": type(error).__name__, "message": str(error)}, status=error.http_status,
+                             headers=headers)
 
 
 @web.middleware
@@ -110,13 +120,14 @@ def _authentication(auth: Authenticator) -> Any:
 
 def build_app(daemon: Any, *, auth: Authenticator) -> web.Application:
     """The aiohttp application over a running daemon (server.Daemon), its callers checked by ``auth``."""
-    app = web.Application(middlewares=[_errors, _authentication(auth)])
+    app = web.Application(middlewares=[_errors, _authentication(auth)], client_max_size=MAX_BODY)
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:
-        ready = daemon.ready.is_set()
+        # Ready once the store is open, and only while our CSI socket still answers (connect in a thread).
+        ready = daemon.ready.is_set() and await asyncio.to_thread(daemon.csi_alive)
         return web.json_response({"ready": ready}, status=200 if ready else 503)
 
     async def metrics(request: web.Request) -> web.Response:
@@ -127,16 +138,13 @@ def build_app(daemon: Any, *, auth: Authenticator) -> web.Application:
         return web.json_response(await asyncio.to_thread(daemon.models_json))
 
     async def start_pull(request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-        except ValueError as e:  # not JSON, or not even UTF-8
-            raise InvalidReference(f"request body is not JSON: {e}") from e
-        if not isinstance(body, dict) or not isinstance(body.get("ref"), str):
-            raise InvalidReference('expected a JSON object with "ref" (and optional "include", "exclude" lists)')
+        body = _json_object(await request.read())  # over MAX_BODY: aiohttp raises 413
+        if not isinstance(body.get("ref"), str):
+            raise InvalidBody('expected a JSON object with "ref" (and optional "include", "exclude" lists)')
         include, exclude = body.get("include") or [], body.get("exclude") or []
         if not all(isinstance(x, list) and all(isinstance(g, str) for g in x) for x in (include, exclude)):
-            raise InvalidReference('"include" and "exclude" must be lists of glob strings')
-        job = daemon.pulls.start(body["ref"], Filters.of(include, exclude))
+            raise InvalidBody('"include" and "exclude" must be lists of glob strings')
+        job = await daemon.pulls.start(body["ref"], Filters.of(include, exclude))
         return web.json_response(job.as_json(), status=202)
 
     async def get_pull(request: web.Request) -> web.Response:
@@ -164,6 +172,23 @@ def build_app(daemon: Any, *, auth: Authenticator) -> web.Application:
     app.router.add_route("PUT", "/v1/pins/{view}", pin)
     app.router.add_route("DELETE", "/v1/pins/{view}", pin)
     return app
+
+
+def _json_object(raw: bytes) -> dict:
+    """The body as a JSON object, or :class:`InvalidBody` saying what is wrong with it."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidBody(f"request body is not UTF-8 (byte {e.start})") from None
+    try:
+        body = json.loads(text)
+    except RecursionError:  # json's decoder recurses once per nesting level
+        raise InvalidBody("request body is JSON nested too deeply") from None
+    except ValueError as e:
+        raise InvalidBody(f"request body is not JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise InvalidBody('expected a JSON object with "ref" (and optional "include", "exclude" lists)')
+    return body
 
 
 def _view_digest(text: str) -> str:

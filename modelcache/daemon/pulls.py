@@ -13,7 +13,15 @@ Guarantees:
   wrong; it never raises into the daemon's task group. A failed job is
   replaced by the next request for the same model, which retries; its
   partial chunks stay in the store's ingest area, so the retry resumes.
-- Finished jobs are remembered for a while (bounded) so their state can be read.
+- Bounded work: at most ``max_jobs`` jobs are pending or running; a request
+  that would start one more raises :class:`Busy` (HTTP 429 with Retry-After,
+  CSI RESOURCE_EXHAUSTED). Joining a job already under way is always allowed.
+- Only references the :class:`RefPolicy` admits become jobs (no host path
+  unless the operator allowed it); both the HTTP API (:meth:`start`) and the
+  CSI driver (:meth:`view_for`) come through it.
+- Finished jobs are remembered for a while so their state can be read: at
+  most ``keep_finished`` of them, none older than ``keep_seconds``, trimmed
+  as each job finishes.
 """
 
 from __future__ import annotations
@@ -28,19 +36,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelCacheError, Unavailable
+from ..errors import Busy, ModelCacheError, Unavailable
 from ..pull import pull
-from ..refs import parse
 from ..sources import SourceCredentials, SourceOptions
 from ..store import Store
 from ..transfer import Engine, TransferStats
 from ..tree import Filters
 from .access import AccessGate
 from .metrics import Metrics
+from .policy import RefPolicy
 
 log = logging.getLogger(__name__)
 
 _KEEP_FINISHED = 200
+_KEEP_SECONDS = 3600.0
+BUSY_RETRY_AFTER = 5.0  # seconds a refused caller is told to wait (pulls take at least that long)
 
 Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
 
@@ -80,8 +90,12 @@ class PullManager:
     ``create_task`` so that shutdown cancels every running pull.
     """
 
-    def __init__(self, store: Store, engine: Engine, options: SourceOptions, metrics: Metrics) -> None:
+    def __init__(self, store: Store, engine: Engine, options: SourceOptions, metrics: Metrics, *,
+                 policy: RefPolicy | None = None, max_jobs: int = 16, keep_finished: int = _KEEP_FINISHED,
+                 keep_seconds: float = _KEEP_SECONDS) -> None:
         self.store, self.engine, self.options, self.metrics = store, engine, options, metrics
+        self.policy = policy or RefPolicy()
+        self.max_jobs, self.keep_finished, self.keep_seconds = max_jobs, keep_finished, keep_seconds
         self.spawn: Spawn = asyncio.create_task
         self.accepting = True
         self._jobs: dict[str, PullJob] = {}
@@ -89,19 +103,30 @@ class PullManager:
         self._ids = itertools.count(1)
         self.gate: AccessGate | None = None  # checks a pod's credentials before a mount (None: no check)
 
-    def start(self, ref: str, filters: Filters, *, credentials: SourceCredentials | None = None) -> PullJob:
+    async def admit(self, ref: str) -> str:
+        """The canonical form of ``ref`` if the policy admits it; raises Forbidden or InvalidReference."""
+        # A local path is checked against the filesystem (realpath, stat): in a thread.
+        return str(await asyncio.to_thread(self.policy.admit, ref))
+
+    async def start(self, ref: str, filters: Filters, *, credentials: SourceCredentials | None = None) -> PullJob:
         """The running job for this model (pulled with these credentials), or a new one.
 
-        Bad references raise at once. Jobs with different credentials never merge:
-        each proves its own access at the origin.
+        Bad or refused references raise at once. Jobs with different credentials
+        never merge: each proves its own access at the origin.
         """
+        return self._start(await self.admit(ref), filters, credentials)
+
+    def _start(self, canonical: str, filters: Filters, credentials: SourceCredentials | None) -> PullJob:
         if not self.accepting:
             raise Unavailable("the daemon is shutting down; ask again after it restarts")
-        canonical = str(parse(ref))
         key = (canonical, filters.key(), _fingerprint(credentials))
         job = self._by_key.get(key)
         if job is not None and job.state in ("pending", "running"):
             return job
+        active = sum(1 for j in self._jobs.values() if j.state in ("pending", "running"))
+        if active >= self.max_jobs:
+            raise Busy(f"{active} pulls are queued or running, as many as this daemon takes "
+                       f"(serve --max-pulls {self.max_jobs}); ask again later", retry_after=BUSY_RETRY_AFTER)
         job = PullJob(id=f"p{next(self._ids)}-{int(time.time())}", ref=canonical, filters=filters,
                       credentials=credentials)
         self._jobs[job.id] = job
@@ -139,12 +164,12 @@ class PullManager:
         Raises the job's error when it failed. A caller that stops waiting
         (a deadline, a cancellation) leaves the job running for the next one.
         """
-        canonical = str(parse(ref))
+        canonical = await self.admit(ref)
         view = await asyncio.to_thread(self.cached, canonical, filters)
         if view is not None:
             self.metrics.hits.inc()
         else:
-            job = self.start(canonical, filters, credentials=credentials)
+            job = self._start(canonical, filters, credentials)
             assert job.task is not None
             # asyncio.wait never cancels the job when we are cancelled, nor raises its outcome.
             await asyncio.wait({job.task})
@@ -186,10 +211,15 @@ class PullManager:
             self.metrics.record_pull(job.stats, time.monotonic() - started, job.state)
             if job.state == "failed":
                 log.warning("pull %s failed: %s", job.ref, job.error)
+            self._forget_old()
 
     def _forget_old(self) -> None:
         finished = sorted((j for j in self._jobs.values() if j.finished is not None), key=lambda j: j.started)
-        for job in finished[:max(0, len(finished) - _KEEP_FINISHED)]:
+        cutoff = time.time() - self.keep_seconds
+        excess = max(0, len(finished) - self.keep_finished)
+        for n, job in enumerate(finished):
+            if n >= excess and job.finished is not None and job.finished > cutoff:
+                continue
             del self._jobs[job.id]
             key = (job.ref, job.filters.key(), _fingerprint(job.credentials))
             if self._by_key.get(key) is job:

@@ -1,7 +1,8 @@
 """Wiring the node daemon: one store, one engine, HTTP and CSI, one shutdown path.
 
 ``run(config)`` opens the store, recovers leases from before a restart,
-serves the HTTP API on TCP and the CSI services on a unix socket, and runs
+serves the HTTP API on TCP and the CSI services on a unix socket (claimed
+with :mod:`.csisocket`: only a stale socket is ever removed), and runs
 every pull job in one task group. On SIGTERM/SIGINT it drains:
 
 1. readiness goes false and no new pull is accepted;
@@ -35,12 +36,14 @@ from ..sources import SourceCredentials, SourceOptions
 from ..store import Store
 from ..transfer import Engine, TransferConfig
 from ..tree import Filters
+from . import csisocket
 from .access import DEFAULT_TTL, AccessGate
 from .api import build_app
 from .auth import AuthConfig
 from .auth import build as build_auth
 from .metrics import Metrics
 from .mounts import Mounts
+from .policy import RefPolicy
 from .pulls import PullManager
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,8 @@ class DaemonConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     mount_credential_check: str = "private"  # always | private | never (daemon.access)
     mount_credential_ttl: float = DEFAULT_TTL
+    allow_local: tuple[Path, ...] = ()  # host directories pulls and volumes may name; none by default
+    max_pulls: int = 16  # pull jobs queued or running at once; past it, 429 / RESOURCE_EXHAUSTED
 
 
 class Daemon:
@@ -73,12 +78,18 @@ class Daemon:
         self.store = Store(config.store)
         self.engine = Engine(self.store.content, config.transfer)
         self.metrics = Metrics()
-        self.pulls = PullManager(self.store, self.engine, config.sources, self.metrics)
+        self.pulls = PullManager(self.store, self.engine, config.sources, self.metrics,
+                                 policy=RefPolicy(config.allow_local), max_jobs=config.max_pulls)
         self.pulls.gate = AccessGate(self.store, config.sources, policy=config.mount_credential_check,
                                      ttl=config.mount_credential_ttl)
         self.mounts = Mounts(self.store)
         self.ready = asyncio.Event()
+        self.csi_socket: tuple[int, int] | None = None  # (device, inode) of the socket we bound
         self.metrics.add_gauges(self.store.disk_usage, str(self.store.root), self.mounts.active)
+
+    def csi_alive(self) -> bool:
+        """True while the CSI socket at the configured path is ours and answers (blocks up to a second)."""
+        return self.csi_socket is not None and csisocket.alive(self.config.csi_socket, self.csi_socket)
 
     def close(self) -> None:
         """Stop the engine's threads and close the store."""
@@ -124,11 +135,20 @@ async def run(config: DaemonConfig, *, stop: asyncio.Event | None = None) -> Non
     signals = (signal.SIGTERM, signal.SIGINT)
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
-    daemon = await asyncio.to_thread(Daemon, config)  # opening the index may wait on another process
     try:
-        await _serve(daemon, config, stop)
+        # First of all, before the store is touched: a daemon that may not have
+        # the socket path (a live socket or a non-socket there) stops here, and
+        # leaves both alone; only a stale socket is removed.
+        claim = await asyncio.to_thread(csisocket.claim, config.csi_socket)
+        try:
+            daemon = await asyncio.to_thread(Daemon, config)  # opening the index may wait on another process
+            try:
+                await _serve(daemon, config, stop)
+            finally:
+                daemon.close()
+        finally:
+            claim.release()
     finally:
-        daemon.close()
         for sig in signals:
             loop.remove_signal_handler(sig)
 
@@ -160,13 +180,16 @@ async def _serve(daemon: Daemon, config: DaemonConfig, stop: asyncio.Event) -> N
 
 
 async def _start_csi(daemon: Daemon, config: DaemonConfig) -> grpc.aio.Server:
-    config.csi_socket.parent.mkdir(parents=True, exist_ok=True)
-    config.csi_socket.unlink(missing_ok=True)  # a socket left by a killed daemon
     server = grpc.aio.server()
     rpc.add_IdentityServicer_to_server(IdentityService(daemon.ready), server)
     rpc.add_NodeServicer_to_server(NodeService(daemon, config.node_name), server)
-    server.add_insecure_port(f"unix://{config.csi_socket}")
-    await server.start()
+    try:
+        server.add_insecure_port(f"unix://{config.csi_socket}")
+        await server.start()
+        daemon.csi_socket = await asyncio.to_thread(csisocket.identity, config.csi_socket)
+    except BaseException:
+        await server.stop(None)
+        raise
     return server
 
 

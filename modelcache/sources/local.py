@@ -2,8 +2,10 @@
 
 Every regular file below the directory is a file of the model. Symlinks are
 followed when they resolve inside the directory and refused otherwise; other
-special files are refused. Files are hashed (in threads, in parallel) while
-resolving, since a directory carries no digests of its own.
+special files are refused. Every open (to hash, to read) checks again what
+it really opened (:func:`~.files.open_within`), so a link swapped in after
+the walk cannot lead out either. Files are hashed (in threads, in parallel)
+while resolving, since a directory carries no digests of its own.
 """
 
 from __future__ import annotations
@@ -17,8 +19,7 @@ from pathlib import Path
 from ..errors import NotFound, UnsafePath
 from ..model import Blob, FileEntry, Model
 from ..refs import DirRef
-from ..store.content import hash_file
-from .files import read_file_range
+from .files import open_within, read_file_range
 
 
 class DirectorySource:
@@ -28,9 +29,10 @@ class DirectorySource:
         self.ref = ref
         self.name = str(ref)
         self._paths: dict[str, Path] = {}
+        self._root = Path(os.path.realpath(ref.path))
 
     def _walk(self) -> list[tuple[str, Path]]:
-        root = self.ref.path.resolve()
+        root = self._root
         found: list[tuple[str, Path]] = []
         for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
             dirnames.sort()
@@ -56,7 +58,7 @@ class DirectorySource:
 
         async def entry(rel: str, path: Path) -> FileEntry:
             async with limit:
-                digest, size = await asyncio.to_thread(_hash_and_size, path)
+                digest, size = await asyncio.to_thread(_hash_and_size, path, self._root, self.name)
             self._paths[digest] = path
             return FileEntry(path=rel, blob=Blob(digest=digest, size=size))
 
@@ -66,11 +68,15 @@ class DirectorySource:
 
     def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes]:
         """Yield a range of the file that had this digest when resolved."""
-        return read_file_range(self._paths[blob.digest], offset, length, what=self.name)
+        return read_file_range(self._paths[blob.digest], offset, length, what=self.name, within=self._root)
 
     async def close(self) -> None:
         """Nothing to release."""
 
 
-def _hash_and_size(path: Path) -> tuple[str, int]:
-    return hash_file(path), path.stat().st_size
+def _hash_and_size(path: Path, root: Path, what: str) -> tuple[str, int]:
+    with open(open_within(path, root, what=what), "rb") as f:
+        h = hashlib.sha256()
+        while block := f.read(1 << 20):
+            h.update(block)
+        return "sha256:" + h.hexdigest(), f.tell()

@@ -18,6 +18,7 @@ from ..errors import NotFound, UnsafePath
 from ..model import Blob, FileEntry, Model
 from ..refs import DirRef
 from ..store.content import hash_file
+from ..tree import utf8_name
 from .files import read_file_range
 
 
@@ -36,7 +37,7 @@ class DirectorySource:
             dirnames.sort()
             for name in sorted(filenames) + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
                 path = Path(dirpath) / name
-                rel = path.relative_to(root).as_posix()
+                rel = utf8_name(path.relative_to(root).as_posix(), context=self.name)
                 real = path.resolve()
                 if not real.is_relative_to(root):
                     raise UnsafePath(f"{self.name}: {rel} links outside the directory")

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from ..errors import ModelCacheError, Unavailable
+from .http import connection_failure
 
 BUFFER = 4 << 20
 _MAX_HEAD = 64 << 10
@@ -315,7 +316,7 @@ class RawPool:
         try:
             sock = socket.create_connection((host, port), timeout=self.connect_timeout)
         except OSError as e:
-            raise Unavailable(f"{host}:{port}: cannot connect: {type(e).__name__} {e}".rstrip()) from e
+            raise Unavailable(f"{host}:{port}: cannot connect: {connection_failure(e)}") from e
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if scheme == "https":

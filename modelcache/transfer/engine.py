@@ -28,9 +28,10 @@ import asyncio
 import logging
 import random
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from ..errors import Unavailable
 from ..model import Blob
@@ -69,6 +70,7 @@ class TransferStats:
 
 
 Progress = Callable[[TransferStats], None]
+T = TypeVar("T")
 
 
 class Engine:
@@ -116,6 +118,25 @@ class Engine:
             if errors:
                 raise errors[0]
         return stats
+
+    async def retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()``, tried again on :class:`Unavailable` as a chunk is: same backoff, same retry count.
+
+        For the requests around the chunks (resolving a manifest, listing a
+        bucket), so a refused connection or a 503 there is as transient as
+        one in the middle of a blob.
+        """
+        attempt = 0
+        while True:
+            try:
+                return await call()
+            except Unavailable as e:
+                attempt += 1
+                if attempt > self.config.retries:
+                    raise Unavailable(f"{e} (gave up after {attempt} attempts)", retry_after=e.retry_after) from e
+                delay = self._backoff(attempt, e.retry_after)
+                log.info("%s: %s; retry %d in %.1fs", what, e, attempt, delay)
+                await asyncio.sleep(delay)
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         for digest, t in list(self._inflight.items()):

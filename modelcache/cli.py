@@ -182,7 +182,17 @@ def build_parser() -> argparse.ArgumentParser:
     _transfer_flags(demo, with_filters=False)
     for command in sub.choices.values():
         _global_flags(command)
+    _log_flags(sub.choices["serve"])
     return parser
+
+
+def _log_flags(p: argparse.ArgumentParser) -> None:
+    """How the daemon logs (it logs at INFO: what it serves, each pull's progress)."""
+    from .logs import FORMATS
+
+    p.add_argument("--log-format", choices=FORMATS, default=_env("log_format", "text"),
+                   help="text, or json: one JSON object per line with time, level, logger, message "
+                        "(default %(default)s)")
 
 
 def _transfer_flags(p: argparse.ArgumentParser, *, with_filters: bool = True, quiet: bool = True) -> None:
@@ -209,8 +219,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from .logs import configure
+
+    # The daemon's routine events (serving, progress of pulls) are INFO: shown by default there.
+    configure(level=logging.INFO if args.verbose or args.command == "serve" else logging.WARNING,
+              fmt=str(getattr(args, "log_format", "text")))
     try:
         if args.command == "pull":
             return asyncio.run(_cmd_pull(args))

@@ -13,6 +13,9 @@ Guarantees:
   replaced by the next request for the same model, which retries; its
   partial chunks stay in the store's ingest area, so the retry resumes.
 - Finished jobs are remembered for a while (bounded) so their state can be read.
+- A running job logs where it stands every ``progress_interval`` seconds
+  (bytes, windowed speed, ETA: the CLI's progress line), so ``kubectl logs``
+  shows a long pull moving.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelCacheError, Unavailable
+from ..progress import Gauge
 from ..pull import pull
 from ..refs import parse
 from ..sources import SourceOptions
@@ -38,6 +42,8 @@ from .metrics import Metrics
 log = logging.getLogger(__name__)
 
 _KEEP_FINISHED = 200
+PROGRESS_INTERVAL = 10.0  # seconds between a running pull's progress log lines
+_SAMPLE = 1.0  # seconds between speed samples (the window needs more than one per line)
 
 Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
 
@@ -76,8 +82,10 @@ class PullManager:
     ``create_task`` so that shutdown cancels every running pull.
     """
 
-    def __init__(self, store: Store, engine: Engine, options: SourceOptions, metrics: Metrics) -> None:
+    def __init__(self, store: Store, engine: Engine, options: SourceOptions, metrics: Metrics, *,
+                 progress_interval: float = PROGRESS_INTERVAL) -> None:
         self.store, self.engine, self.options, self.metrics = store, engine, options, metrics
+        self.progress_interval = progress_interval
         self.spawn: Spawn = asyncio.create_task
         self.accepting = True
         self._jobs: dict[str, PullJob] = {}
@@ -148,6 +156,7 @@ class PullManager:
         def progress(stats: TransferStats) -> None:
             job.stats = stats
 
+        logger = asyncio.create_task(self._log_progress(job))
         try:
             result = await pull(self.store, self.engine, job.ref, filters=job.filters, options=self.options,
                                 progress=progress)
@@ -164,10 +173,26 @@ class PullManager:
         else:
             job.state, job.path, job.stats = "done", result.path, result.stats
         finally:
+            logger.cancel()
             job.finished = time.time()
             self.metrics.record_pull(job.stats, time.monotonic() - started, job.state)
             if job.state == "failed":
                 log.warning("pull %s failed: %s", job.ref, job.error)
+
+    async def _log_progress(self, job: PullJob) -> None:
+        """Log the job's progress line every ``progress_interval`` seconds until cancelled."""
+        gauge = Gauge()
+        every = min(_SAMPLE, self.progress_interval)
+        next_line = time.monotonic() + self.progress_interval
+        while True:
+            await asyncio.sleep(every)
+            now = time.monotonic()
+            gauge.sample_stats(now, job.stats)
+            if now >= next_line - 1e-6:
+                next_line = now + self.progress_interval
+                log.info("pull %s: %s", job.ref, gauge.line(),
+                         extra={"pull": job.id, "bytes_done": gauge.done, "bytes_total": gauge.total,
+                                "speed": round(gauge.speed()), "eta": gauge.eta()})
 
     def _forget_old(self) -> None:
         finished = sorted((j for j in self._jobs.values() if j.finished is not None), key=lambda j: j.started)

@@ -37,6 +37,7 @@ from ..errors import Unavailable
 from ..model import Blob
 from ..sources.base import ByteSource
 from ..store.content import BlobIngest, ContentStore
+from .meter import RECEIVING, Meter
 from .routing import ChunkRouter
 from .slots import FairSlots
 
@@ -67,6 +68,13 @@ class TransferStats:
     chunks_retried: int = 0
     fetched_by_source: dict[str, int] = field(default_factory=dict)
     learned: dict[str, str] = field(default_factory=dict)  # stand-in digest -> sha256 (unverified blobs)
+    # Bytes in readers' buffers, not yet in the counts above: for progress only (see meter.py).
+    receiving: Meter = field(default_factory=Meter, repr=False, compare=False)
+
+    def bytes_seen(self) -> tuple[int, int]:
+        """(done, fetched) including bytes still being received: what progress shows."""
+        pending = self.receiving.pending()
+        return self.bytes_done + pending, self.bytes_fetched + pending
 
 
 Progress = Callable[[TransferStats], None]
@@ -245,6 +253,7 @@ class Engine:
                 pieces, buffered = [], 0
 
         remaining = length
+        metering = RECEIVING.set(stats.receiving)  # readers count bytes as they arrive, for progress
         try:
             async for piece in source.read(ingest.blob, offset, length):
                 if len(piece) >= remaining:  # never write past the range, whatever the source sends
@@ -267,6 +276,8 @@ class Engine:
             if pending is not None:
                 await pending
             raise _Partial(written, e) from e
+        finally:
+            RECEIVING.reset(metering)
         await flush()
         if pending is not None:
             await pending

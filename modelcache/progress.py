@@ -150,8 +150,12 @@ class ProgressReporter:
             self._thread.start()
 
     def __call__(self, stats: TransferStats) -> None:
-        if not self.quiet:
-            self._stats = stats
+        if self.quiet:
+            return
+        if self._stats is None:  # the speed's first sample: where the transfer started
+            with self._lock:
+                self.gauge.sample_stats(self._clock(), stats)
+        self._stats = stats
 
     def _run(self, every: float) -> None:
         while not self._stop.wait(every):

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import sqlite3
 import sys
@@ -65,13 +66,29 @@ def _positive(text: str) -> int:
     return value
 
 
-def _seconds(text: str) -> float:
+def _seconds(text: str, *, zero: bool = False) -> float:
+    """A finite number of seconds, more than 0 (or 0 too, with ``zero``)."""
     try:
         value = float(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from e
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError("must be 0 or more seconds")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        raise argparse.ArgumentTypeError(f"must be {'0 or more' if zero else 'more than 0'} seconds, not {text}")
+    return value
+
+
+def _seconds_or_zero(text: str) -> float:
+    return _seconds(text, zero=True)
+
+
+def _count(text: str) -> int:
+    """A whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from e
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
     return value
 
 
@@ -81,14 +98,35 @@ def _mount_policy(text: str) -> str:
     return text
 
 
+def _global_flags(p: argparse.ArgumentParser, *, top: bool = False) -> None:
+    """The options every command takes, before or after its name.
+
+    On a subcommand the defaults are SUPPRESS, so an option given before the
+    subcommand is not reset by the subcommand's own (absent) copy of it.
+    """
+    flags: list[tuple[tuple[str, ...], dict]] = [
+        (("--store",), {"default": _env("store", DEFAULT_STORE) if top else argparse.SUPPRESS,
+                        "help": f"store directory (env MODELCACHE_STORE, default {DEFAULT_STORE})"}),
+        (("-v", "--verbose"), {"action": "store_true", "default": _env_bool("verbose") if top else argparse.SUPPRESS,
+                               "help": "log retries and details to stderr"}),
+    ]
+    for names, kwargs in flags:
+        try:
+            p.add_argument(*names, **kwargs)
+        except argparse.ArgumentError:  # the subcommand already defines it (serve --store)
+            pass
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (defaults read from ``MODELCACHE_*``)."""
-    parser = argparse.ArgumentParser(prog="modelcache", description=__doc__.split("\n")[0])
+    """The argument parser (defaults read from ``MODELCACHE_*``).
+
+    Defaults from the environment are strings that argparse passes through
+    each flag's ``type``, so a bad value is a usage error (exit 2) like a bad flag.
+    """
+    # The module docstring's first line, without its reStructuredText quotes.
+    parser = argparse.ArgumentParser(prog="modelcache", description=__doc__.split("\n")[0].replace("``", ""))
     parser.add_argument("--version", action="version", version=f"modelcache {__version__}")
-    parser.add_argument("--store", default=_env("store", DEFAULT_STORE),
-                        help="store directory (env MODELCACHE_STORE, default %(default)s)")
-    parser.add_argument("-v", "--verbose", action="store_true", default=_env_bool("verbose"),
-                        help="log retries and details to stderr")
+    _global_flags(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
     pull = sub.add_parser("pull", help="pull a model into the store; print its directory")
@@ -109,14 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--max-size", type=_size_or_zero, default=_env("max_size"),
                     help="evict until the store holds at most SIZE (e.g. 500G); default: evict nothing, "
                          "only remove blobs no model uses")
-    gc.add_argument("--ingest-max-age", type=float, default=_env("ingest_max_age"),
+    gc.add_argument("--ingest-max-age", type=_seconds_or_zero, default=_env("ingest_max_age"),
                     help="also remove partial downloads untouched for this many seconds")
     gc.add_argument("--json", action="store_true", default=_env_bool("json"), help="print JSON")
 
     pkg = sub.add_parser("package", help="package a weights directory as an OCI image (or ModelPack) and push it")
     pkg.add_argument("source", help="a directory, or any reference `pull` understands (pulled first)")
     pkg.add_argument("--to", required=not _env("to"), default=_env("to"),
-                     help="oci://HOST/REPO:TAG, oci-layout:///DIR:TAG, or DIR:TAG for a layout")
+                     help="oci://HOST/REPO:TAG, oci-layout:///DIR:TAG, s3://BUCKET/PREFIX[:TAG], or DIR:TAG for a "
+                          "layout (DIR absolute, ./relative or an existing directory)")
     pkg.add_argument("--format", choices=("image", "modelpack"), default=_env("format", "image"),
                      help="image: tar layers for Image VolumeSource (default); modelpack: a ModelPack artifact")
     pkg.add_argument("--prefix", default=_env("prefix", ""),
@@ -148,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "first start, mode 0600)")
     serve.add_argument("--kubeconfig", default=_env("kubeconfig"), metavar="PATH",
                        help="kubernetes mode: the API server to review tokens with (default: in-cluster config)")
-    serve.add_argument("--api-auth-cache-ttl", type=_seconds, default=_env("api_auth_cache_ttl", "10"),
+    serve.add_argument("--api-auth-cache-ttl", type=_seconds_or_zero, default=_env("api_auth_cache_ttl", "10"),
                        metavar="SECONDS", help="kubernetes mode: seconds a review's answer is reused, yes or no "
                                                "(default %(default)s; 0: review every request)")
     serve.add_argument("--mount-credential-check", type=_mount_policy, metavar="{always,private,never}",
@@ -156,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="check a pod's volume credentials at the origin before mounting a cached model: "
                             "private = models that needed credentials (default), always = every model, "
                             "never = no check (env MODELCACHE_MOUNT_CREDENTIAL_CHECK)")
-    serve.add_argument("--mount-credential-ttl", type=_seconds,
+    serve.add_argument("--mount-credential-ttl", type=_seconds_or_zero,
                        default=_env("mount_credential_ttl", "60"),
                        help="seconds an origin's answer to that check is reused (env MODELCACHE_MOUNT_CREDENTIAL_TTL)")
     serve.add_argument("--allow-local", action="append", default=_env_list("allow_local"), metavar="PATH",
@@ -172,7 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--files", type=_positive, default=_env("files", 4), help="number of weight files")
     demo.add_argument("--dir", default=_env("dir"), help="where to write the layout (default: a temp dir)")
     _transfer_flags(demo, with_filters=False)
+    for command in sub.choices.values():
+        _global_flags(command)
+    _log_flags(sub.choices["serve"])
     return parser
+
+
+def _log_flags(p: argparse.ArgumentParser) -> None:
+    """How the daemon logs (it logs at INFO: what it serves, each pull's progress)."""
+    from .logs import FORMATS
+
+    p.add_argument("--log-format", choices=FORMATS, default=_env("log_format", "text"),
+                   help="text, or json: one JSON object per line with time, level, logger, message "
+                        "(default %(default)s)")
 
 
 def _transfer_flags(p: argparse.ArgumentParser, *, with_filters: bool = True, quiet: bool = True) -> None:
@@ -187,9 +238,9 @@ def _transfer_flags(p: argparse.ArgumentParser, *, with_filters: bool = True, qu
                    help="bytes per range request (default %(default)s)")
     p.add_argument("--plain-http", action="store_true", default=_env_bool("plain_http"),
                    help="speak plain HTTP to the registry (automatic for loopback)")
-    p.add_argument("--read-timeout", type=float, default=float(str(_env("read_timeout", 30))),
+    p.add_argument("--read-timeout", type=_seconds, default=_env("read_timeout", "30"),
                    help="seconds a read may stall before the request is retried (default %(default)s)")
-    p.add_argument("--retries", type=int, default=int(str(_env("retries", 6))),
+    p.add_argument("--retries", type=_count, default=_env("retries", "6"),
                    help="retries per chunk (default %(default)s)")
     if quiet:
         p.add_argument("--quiet", "-q", action="store_true", default=_env_bool("quiet"), help="no progress output")
@@ -199,8 +250,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from .logs import configure
+
+    # The daemon's routine events (serving, progress of pulls) are INFO: shown by default there.
+    configure(level=logging.INFO if args.verbose or args.command == "serve" else logging.WARNING,
+              fmt=str(getattr(args, "log_format", "text")))
     try:
         if args.command == "pull":
             return asyncio.run(_cmd_pull(args))
@@ -233,10 +287,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+def _store_path(args: argparse.Namespace) -> Path:
+    """The --store directory; something else at that path is a flag error, not an OSError later."""
+    path = Path(str(args.store)).expanduser()
+    if path.exists() and not path.is_dir():
+        raise InvalidReference(f"--store {path}: not a directory")
+    return path
+
+
 def _open_store(args: argparse.Namespace):
     from .store import Store
 
-    return Store(Path(str(args.store)).expanduser())
+    return Store(_store_path(args))
 
 
 async def _pull(args: argparse.Namespace, ref: str, filters, *, quiet_path: bool = False,
@@ -274,17 +336,21 @@ async def _cmd_pull(args: argparse.Namespace) -> int:
 def _cmd_ls(args: argparse.Namespace) -> int:
     import datetime
 
-    store = _open_store(args)
-    try:
-        records = store.index.records()
-        rows = [
-            {"ref": r.ref, "filters": r.filters, "digest": r.model_digest, "size": r.size, "files": r.files,
-             "last_used": datetime.datetime.fromtimestamp(r.last_used, datetime.UTC).isoformat(timespec="seconds"),
-             "path": str(store.views_dir / r.view.partition(":")[2]), "pinned": r.pinned, "leases": r.leases}
-            for r in records
-        ]
-    finally:
-        store.close()
+    root = _store_path(args)
+    records = []
+    if (root / "index.sqlite").is_file():  # listing never creates a store
+        store = _open_store(args)
+        try:
+            records = store.index.records()
+        finally:
+            store.close()
+    views = root.expanduser().absolute() / "views"
+    rows = [
+        {"ref": r.ref, "filters": r.filters, "digest": r.model_digest, "size": r.size, "files": r.files,
+         "last_used": datetime.datetime.fromtimestamp(r.last_used, datetime.UTC).isoformat(timespec="seconds"),
+         "path": str(views / r.view.partition(":")[2]), "pinned": r.pinned, "leases": r.leases}
+        for r in records
+    ]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -375,7 +441,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     auth = AuthConfig(mode=str(args.api_auth or default_mode()),
                       token_file=Path(args.api_token_file).expanduser() if args.api_token_file else None,
                       kubeconfig=Path(args.kubeconfig).expanduser() if args.kubeconfig else None,
-                      cache_ttl=_seconds(str(args.api_auth_cache_ttl)))
+                      cache_ttl=float(args.api_auth_cache_ttl))
     config = DaemonConfig(store=Path(str(args.store)).expanduser(), listen=str(args.listen),
                           csi_socket=Path(str(args.csi_socket)), node_name=str(args.node_name),
                           transfer=transfer, sources=sources, auth=auth,
@@ -387,30 +453,44 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _package_target(text: str):
-    """The --to reference: oci://, oci-layout://, or DIR:TAG for a layout."""
-    from .refs import LayoutRef, parse
+    """The --to reference: oci://, oci-layout://, s3://, or DIR:TAG for a layout.
 
+    ``DIR:TAG`` is a layout only when DIR is clearly a path: absolute, ``./``,
+    ``../`` or ``~`` relative, or an existing directory. Anything else
+    (``127.0.0.1:5000/models/x:v1``, ``registry.example/x:v1``) is refused
+    with a hint: a registry reference without ``oci://`` must not quietly
+    become a directory of that name.
+    """
+    from .refs import LayoutRef, lower_scheme, parse
+
+    text = lower_scheme(text)
     if text.startswith("s3://"):
         bucket, _, rest = text[5:].partition("/")
         path, sep, tag = rest.rpartition(":") if ":" in rest.rsplit("/", 1)[-1] else (rest, "", "latest")
         if not bucket:
             raise InvalidReference(f"--to {text!r}: expected s3://BUCKET/PREFIX[:TAG]")
         return ("s3", bucket, path.strip("/"), tag or "latest")
+    expected = "expected oci://HOST/REPO:TAG, oci-layout:///DIR:TAG, DIR:TAG or s3://BUCKET/PREFIX[:TAG]"
     if text.startswith(("oci://", "oci-layout://")):
         ref = parse(text)
     else:
         head, sep, tag = text.rpartition(":")
         if not sep or not head or "/" in tag or "://" in text:
-            raise InvalidReference(f"--to {text!r}: expected oci://HOST/REPO:TAG, oci-layout:///DIR:TAG, DIR:TAG "
-                                   "or s3://BUCKET/PREFIX[:TAG]")
-        ref = LayoutRef(Path(head).absolute(), tag=tag)
+            raise InvalidReference(f"--to {text!r}: {expected}")
+        if not (head.startswith(("/", "./", "../", "~")) or Path(head).is_dir()):
+            raise InvalidReference(f"--to {text!r}: no scheme; did you mean oci://{text} (a registry)? "
+                                   f"A layout directory is oci-layout://DIR:TAG, or DIR:TAG with DIR "
+                                   f"absolute, ./relative or existing")
+        ref = LayoutRef(Path(head).expanduser().absolute(), tag=tag)
     if getattr(ref, "digest", None):
         raise InvalidReference(f"--to {text!r} names a digest; name the tag to write")
     return ref
 
 
 def _cmd_package(args: argparse.Namespace) -> int:
-    source_is_dir = Path(str(args.source)).is_dir() and not str(args.source).startswith(("oci://", "oci-layout://"))
+    from .refs import lower_scheme
+
+    source_is_dir = Path(str(args.source)).is_dir() and "://" not in lower_scheme(str(args.source))
     return asyncio.run(_package(args, _package_target(str(args.to)), source_is_dir))
 
 
@@ -510,7 +590,8 @@ async def _cmd_demo(args: argparse.Namespace) -> int:
     size = args.size if isinstance(args.size, int) else _size(str(args.size))
     try:
         layout = await asyncio.to_thread(make_demo_layout, base, total=size, files=int(args.files))
-        print(f"demo model: {int(args.files)} files, {human(size)}, as an OCI layout in {layout}", file=sys.stderr)
+        # The count and size are stated once, by the pull's summary, as pulled (weights plus config.json).
+        print(f"demo model written as an OCI layout in {layout}", file=sys.stderr)
         return await _pull(args, f"oci-layout://{layout}:demo", Filters())
     finally:
         if not args.dir:  # the pulled model lives on in the store; the demo source need not

@@ -52,7 +52,7 @@ async def pull(store: Store, engine: Engine, ref_text: str, *, filters: Filters 
         ref = dataclasses.replace(ref, tag=tag)
     source = open_source(ref, options or SourceOptions(), learned=store.index.learned_digest)
     try:
-        model = await source.resolve()
+        model = await engine.retry(f"resolving {ref}", source.resolve)
         spans = {p.blob.digest: (p.origin, p.offset) for p in model.parts
                  if isinstance(p, FileEntry) and p.origin is not None}
         origin = WithinOrigin(source, spans) if spans else source

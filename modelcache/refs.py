@@ -11,6 +11,7 @@ Accepted forms:
 - ``file:///PATH`` or a plain path: a local directory; an OCI image layout
   directory (one with an ``oci-layout`` file) is read as a layout.
 
+Schemes are case-insensitive (``OCI://`` is ``oci://``, RFC 3986 3.1).
 Parsing never touches the network; it only checks syntax (the filesystem is
 only consulted to tell a layout from a plain directory).
 """
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
-from .errors import InvalidReference
+from .errors import InvalidReference, NotFound
 
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 # Repository path components and tags, from the OCI distribution spec.
@@ -118,9 +119,18 @@ class HfRef:
 Ref = OciRef | LayoutRef | DirRef | S3Ref | HfRef
 
 
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def lower_scheme(text: str) -> str:
+    """``text`` with its ``scheme://`` (if any) in lower case; the rest untouched."""
+    m = _SCHEME_RE.match(text)
+    return m.group(1).lower() + text[m.end(1):] if m else text
+
+
 def parse(text: str) -> Ref:
     """Parse a reference; raise :class:`InvalidReference` with the reason."""
-    text = text.strip()
+    text = lower_scheme(text.strip())
     if not text:
         raise InvalidReference("empty model reference")
     if text.startswith("oci://"):
@@ -190,6 +200,19 @@ def _parse_layout(rest: str, text: str) -> LayoutRef:
     return LayoutRef(path=Path(rest).absolute(), tag=tag, digest=digest)
 
 
+def missing_directory(path: Path, text: str = "") -> NotFound:
+    """The one error for a local model directory that is not there, however it was spelled.
+
+    ``text`` that looks like a registry reference without its scheme
+    (``HOST[:PORT]/REPO…``) gets a hint.
+    """
+    first = text.split("/", 1)[0]
+    hint = ""
+    if "/" in text and ("." in first or ":" in first) and not text.startswith((".", "/", "~")) and "://" not in text:
+        hint = f" (a registry reference needs its scheme: oci://{text})"
+    return NotFound(f"{path.absolute()}: no such directory{hint}")
+
+
 def _local(path: Path, text: str) -> Ref:
     if (path / "oci-layout").is_file():
         return LayoutRef(path=path.absolute())
@@ -198,7 +221,9 @@ def _local(path: Path, text: str) -> Ref:
         head, sep, last = str(path).rpartition(":")
         if sep and head and (Path(head) / "oci-layout").is_file():
             return _parse_layout(str(path), text)
-        raise InvalidReference(f"{text!r}: no such directory (and not an oci:// reference)")
+        if sep and head and "/" not in last and Path(head).is_dir():
+            raise InvalidReference(f"{text!r}: {head} is not an OCI image layout, so a :TAG names nothing in it")
+        raise missing_directory(path, text)
     if not path.is_dir():
         raise InvalidReference(f"{text!r}: not a directory")
     return DirRef(path=path.absolute())

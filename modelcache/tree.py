@@ -59,6 +59,21 @@ def _short(path: str) -> str:
     return repr(path if len(path) <= 80 else path[:60] + "…" + path[-16:])
 
 
+def utf8_name(rel: str, *, context: str) -> str:
+    """``rel`` (a name read from the file system), refused unless it is valid UTF-8.
+
+    Model paths travel as UTF-8 (tar PAX headers, JSON annotations, the
+    index); a name made of other bytes reaches Python as lone surrogates
+    that none of those can carry, so it is named here, as bytes, instead.
+    """
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = repr(rel.encode("utf-8", "surrogateescape"))[2:-1]
+        raise UnsafePath(f"{context}: file name '{shown}' is not valid UTF-8; rename it") from None
+    return rel
+
+
 def safe_link_target(link_path: str, target: str, *, context: str) -> str:
     """A symlink target that stays inside the root, as a relative path.
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from modelcache.errors import InvalidReference
-from modelcache.refs import DirRef, LayoutRef, OciRef, parse
+from modelcache.errors import InvalidReference, NotFound
+from modelcache.refs import DirRef, HfRef, LayoutRef, OciRef, S3Ref, parse
 
 HEX = "0123456789abcdef" * 4
 DIGEST = "sha256:" + HEX
@@ -145,8 +145,6 @@ def test_directory_references(plain: Path, monkeypatch: pytest.MonkeyPatch) -> N
     ("oci://reg.io/m@sha256:" + HEX.upper(), "invalid digest"),
     ("oci://reg.io/m@", "invalid digest ''"),
     ("oci-layout:///tmp/l@sha256:zz", "invalid digest"),
-    ("/definitely/not/here", "no such directory"),
-    ("file:///definitely/not/here", "no such directory"),
 ])
 def test_rejected_references(text: str, message: str) -> None:
     """Each malformed reference raises InvalidReference saying what is wrong."""
@@ -164,7 +162,7 @@ def test_layout_bad_tag(layout: Path) -> None:
 
 def test_tag_on_a_plain_directory_is_refused(plain: Path) -> None:
     """DIR:TAG is only meaningful for a layout; for a plain directory it names nothing."""
-    with pytest.raises(InvalidReference, match="no such directory"):
+    with pytest.raises(InvalidReference, match="is not an OCI image layout"):
         parse(f"{plain}:v1")
 
 
@@ -183,3 +181,26 @@ def test_invalid_reference_is_a_value_error() -> None:
         parse("oci://reg.io/UPPER")
     assert info.value.exit_code == 2  # type: ignore[attr-defined]
 
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("OCI://reg.io/models/m:v1", OciRef("reg.io", "models/m", tag="v1")),
+    ("Oci://reg.io/models/m:v1", OciRef("reg.io", "models/m", tag="v1")),
+    ("S3://bucket/models/m", S3Ref("bucket", "models/m")),
+    ("HF://org/Model@main", HfRef("org/Model", "main")),
+])
+def test_schemes_are_case_insensitive(text: str, expected: object) -> None:
+    """RFC 3986 3.1: schemes compare case-insensitively; the rest keeps its case."""
+    assert parse(text) == expected
+
+
+def test_layout_and_file_schemes_are_case_insensitive(tmp_path: Path) -> None:
+    assert parse(f"File://{tmp_path}") == DirRef(tmp_path)
+    assert parse(f"OCI-LAYOUT://{tmp_path}:v1") == LayoutRef(tmp_path, tag="v1")
+
+
+@pytest.mark.parametrize("text", ["/definitely/not/here", "file:///definitely/not/here"])
+def test_missing_directory_is_not_found(text: str) -> None:
+    """A missing local directory is NotFound (exit 3), one message however spelled."""
+    with pytest.raises(NotFound, match="^/definitely/not/here: no such directory$"):
+        parse(text)

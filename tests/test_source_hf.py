@@ -149,3 +149,11 @@ def test_cdn_errors_are_retried_and_a_killed_pull_resumes(tmp_path: Path) -> Non
         again = _cdn_ranges(hub)[asked_before:]
         assert durable and len(again) == 8 - len(durable)  # each missing chunk once, no durable one again
         assert not {f"bytes={i << 20}-{((i + 1) << 20) - 1}" for i in durable} & set(again)
+
+
+def test_missing_revision_is_named(hub, tmp_path: Path) -> None:
+    """The error names the revision that does not exist, not only the repository."""
+    proc = _pull(hub, tmp_path / "s", "hf://org/model@no-such-branch", check=False)
+    assert proc.returncode == 3, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "'no-such-branch'" in last and "hf://org/model" in last, last

@@ -22,6 +22,9 @@ Guarantees:
 - Finished jobs are remembered for a while so their state can be read: at
   most ``keep_finished`` of them, none older than ``keep_seconds``, trimmed
   as each job finishes.
+- A running job logs where it stands every ``progress_interval`` seconds
+  (bytes, windowed speed, ETA: the CLI's progress line), so ``kubectl logs``
+  shows a long pull moving.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Busy, ModelCacheError, Unavailable
+from ..progress import Gauge
 from ..pull import pull
 from ..sources import SourceCredentials, SourceOptions
 from ..store import Store
@@ -51,6 +55,8 @@ log = logging.getLogger(__name__)
 _KEEP_FINISHED = 200
 _KEEP_SECONDS = 3600.0
 BUSY_RETRY_AFTER = 5.0  # seconds a refused caller is told to wait (pulls take at least that long)
+PROGRESS_INTERVAL = 10.0  # seconds between a running pull's progress log lines
+_SAMPLE = 1.0  # seconds between speed samples (the window needs more than one per line)
 
 Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
 
@@ -92,10 +98,11 @@ class PullManager:
 
     def __init__(self, store: Store, engine: Engine, options: SourceOptions, metrics: Metrics, *,
                  policy: RefPolicy | None = None, max_jobs: int = 16, keep_finished: int = _KEEP_FINISHED,
-                 keep_seconds: float = _KEEP_SECONDS) -> None:
+                 keep_seconds: float = _KEEP_SECONDS, progress_interval: float = PROGRESS_INTERVAL) -> None:
         self.store, self.engine, self.options, self.metrics = store, engine, options, metrics
         self.policy = policy or RefPolicy()
         self.max_jobs, self.keep_finished, self.keep_seconds = max_jobs, keep_finished, keep_seconds
+        self.progress_interval = progress_interval
         self.spawn: Spawn = asyncio.create_task
         self.accepting = True
         self._jobs: dict[str, PullJob] = {}
@@ -190,6 +197,7 @@ class PullManager:
         def progress(stats: TransferStats) -> None:
             job.stats = stats
 
+        logger = asyncio.create_task(self._log_progress(job))
         try:
             options = dataclasses.replace(self.options, credentials=job.credentials)
             result = await pull(self.store, self.engine, job.ref, filters=job.filters, options=options,
@@ -207,11 +215,27 @@ class PullManager:
         else:
             job.state, job.path, job.stats = "done", result.path, result.stats
         finally:
+            logger.cancel()
             job.finished = time.time()
             self.metrics.record_pull(job.stats, time.monotonic() - started, job.state)
             if job.state == "failed":
                 log.warning("pull %s failed: %s", job.ref, job.error)
             self._forget_old()
+
+    async def _log_progress(self, job: PullJob) -> None:
+        """Log the job's progress line every ``progress_interval`` seconds until cancelled."""
+        gauge = Gauge()
+        every = min(_SAMPLE, self.progress_interval)
+        next_line = time.monotonic() + self.progress_interval
+        while True:
+            await asyncio.sleep(every)
+            now = time.monotonic()
+            gauge.sample_stats(now, job.stats)
+            if now >= next_line - 1e-6:
+                next_line = now + self.progress_interval
+                log.info("pull %s: %s", job.ref, gauge.line(),
+                         extra={"pull": job.id, "bytes_done": gauge.done, "bytes_total": gauge.total,
+                                "speed": round(gauge.speed()), "eta": gauge.eta()})
 
     def _forget_old(self) -> None:
         finished = sorted((j for j in self._jobs.values() if j.finished is not None), key=lambda j: j.started)

@@ -155,7 +155,7 @@ async def run(config: DaemonConfig, *, stop: asyncio.Event | None = None) -> Non
 
 async def _serve(daemon: Daemon, config: DaemonConfig, stop: asyncio.Event) -> None:
     kept, dropped = await asyncio.to_thread(daemon.mounts.recover)
-    log.warning("store %s: kept %d leases of mounted volumes, dropped %d stale ones", config.store, kept, dropped)
+    log.info("store %s: kept %d leases of mounted volumes, dropped %d stale ones", config.store, kept, dropped)
 
     # Sockets are bound before the task group opens, so a busy port or socket
     # path fails plainly (an OSError the CLI reports), not inside an ExceptionGroup.
@@ -166,12 +166,12 @@ async def _serve(daemon: Daemon, config: DaemonConfig, stop: asyncio.Event) -> N
             async with asyncio.TaskGroup() as tasks:
                 daemon.pulls.spawn = tasks.create_task
                 daemon.ready.set()
-                log.warning("serving HTTP on %s and CSI on %s as node %s",
+                log.info("serving HTTP on %s and CSI on %s as node %s",
                             config.listen, config.csi_socket, config.node_name)
                 await stop.wait()
                 daemon.ready.clear()
                 daemon.pulls.accepting = False
-                log.warning("draining: no new work; running pulls keep their chunks for resume")
+                log.info("draining: no new work; running pulls keep their chunks for resume")
                 await asyncio.gather(csi.stop(CSI_GRACE), daemon.pulls.drain())
         finally:
             await http.cleanup()

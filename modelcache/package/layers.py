@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InvalidContent, NotFound, UnsafePath
+from ..tree import utf8_name
 
 BLOCK = 512
 READ = 4 << 20
@@ -80,7 +81,7 @@ def scan(root: Path, *, follow_symlinks: bool = False) -> list[SourceFile]:
         dirnames.sort()
         for name in sorted(filenames) + sorted(d for d in dirnames if os.path.islink(os.path.join(dirpath, d))):
             path = Path(dirpath) / name
-            rel = path.relative_to(root).as_posix()
+            rel = utf8_name(path.relative_to(root).as_posix(), context=str(root))
             if path.is_symlink():
                 real = path.resolve()
                 if not follow_symlinks:

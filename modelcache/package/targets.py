@@ -31,7 +31,7 @@ import aiohttp
 from ..errors import DigestMismatch, InvalidContent, ModelCacheError, Unauthorized, Unavailable
 from ..refs import OciRef
 from ..sources.base import SourceOptions
-from ..sources.http import new_session, parse_retry_after
+from ..sources.http import connection_failure, new_session, parse_retry_after, same_origin
 from ..sources.registry_auth import Authenticator, load_credentials
 from .image import Document
 from .layers import Layer, Segment, read_segments
@@ -148,10 +148,16 @@ class RegistryTarget:
     async def _request(self, method: str, url: str, *, headers: dict[str, str] | None = None,
                        body: Callable[[], AsyncIterator[bytes] | bytes] | None = None,
                        ok: tuple[int, ...]) -> aiohttp.ClientResponse:
-        """One request with the auth challenge answered; the response is read and released."""
+        """One request with the auth challenge answered; the response is read and released.
+
+        The registry's ``Authorization`` goes only to the registry's own origin:
+        an upload ``Location`` may point anywhere (a storage front on another
+        host or port), and what it is told is the session URL, not our login.
+        """
+        home = same_origin(url, self._base)
         for answered in (False, True):
             sent = dict(headers or {})
-            auth = self._auth.header(self._scope)
+            auth = self._auth.header(self._scope) if home else None
             if auth:
                 sent["Authorization"] = auth
             try:
@@ -159,9 +165,9 @@ class RegistryTarget:
                                                    allow_redirects=False)
                 await resp.read()
             except (aiohttp.ClientError, TimeoutError) as e:
-                raise Unavailable(f"{self.name}: {method} failed: {type(e).__name__} {e}".rstrip()) from e
+                raise Unavailable(f"{self.name}: {method} failed: {connection_failure(e)}") from e
             resp.release()
-            if resp.status == 401 and not answered:
+            if resp.status == 401 and home and not answered:
                 challenge = resp.headers.get("WWW-Authenticate", "")
                 if not challenge:
                     raise Unauthorized(f"{self.name}: registry answered 401 without a challenge")

@@ -23,14 +23,14 @@ import asyncio
 import hashlib
 import os
 from collections.abc import AsyncIterator, Callable
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import quote, urljoin
 
 from ..errors import InvalidContent, ModelCacheError, NotFound, Unauthorized, Unavailable
 from ..model import Blob, FileEntry, Model
 from ..refs import HfRef
 from ..tree import safe_path
 from .base import SourceOptions
-from .http import check_range_response, exact_range
+from .http import check_range_response, connection_failure, exact_range, same_origin
 from .rawget import RawPool, RawResponse
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -47,19 +47,20 @@ def _token() -> str | None:
 
 def _with_token(url: str, headers: dict[str, str], token: str | None) -> dict[str, str]:
     """``headers``, plus the token when ``url`` is on the Hub's own origin (never a CDN's)."""
-    if token and urlsplit(url)[:2] == urlsplit(_endpoint())[:2]:
+    if token and same_origin(url, _endpoint()):
         return {**headers, "Authorization": f"Bearer {token}"}
     return headers
 
 
-def map_hub_error(e: Exception, repo: str) -> ModelCacheError:
-    """A huggingface_hub error as one of ours, naming the repository."""
+def map_hub_error(e: Exception, repo: str, revision: str | None = None) -> ModelCacheError:
+    """A huggingface_hub error as one of ours, naming the repository (and the revision asked for)."""
     from huggingface_hub import errors
 
     if isinstance(e, errors.GatedRepoError):
         return Unauthorized(f"hf://{repo} is gated: accept its terms on the Hub and set HF_TOKEN")
     if isinstance(e, errors.RevisionNotFoundError):
-        return NotFound(f"hf://{repo}: revision not found")
+        named = f" {revision!r}" if revision else ""
+        return NotFound(f"hf://{repo}: revision{named} not found (a branch, tag or commit of the repository)")
     if isinstance(e, errors.RepositoryNotFoundError):
         hint = "" if _token() else " (if it is private or gated, set HF_TOKEN)"
         return NotFound(f"hf://{repo}: repository not found{hint}")
@@ -70,7 +71,7 @@ def map_hub_error(e: Exception, repo: str) -> ModelCacheError:
         if status == 429 or status >= 500:
             return Unavailable(f"hf://{repo}: the Hub answered HTTP {status}")
         return ModelCacheError(f"hf://{repo}: the Hub answered HTTP {status}")
-    return Unavailable(f"hf://{repo}: cannot reach the Hub at {_endpoint()}: {type(e).__name__}")
+    return Unavailable(f"hf://{repo}: cannot reach the Hub at {_endpoint()}: {connection_failure(e)}")
 
 
 class HfSource:
@@ -105,7 +106,7 @@ class HfSource:
             files = [f for f in api.list_repo_tree(self.ref.repo, revision=info.sha, recursive=True)
                      if isinstance(f, RepoFile)]
         except Exception as e:  # huggingface_hub raises its own tree of errors and httpx's
-            raise map_hub_error(e, self.ref.repo) from e
+            raise map_hub_error(e, self.ref.repo, self.ref.revision) from e
         return info.sha, files
 
     def _revision(self) -> None:

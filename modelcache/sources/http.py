@@ -1,11 +1,13 @@
-"""Shared HTTP plumbing for sources: sessions, status mapping, ranged reads."""
+"""Shared HTTP plumbing for sources: sessions, status mapping, ranged reads, origins, connection errors."""
 
 from __future__ import annotations
 
 import email.utils
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 if TYPE_CHECKING:  # imported where used: S3 and Hub pulls never need the general client (0.2 s to import)
     import aiohttp
@@ -26,6 +28,40 @@ def new_session(*, connections: int, connect_timeout: float, read_timeout: float
         read_bufsize=READ_BUFSIZE,
         auto_decompress=False,
     )
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) of a URL, lower-cased, with the scheme's default port filled in (RFC 6454 4)."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or _DEFAULT_PORTS.get(scheme)
+
+
+def same_origin(a: str, b: str) -> bool:
+    """True when both URLs are on one origin: the only place credentials for ``a`` may be sent."""
+    return origin(a) == origin(b)
+
+
+def connection_failure(e: BaseException) -> str:
+    """What went wrong on a connection, in words and without the client library's internals.
+
+    ``Connection refused``, ``timed out``, ``Name or service not known``...
+    aiohttp wraps the socket error (``ClientConnectorError: Cannot connect to
+    host ... ssl:default [...]``); the OS error underneath is what a person
+    needs to read.
+    """
+    cause: BaseException = getattr(e, "os_error", None) or e
+    if isinstance(cause, TimeoutError) or type(cause).__name__ in ("ServerTimeoutError", "ConnectionTimeoutError"):
+        return "timed out"
+    if isinstance(cause, OSError) and isinstance(cause.errno, int) and cause.errno > 0:
+        return os.strerror(cause.errno)  # asyncio's strerror is "Connect call failed (addr)"
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    text = str(cause).strip()
+    return text or type(cause).__name__
 
 
 def retry_after(resp: aiohttp.ClientResponse) -> float | None:
@@ -69,7 +105,7 @@ async def body_pieces(resp: aiohttp.ClientResponse, offset: int, length: int, *,
             async for piece in resp.content.iter_any():
                 yield piece
         except (aiohttp.ClientError, TimeoutError) as e:
-            raise Unavailable(f"{what}: connection failed: {type(e).__name__} {e}".rstrip()) from e
+            raise Unavailable(f"{what}: connection failed: {connection_failure(e)}") from e
 
     async for piece in exact_range(pieces(), offset, length, skip=skip, what=what):
         yield piece

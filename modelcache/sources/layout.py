@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import DigestMismatch, InvalidContent, NotFound
 from ..model import Blob, Model
-from ..refs import LayoutRef
+from ..refs import LayoutRef, missing_directory
 from .files import open_within, read_file_range
 from .oci_manifest import (
     INDEX_TYPES,
@@ -67,6 +67,8 @@ class LayoutSource:
         return parse_json(body, what=f"manifest {blob.digest}")
 
     def _resolve(self) -> Model:
+        if not self.ref.path.exists():
+            raise missing_directory(self.ref.path)
         index_path = self.ref.path / "index.json"
         try:
             index = parse_json(self._read_small(index_path, MAX_MANIFEST_BYTES), what=str(index_path))

@@ -19,6 +19,7 @@ from pathlib import Path
 from ..errors import NotFound, UnsafePath
 from ..model import Blob, FileEntry, Model
 from ..refs import DirRef
+from ..tree import utf8_name
 from .files import open_within, read_file_range
 
 
@@ -38,7 +39,7 @@ class DirectorySource:
             dirnames.sort()
             for name in sorted(filenames) + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
                 path = Path(dirpath) / name
-                rel = path.relative_to(root).as_posix()
+                rel = utf8_name(path.relative_to(root).as_posix(), context=self.name)
                 real = path.resolve()
                 if not real.is_relative_to(root):
                     raise UnsafePath(f"{self.name}: {rel} links outside the directory")

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from ..errors import ModelCacheError, Unavailable
+from ..transfer.meter import RECEIVING, Cell, Meter
+from .http import connection_failure
 
 BUFFER = 4 << 20
 _MAX_HEAD = 64 << 10
@@ -64,23 +66,26 @@ class RawResponse:
         assert self._conn is not None and self.content_length is not None
         conn, self._conn = self._conn, None
         pool = conn.pool
+        meter = RECEIVING.get()
         done = False
-        ahead = None  # (the fill running in a thread, the buffer it fills)
+        ahead = None  # (the fill running in a thread, the buffer it fills, its meter cell)
         try:
             if not conn.remaining:
                 done = True
                 conn.release()
             while not done:
                 if ahead is None:
-                    ahead = pool.start_fill(conn)
-                filling, buf = ahead
+                    ahead = pool.start_fill(conn, meter)
+                filling, buf, cell = ahead
                 n, error = await filling
                 ahead = None
                 done = error is None and not conn.remaining
                 if done:
                     conn.release()
                 elif error is None:  # read ahead while the caller writes this piece
-                    ahead = pool.start_fill(conn)
+                    ahead = pool.start_fill(conn, meter)
+                if meter is not None:  # from here the caller counts these bytes
+                    meter.close(cell)
                 if n:
                     yield memoryview(buf)[:n]
                 if error is not None:
@@ -89,6 +94,9 @@ class RawResponse:
             if not done:
                 conn.abort()
             raise
+        finally:
+            if ahead is not None and meter is not None:
+                meter.close(ahead[2])
 
     def close(self) -> None:
         """Drop the connection without reading the body."""
@@ -150,12 +158,18 @@ class _Connection:
         self._pending, self.remaining = extra, length
         return status, fields
 
-    def fill(self, buf: Buffer) -> tuple[int, BaseException | None]:
-        """Fill ``buf`` from the body (up to what remains); (bytes, the error that stopped it early)."""
+    def fill(self, buf: Buffer, cell: Cell | None = None) -> tuple[int, BaseException | None]:
+        """Fill ``buf`` from the body (up to what remains); (bytes, the error that stopped it early).
+
+        ``cell.n`` follows the bytes in ``buf`` after every ``recv``, for progress.
+        """
         view = memoryview(buf)[: min(len(buf), self.remaining)]
         n = len(self._pending)
         view[:n] = self._pending
         self._pending = b""
+        if cell is None:
+            cell = Cell()  # nobody watches: one branch here instead of one per recv
+        cell.n = n
         try:
             with self._operation():
                 while n < len(view):
@@ -163,6 +177,7 @@ class _Connection:
                     if not got:
                         raise Unavailable("server closed the connection mid-response")
                     n += got
+                    cell.n = n
         except Unavailable as e:
             return self._took(n), e
         return self._took(n), None
@@ -315,7 +330,7 @@ class RawPool:
         try:
             sock = socket.create_connection((host, port), timeout=self.connect_timeout)
         except OSError as e:
-            raise Unavailable(f"{host}:{port}: cannot connect: {type(e).__name__} {e}".rstrip()) from e
+            raise Unavailable(f"{host}:{port}: cannot connect: {connection_failure(e)}") from e
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if scheme == "https":
@@ -332,10 +347,12 @@ class RawPool:
             raise Unavailable(f"{host}:{port}: TLS handshake failed: {e}") from e
         return _Connection(self, key, sock)
 
-    def start_fill(self, conn: _Connection) -> tuple[asyncio.Future[tuple[int, BaseException | None]], Buffer]:
-        """Start filling a fresh buffer from ``conn``'s body in a thread."""
+    def start_fill(self, conn: _Connection, meter: Meter | None = None
+                   ) -> tuple[asyncio.Future[tuple[int, BaseException | None]], Buffer, Cell | None]:
+        """Start filling a fresh buffer from ``conn``'s body in a thread (counted in ``meter``)."""
         buf = self.buffer()
-        return asyncio.get_running_loop().run_in_executor(self.threads, conn.fill, buf), buf
+        cell = meter.open() if meter is not None else None
+        return asyncio.get_running_loop().run_in_executor(self.threads, conn.fill, buf, cell), buf, cell
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.threads, fn, *args)

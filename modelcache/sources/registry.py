@@ -26,7 +26,15 @@ from ..errors import (
 from ..model import Blob, Model
 from ..refs import OciRef
 from .base import SourceOptions
-from .http import body_pieces, check_range_response, exact_range, new_session, status_error
+from .http import (
+    body_pieces,
+    check_range_response,
+    connection_failure,
+    exact_range,
+    new_session,
+    same_origin,
+    status_error,
+)
 from .oci_manifest import (
     ACCEPT,
     INDEX_TYPES,
@@ -96,19 +104,19 @@ class RegistrySource:
         """GET with auth challenges answered and redirects followed safely."""
         session = self.session
         assert self._auth is not None
-        origin = urlsplit(url)[:2]
+        first = url
         answered = False
         for _ in range(_MAX_REDIRECTS + 1):
             sent = dict(headers)
-            same_origin = urlsplit(url)[:2] == origin
-            auth = self._auth.header(self._scope) if same_origin else None
+            home = same_origin(url, first)
+            auth = self._auth.header(self._scope) if home else None
             if auth:
                 sent["Authorization"] = auth
             try:
                 resp = await session.get(url, headers=sent, allow_redirects=False)
             except (TimeoutError, aiohttp.ClientError) as e:
-                raise Unavailable(f"{self.ref.host}: {type(e).__name__}: {e}".rstrip(": ")) from e
-            if resp.status == 401 and same_origin and not answered:
+                raise Unavailable(f"{urlsplit(url).netloc}: cannot connect: {connection_failure(e)}") from e
+            if resp.status == 401 and home and not answered:
                 challenge = resp.headers.get("WWW-Authenticate", "")
                 resp.release()
                 if not challenge:
@@ -150,7 +158,7 @@ class RegistrySource:
                     buf += piece
                 body = bytes(buf)
             except (TimeoutError, aiohttp.ClientError) as e:
-                raise Unavailable(f"{what}: reading manifest failed: {e}") from e
+                raise Unavailable(f"{what}: reading manifest failed: {connection_failure(e)}") from e
             header_digest = resp.headers.get("Docker-Content-Digest")
             header_type = resp.headers.get("Content-Type")
         if len(body) > MAX_MANIFEST_BYTES:

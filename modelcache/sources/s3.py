@@ -44,7 +44,7 @@ from ..refs import S3Ref
 from ..tree import safe_path
 from .base import SourceOptions
 from .credentials import SourceCredentials
-from .http import check_range_response, exact_range
+from .http import check_range_response, connection_failure, exact_range
 from .oci_manifest import (
     INDEX_TYPES,
     MANIFEST_TYPES,
@@ -97,7 +97,7 @@ def map_error(e: Exception, what: str) -> ModelCacheError:
         if code in ("NoSuchBucket", "NoSuchKey", "404", "NotFound"):
             return NotFound(f"{what}: {code}")
         return ModelCacheError(f"{what}: S3 error {code}")
-    return Unavailable(f"{what}: {type(e).__name__}: {e}")
+    return Unavailable(f"{what}: {connection_failure(e)}")
 
 
 class S3Source:

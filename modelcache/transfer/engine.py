@@ -28,14 +28,16 @@ import asyncio
 import logging
 import random
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from ..errors import Unavailable
 from ..model import Blob
 from ..sources.base import ByteSource
 from ..store.content import BlobIngest, ContentStore
+from .meter import RECEIVING, Meter
 from .routing import ChunkRouter
 from .slots import FairSlots
 
@@ -66,9 +68,17 @@ class TransferStats:
     chunks_retried: int = 0
     fetched_by_source: dict[str, int] = field(default_factory=dict)
     learned: dict[str, str] = field(default_factory=dict)  # stand-in digest -> sha256 (unverified blobs)
+    # Bytes in readers' buffers, not yet in the counts above: for progress only (see meter.py).
+    receiving: Meter = field(default_factory=Meter, repr=False, compare=False)
+
+    def bytes_seen(self) -> tuple[int, int]:
+        """(done, fetched) including bytes still being received: what progress shows."""
+        pending = self.receiving.pending()
+        return self.bytes_done + pending, self.bytes_fetched + pending
 
 
 Progress = Callable[[TransferStats], None]
+T = TypeVar("T")
 
 
 class Engine:
@@ -116,6 +126,25 @@ class Engine:
             if errors:
                 raise errors[0]
         return stats
+
+    async def retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()``, tried again on :class:`Unavailable` as a chunk is: same backoff, same retry count.
+
+        For the requests around the chunks (resolving a manifest, listing a
+        bucket), so a refused connection or a 503 there is as transient as
+        one in the middle of a blob.
+        """
+        attempt = 0
+        while True:
+            try:
+                return await call()
+            except Unavailable as e:
+                attempt += 1
+                if attempt > self.config.retries:
+                    raise Unavailable(f"{e} (gave up after {attempt} attempts)", retry_after=e.retry_after) from e
+                delay = self._backoff(attempt, e.retry_after)
+                log.info("%s: %s; retry %d in %.1fs", what, e, attempt, delay)
+                await asyncio.sleep(delay)
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         for digest, t in list(self._inflight.items()):
@@ -224,6 +253,7 @@ class Engine:
                 pieces, buffered = [], 0
 
         remaining = length
+        metering = RECEIVING.set(stats.receiving)  # readers count bytes as they arrive, for progress
         try:
             async for piece in source.read(ingest.blob, offset, length):
                 if len(piece) >= remaining:  # never write past the range, whatever the source sends
@@ -246,6 +276,8 @@ class Engine:
             if pending is not None:
                 await pending
             raise _Partial(written, e) from e
+        finally:
+            RECEIVING.reset(metering)
         await flush()
         if pending is not None:
             await pending

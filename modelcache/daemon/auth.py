@@ -114,10 +114,10 @@ def build(config: AuthConfig, store: Path) -> Authenticator:
     if config.mode == "token":
         path = config.token_file or store / TOKEN_FILE_NAME
         token = read_token(path) if config.token_file else ensure_token(path)
-        log.warning("API callers authenticate with the bearer token in %s", path)
+        log.info("API callers authenticate with the bearer token in %s", path)
         return TokenAuth(token)
     auth = KubernetesAuth(config)
-    log.warning("API callers authenticate with TokenReview and SubjectAccessReview at %s (group %s)",
+    log.info("API callers authenticate with TokenReview and SubjectAccessReview at %s (group %s)",
                 auth.host, API_GROUP)
     return auth
 

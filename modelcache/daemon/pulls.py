@@ -13,6 +13,11 @@ Guarantees:
   replaced by the next request for the same model, which retries; its
   partial chunks stay in the store's ingest area, so the retry resumes.
 - Finished jobs are remembered for a while (bounded) so their state can be read.
+- A view is handed out only already leased: :meth:`PullManager.view_for`
+  looks the model up and leases its view in one index transaction, so gc
+  or the budget never delete it between lookup and mount.
+- With a budget, each job reserves its space before fetching (evicting LRU
+  models no lease holds) and the budget is enforced again when it ends.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from ..pull import pull
 from ..refs import parse
 from ..sources import SourceOptions
 from ..store import Store
+from ..store.budget import Budget, enforce
 from ..transfer import Engine, TransferStats
 from ..tree import Filters
 from .metrics import Metrics
@@ -83,6 +89,7 @@ class PullManager:
         self._jobs: dict[str, PullJob] = {}
         self._by_key: dict[tuple[str, str], PullJob] = {}
         self._ids = itertools.count(1)
+        self.budget = Budget()
 
     def start(self, ref: str, filters: Filters) -> PullJob:
         """The running job for this model, or a new one. Bad references raise at once."""
@@ -108,19 +115,33 @@ class PullManager:
         """Every job still remembered, newest first."""
         return sorted(self._jobs.values(), key=lambda j: j.started, reverse=True)
 
-    def cached(self, ref: str, filters: Filters) -> Path | None:
-        """The view ``ref`` was last pulled into, if it is still there; marks it used (blocks)."""
-        found = self.store.index.lookup(ref, filters.key())
+    def cached(self, ref: str, filters: Filters, lease: str | None = None, view: str | None = None) -> Path | None:
+        """The view ``ref`` was last pulled into (or ``view``), if it is still there; marks it used (blocks).
+
+        With ``lease`` (a volume id), the view is leased for a mount in the
+        same transaction as the lookup; the lease is dropped again if the
+        tree is not there.
+        """
+        index = self.store.index
+        if lease is not None:
+            found = index.lease_view(lease, view or "", kind="mount", owner="daemon",
+                                     ref=None if view else (ref, filters.key()))
+        else:
+            row = index.lookup(ref, filters.key())
+            found = row[0] if row else None
+            if found:
+                index.touch(found)
         if found is None:
             return None
-        path = self.store.views_dir / found[0].partition(":")[2]
+        path = self.store.view_path(found)
         if not path.is_dir():
+            if lease is not None:
+                index.release(lease, view=found)
             return None
-        self.store.index.touch(found[0])
         return path
 
-    async def view_for(self, ref: str, filters: Filters) -> Path:
-        """The model's view: from the store if cached, else once its pull job finishes.
+    async def view_for(self, ref: str, filters: Filters, *, lease: str | None = None) -> Path:
+        """The model's view: from the store if cached, else once its pull job finishes; leased by ``lease``.
 
         A model already in the store is served from the index without asking
         its origin, so a warm mount costs the same whatever the model's size.
@@ -128,18 +149,24 @@ class PullManager:
         (a deadline, a cancellation) leaves the job running for the next one.
         """
         canonical = str(parse(ref))
-        view = await asyncio.to_thread(self.cached, canonical, filters)
+        view = await asyncio.to_thread(self.cached, canonical, filters, lease)
         if view is not None:
             self.metrics.hits.inc()
             return view
-        job = self.start(canonical, filters)
-        assert job.task is not None
-        # asyncio.wait never cancels the job when we are cancelled, nor raises its outcome.
-        await asyncio.wait({job.task})
-        if job.error is not None:
-            raise job.error
-        assert job.path is not None
-        return job.path
+        for _ in range(3):  # the view can be evicted between its job's end and our lease: pull again
+            job = self.start(canonical, filters)
+            assert job.task is not None
+            # asyncio.wait never cancels the job when we are cancelled, nor raises its outcome.
+            await asyncio.wait({job.task})
+            if job.error is not None:
+                raise job.error
+            assert job.path is not None
+            if lease is None:
+                return job.path
+            view = await asyncio.to_thread(self.cached, canonical, filters, lease, "sha256:" + job.path.name)
+            if view is not None:
+                return view
+        raise Unavailable(f"{canonical} was evicted each time before it could be mounted: the budget is too tight")
 
     async def _run(self, job: PullJob) -> None:
         job.state = "running"
@@ -150,7 +177,8 @@ class PullManager:
 
         try:
             result = await pull(self.store, self.engine, job.ref, filters=job.filters, options=self.options,
-                                progress=progress)
+                                progress=progress, owner="daemon", budget=self.budget)
+            await asyncio.to_thread(enforce, self.store, self.budget)
         except ModelCacheError as e:
             job.state, job.error = "failed", e
         except asyncio.CancelledError:

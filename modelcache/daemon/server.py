@@ -33,6 +33,7 @@ from ..csi.servicer import IdentityService, NodeService
 from ..errors import InvalidReference
 from ..sources import SourceOptions
 from ..store import Store
+from ..store.budget import Budget
 from ..transfer import Engine, TransferConfig
 from ..tree import Filters
 from .api import build_app
@@ -56,6 +57,7 @@ class DaemonConfig:
     node_name: str = field(default_factory=lambda: os.uname().nodename)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     sources: SourceOptions = field(default_factory=SourceOptions)
+    budget: Budget = field(default_factory=Budget)
 
 
 class Daemon:
@@ -67,6 +69,7 @@ class Daemon:
         self.engine = Engine(self.store.content, config.transfer)
         self.metrics = Metrics()
         self.pulls = PullManager(self.store, self.engine, config.sources, self.metrics)
+        self.pulls.budget = config.budget
         self.mounts = Mounts(self.store)
         self.ready = asyncio.Event()
         self.metrics.add_gauges(self.store.disk_usage, str(self.store.root), self.mounts.active)
@@ -78,9 +81,9 @@ class Daemon:
 
     # -- what the CSI node service needs (csi.servicer.Backend) -----------------
 
-    async def view_for(self, ref: str, filters: Filters) -> Path:
-        """The model's read-only tree, pulled first if the store lacks it."""
-        return await self.pulls.view_for(ref, filters)
+    async def view_for(self, ref: str, filters: Filters, *, lease: str | None = None) -> Path:
+        """The model's read-only tree, pulled first if the store lacks it, leased by ``lease``."""
+        return await self.pulls.view_for(ref, filters, lease=lease)
 
     async def publish(self, volume_id: str, view: Path, target: Path, holder: dict[str, str]) -> None:
         """Bind-mount ``view`` read-only at ``target`` under a lease (idempotent)."""

@@ -17,6 +17,11 @@ Guarantees:
   a pull.
 - Hashing, writes and fsync run in a thread pool: the event loop only moves
   bytes between sockets and threads.
+- Open files are bounded by the concurrency, not by the number of blobs:
+  at most ``2 x concurrency`` ingests (three descriptors each) are open at
+  once, so a model of ten thousand files pulls under a small ``ulimit -n``.
+- A committed blob is held, from the moment it is linked, by the lease of
+  every pull that asked for it (single flight joins their leases).
 - Slots are shared fairly between blobs (:mod:`.slots`): with several blobs
   each gets its own stream, in order, so its sha256 is computed from the
   bytes in memory as they are written instead of read back from disk.
@@ -78,6 +83,8 @@ class Engine:
         self.content = content
         self.config = config or TransferConfig()
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._leases: dict[str, set[str]] = {}  # digest in flight -> leases of every pull waiting on it
+        self._open = asyncio.Semaphore(2 * self.config.concurrency)
         self.learned: dict[str, str] = {}  # stand-in digest -> sha256, for every pull sharing this engine
         self._slots = FairSlots(self.config.concurrency)
         self._pool = ThreadPoolExecutor(max_workers=self.config.concurrency + 4, thread_name_prefix="mc-io")
@@ -90,8 +97,9 @@ class Engine:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def fetch(self, blobs: Sequence[Blob], router: ChunkRouter, *,
-                    stats: TransferStats | None = None, progress: Progress | None = None) -> TransferStats:
-        """Make every blob in ``blobs`` committed in the store."""
+                    stats: TransferStats | None = None, progress: Progress | None = None,
+                    leases: Sequence[str] = ()) -> TransferStats:
+        """Make every blob in ``blobs`` committed in the store, held by ``leases`` once committed."""
         stats = stats or TransferStats()
         unique = {b.digest: b for b in blobs}
         stats.bytes_total += sum(b.size for b in unique.values())
@@ -101,6 +109,7 @@ class Engine:
                 stats.bytes_done += blob.size
                 stats.bytes_reused += blob.size
                 continue
+            self._leases.setdefault(blob.digest, set()).update(leases)
             task = self._inflight.get(blob.digest)
             if task is None:
                 task = asyncio.create_task(self._fetch_blob(blob, router, stats, progress))
@@ -121,8 +130,14 @@ class Engine:
         for digest, t in list(self._inflight.items()):
             if t is task:
                 del self._inflight[digest]
+                self._leases.pop(digest, None)
 
     async def _fetch_blob(self, blob: Blob, router: ChunkRouter, stats: TransferStats,
+                          progress: Progress | None) -> None:
+        async with self._open:
+            await self._fetch_open(blob, router, stats, progress)
+
+    async def _fetch_open(self, blob: Blob, router: ChunkRouter, stats: TransferStats,
                           progress: Progress | None) -> None:
         ingest = await self.content.open_ingest(blob, self.config.chunk_size)
         if ingest is None:  # another process committed it meanwhile
@@ -145,7 +160,7 @@ class Engine:
                     w.cancel()
                 await asyncio.gather(*workers, return_exceptions=True)
                 raise
-            await self._io(ingest.commit)
+            await self._io(ingest.commit, tuple(self._leases.get(blob.digest, ())))
             if not blob.verified:
                 stats.learned[blob.digest] = self.learned[blob.digest] = ingest.committed_as
         finally:

@@ -24,6 +24,8 @@ holding a thread.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import errno
 import fcntl
 import hashlib
@@ -282,7 +284,7 @@ class BlobIngest:
             self._write_all(offset, list(buffers))
         except OSError as e:
             if e.errno in _NO_SPACE:
-                raise self.store.no_space(f"blob {self.blob.digest[:19]}", self.blob.size - self.bytes_done) from e
+                raise self._out_of_space() from e
             raise
         with self._hash_lock:
             index = offset // self.chunk_size
@@ -305,13 +307,20 @@ class BlobIngest:
             if n:
                 buffers[0] = buffers[0][n:]
 
+    def _out_of_space(self) -> NoSpace:
+        """Give back the space of chunks not yet durable (they are fetched again on resume); the error."""
+        for index, done in enumerate(self.done):
+            if not done:
+                _punch_hole(self.fd, *self.chunk_range(index))
+        return self.store.no_space(f"blob {self.blob.digest[:19]}", self.blob.size - self.bytes_done)
+
     def mark_done(self, index: int) -> None:
         """Make chunk ``index`` durable and record it; then extend the hash."""
         try:
             os.fdatasync(self.fd)
         except OSError as e:
             if e.errno in _NO_SPACE:
-                raise self.store.no_space(f"blob {self.blob.digest[:19]}", self.blob.size - self.bytes_done) from e
+                raise self._out_of_space() from e
             raise
         os.pwrite(self._record_fd, b"\x01", _RECORD_HEADER.size + index)
         self.done[index] = 1
@@ -404,6 +413,17 @@ def hash_file(path: Path) -> str:
         while block := f.read(_HASH_BLOCK):
             h.update(block)
     return "sha256:" + h.hexdigest()
+
+
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 1, 2
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    """Free the blocks of a byte range (fallocate(2) PUNCH_HOLE); best effort, where supported."""
+    if length > 0:
+        _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
 
 
 def _fsync_dir(path: Path) -> None:

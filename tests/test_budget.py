@@ -105,5 +105,14 @@ def test_daemon_keeps_its_budget(tmp_path: Path, registry, monkeypatch) -> None:
         job = daemon.wait_pull(daemon.call("POST", "/v1/pulls", {"ref": refs[0]})[1]["id"])
         assert job["state"] == "failed" and job["error"]["code"] == "NoSpace", job
         assert all(ref in job["error"]["message"] for ref in refs[1:])
+        unpinned = next(m for m in models if m["ref"] == refs[1])
+        assert daemon.call("DELETE", f"/v1/pins/{unpinned['view']}?owner=prewarm")[0] == 200
+    finally:
+        daemon.stop()
+    # Restarted with a smaller budget, the daemon evicts what no lease holds before it serves.
+    monkeypatch.setenv("MODELCACHE_MAX_SIZE", "1200K")
+    daemon = start_daemon(tmp_path / "node")
+    try:
+        assert [m["ref"] for m in daemon.call("GET", "/v1/models")[1]["models"]] == [refs[2]]
     finally:
         daemon.stop()

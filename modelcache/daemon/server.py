@@ -33,7 +33,7 @@ from ..csi.servicer import IdentityService, NodeService
 from ..errors import InvalidReference
 from ..sources import SourceOptions
 from ..store import Store
-from ..store.budget import Budget
+from ..store.budget import Budget, enforce
 from ..transfer import Engine, TransferConfig
 from ..tree import Filters
 from .api import build_app
@@ -129,6 +129,9 @@ async def run(config: DaemonConfig, *, stop: asyncio.Event | None = None) -> Non
 async def _serve(daemon: Daemon, config: DaemonConfig, stop: asyncio.Event) -> None:
     kept, dropped = await asyncio.to_thread(daemon.mounts.recover)
     log.warning("store %s: kept %d leases of mounted volumes, dropped %d stale ones", config.store, kept, dropped)
+    evicted = await asyncio.to_thread(enforce, daemon.store, config.budget)  # a budget lowered since last time
+    if evicted.views_removed:
+        log.warning("store %s: evicted %d models to fit the budget", config.store, len(evicted.views_removed))
 
     # Sockets are bound before the task group opens, so a busy port or socket
     # path fails plainly (an OSError the CLI reports), not inside an ExceptionGroup.

@@ -24,6 +24,11 @@ Guarantees:
 - Locks only save duplicate work (one writer per blob across processes);
   correctness comes from unique temp names and atomic renames.
 
+Roles (:mod:`.roles`): a Provider (reads committed blobs and durable chunks
+of ingests), an Ingester (opens writers; all the transfer engine needs), an
+IngestManager and a ContentManager, implemented on disk by
+:class:`ContentStore` and in memory by :class:`~.memory.MemoryContentStore`.
+
 Who holds what (issue 10):
 
 - Leases are the only roots. Content no lease holds may be deleted at any

@@ -24,6 +24,7 @@ holding a thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -37,10 +38,11 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Protocol
 
-from ..errors import DigestMismatch, InvalidContent, NoSpace
+from ..errors import Conflict, DigestMismatch, InvalidContent, NoSpace, NotFound
 from ..model import Blob
 from . import liveness
 from .crash import crash_point
+from .roles import IngestStatus
 
 _RECORD_MAGIC = b"MCCHUNK1"
 _RECORD_HEADER = struct.Struct("<8sQQ")  # magic, blob size, chunk size
@@ -86,6 +88,88 @@ class ContentStore:
         for entry in os.scandir(self.blobs_dir):
             if entry.is_file() and len(entry.name) == 64:
                 yield "sha256:" + entry.name
+
+    # -- Provider: committed blobs and durable chunks of ingests ----------------
+
+    def read(self, digest: str, offset: int, length: int) -> bytes:
+        """Bytes of a committed blob (fewer at its end); NotFound if it is not committed."""
+        try:
+            fd = os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFound(f"blob {digest} is not in the store") from None
+        try:
+            return os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+
+    def _record(self, hex_: str) -> tuple[int, int, bytes] | None:
+        """(size, chunk size, done flags) of the ingest of ``hex_``, or None."""
+        try:
+            raw = (self.ingest_dir / hex_ / "chunks").read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if len(raw) < _RECORD_HEADER.size:
+            return None
+        magic, size, chunk_size = _RECORD_HEADER.unpack_from(raw)
+        flags = raw[_RECORD_HEADER.size:]
+        if magic != _RECORD_MAGIC or chunk_size <= 0 or len(flags) != max(1, -(-size // chunk_size)):
+            return None
+        return size, chunk_size, flags
+
+    def read_durable(self, digest: str, offset: int, length: int) -> bytes:
+        """Bytes of an ingest in progress, only from chunks already durable; NotFound otherwise."""
+        hex_ = self.path(digest).name
+        record = self._record(hex_)
+        if record is None:
+            raise NotFound(f"no ingest of {digest} in progress")
+        size, chunk_size, flags = record
+        end = min(offset + length, size)
+        if offset < 0 or any(flags[i] != 1 for i in range(offset // chunk_size, -(-end // chunk_size))):
+            raise NotFound(f"bytes {offset}-{end} of {digest} are not durable yet")
+        with open(self.ingest_dir / hex_ / "data", "rb") as f:
+            return os.pread(f.fileno(), end - offset, offset)
+
+    # -- IngestManager --------------------------------------------------------------
+
+    def ingests(self) -> list[IngestStatus]:
+        """Every ingest with durable state, by digest."""
+        out = []
+        for entry in sorted(os.scandir(self.ingest_dir), key=lambda e: e.name):
+            record = self._record(entry.name) if entry.is_dir() and len(entry.name) == 64 else None
+            if record is not None:
+                size, chunk_size, flags = record
+                done = sum(min(chunk_size, size - i * chunk_size) for i, f in enumerate(flags) if f == 1)
+                out.append(IngestStatus("sha256:" + entry.name, size, chunk_size, done))
+        return out
+
+    def abort(self, digest: str) -> bool:
+        """Drop an ingest no writer holds; False if there was none; Conflict while a writer holds it."""
+        hex_ = self.path(digest).name
+        lock_path = self.ingest_dir / f"{hex_}.lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise Conflict(f"the ingest of {digest} is being written") from None
+            existed = (self.ingest_dir / hex_).is_dir()
+            for name in ("data", "chunks"):
+                (self.ingest_dir / hex_ / name).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                (self.ingest_dir / hex_).rmdir()
+            lock_path.unlink(missing_ok=True)
+            return existed
+        finally:
+            os.close(fd)
+
+    # -- ContentManager ---------------------------------------------------------------
+
+    def size(self, digest: str) -> int | None:
+        """The size of a committed blob, or None."""
+        try:
+            return os.stat(self.path(digest)).st_size
+        except FileNotFoundError:
+            return None
 
     def delete(self, digest: str) -> None:
         """Remove a committed blob (views keep their own hardlinks)."""

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from ..errors import Unavailable
 from ..model import Blob
 from ..sources.base import ByteSource
-from ..store.content import BlobIngest, ContentStore
+from ..store.roles import Ingest, Ingester
 from .routing import ChunkRouter
 from .slots import FairSlots
 
@@ -79,7 +79,7 @@ Progress = Callable[[TransferStats], None]
 class Engine:
     """Fetches blobs into a content store through a chunk router."""
 
-    def __init__(self, content: ContentStore, config: TransferConfig | None = None) -> None:
+    def __init__(self, content: Ingester, config: TransferConfig | None = None) -> None:
         self.content = content
         self.config = config or TransferConfig()
         self._inflight: dict[str, asyncio.Task[None]] = {}
@@ -166,7 +166,7 @@ class Engine:
         finally:
             ingest.close()
 
-    async def _worker(self, ingest: BlobIngest, todo: deque[int], router: ChunkRouter,
+    async def _worker(self, ingest: Ingest, todo: deque[int], router: ChunkRouter,
                       stats: TransferStats, progress: Progress | None) -> None:
         while todo:
             # The chunk is taken only once a slot is held, so each blob's chunks start in order;
@@ -178,7 +178,7 @@ class Engine:
                 await self._fetch_chunk(ingest, index, router, stats, progress)
             await self._io(ingest.mark_done, index)
 
-    async def _fetch_chunk(self, ingest: BlobIngest, index: int, router: ChunkRouter,
+    async def _fetch_chunk(self, ingest: Ingest, index: int, router: ChunkRouter,
                            stats: TransferStats, progress: Progress | None) -> None:
         """Write chunk ``index`` whole into the ingest (the caller makes it durable)."""
         blob = ingest.blob
@@ -212,7 +212,7 @@ class Engine:
         cap = min(self.config.backoff_max, self.config.backoff_base * (2 ** attempt))
         return random.uniform(0, cap)
 
-    async def _stream(self, ingest: BlobIngest, source: ByteSource, offset: int, length: int,
+    async def _stream(self, ingest: Ingest, source: ByteSource, offset: int, length: int,
                       stats: TransferStats, progress: Progress | None) -> int:
         """Copy one byte range from ``source`` into the ingest; return bytes written.
 

@@ -84,7 +84,8 @@ async def materialize(store: Store, engine: Engine, model: Model, router: ChunkR
     leases = (lease,) if lease else ()
     files = [p for p in model.parts if isinstance(p, FileEntry) and filters.match(p.path)]
     archives = [p for p in model.parts if isinstance(p, Archive)]
-    for blob in [f.blob for f in files] + [a.blob for a in archives]:
+    declared = [f.blob for f in files] + [a.blob for a in archives]
+    for blob in {max(declared, key=lambda b: b.size), min(declared, key=lambda b: b.size)} if declared else ():
         store.content.check_size(blob)  # a size no disk holds is refused before anything is reserved
     known = {a.blob.digest: await asyncio.to_thread(_known_layer, store, a.blob.digest, lease)
              for a in archives}

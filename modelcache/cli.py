@@ -56,6 +56,19 @@ def _size_or_zero(text: str) -> int:
     return _size(text, allow_zero=True)
 
 
+def _free(text: str) -> float | int:
+    """--min-free: a size, or a percentage of the filesystem returned as a fraction (float)."""
+    if text.strip().endswith("%"):
+        try:
+            percent = float(text.strip()[:-1])
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"not a percentage: {text!r} (try 10%)") from e
+        if not 0 < percent < 100:
+            raise argparse.ArgumentTypeError("percentage must be between 0 and 100")
+        return percent / 100
+    return _size(text)
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -203,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "default: none, only oci:// s3:// hf:// references)")
     serve.add_argument("--max-pulls", type=_positive, default=_env("max_pulls", 16),
                        help="pull jobs queued or running at once; more get 429 (default %(default)s)")
+    serve.add_argument("--max-size", type=_size, default=_env("max_size"),
+                       help="keep committed blobs under SIZE, evicting LRU models no one holds (default: no limit)")
+    serve.add_argument("--min-free", type=_free, default=_env("min_free"),
+                       help="keep SIZE or PERCENT%% of the store's filesystem free, the same way (default: no limit)")
     _transfer_flags(serve, with_filters=False, quiet=False)
 
     demo = sub.add_parser("demo", help="make a demo model as an OCI layout and pull it (no network)")
@@ -376,7 +393,10 @@ async def _cmd_verify(args: argparse.Namespace) -> int:
 
         async def check(digest: str) -> dict | None:
             async with limit:
-                actual = await asyncio.to_thread(hash_file, store.content.path(digest))
+                try:
+                    actual = await asyncio.to_thread(hash_file, store.content.path(digest))
+                except FileNotFoundError:  # removed by gc beside us: gone, not corrupt
+                    return None
             if actual == digest:
                 return None
             views = await asyncio.to_thread(store.index.blob_users, digest)
@@ -405,21 +425,16 @@ def _delete_corrupt(store, corrupt: list[dict]) -> None:
     pull would fetch the blob again and hand back the old, corrupt view
     (views are named by their listing, so a rebuild lands on the same path).
     A mounted view is not deleted under its pod: it is renamed aside to
-    ``views/.corrupt-*`` (the bind mount follows the directory) for the
-    operator to remove once unmounted, and reported.
+    ``views/.corrupt-*`` (the bind mount follows the directory), removed by
+    gc once unmounted, and reported. Rows go before trees (Store.drop_view).
     """
-    from .store.views import move_aside, remove_tree
-
-    mounted = {view for _id, view, _holder in store.index.leases()}
+    mounted = {view for lease in store.index.leases("mount") for view in lease.views}
     for c in corrupt:
         c["moved_aside"] = []
         for view in c["views"]:
-            path = store.views_dir / view.partition(":")[2]
-            if view in mounted and path.exists():
-                c["moved_aside"].append(str(move_aside(path)))
-            else:
-                remove_tree(path)
-            store.index.forget_view(view)
+            _, aside = store.drop_view(view, unless_held=False, aside=view in mounted)
+            if aside is not None:
+                c["moved_aside"].append(str(aside))
         store.content.delete(c["blob"])
 
 
@@ -436,15 +451,21 @@ def _transfer_options(args: argparse.Namespace):
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .daemon.auth import AuthConfig, default_mode
     from .daemon.server import DaemonConfig, run
+    from .store.budget import Budget
 
     transfer, sources = _transfer_options(args)
     auth = AuthConfig(mode=str(args.api_auth or default_mode()),
                       token_file=Path(args.api_token_file).expanduser() if args.api_token_file else None,
                       kubeconfig=Path(args.kubeconfig).expanduser() if args.kubeconfig else None,
                       cache_ttl=float(args.api_auth_cache_ttl))
+    # Values from the environment arrive as text: parse them as the flags would be.
+    max_size = None if args.max_size is None else _size(str(args.max_size))
+    free = None if args.min_free is None else _free(str(args.min_free))
+    budget = Budget(max_size=max_size, min_free=free if isinstance(free, int) else None,
+                    min_free_ratio=free if isinstance(free, float) else None)
     config = DaemonConfig(store=Path(str(args.store)).expanduser(), listen=str(args.listen),
                           csi_socket=Path(str(args.csi_socket)), node_name=str(args.node_name),
-                          transfer=transfer, sources=sources, auth=auth,
+                          transfer=transfer, sources=sources, auth=auth, budget=budget,
                           mount_credential_check=str(args.mount_credential_check),
                           mount_credential_ttl=float(args.mount_credential_ttl), max_pulls=int(args.max_pulls),
                           allow_local=tuple(Path(p).expanduser() for p in args.allow_local))

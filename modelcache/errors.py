@@ -101,3 +101,10 @@ class Busy(ModelCacheError, RuntimeError):
     def __init__(self, message: str, *, retry_after: float = 5.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class NoSpace(ModelCacheError, OSError):
+    """The store's disk (or its budget) has no room for what a pull needs, and nothing can be evicted."""
+
+    exit_code = 7
+    http_status = 507

@@ -2,13 +2,21 @@
 
 This is the one place that strings sources, the transfer engine and the store
 together; the CLI and the daemon both call :func:`pull`.
+
+A pull holds a lease (kind ``pull``, tied to this process) from before it
+resolves until its view is recorded: the blobs it needs are held before it
+looks whether they are present, blobs it commits or unpacks are held from
+the moment they are linked, and its view is held before its tree is built,
+so no gc, budget or ``verify --delete`` beside it can take them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import os
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +26,8 @@ from .errors import NotFound
 from .model import Archive, FileEntry, Model
 from .refs import S3Ref, parse
 from .sources import SourceOptions, open_source
-from .store import Store
+from .store import Store, liveness
+from .store.budget import Budget, reserve
 from .store.unpack import Row, rows_to_layer
 from .transfer import ChunkRouter, Engine, OriginOnly, TransferStats
 from .transfer.engine import Progress
@@ -41,45 +50,69 @@ class PullResult:
 
 async def pull(store: Store, engine: Engine, ref_text: str, *, filters: Filters | None = None,
                options: SourceOptions | None = None, progress: Progress | None = None,
-               tag: str | None = None) -> PullResult:
+               tag: str | None = None, owner: str = "cli", budget: Budget | None = None) -> PullResult:
     """Pull ``ref_text`` into ``store``; return where its read-only tree is.
 
-    ``tag`` picks an image in an OCI layout held in an S3 prefix.
+    ``tag`` picks an image in an OCI layout held in an S3 prefix. ``owner``
+    names the pull's lease; ``budget`` reserves its space before it fetches.
     """
     started = time.monotonic()
     ref = parse(ref_text)
     if tag and isinstance(ref, S3Ref):
         ref = dataclasses.replace(ref, tag=tag)
     source = open_source(ref, options or SourceOptions(), learned=store.index.learned_digest)
+    lease = f"pull:{owner}:{secrets.token_hex(8)}"
+    await asyncio.to_thread(store.index.add_lease, lease, kind="pull", owner=owner, process=liveness.me())
     try:
         model = await engine.retry(f"resolving {ref}", source.resolve)
         spans = {p.blob.digest: (p.origin, p.offset) for p in model.parts
                  if isinstance(p, FileEntry) and p.origin is not None}
         origin = WithinOrigin(source, spans) if spans else source
         result = await materialize(store, engine, model, OriginOnly(origin), filters=filters or Filters(),
-                                   progress=progress, started=started)
+                                   progress=progress, started=started, lease=lease, budget=budget)
         # Private or not, as this pull found it (KEP-2535: warm mounts of private models are checked).
         needed = bool(getattr(source, "needed_credentials", False))
         await asyncio.to_thread(store.index.record_origin_access, model.ref, needed)
         return result
     finally:
+        await asyncio.to_thread(store.index.drop_lease, lease)
         await source.close()
 
 
 async def materialize(store: Store, engine: Engine, model: Model, router: ChunkRouter, *,
                       filters: Filters, progress: Progress | None = None,
-                      started: float | None = None) -> PullResult:
-    """Fetch what ``model`` needs through ``router`` and build its view."""
+                      started: float | None = None, lease: str | None = None,
+                      budget: Budget | None = None) -> PullResult:
+    """Fetch what ``model`` needs through ``router`` and build its view, holding all of it by ``lease``."""
     started = time.monotonic() if started is None else started
+    leases = (lease,) if lease else ()
     files = [p for p in model.parts if isinstance(p, FileEntry) and filters.match(p.path)]
     archives = [p for p in model.parts if isinstance(p, Archive)]
-    known = {a.blob.digest: await asyncio.to_thread(store.layer_rows, a.blob.digest) for a in archives}
+    declared = [f.blob for f in files] + [a.blob for a in archives]
+    for blob in {max(declared, key=lambda b: b.size), min(declared, key=lambda b: b.size)} if declared else ():
+        store.content.check_size(blob)  # a size no disk holds is refused before anything is reserved
+    known = {a.blob.digest: await asyncio.to_thread(_known_layer, store, a.blob.digest, lease)
+             for a in archives}
     needed = [f.blob for f in files] + [a.blob for a in archives if known[a.blob.digest] is None]
-    stats = await engine.fetch(needed, router, progress=progress)
+    if lease:
+        # Held before looking whether they are here: gc either removed them already (we fetch them)
+        # or sees our lease and keeps them.
+        await asyncio.to_thread(store.index.hold, lease, blobs=[b.digest for b in needed])
+        if budget is not None:
+            missing = {b.digest: b.size for b in needed if not store.content.has(b.digest)}
+            await asyncio.to_thread(reserve, store, budget, lease, sum(missing.values()))
+    stats = await engine.fetch(needed, router, progress=progress, leases=leases)
 
     rows = dict(known)
     pending = {a.blob.digest: a for a in archives if known[a.blob.digest] is None}
-    unpacked = await asyncio.gather(*(_unpack(store, engine, a, router, stats) for a in pending.values()))
+    # Bounded like the engine's open ingests: each unpack holds a lock and two files open.
+    gate = asyncio.Semaphore(engine.config.concurrency)
+
+    async def unpack(archive: Archive) -> list[Row]:
+        async with gate:
+            return await _unpack(store, engine, archive, router, stats, leases)
+
+    unpacked = await asyncio.gather(*(unpack(a) for a in pending.values()))
     rows.update(zip(pending, unpacked, strict=True))
 
     layers: list[Sequence[Node | tuple[str, str]]] = []
@@ -101,7 +134,7 @@ async def materialize(store: Store, engine: Engine, model: Model, router: ChunkR
     if not any(n.kind != "dir" for n in selected):
         hint = " match --include/--exclude" if filters.key() else " in it"
         raise NotFound(f"{model.ref}: no files{hint}")
-    path = await asyncio.to_thread(store.build_view, selected)
+    path = await asyncio.to_thread(functools.partial(store.build_view, selected, lease=lease))
     size = sum(n.size for n in selected if n.kind == "file")
     count = sum(1 for n in selected if n.kind == "file")
     await asyncio.to_thread(
@@ -113,19 +146,29 @@ async def materialize(store: Store, engine: Engine, model: Model, router: ChunkR
                       stats=stats, seconds=time.monotonic() - started)
 
 
+def _known_layer(store: Store, digest: str, lease: str | None) -> list[Row] | None:
+    """A layer unpacked before, its files held by ``lease`` (checked present after they are held)."""
+    rows = store.index.layer_entries(digest)
+    if rows is None:
+        return None
+    if lease:
+        store.index.hold(lease, blobs=[r[2] for r in rows if r[0] == "f"])
+    return store.layer_rows(digest)
+
+
 async def _unpack(store: Store, engine: Engine, archive: Archive, router: ChunkRouter,
-                  stats: TransferStats) -> list[Row]:
+                  stats: TransferStats, leases: tuple[str, ...]) -> list[Row]:
     """Unpack one archive layer once, even with other processes doing the same."""
     digest = archive.blob.digest
     lock = store.content.ingest_dir / f"{archive.blob.hex}.unpack.lock"
     fd = await store.content.lock(lock)
     assert fd is not None
     try:
-        rows = await asyncio.to_thread(store.layer_rows, digest)
+        rows = await asyncio.to_thread(_known_layer, store, digest, leases[0] if leases else None)
         if rows is not None:
             return rows
         if not store.content.has(digest):  # unpacked and dropped by someone whose listing went stale
-            await engine.fetch([archive.blob], router, stats=stats)
-        return await asyncio.to_thread(store.unpack, archive)
+            await engine.fetch([archive.blob], router, stats=stats, leases=leases)
+        return await asyncio.to_thread(functools.partial(store.unpack, archive, leases=leases))
     finally:
         os.close(fd)

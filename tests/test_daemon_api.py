@@ -50,10 +50,19 @@ def test_prewarm_pull_models_pins_and_metrics(daemon, registry) -> None:
         [model] = daemon.call("GET", "/v1/models")[1]["models"]
         assert model["ref"] == ref and model["files"] == 2 and model["pinned"] is False
         assert model["path"] == done["path"] and model["mounts"] == 0
-        assert daemon.call("PUT", f"/v1/pins/{model['view']}")[1] == {"view": model["view"], "pinned": True}
+        assert daemon.call("PUT", f"/v1/pins/{model['view']}")[1] == {"view": model["view"], "owner": "api",
+                                                                       "pinned": True}
         assert daemon.call("GET", "/v1/models")[1]["models"][0]["pinned"] is True
         assert daemon.call("DELETE", f"/v1/pins/{model['view']}")[0] == 200
         assert daemon.call("DELETE", f"/v1/pins/{model['view']}")[0] == 404
+        # Pins are owned: one pre-warm resource unpinning never drops another's pin.
+        for owner in ("prewarm-a", "prewarm-b"):
+            assert daemon.call("PUT", f"/v1/pins/{model['view']}?owner={owner}")[0] == 200
+        assert daemon.call("DELETE", f"/v1/pins/{model['view']}?owner=prewarm-a")[1]["pinned"] is False
+        assert daemon.call("GET", "/v1/models")[1]["models"][0]["pinned"] is True
+        assert daemon.call("DELETE", f"/v1/pins/{model['view']}")[0] == 404  # "api" holds no pin
+        assert daemon.call("DELETE", f"/v1/pins/{model['view']}?owner=prewarm-b")[0] == 200
+        assert daemon.call("GET", "/v1/models")[1]["models"][0]["pinned"] is False
 
         # A second pull of the cached model is a cache hit; metrics show both.
         second = daemon.wait_pull(daemon.call("POST", "/v1/pulls", {"ref": ref})[1]["id"])

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import time
 from pathlib import Path
 
 from support import run_cli, sha256, tree_digests, write_random
+
+from modelcache.store import Store
 
 
 def _pull_dir(store: Path, src: Path) -> Path:
@@ -59,12 +60,10 @@ def test_gc_never_evicts_pinned_or_leased_models(tmp_path: Path) -> None:
     store = tmp_path / "store"
     old, new, _ = _models(tmp_path)
     old_view, new_view = _pull_dir(store, old), _pull_dir(store, new)
-    db = sqlite3.connect(store / "index.sqlite")
-    with db:
-        db.execute("INSERT INTO pins (view, created) VALUES (?, 0)", ("sha256:" + old_view.name,))
-        db.execute("INSERT INTO leases (id, view, holder, created) VALUES ('vol-1', ?, 'test', 0)",
-                   ("sha256:" + new_view.name,))
-    db.close()
+    s = Store(store)
+    assert s.index.pin("sha256:" + old_view.name, "prewarm-a")
+    s.index.add_lease("vol-1", kind="mount", owner="daemon", views=["sha256:" + new_view.name])
+    s.close()
     report = _gc(store, "--max-size", "0")
     assert report["views_removed"] == []
     assert old_view.is_dir() and new_view.is_dir()
@@ -87,11 +86,9 @@ def test_verify_delete_moves_a_mounted_corrupt_view_aside(tmp_path: Path) -> Non
     store = tmp_path / "store"
     old, _new, _ = _models(tmp_path)
     view = _pull_dir(store, old)
-    db = sqlite3.connect(store / "index.sqlite")
-    with db:
-        db.execute("INSERT INTO leases (id, view, holder, created) VALUES ('vol-1', ?, '{}', 0)",
-                   ("sha256:" + view.name,))
-    db.close()
+    s = Store(store)
+    s.index.add_lease("vol-1", kind="mount", owner="daemon", holder="{}", views=["sha256:" + view.name])
+    s.close()
     blob = store / "blobs" / "sha256" / sha256((old / "weights.bin").read_bytes())[7:]
     os.chmod(blob, 0o644)
     with open(blob, "r+b") as f:
@@ -105,9 +102,8 @@ def test_verify_delete_moves_a_mounted_corrupt_view_aside(tmp_path: Path) -> Non
     assert fresh == view and tree_digests(fresh) == tree_digests(old)
     # gc keeps the aside tree while the pod's lease stands, and removes it once the volume is gone.
     assert _gc(store)["corrupt_views_removed"] == [] and Path(aside).is_dir()
-    db = sqlite3.connect(store / "index.sqlite")
-    with db:
-        db.execute("DELETE FROM leases WHERE id = 'vol-1'")
-    db.close()
+    s = Store(store)
+    s.index.drop_lease("vol-1")
+    s.close()
     assert _gc(store)["corrupt_views_removed"] == [Path(aside).name]
     assert not Path(aside).exists() and tree_digests(fresh) == tree_digests(old)

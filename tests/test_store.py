@@ -389,3 +389,90 @@ def test_bytes_written_in_order_are_hashed_from_memory(tmp_path: Path) -> None:
     assert ing._hashed == 3 * CHUNK
     ing.commit()
     assert content.path(blob.digest).read_bytes() == data
+
+
+# The index schema of every release before versioning, verbatim (user_version 0).
+_RELEASED_SCHEMA = """
+CREATE TABLE IF NOT EXISTS refs (
+  ref TEXT NOT NULL, filters TEXT NOT NULL, view TEXT NOT NULL,
+  model_digest TEXT NOT NULL, updated REAL NOT NULL,
+  PRIMARY KEY (ref, filters));
+CREATE TABLE IF NOT EXISTS views (
+  digest TEXT PRIMARY KEY, size INTEGER NOT NULL, files INTEGER NOT NULL,
+  created REAL NOT NULL, last_used REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS view_blobs (
+  view TEXT NOT NULL, blob TEXT NOT NULL, PRIMARY KEY (view, blob));
+CREATE INDEX IF NOT EXISTS view_blobs_by_blob ON view_blobs (blob);
+CREATE TABLE IF NOT EXISTS layers (
+  digest TEXT PRIMARY KEY, entries TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS leases (
+  id TEXT PRIMARY KEY, view TEXT NOT NULL, holder TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS pins (
+  view TEXT PRIMARY KEY, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS learned_digests (
+  source_key TEXT PRIMARY KEY, digest TEXT NOT NULL, size INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS remote_blobs (
+  registry TEXT NOT NULL, digest TEXT NOT NULL, repository TEXT NOT NULL,
+  PRIMARY KEY (registry, digest, repository));
+"""
+
+
+def test_a_store_from_before_schema_versions_opens_and_migrates(tmp_path: Path) -> None:
+    """An index made by the last unversioned release: every row survives; mounts and pins become leases,
+    blobs on disk are counted, and the version is the newest."""
+    import sqlite3
+
+    from modelcache.store.index import VERSION
+
+    root = tmp_path / "s"
+    (root / "blobs" / "sha256").mkdir(parents=True)
+    blobs = {blob_of(d).digest: d for d in (b"weights" * 100, b"{}")}
+    for digest, data in blobs.items():
+        (root / "blobs" / "sha256" / digest[7:]).write_bytes(data)
+    view, other = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+    db = sqlite3.connect(root / "index.sqlite")
+    db.executescript(_RELEASED_SCHEMA)
+    with db:
+        db.execute("INSERT INTO refs VALUES ('oci://r/m:v1', '', ?, 'sha256:mm', 1)", (view,))
+        db.execute("INSERT INTO refs VALUES ('oci://r/o:v1', '', ?, 'sha256:oo', 1)", (other,))
+        db.execute("INSERT INTO views VALUES (?, 702, 2, 1, 5)", (view,))
+        db.execute("INSERT INTO views VALUES (?, 2, 1, 1, 4)", (other,))
+        db.executemany("INSERT INTO view_blobs VALUES (?, ?)", [(view, d) for d in blobs])
+        db.execute("INSERT INTO layers VALUES ('sha256:layer', '[[\"d\", \"a\"]]', 1)")
+        db.execute("INSERT INTO leases VALUES ('vol-1', ?, '{\"target\": \"/t\"}', 1)", (view,))
+        db.execute("INSERT INTO pins VALUES (?, 1)", (other,))
+        db.execute("INSERT INTO learned_digests VALUES ('s3:b/k:etag', 'sha256:ll', 3)")
+        db.execute("INSERT INTO remote_blobs VALUES ('reg', 'sha256:pp', 'repo')")
+    db.close()
+
+    for _ in range(2):  # and opening it again changes nothing
+        store = Store(root)
+        index = store.index
+        assert index.version() == VERSION
+        assert index.lookup("oci://r/m:v1", "") == (view, "sha256:mm")
+        records = {r.view: r for r in index.records()}
+        assert (records[view].leases, records[view].pinned) == (1, False)
+        assert (records[other].leases, records[other].pinned) == (0, True)
+        leases = {lease.id: lease for lease in index.leases()}
+        assert leases["vol-1"].kind == "mount" and leases["vol-1"].views == (view,)
+        assert leases["vol-1"].holder == '{"target": "/t"}' and leases["vol-1"].pid is None
+        assert leases[f"pin:api:{other}"].owner == "api" and leases[f"pin:api:{other}"].views == (other,)
+        assert index.layer_entries("sha256:layer") == [["d", "a"]]
+        assert index.learned_digest("s3:b/k:etag") == "sha256:ll" and index.pushed_to("reg", "sha256:pp") == ["repo"]
+        assert store.disk_usage() == sum(len(d) for d in blobs.values())
+        assert sorted(index.blob_users(next(iter(blobs)))) == [view]
+        store.close()
+
+
+def test_an_index_newer_than_the_code_is_refused(tmp_path: Path) -> None:
+    """A store written by a newer modelcache is not opened (and not damaged) by an older one."""
+    import sqlite3
+
+    from modelcache.errors import ModelCacheError
+
+    (tmp_path / "s").mkdir()
+    db = sqlite3.connect(tmp_path / "s" / "index.sqlite")
+    db.execute("PRAGMA user_version = 999")
+    db.close()
+    with pytest.raises(ModelCacheError, match="version 999, newer"):
+        Store(tmp_path / "s")

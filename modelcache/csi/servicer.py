@@ -45,6 +45,7 @@ from ..errors import (
     InvalidContent,
     InvalidReference,
     ModelCacheError,
+    NoSpace,
     NotFound,
     Unauthenticated,
     Unauthorized,
@@ -65,8 +66,10 @@ _NO_DEADLINE_WAIT = 60.0  # a caller without a deadline still gets an answer, an
 class Backend(Protocol):
     """What the node service needs from the daemon (implemented by daemon.server.Daemon)."""
 
-    async def view_for(self, ref: str, filters: Filters, *, credentials: SourceCredentials | None = None) -> Path:
-        """The model's read-only tree, pulled first if needed; cancelling the wait leaves the pull running.
+    async def view_for(self, ref: str, filters: Filters, *, credentials: SourceCredentials | None = None,
+                       lease: str | None = None) -> Path:
+        """The model's read-only tree, pulled first if needed, already held by ``lease`` (a volume id)
+        when returned; cancelling the wait leaves the pull running.
 
         ``credentials`` are the pod's (its volume's secret): used for a pull, checked for a cached model.
         """
@@ -97,7 +100,7 @@ def grpc_code(error: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.PERMISSION_DENIED
     if isinstance(error, Unauthenticated):
         return grpc.StatusCode.UNAUTHENTICATED
-    if isinstance(error, Busy):
+    if isinstance(error, Busy | NoSpace):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(error, Unavailable):
         return grpc.StatusCode.UNAVAILABLE
@@ -175,7 +178,7 @@ class NodeService(rpc.NodeServicer):
         wait = _NO_DEADLINE_WAIT if remaining is None else remaining - _DEADLINE_MARGIN
         try:
             async with asyncio.timeout(max(0.0, wait)):
-                view = await self._backend.view_for(ref, filters, credentials=credentials)
+                view = await self._backend.view_for(ref, filters, credentials=credentials, lease=volume_id)
         except TimeoutError:
             raise TimeoutError(f"{ref} is still being pulled; the pull goes on and a retry will find it "
                                "(GET /v1/models shows its progress)") from None

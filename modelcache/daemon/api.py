@@ -8,8 +8,8 @@
                                 (403 for a host path not allowed, 429 + Retry-After when too many
                                 pulls are queued; a body that is not a small JSON object: 400 / 413)
     GET  /v1/pulls/{id}         {"state", "bytes_done", "bytes_total", "path", "error", ...}
-    PUT  /v1/pins/{view}        pin a cached model (its view digest, from /v1/models)
-    DELETE /v1/pins/{view}      unpin it
+    PUT  /v1/pins/{view}        pin a cached model (its view digest, from /v1/models) for ?owner= (default "api")
+    DELETE /v1/pins/{view}      remove that owner's pin (another owner's pin stays)
 
 Every error, ours or aiohttp's (404 for an unknown path, 405, 413), is JSON
 ``{"code", "message"}`` with the status the error maps to; an error that
@@ -155,13 +155,16 @@ def build_app(daemon: Any, *, auth: Authenticator) -> web.Application:
 
     async def pin(request: web.Request) -> web.Response:
         view = _view_digest(request.match_info["view"])
+        owner = request.query.get("owner", "api")
+        if not owner or len(owner) > 253:
+            raise InvalidReference("owner must be 1 to 253 characters")
         if request.method == "PUT":
-            if not await asyncio.to_thread(daemon.store.index.pin, view):
+            if not await asyncio.to_thread(daemon.store.index.pin, view, owner):
                 raise NotFound(f"no cached model with view {view}")
-            return web.json_response({"view": view, "pinned": True})
-        if not await asyncio.to_thread(daemon.store.index.unpin, view):
-            raise NotFound(f"{view} is not pinned")
-        return web.json_response({"view": view, "pinned": False})
+            return web.json_response({"view": view, "owner": owner, "pinned": True})
+        if not await asyncio.to_thread(daemon.store.index.unpin, view, owner):
+            raise NotFound(f"{view} is not pinned by {owner!r}")
+        return web.json_response({"view": view, "owner": owner, "pinned": False})
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

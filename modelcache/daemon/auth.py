@@ -118,7 +118,7 @@ def build(config: AuthConfig, store: Path) -> Authenticator:
         return TokenAuth(token)
     auth = KubernetesAuth(config)
     log.info("API callers authenticate with TokenReview and SubjectAccessReview at %s (group %s)",
-                auth.host, API_GROUP)
+             auth.host, API_GROUP)
     return auth
 
 

@@ -5,8 +5,9 @@ Guarantees:
 - A published volume is a bind mount of a view at kubelet's target path,
   remounted read-only (two mount(2) calls: a bind mount ignores MS_RDONLY
   until it is remounted), so nothing in a pod can write into the store.
-- A lease under the volume id is recorded *before* the mount and dropped
-  *after* the unmount, so gc never evicts a view that is mounted somewhere;
+- A lease under the volume id is recorded *before* the mount (the pull
+  manager takes it when it hands out the view) and dropped *after* the
+  unmount, so gc never evicts a view that is mounted somewhere;
   its holder records the target path, which restart recovery checks against
   ``/proc/self/mountinfo``.
 - Publish and unpublish of one target never interleave (kubelet may retry a
@@ -104,18 +105,29 @@ class Mounts:
         with self._lock(target):
             if str(target) in mount_points():
                 if not _same_dir(target, view):
+                    self._drop_if_unmounted(volume_id)  # the lease view_for took for this refused mount
                     raise Conflict(f"{target} is already a mount point of something else "
                                    f"(volume {volume_id} asks for view {view.name[:12]})")
-                self.store.index.add_lease(volume_id, view_digest, lease_holder)
+                self._lease(volume_id, view_digest, lease_holder)
                 return False
             target.mkdir(parents=True, exist_ok=True)
-            self.store.index.add_lease(volume_id, view_digest, lease_holder)
+            self._lease(volume_id, view_digest, lease_holder)
             try:
                 bind_read_only(view, target)
             except OSError:
                 self.store.index.drop_lease(volume_id)
                 raise
             return True
+
+    def _drop_if_unmounted(self, volume_id: str) -> None:
+        points = mount_points()
+        for lease in self.store.index.leases("mount"):
+            if lease.id == volume_id and _target(lease.holder) not in points:
+                self.store.index.drop_lease(volume_id)
+
+    def _lease(self, volume_id: str, view: str, holder: str) -> None:
+        # Owned by the daemon, not its process: it survives a restart, and recover() checks it.
+        self.store.index.add_lease(volume_id, kind="mount", owner="daemon", holder=holder, views=[view])
 
     def unpublish(self, volume_id: str, target: Path) -> bool:
         """Unmount ``target``, drop the lease, remove the directory; False if nothing was mounted."""
@@ -135,7 +147,7 @@ class Mounts:
     def active(self) -> int:
         """Volumes currently published (leases whose target is mounted)."""
         points = mount_points()
-        return sum(1 for _id, _view, holder in self.store.index.leases() if _target(holder) in points)
+        return sum(1 for lease in self.store.index.leases("mount") if _target(lease.holder) in points)
 
     def recover(self) -> tuple[int, int]:
         """After a restart: keep leases whose target is still mounted, drop the rest.
@@ -144,11 +156,11 @@ class Mounts:
         """
         points = mount_points()
         kept = dropped = 0
-        for lease_id, _view, holder in self.store.index.leases():
-            if _target(holder) in points:
+        for lease in self.store.index.leases("mount"):
+            if _target(lease.holder) in points:
                 kept += 1
             else:
-                self.store.index.drop_lease(lease_id)
+                self.store.index.drop_lease(lease.id)
                 dropped += 1
         return kept, dropped
 

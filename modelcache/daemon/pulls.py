@@ -25,6 +25,11 @@ Guarantees:
 - A running job logs where it stands every ``progress_interval`` seconds
   (bytes, windowed speed, ETA: the CLI's progress line), so ``kubectl logs``
   shows a long pull moving.
+- A view is handed out only already leased: :meth:`PullManager.view_for`
+  looks the model up and leases its view in one index transaction, so gc
+  or the budget never delete it between lookup and mount.
+- With a budget, each job reserves its space before fetching (evicting LRU
+  models no lease holds) and the budget is enforced again when it ends.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from ..progress import Gauge
 from ..pull import pull
 from ..sources import SourceCredentials, SourceOptions
 from ..store import Store
+from ..store.budget import Budget, enforce
 from ..transfer import Engine, TransferStats
 from ..tree import Filters
 from .access import AccessGate
@@ -109,6 +115,7 @@ class PullManager:
         self._by_key: dict[tuple[str, str, str], PullJob] = {}
         self._ids = itertools.count(1)
         self.gate: AccessGate | None = None  # checks a pod's credentials before a mount (None: no check)
+        self.budget = Budget()
 
     async def admit(self, ref: str) -> str:
         """The canonical form of ``ref`` if the policy admits it; raises Forbidden or InvalidReference."""
@@ -150,19 +157,34 @@ class PullManager:
         """Every job still remembered, newest first."""
         return sorted(self._jobs.values(), key=lambda j: j.started, reverse=True)
 
-    def cached(self, ref: str, filters: Filters) -> Path | None:
-        """The view ``ref`` was last pulled into, if it is still there; marks it used (blocks)."""
-        found = self.store.index.lookup(ref, filters.key())
+    def cached(self, ref: str, filters: Filters, lease: str | None = None, view: str | None = None) -> Path | None:
+        """The view ``ref`` was last pulled into (or ``view``), if it is still there; marks it used (blocks).
+
+        With ``lease`` (a volume id), the view is leased for a mount in the
+        same transaction as the lookup; the lease is dropped again if the
+        tree is not there.
+        """
+        index = self.store.index
+        if lease is not None:
+            found = index.lease_view(lease, view or "", kind="mount", owner="daemon",
+                                     ref=None if view else (ref, filters.key()))
+        else:
+            row = index.lookup(ref, filters.key())
+            found = row[0] if row else None
+            if found:
+                index.touch(found)
         if found is None:
             return None
-        path = self.store.views_dir / found[0].partition(":")[2]
+        path = self.store.view_path(found)
         if not path.is_dir():
+            if lease is not None:
+                index.release(lease, view=found)
             return None
-        self.store.index.touch(found[0])
         return path
 
-    async def view_for(self, ref: str, filters: Filters, *, credentials: SourceCredentials | None = None) -> Path:
-        """The model's view: from the store if cached, else once its pull job finishes.
+    async def view_for(self, ref: str, filters: Filters, *, credentials: SourceCredentials | None = None,
+                       lease: str | None = None) -> Path:
+        """The model's view: from the store if cached, else once its pull job finishes; leased by ``lease``.
 
         A model already in the store is served from the index; the gate (if
         any) decides whether these credentials may have it, which for a public
@@ -172,10 +194,12 @@ class PullManager:
         (a deadline, a cancellation) leaves the job running for the next one.
         """
         canonical = await self.admit(ref)
-        view = await asyncio.to_thread(self.cached, canonical, filters)
+        view = await asyncio.to_thread(self.cached, canonical, filters, lease)
         if view is not None:
             self.metrics.hits.inc()
-        else:
+            await self._check_access(canonical, credentials, view, lease)
+            return view
+        for _ in range(3):  # the view can be evicted between its job's end and our lease: pull again
             job = self._start(canonical, filters, credentials)
             assert job.task is not None
             # asyncio.wait never cancels the job when we are cancelled, nor raises its outcome.
@@ -183,12 +207,27 @@ class PullManager:
             if job.error is not None:
                 raise job.error
             assert job.path is not None
-            view = job.path
-            if credentials is not None:
+            if lease is None:
+                view = job.path
+            else:
+                view = await asyncio.to_thread(self.cached, canonical, filters, lease, "sha256:" + job.path.name)
+            if view is not None:
+                if credentials is None:  # pulled with the daemon's own credentials: the pod proves nothing yet
+                    await self._check_access(canonical, credentials, view, lease)
                 return view
-        if self.gate is not None:
+        raise Unavailable(f"{canonical} was evicted each time before it could be mounted: the budget is too tight")
+
+    async def _check_access(self, canonical: str, credentials: SourceCredentials | None, view: Path,
+                            lease: str | None) -> None:
+        """The gate's say on a view already leased; a refusal gives the lease back."""
+        if self.gate is None:
+            return
+        try:
             await self.gate.check(canonical, credentials)
-        return view
+        except BaseException:
+            if lease is not None:
+                await asyncio.to_thread(self.store.index.release, lease, view="sha256:" + view.name)
+            raise
 
     async def _run(self, job: PullJob) -> None:
         job.state = "running"
@@ -201,7 +240,8 @@ class PullManager:
         try:
             options = dataclasses.replace(self.options, credentials=job.credentials)
             result = await pull(self.store, self.engine, job.ref, filters=job.filters, options=options,
-                                progress=progress)
+                                progress=progress, owner="daemon", budget=self.budget)
+            await asyncio.to_thread(enforce, self.store, self.budget)
         except ModelCacheError as e:
             job.state, job.error = "failed", e
         except asyncio.CancelledError:

@@ -34,6 +34,7 @@ from ..csi.servicer import IdentityService, NodeService
 from ..errors import InvalidReference
 from ..sources import SourceCredentials, SourceOptions
 from ..store import Store
+from ..store.budget import Budget, enforce
 from ..transfer import Engine, TransferConfig
 from ..tree import Filters
 from . import csisocket
@@ -67,6 +68,7 @@ class DaemonConfig:
     mount_credential_ttl: float = DEFAULT_TTL
     allow_local: tuple[Path, ...] = ()  # host directories pulls and volumes may name; none by default
     max_pulls: int = 16  # pull jobs queued or running at once; past it, 429 / RESOURCE_EXHAUSTED
+    budget: Budget = field(default_factory=Budget)
 
 
 class Daemon:
@@ -82,6 +84,7 @@ class Daemon:
                                  policy=RefPolicy(config.allow_local), max_jobs=config.max_pulls)
         self.pulls.gate = AccessGate(self.store, config.sources, policy=config.mount_credential_check,
                                      ttl=config.mount_credential_ttl)
+        self.pulls.budget = config.budget
         self.mounts = Mounts(self.store)
         self.ready = asyncio.Event()
         self.csi_socket: tuple[int, int] | None = None  # (device, inode) of the socket we bound
@@ -99,9 +102,11 @@ class Daemon:
 
     # -- what the CSI node service needs (csi.servicer.Backend) -----------------
 
-    async def view_for(self, ref: str, filters: Filters, *, credentials: SourceCredentials | None = None) -> Path:
-        """The model's read-only tree, pulled first if the store lacks it, if these credentials may have it."""
-        return await self.pulls.view_for(ref, filters, credentials=credentials)
+    async def view_for(self, ref: str, filters: Filters, *, credentials: SourceCredentials | None = None,
+                       lease: str | None = None) -> Path:
+        """The model's read-only tree, pulled first if the store lacks it, if these credentials may have it,
+        leased by ``lease``."""
+        return await self.pulls.view_for(ref, filters, credentials=credentials, lease=lease)
 
     async def publish(self, volume_id: str, view: Path, target: Path, holder: dict[str, str]) -> None:
         """Bind-mount ``view`` read-only at ``target`` under a lease (idempotent)."""
@@ -156,6 +161,9 @@ async def run(config: DaemonConfig, *, stop: asyncio.Event | None = None) -> Non
 async def _serve(daemon: Daemon, config: DaemonConfig, stop: asyncio.Event) -> None:
     kept, dropped = await asyncio.to_thread(daemon.mounts.recover)
     log.info("store %s: kept %d leases of mounted volumes, dropped %d stale ones", config.store, kept, dropped)
+    evicted = await asyncio.to_thread(enforce, daemon.store, config.budget)  # a budget lowered since last time
+    if evicted.views_removed:
+        log.info("store %s: evicted %d models to fit the budget", config.store, len(evicted.views_removed))
 
     # Sockets are bound before the task group opens, so a busy port or socket
     # path fails plainly (an OSError the CLI reports), not inside an ExceptionGroup.

@@ -4,13 +4,14 @@ On disk, under one root (one filesystem, so renames and hardlinks are atomic)::
 
     <root>/
       blobs/sha256/<hex>        complete, verified, immutable (0444) file contents
-      ingest/<hex>/data         a blob being downloaded, preallocated to full size
+      ingest/<hex>/data         a blob being downloaded (never preallocated: sizes are claims)
       ingest/<hex>/chunks       which fixed-size chunks of data are durable (1 byte each)
       ingest/<hex>.lock         flock held by the one process writing that blob
-      ingest/tmp-*              files being unpacked from a layer, named once hashed
+      ingest/tmp-<pid>.<start>-*  files being unpacked from a layer, named once hashed
       views/<hex>/...           a model's tree: hardlinks to blobs, dirs 0555
-      views/.tmp-*              a view being built, renamed into place when whole
-      index.sqlite              refs, views, unpacked layers, leases, pins, last use
+      views/.tmp-<pid>.<start>-*  a view being built, renamed into place when whole
+      views/.del-*              a view already forgotten, being deleted
+      index.sqlite              refs, views, blob sizes, layers, leases, last use
 
 Guarantees:
 
@@ -22,6 +23,29 @@ Guarantees:
   digest of its listing, so identical trees are built once.
 - Locks only save duplicate work (one writer per blob across processes);
   correctness comes from unique temp names and atomic renames.
+
+Roles (:mod:`.roles`): a Provider (reads committed blobs and durable chunks
+of ingests), an Ingester (opens writers; all the transfer engine needs), an
+IngestManager and a ContentManager, implemented on disk by
+:class:`ContentStore` and in memory by :class:`~.memory.MemoryContentStore`.
+
+Who holds what (issue 10):
+
+- Leases are the only roots. Content no lease holds may be deleted at any
+  moment; content a live lease holds is never deleted. A lease has a kind
+  (pull, mount, pin, upload), an owner, and for pulls the process (pid and
+  start time) whose death ends it.
+- A holder takes its lease *before* it relies on the content: a pull holds
+  the blobs it needs before checking they exist, each blob it commits is
+  held in the transaction that counts it, before it is linked into
+  ``blobs/``, and its view before the tree is built. A view is handed to a
+  mount only leased, in the transaction that looked it up.
+- Deleting is decided and done under the index's write lock: a blob is
+  unlinked, and a view's rows removed and its tree renamed to ``.del-*``,
+  inside the transaction that found no lease on it. So a reader sees the
+  old state or the new, and a crash leaves either the old state or one
+  that the next gc finishes (``.del-*``, temp names of dead processes,
+  views built but never recorded).
 """
 
 from .content import BlobIngest, ContentStore

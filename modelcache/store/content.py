@@ -6,6 +6,16 @@ blob of known digest (:meth:`ContentStore.open_ingest`, resumable, chunked) and
 one for bytes whose digest is learnt while writing them
 (:meth:`ContentStore.write_stream`, used to unpack layers).
 
+Every blob is counted by a *ledger* (the index) just before it is linked
+into place, together with the leases that hold it from that moment, so gc
+(which deletes only what no lease holds, inside the index's transaction)
+can never take a blob between its commit and its first use.
+
+Declared sizes are not trusted: nothing is preallocated (space is taken as
+verified-size bytes arrive), a size larger than the store's filesystem is
+refused before anything is opened, and ENOSPC becomes :class:`NoSpace`
+naming the store and what was still needed, with the ingest kept for resume.
+
 All methods here block (file I/O, fsync, hashing); async callers run them in
 threads. The only async method waits for another process's lock without
 holding a thread.
@@ -14,6 +24,9 @@ holding a thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import ctypes.util
 import errno
 import fcntl
 import hashlib
@@ -23,22 +36,37 @@ import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
-from ..errors import DigestMismatch, InvalidContent
+from ..errors import Conflict, DigestMismatch, InvalidContent, NoSpace, NotFound
 from ..model import Blob
+from . import liveness
+from .crash import crash_point
+from .roles import IngestStatus
 
 _RECORD_MAGIC = b"MCCHUNK1"
 _RECORD_HEADER = struct.Struct("<8sQQ")  # magic, blob size, chunk size
 _HASH_BLOCK = 4 << 20
 _IOV_MAX = 1024
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class Ledger(Protocol):
+    """Counts committed blobs and records who holds them (the store's index)."""
+
+    def blob_added(self, digest: str, size: int, *, leases: Sequence[str] = ()) -> None:
+        """``digest`` is about to be linked into place; ``leases`` hold it from now on."""
+
+    def blob_removed(self, digest: str) -> None:
+        """``digest`` was deleted."""
 
 
 class ContentStore:
     """Committed blobs under ``blobs/sha256`` and the ``ingest/`` area."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, ledger: Ledger | None = None) -> None:
         self.root = root
+        self.ledger = ledger
         self.blobs_dir = root / "blobs" / "sha256"
         self.ingest_dir = root / "ingest"
         self.blobs_dir.mkdir(parents=True, exist_ok=True)
@@ -61,12 +89,109 @@ class ContentStore:
             if entry.is_file() and len(entry.name) == 64:
                 yield "sha256:" + entry.name
 
+    # -- Provider: committed blobs and durable chunks of ingests ----------------
+
+    def read(self, digest: str, offset: int, length: int) -> bytes:
+        """Bytes of a committed blob (fewer at its end); NotFound if it is not committed."""
+        try:
+            fd = os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFound(f"blob {digest} is not in the store") from None
+        try:
+            return os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+
+    def _record(self, hex_: str) -> tuple[int, int, bytes] | None:
+        """(size, chunk size, done flags) of the ingest of ``hex_``, or None."""
+        try:
+            raw = (self.ingest_dir / hex_ / "chunks").read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if len(raw) < _RECORD_HEADER.size:
+            return None
+        magic, size, chunk_size = _RECORD_HEADER.unpack_from(raw)
+        flags = raw[_RECORD_HEADER.size:]
+        if magic != _RECORD_MAGIC or chunk_size <= 0 or len(flags) != max(1, -(-size // chunk_size)):
+            return None
+        return size, chunk_size, flags
+
+    def read_durable(self, digest: str, offset: int, length: int) -> bytes:
+        """Bytes of an ingest in progress, only from chunks already durable; NotFound otherwise."""
+        hex_ = self.path(digest).name
+        record = self._record(hex_)
+        if record is None:
+            raise NotFound(f"no ingest of {digest} in progress")
+        size, chunk_size, flags = record
+        end = min(offset + length, size)
+        if offset < 0 or any(flags[i] != 1 for i in range(offset // chunk_size, -(-end // chunk_size))):
+            raise NotFound(f"bytes {offset}-{end} of {digest} are not durable yet")
+        with open(self.ingest_dir / hex_ / "data", "rb") as f:
+            return os.pread(f.fileno(), end - offset, offset)
+
+    # -- IngestManager --------------------------------------------------------------
+
+    def ingests(self) -> list[IngestStatus]:
+        """Every ingest with durable state, by digest."""
+        out = []
+        for entry in sorted(os.scandir(self.ingest_dir), key=lambda e: e.name):
+            record = self._record(entry.name) if entry.is_dir() and len(entry.name) == 64 else None
+            if record is not None:
+                size, chunk_size, flags = record
+                done = sum(min(chunk_size, size - i * chunk_size) for i, f in enumerate(flags) if f == 1)
+                out.append(IngestStatus("sha256:" + entry.name, size, chunk_size, done))
+        return out
+
+    def abort(self, digest: str) -> bool:
+        """Drop an ingest no writer holds; False if there was none; Conflict while a writer holds it."""
+        hex_ = self.path(digest).name
+        lock_path = self.ingest_dir / f"{hex_}.lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise Conflict(f"the ingest of {digest} is being written") from None
+            existed = (self.ingest_dir / hex_).is_dir()
+            for name in ("data", "chunks"):
+                (self.ingest_dir / hex_ / name).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                (self.ingest_dir / hex_).rmdir()
+            lock_path.unlink(missing_ok=True)
+            return existed
+        finally:
+            os.close(fd)
+
+    # -- ContentManager ---------------------------------------------------------------
+
+    def size(self, digest: str) -> int | None:
+        """The size of a committed blob, or None."""
+        try:
+            return os.stat(self.path(digest)).st_size
+        except FileNotFoundError:
+            return None
+
     def delete(self, digest: str) -> None:
         """Remove a committed blob (views keep their own hardlinks)."""
         try:
             self.path(digest).unlink()
         except FileNotFoundError:
             pass
+        if self.ledger is not None:
+            self.ledger.blob_removed(digest)
+
+    def check_size(self, blob: Blob) -> None:
+        """Refuse a declared size no disk under this store could ever hold (InvalidContent, exit 5)."""
+        st = os.statvfs(self.root)
+        capacity = st.f_blocks * st.f_frsize
+        if not 0 <= blob.size <= capacity:
+            raise InvalidContent(f"{blob.digest[:19]} declares {blob.size} bytes, more than the filesystem of "
+                                 f"the store {self.root} holds ({capacity} bytes): refusing it")
+
+    def no_space(self, what: str, needed: int) -> NoSpace:
+        """The error for ENOSPC while writing ``what``, which still needed ``needed`` bytes."""
+        return NoSpace(f"store {self.root}: no space left on its disk writing {what} ({needed} more bytes "
+                       "needed); the download is kept and resumes: free space or run `modelcache gc --max-size`")
 
     # -- ingest of a blob whose digest is known ------------------------------
 
@@ -76,6 +201,7 @@ class ContentStore:
         Returns ``None`` when the blob is (or became, while waiting for another
         writer) committed.
         """
+        self.check_size(blob)
         lock_path = self.ingest_dir / f"{blob.hex}.lock"
         fd = await self.lock(lock_path, unless=lambda: self.has(blob.digest))
         if fd is None:
@@ -118,13 +244,15 @@ class ContentStore:
 
     # -- ingest of bytes whose digest is learnt while writing ---------------
 
-    def write_stream(self, source: IO[bytes], *, expected_size: int | None = None) -> tuple[str, int]:
+    def write_stream(self, source: IO[bytes], *, expected_size: int | None = None,
+                     leases: Sequence[str] = ()) -> tuple[str, int]:
         """Copy ``source`` into the store, hashing on the way; return (digest, size).
 
-        The data lands in a unique temp file and is linked into place only once
-        fsync'd and named by its sha256.
+        The data lands in a unique temp file (named for this process, so gc
+        removes it once the process is gone) and is linked into place only
+        once fsync'd and named by its sha256, held by ``leases``.
         """
-        tmp = self.ingest_dir / f"tmp-{secrets.token_hex(8)}"
+        tmp = self.ingest_dir / f"tmp-{liveness.tmp_prefix()}{secrets.token_hex(8)}"
         h = hashlib.sha256()
         size = 0
         try:
@@ -138,16 +266,23 @@ class ContentStore:
                     size += len(block)
                 out.flush()
                 os.fsync(out.fileno())
+            crash_point("unpack-file-written")
             if expected_size is not None and size != expected_size:
                 raise InvalidContent(f"stream ended after {size} bytes, expected {expected_size}")
             digest = "sha256:" + h.hexdigest()
-            self._link_into_place(tmp, digest)
+            self._link_into_place(tmp, digest, size, leases)
             return digest, size
+        except OSError as e:
+            if e.errno in _NO_SPACE:
+                raise self.no_space("a file unpacked from a layer", max(0, (expected_size or 0) - size)) from e
+            raise
         finally:
             tmp.unlink(missing_ok=True)
 
-    def _link_into_place(self, tmp: Path, digest: str) -> None:
+    def _link_into_place(self, tmp: Path, digest: str, size: int, leases: Sequence[str]) -> None:
         os.chmod(tmp, 0o444)
+        if self.ledger is not None:  # counted (and held) before it is visible: see the module docstring
+            self.ledger.blob_added(digest, size, leases=leases)
         try:
             os.link(tmp, self.path(digest))
         except FileExistsError:
@@ -199,14 +334,9 @@ class BlobIngest:
         # No record, or one from another chunk size: start over.
         os.ftruncate(self._record_fd, 0)
         os.pwrite(self._record_fd, header + bytes(self.chunks), 0)
+        # Nothing is preallocated: a declared size is a claim, and the space
+        # is taken as the bytes arrive (issue 10).
         os.ftruncate(self.fd, 0)
-        if self.blob.size:
-            try:
-                os.posix_fallocate(self.fd, 0, self.blob.size)
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                os.ftruncate(self.fd, self.blob.size)
         os.fsync(self._record_fd)
         return bytearray(self.chunks)
 
@@ -234,7 +364,12 @@ class BlobIngest:
         """
         buffers = [memoryview(data)] if isinstance(data, bytes | bytearray | memoryview) else \
             [memoryview(b) for b in data]
-        self._write_all(offset, list(buffers))
+        try:
+            self._write_all(offset, list(buffers))
+        except OSError as e:
+            if e.errno in _NO_SPACE:
+                raise self._out_of_space() from e
+            raise
         with self._hash_lock:
             index = offset // self.chunk_size
             if offset == index * self.chunk_size + self._written[index]:  # contiguous in its chunk
@@ -256,9 +391,21 @@ class BlobIngest:
             if n:
                 buffers[0] = buffers[0][n:]
 
+    def _out_of_space(self) -> NoSpace:
+        """Give back the space of chunks not yet durable (they are fetched again on resume); the error."""
+        for index, done in enumerate(self.done):
+            if not done:
+                _punch_hole(self.fd, *self.chunk_range(index))
+        return self.store.no_space(f"blob {self.blob.digest[:19]}", self.blob.size - self.bytes_done)
+
     def mark_done(self, index: int) -> None:
         """Make chunk ``index`` durable and record it; then extend the hash."""
-        os.fdatasync(self.fd)
+        try:
+            os.fdatasync(self.fd)
+        except OSError as e:
+            if e.errno in _NO_SPACE:
+                raise self._out_of_space() from e
+            raise
         os.pwrite(self._record_fd, b"\x01", _RECORD_HEADER.size + index)
         self.done[index] = 1
         with self._hash_lock:
@@ -291,8 +438,8 @@ class BlobIngest:
         """True when every chunk is durable."""
         return all(self.done)
 
-    def commit(self) -> None:
-        """Verify the digest and link the blob into ``blobs/``; then clean up.
+    def commit(self, leases: Sequence[str] = ()) -> None:
+        """Verify the digest and link the blob into ``blobs/``, held by ``leases``; then clean up.
 
         On a digest mismatch the partial data is discarded (so the next try
         starts clean) and :class:`DigestMismatch` is raised.
@@ -316,7 +463,7 @@ class BlobIngest:
             self.discard()
             raise DigestMismatch(f"blob {self.blob.digest} arrived as {actual}: refusing it")
         os.fsync(self.fd)
-        self.store._link_into_place(self.data_path, actual)
+        self.store._link_into_place(self.data_path, actual, self.blob.size, leases)
         self.committed_as = actual
         self.discard()
 
@@ -350,6 +497,17 @@ def hash_file(path: Path) -> str:
         while block := f.read(_HASH_BLOCK):
             h.update(block)
     return "sha256:" + h.hexdigest()
+
+
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 1, 2
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    """Free the blocks of a byte range (fallocate(2) PUNCH_HOLE); best effort, where supported."""
+    if length > 0:
+        _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
 
 
 def _fsync_dir(path: Path) -> None:

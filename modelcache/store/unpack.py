@@ -12,7 +12,10 @@ layer's listing is returned as compact JSON-able rows, recorded in the index:
 
 Refused, with :class:`UnsafePath`: paths that climb out of the root,
 symlinks pointing outside it, hardlinks to files not in the layer, device
-files and FIFOs. Runs in a thread (it blocks).
+files and FIFOs. Refused with :class:`InvalidContent`: a layer whose files
+add up to more than ``limit`` bytes, checked against each tar header before
+that file's bytes are written, so a small layer that would inflate to
+gigabytes fails at once. Runs in a thread (it blocks).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import gzip
 import posixpath
 import tarfile
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, cast
 
@@ -34,8 +38,13 @@ from .content import ContentStore
 Row = list
 
 
-def unpack_layer(content: ContentStore, layer: Path, compression: Compression, *, name: str) -> list[Row]:
-    """Unpack ``layer`` (a committed blob) into ``content``; return its listing."""
+def unpack_layer(content: ContentStore, layer: Path, compression: Compression, *, name: str,
+                 leases: Sequence[str] = (), limit: int | None = None) -> list[Row]:
+    """Unpack ``layer`` (a committed blob) into ``content``; return its listing.
+
+    Its files are held by ``leases`` from the moment each is stored; together
+    they may hold at most ``limit`` bytes.
+    """
     with open(layer, "rb") as raw:
         stream: IO[bytes]
         if compression is Compression.GZIP:
@@ -46,13 +55,15 @@ def unpack_layer(content: ContentStore, layer: Path, compression: Compression, *
             stream = raw
         try:
             with tarfile.open(fileobj=stream, mode="r|") as tar:
-                return _rows(content, tar, name)
+                return _rows(content, tar, name, leases, limit)
         except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error, zstandard.ZstdError) as e:
             raise InvalidContent(f"layer {name}: not a valid {compression.value} tar archive: {e}") from e
 
 
-def _rows(content: ContentStore, tar: tarfile.TarFile, name: str) -> list[Row]:
+def _rows(content: ContentStore, tar: tarfile.TarFile, name: str, leases: Sequence[str],
+          limit: int | None) -> list[Row]:
     rows: list[Row] = []
+    total = 0
     files: dict[str, tuple[str, int]] = {}
     members = iter(tar)
     while True:
@@ -80,9 +91,13 @@ def _rows(content: ContentStore, tar: tarfile.TarFile, name: str) -> list[Row]:
                 rows.append(["w", posixpath.join(parent, base[len(WHITEOUT_PREFIX):])])
             continue
         if member.isreg():
+            total += member.size
+            if limit is not None and total > limit:
+                raise InvalidContent(f"layer {name}: its files add up to more than {limit} bytes (at {path!r}), "
+                                     "far more than a layer of its size unpacks to: refusing it")
             src = tar.extractfile(member)
             assert src is not None
-            digest, size = content.write_stream(src, expected_size=member.size)
+            digest, size = content.write_stream(src, expected_size=member.size, leases=leases)
             files[path] = (digest, size)
             rows.append(["f", path, digest, size])
         elif member.isdir():

@@ -2,8 +2,11 @@
 
 A view is named by :func:`view_digest` of its listing (path, kind, content),
 so two references that resolve to the same tree share one view. It is built
-in ``views/.tmp-*`` and renamed into place whole; files are the blobs' own
-inodes (0444) and directories are made 0555, so the tree is read-only.
+in ``views/.tmp-<pid>.<start>-*`` and renamed into place whole; files are
+the blobs' own inodes (0444) and directories are made 0555, so the tree is
+read-only. A view that must go is first renamed to ``views/.del-*`` (inside
+the index transaction that forgets it), then removed: a crash midway leaves
+a tree nobody serves, which gc removes.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 
 from ..errors import UnsafePath
 from ..tree import check_links, safe_path
+from . import liveness
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +57,7 @@ def build_view(views_dir: Path, entries: Sequence[ViewEntry], blob_path: Callabl
     # Never write through, or link out through, the tree's own symlinks.
     check_links({e.path: e.target for e in entries if e.kind == "symlink"}, (e.path for e in entries),
                 context=f"view {final.name[:12]}")
-    tmp = views_dir / f".tmp-{secrets.token_hex(8)}"
+    tmp = views_dir / f".tmp-{liveness.tmp_prefix()}{secrets.token_hex(8)}"
     tmp.mkdir(parents=True)
     dirs = {tmp}
     try:
@@ -94,6 +98,18 @@ def remove_tree(path: Path) -> None:
 
 
 _ASIDE = ".corrupt-"
+TRASH = ".del-"
+TMP = ".tmp-"
+
+
+def detach(path: Path) -> Path | None:
+    """Rename a view out of service to ``.del-<hex12>-<random>`` beside it; None if it was not there."""
+    trash = path.parent / f"{TRASH}{path.name[:12]}-{secrets.token_hex(4)}"
+    try:
+        path.rename(trash)
+    except FileNotFoundError:
+        return None
+    return trash
 
 
 def move_aside(path: Path) -> Path:

@@ -17,6 +17,11 @@ Guarantees:
   a pull.
 - Hashing, writes and fsync run in a thread pool: the event loop only moves
   bytes between sockets and threads.
+- Open files are bounded by the concurrency, not by the number of blobs:
+  at most ``2 x concurrency`` ingests (three descriptors each) are open at
+  once, so a model of ten thousand files pulls under a small ``ulimit -n``.
+- A committed blob is held, from the moment it is linked, by the lease of
+  every pull that asked for it (single flight joins their leases).
 - Slots are shared fairly between blobs (:mod:`.slots`): with several blobs
   each gets its own stream, in order, so its sha256 is computed from the
   bytes in memory as they are written instead of read back from disk.
@@ -36,7 +41,7 @@ from typing import TypeVar
 from ..errors import Unavailable
 from ..model import Blob
 from ..sources.base import ByteSource
-from ..store.content import BlobIngest, ContentStore
+from ..store.roles import Ingest, Ingester
 from .meter import RECEIVING, Meter
 from .routing import ChunkRouter
 from .slots import FairSlots
@@ -84,10 +89,12 @@ T = TypeVar("T")
 class Engine:
     """Fetches blobs into a content store through a chunk router."""
 
-    def __init__(self, content: ContentStore, config: TransferConfig | None = None) -> None:
+    def __init__(self, content: Ingester, config: TransferConfig | None = None) -> None:
         self.content = content
         self.config = config or TransferConfig()
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._leases: dict[str, set[str]] = {}  # digest in flight -> leases of every pull waiting on it
+        self._open = asyncio.Semaphore(2 * self.config.concurrency)
         self.learned: dict[str, str] = {}  # stand-in digest -> sha256, for every pull sharing this engine
         self._slots = FairSlots(self.config.concurrency)
         self._pool = ThreadPoolExecutor(max_workers=self.config.concurrency + 4, thread_name_prefix="mc-io")
@@ -100,8 +107,9 @@ class Engine:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def fetch(self, blobs: Sequence[Blob], router: ChunkRouter, *,
-                    stats: TransferStats | None = None, progress: Progress | None = None) -> TransferStats:
-        """Make every blob in ``blobs`` committed in the store."""
+                    stats: TransferStats | None = None, progress: Progress | None = None,
+                    leases: Sequence[str] = ()) -> TransferStats:
+        """Make every blob in ``blobs`` committed in the store, held by ``leases`` once committed."""
         stats = stats or TransferStats()
         unique = {b.digest: b for b in blobs}
         stats.bytes_total += sum(b.size for b in unique.values())
@@ -111,6 +119,7 @@ class Engine:
                 stats.bytes_done += blob.size
                 stats.bytes_reused += blob.size
                 continue
+            self._leases.setdefault(blob.digest, set()).update(leases)
             task = self._inflight.get(blob.digest)
             if task is None:
                 task = asyncio.create_task(self._fetch_blob(blob, router, stats, progress))
@@ -150,8 +159,14 @@ class Engine:
         for digest, t in list(self._inflight.items()):
             if t is task:
                 del self._inflight[digest]
+                self._leases.pop(digest, None)
 
     async def _fetch_blob(self, blob: Blob, router: ChunkRouter, stats: TransferStats,
+                          progress: Progress | None) -> None:
+        async with self._open:
+            await self._fetch_open(blob, router, stats, progress)
+
+    async def _fetch_open(self, blob: Blob, router: ChunkRouter, stats: TransferStats,
                           progress: Progress | None) -> None:
         ingest = await self.content.open_ingest(blob, self.config.chunk_size)
         if ingest is None:  # another process committed it meanwhile
@@ -174,13 +189,13 @@ class Engine:
                     w.cancel()
                 await asyncio.gather(*workers, return_exceptions=True)
                 raise
-            await self._io(ingest.commit)
+            await self._io(ingest.commit, tuple(self._leases.get(blob.digest, ())))
             if not blob.verified:
                 stats.learned[blob.digest] = self.learned[blob.digest] = ingest.committed_as
         finally:
             ingest.close()
 
-    async def _worker(self, ingest: BlobIngest, todo: deque[int], router: ChunkRouter,
+    async def _worker(self, ingest: Ingest, todo: deque[int], router: ChunkRouter,
                       stats: TransferStats, progress: Progress | None) -> None:
         while todo:
             # The chunk is taken only once a slot is held, so each blob's chunks start in order;
@@ -192,7 +207,7 @@ class Engine:
                 await self._fetch_chunk(ingest, index, router, stats, progress)
             await self._io(ingest.mark_done, index)
 
-    async def _fetch_chunk(self, ingest: BlobIngest, index: int, router: ChunkRouter,
+    async def _fetch_chunk(self, ingest: Ingest, index: int, router: ChunkRouter,
                            stats: TransferStats, progress: Progress | None) -> None:
         """Write chunk ``index`` whole into the ingest (the caller makes it durable)."""
         blob = ingest.blob
@@ -226,7 +241,7 @@ class Engine:
         cap = min(self.config.backoff_max, self.config.backoff_base * (2 ** attempt))
         return random.uniform(0, cap)
 
-    async def _stream(self, ingest: BlobIngest, source: ByteSource, offset: int, length: int,
+    async def _stream(self, ingest: Ingest, source: ByteSource, offset: int, length: int,
                       stats: TransferStats, progress: Progress | None) -> int:
         """Copy one byte range from ``source`` into the ingest; return bytes written.
 

@@ -55,7 +55,7 @@ def test_a_running_pull_logs_its_progress(registry, tmp_path: Path, caplog) -> N
         engine = Engine(store.content, TransferConfig(chunk_size=4 * MiB, concurrency=1))
         pulls = PullManager(store, engine, SourceOptions(), Metrics(), progress_interval=0.5)
         try:
-            job = pulls.start(f"oci://{host}/daemonlogs/slow:v1", Filters())
+            job = await pulls.start(f"oci://{host}/daemonlogs/slow:v1", Filters())
             assert job.task is not None
             await asyncio.wait_for(job.task, 60)
             assert job.state == "done", job.error

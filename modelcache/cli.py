@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
 import sqlite3
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from . import __version__
@@ -290,9 +292,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModelCacheError as e:
         print(f"modelcache: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Terminated) as e:
         print("modelcache: interrupted (partial downloads are kept and resume next time)", file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, _Terminated) else 130
     except OSError as e:
         print(f"modelcache: error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}",
               file=sys.stderr)
@@ -328,7 +330,8 @@ async def _pull(args: argparse.Namespace, ref: str, filters, *, quiet_path: bool
     engine = Engine(store.content, transfer)
     reporter = ProgressReporter(f"pull {ref}", quiet=args.quiet)
     try:
-        result = await pull(store, engine, ref, filters=filters, options=options, progress=reporter, tag=tag)
+        async with _terminate_as_interrupt():
+            result = await pull(store, engine, ref, filters=filters, options=options, progress=reporter, tag=tag)
     finally:
         reporter.close()
         engine.close()
@@ -342,6 +345,36 @@ async def _pull(args: argparse.Namespace, ref: str, filters, *, quiet_path: bool
     if not quiet_path:
         print(result.path)
     return 0
+
+
+class _Terminated(Exception):
+    """SIGTERM ended a pull (after it kept what arrived)."""
+
+
+@contextlib.asynccontextmanager
+async def _terminate_as_interrupt() -> AsyncIterator[None]:
+    """SIGTERM cancels the body as Ctrl-C does, so a pull keeps every byte it received (issue 10);
+    the command then ends with exit 143."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    terminated = False
+
+    def terminate() -> None:
+        nonlocal terminated
+        if not terminated:  # once: a second cancel would cut short the saving of what arrived
+            terminated = True
+            task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, terminate)
+    try:
+        yield
+    except asyncio.CancelledError:
+        if terminated:
+            raise _Terminated from None
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 async def _cmd_pull(args: argparse.Namespace) -> int:

@@ -92,6 +92,14 @@ class Unavailable(ModelCacheError, ConnectionError):
         self.retry_after = retry_after
 
 
+class RangeIgnored(Unavailable):
+    """A source answered a request for part of a blob with all of it (HTTP 200 to a Range).
+
+    Not a failure: the transfer engine reads that blob as one stream instead
+    of asking ranges that would each restart at byte 0.
+    """
+
+
 class Busy(ModelCacheError, RuntimeError):
     """The daemon has as much work queued as it takes; ask again after ``retry_after`` seconds."""
 

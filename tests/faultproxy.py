@@ -4,9 +4,12 @@
 each one (method, path, Range, status, body bytes served), so tests measure
 "downloaded once" and "only the missing chunks" instead of assuming them. For
 the next N blob GETs it can misbehave: answer an HTTP status (with
-``Retry-After``), reset the connection or stall after part of the body, or
-flip a byte; and it can throttle blob bodies to a total rate so a pull can be
-killed midway. For uploads (PATCH and PUT under ``/blobs/uploads/``) it can
+``Retry-After``), reset the connection or stall after part of the body,
+truncate the body (its Content-Length promised more; the connection is
+closed cleanly after fewer bytes), or flip a byte; it can throttle blob
+bodies to a total rate so a pull can be killed midway; and with
+``ignore_range`` it forwards blob GETs without their Range header, so every
+answer is a 200 with the whole blob, as from a server that ignores Range. For uploads (PATCH and PUT under ``/blobs/uploads/``) it can
 answer an HTTP status instead of forwarding, or forward only the first N
 bytes of the body (so the registry keeps part of a chunk) and then reset the
 connection. It listens on loopback only, every fault is consumed by one
@@ -95,7 +98,7 @@ class BackgroundServer:
 class Fault:
     """One misbehaviour for one blob GET (build it with the functions below)."""
 
-    kind: str  # "status" | "reset" | "stall" | "flip"
+    kind: str  # "status" | "reset" | "stall" | "truncate" | "flip"
     status: int = 0
     retry_after: str | None = None
     at: int = 0  # body offset: bytes sent before a reset or stall, or the byte to flip
@@ -110,6 +113,11 @@ def http_error(status: int, retry_after: str | None = None) -> Fault:
 def reset_after(n: int) -> Fault:
     """Send ``n`` body bytes, then abort the connection."""
     return Fault("reset", at=n)
+
+
+def truncate_after(n: int) -> Fault:
+    """Send ``n`` body bytes of the Content-Length announced, then close the connection cleanly (FIN)."""
+    return Fault("truncate", at=n)
 
 
 def stall_after(n: int, seconds: float) -> Fault:
@@ -149,8 +157,10 @@ class Event:
 class FaultProxy(BackgroundServer):
     """``with FaultProxy(registry.host) as proxy:`` then pull from ``oci://{proxy.host}/...``."""
 
-    def __init__(self, upstream: str, *, rate: float | None = None, blobs: str = "/blobs/sha256:") -> None:
+    def __init__(self, upstream: str, *, rate: float | None = None, blobs: str = "/blobs/sha256:",
+                 ignore_range: bool = False) -> None:
         super().__init__(self._handle)
+        self.ignore_range = ignore_range  # blob GETs go upstream without Range: always 200, whole blob
         self.upstream = upstream
         self.blobs = blobs  # what a path holds when it is a blob (for S3: "/BUCKET/")
         self.rate = rate  # blob body bytes per second, all responses together; None: unlimited
@@ -242,6 +252,8 @@ class FaultProxy(BackgroundServer):
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
         # The client's Host goes upstream, so upload Locations the registry builds point back here.
         headers["Host"] = request.host
+        if self.ignore_range and request.method == "GET" and self.blobs in request.path:
+            headers = {k: v for k, v in headers.items() if k.lower() != "range"}
         body = await request.read()
         if request.method in ("PATCH", "PUT"):
             event.bytes = len(body)
@@ -259,11 +271,15 @@ class FaultProxy(BackgroundServer):
                 if fault and fault.kind == "flip" and event.bytes <= fault.at < event.bytes + len(piece):
                     i = fault.at - event.bytes
                     piece = piece[:i] + bytes([piece[i] ^ 0xFF]) + piece[i + 1:]
-                if fault and fault.kind in ("reset", "stall") and event.bytes + len(piece) > fault.at:
+                if fault and fault.kind in ("reset", "stall", "truncate") and event.bytes + len(piece) > fault.at:
                     await self._send(response, event, piece[: fault.at - event.bytes])
                     if fault.kind == "stall":
                         await self._sleep(fault.seconds)
-                    if request.transport is not None:  # a stalled client may have hung up already
+                    if request.transport is None:  # a stalled client may have hung up already
+                        return response
+                    if fault.kind == "truncate":
+                        request.transport.close()  # what was written goes out first, then FIN
+                    else:
                         request.transport.abort()
                     return response
                 await self._send(response, event, piece)

@@ -367,3 +367,159 @@ def test_blobs_share_slots_fairly_and_arrive_in_order(content: ContentStore) -> 
     # got a second slot for once others finished: a small share, where fetching every blob
     # with all slots at once would read back three quarters of the bytes.
     assert read_back <= len(blobs) * 8 * CHUNK // 4
+
+
+# -- interrupts, sources that ignore Range, bytes that fail their digest (issue 10) ---------------
+
+
+class TricklingSource(MemorySource):
+    """Serves pieces slowly, so a fetch can be cancelled with chunks half received."""
+
+    def __init__(self, data: dict[str, bytes], *, delay: float) -> None:
+        super().__init__(data)
+        self.delay = delay
+        self.served = 0
+
+    async def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes]:
+        """The range, a piece every ``delay`` seconds."""
+        async for piece in super().read(blob, offset, length):
+            await asyncio.sleep(self.delay)
+            self.served += len(piece)
+            yield piece
+
+
+def test_cancel_keeps_partial_chunks_and_the_next_fetch_asks_only_the_rest(content: ContentStore) -> None:
+    """Cancelled with every chunk half received: each chunk's received prefix is durable and recorded,
+    the next fetch asks only for the bytes after it, and the blob's sha256 still comes out right."""
+    from modelcache.store.content import read_partial
+
+    data = os.urandom(4 * CHUNK)
+    blob = blob_of(data)
+    slow = TricklingSource({blob.digest: data}, delay=0.01)
+
+    async def interrupted() -> None:
+        engine = Engine(content, config())
+        try:
+            task = asyncio.create_task(engine.fetch([blob], OriginOnly(slow)))
+            for _ in range(500):  # bounded: about 3 pieces per chunk
+                if slow.served >= 12 * PIECE:
+                    break
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            engine.close()
+
+    asyncio.run(interrupted())
+    served = slow.served
+    kept = read_partial(content.ingest_dir / blob.hex, len(data), CHUNK)
+    assert 0 < sum(kept.values()) == served < len(data)
+    assert sorted(kept) == [0, 1, 2, 3]  # four streams, each stopped inside its chunk
+    assert content.ingests()[0].bytes_done == served
+
+    healthy = MemorySource.of(data)
+    stats = run(content, [blob], healthy)
+    assert sorted((o, n) for _, o, n in healthy.requests) == [
+        (i * CHUNK + kept[i], CHUNK - kept[i]) for i in range(4)]
+    assert healthy.requested() == len(data) - served
+    assert stats.bytes_reused == served and stats.bytes_done == len(data)
+    assert_committed(content, data)
+
+
+class RangeIgnoringSource(MemorySource):
+    """Answers any range as a server that ignores Range does: the whole blob from byte 0.
+
+    Like the HTTP sources, it raises RangeIgnored for a range that stops short of the blob's end
+    (unless the caller streams), and otherwise skips to the offset; ``sent`` counts every byte
+    the 'server' sent, skipped or not.
+    """
+
+    def __init__(self, data: dict[str, bytes]) -> None:
+        super().__init__(data)
+        self.sent = 0
+
+    async def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes]:
+        """The whole blob, skipped to ``offset``."""
+        from modelcache.errors import RangeIgnored
+        from modelcache.sources.http import STREAMING
+
+        self.requests.append((blob.digest, offset, length))
+        data = self.data[blob.digest]
+        if offset + length < len(data) and not STREAMING.get():
+            self.sent += PIECE  # what a server pushes before the client hangs up
+            raise RangeIgnored("HTTP 200 to a Range")
+        for start in range(0, len(data), PIECE):
+            piece = data[start:start + PIECE]
+            self.sent += len(piece)
+            await asyncio.sleep(0)
+            if start + len(piece) > offset:
+                yield piece[max(0, offset - start):]
+
+
+def test_a_source_ignoring_range_is_read_as_one_stream(content: ContentStore) -> None:
+    """Ranged GETs answered with the whole blob: the blob is read once, not once per chunk from byte 0."""
+    data = os.urandom(16 * CHUNK + 5)
+    source = RangeIgnoringSource({blob_of(data).digest: data})
+    run(content, [blob_of(data)], source)
+    assert_committed(content, data)
+    streams = [r for r in source.requests if r[1] + r[2] == len(data)]
+    assert len(streams) == 1
+    assert source.sent <= len(data) + 4 * PIECE  # one body, plus what the first refused answers pushed
+
+
+def test_a_stream_broken_midway_resumes_where_it_stopped(content: ContentStore) -> None:
+    """In one-stream mode a body cut short is asked again, and only the chunks still missing are written."""
+    data = os.urandom(6 * CHUNK)
+
+    class Breaking(RangeIgnoringSource):
+        broke = False
+
+        async def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes]:
+            n = 0
+            async for piece in super().read(blob, offset, length):
+                n += len(piece)
+                if not self.broke and n > 3 * CHUNK:
+                    self.broke = True
+                    raise Unavailable("connection reset")
+                yield piece
+
+    source = Breaking({blob_of(data).digest: data})
+    stats = run(content, [blob_of(data)], source)
+    assert_committed(content, data)
+    streams = [(o, n) for _, o, n in source.requests if o + n == len(data)]
+    assert len(streams) == 2 and streams[0][0] == 0 and 3 * CHUNK - PIECE <= streams[1][0] <= 3 * CHUNK + PIECE
+    assert stats.chunks_retried == 1
+
+
+def test_bytes_failing_their_digest_are_fetched_once_more(content: ContentStore) -> None:
+    """Wrong bytes once: discarded and fetched again, committed right. Wrong twice: DigestMismatch."""
+    data = os.urandom(3 * CHUNK)
+    blob = blob_of(data)
+
+    class FlipsFirst(MemorySource):
+        def __init__(self, flips: int) -> None:
+            super().__init__({blob.digest: data})
+            self.flips = flips
+
+        async def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes]:
+            flip = offset == CHUNK and self.flips > 0  # the first byte of chunk 1, once per fetch
+            self.flips -= flip
+            async for piece in super().read(blob, offset, length):
+                if flip and piece:
+                    piece, flip = bytes([piece[0] ^ 0xFF]) + piece[1:], False
+                yield piece
+
+    once = FlipsFirst(flips=1)
+    stats = run(content, [blob], once)
+    assert once.requested() == 2 * len(data)
+    assert stats.bytes_done == stats.bytes_total == len(data)
+    assert_committed(content, data)
+
+    content.delete(blob.digest)
+    twice = FlipsFirst(flips=2)
+    with pytest.raises(DigestMismatch, match=rf"{blob.digest}.*fetched twice"):
+        run(content, [blob], twice)
+    assert twice.requested() == 2 * len(data)
+    assert_absent(content, blob)
+    assert not (content.ingest_dir / blob.hex).exists()

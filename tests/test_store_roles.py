@@ -185,3 +185,28 @@ def test_the_engine_fills_any_ingester(store: Any) -> None:
     asyncio.run(go())
     for data in blobs:
         assert store.read(blob_of(data).digest, 0, len(data) + 1) == data
+
+
+def test_kept_prefix_of_a_chunk_survives_the_writer_and_hashes_right(store: Any) -> None:
+    """keep() makes a chunk's leading bytes durable: a new writer resumes after them, and the blob it
+    completes commits under the right sha256 (the hash picks the kept bytes up from the store)."""
+    blob = blob_of(DATA)
+    ing = open_ingest(store, blob)
+    write(ing, DATA, [0])
+    start, _ = ing.chunk_range(1)
+    ing.write(start, DATA[start:start + 1000])
+    ing.keep(1, 1000)
+    start2, _ = ing.chunk_range(2)
+    ing.write(start2, DATA[start2:start2 + 500])  # written, never kept
+    assert (ing.resume_at(0), ing.resume_at(1), ing.resume_at(2)) == (CHUNK, 1000, 0)
+    ing.close()
+    again = open_ingest(store, blob)
+    assert again.missing() == [1, 2, 3, 4, 5]
+    assert (again.resume_at(1), again.resume_at(2)) == (1000, 0)
+    assert again.bytes_done == CHUNK + 1000 == store.ingests()[0].bytes_done
+    again.write(start + 1000, DATA[start + 1000:start + CHUNK])
+    again.keep(1, CHUNK)  # the whole chunk: the same as mark_done
+    assert again.missing() == [2, 3, 4, 5] and again.resume_at(1) == CHUNK
+    write(again, DATA, again.missing())
+    again.commit()
+    assert store.read(blob.digest, 0, len(DATA)) == DATA

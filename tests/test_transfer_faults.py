@@ -32,6 +32,7 @@ from faultproxy import (
     http_error,
     reset_after,
     stall_after,
+    truncate_after,
 )
 from support import LAYER_TAR, MP_ARTIFACT, MP_CONFIG, MP_WEIGHT, run_cli, sha256, tree_digests
 
@@ -106,10 +107,10 @@ def _no_views(store: Path) -> bool:
     return not views.exists() or not any(p for p in views.iterdir() if not p.name.startswith("."))
 
 
-def _done(store: Path, digest: str, size: int) -> list[int]:
+def _done(store: Path, digest: str, size: int, *, chunk: int = MiB) -> list[int]:
     """Chunk indexes the store records as durable for a blob (all, once committed)."""
     if (store / "blobs" / "sha256" / digest[7:]).exists():
-        return list(range(-(-size // MiB)))
+        return list(range(-(-size // chunk)))
     try:
         raw = (store / "ingest" / digest[7:] / "chunks").read_bytes()
     except FileNotFoundError:
@@ -117,7 +118,7 @@ def _done(store: Path, digest: str, size: int) -> list[int]:
     if len(raw) < RECORD_HEADER.size:  # just created, header not written yet
         return []
     _magic, blob_size, chunk_size = RECORD_HEADER.unpack_from(raw)
-    assert (blob_size, chunk_size) == (size, MiB)
+    assert (blob_size, chunk_size) == (size, chunk)
     return [i for i, flag in enumerate(raw[RECORD_HEADER.size:]) if flag == 1]
 
 
@@ -138,6 +139,7 @@ TRANSIENT = {
     "503": http_error(503),
     "reset": reset_after(300_000),
     "stall": stall_after(200_000, seconds=8),
+    "truncate": truncate_after(250_000),
 }
 
 
@@ -158,9 +160,10 @@ def test_pull_survives_transient_faults(registry, store: Path, fault: Fault) -> 
     assert tree_digests(_view(proc)) == _digests(files)
     assert _retries(proc.stderr) == 2
     assert len(gets) == 6 + 2  # six chunks, two of them asked twice
-    if fault.kind in ("reset", "stall"):
+    if fault.kind in ("reset", "stall", "truncate"):
         # The retry resumes at the byte where the broken response stopped, not at the chunk start.
         assert sum(1 for e in gets if e.range_start % MiB) == 2, [e.range for e in gets]
+        assert sum(e.bytes for e in gets) == sum(map(len, files.values())), "a byte was fetched twice"
     if fault.kind == "stall":
         assert elapsed < 6, "a stall must be cut by --read-timeout 1, not waited out"
 
@@ -200,15 +203,17 @@ def test_persistent_failure_ends_cleanly(registry, store: Path, fault: Fault) ->
 
 
 def test_corrupt_blob_is_refused_then_refetched(registry, store: Path) -> None:
-    """A flipped byte fails the sha256 check (exit 5): nothing is kept, and a clean pull then works."""
-    files = _files({"w.bin": 2 * MiB}, seed=4)
+    """A flipped byte on both tries fails the sha256 check (exit 5) after one more fetch: nothing is
+    kept, and a clean pull then works."""
+    files = _files({"w.bin": MiB // 2}, seed=4)  # one chunk: one GET per try
     digest = sha256(files["w.bin"])
     _push_modelpack(registry, "faults/corrupt", files)
     with FaultProxy(registry.host) as proxy:
-        proxy.inject(flip_byte(1234))
+        proxy.inject(flip_byte(1234), times=2)
         bad = _pull(proxy.host, "faults/corrupt", store, "-q")
         line = _assert_one_line_error(bad, 5)
-        assert digest in line
+        assert digest in line and "fetched twice" in line
+        assert proxy.served(digest) == 2 * len(files["w.bin"])
         assert not (store / "blobs" / "sha256" / digest[7:]).exists()
         assert not (store / "ingest" / digest[7:]).exists(), "corrupt partial data must not be resumed"
         assert _no_views(store)
@@ -217,6 +222,38 @@ def test_corrupt_blob_is_refused_then_refetched(registry, store: Path) -> None:
         assert proxy.served(digest) == len(files["w.bin"])
     assert good.returncode == 0, good.stderr
     assert tree_digests(_view(good)) == _digests(files)
+
+
+def test_a_flipped_byte_once_costs_one_more_fetch(registry, store: Path) -> None:
+    """Bytes corrupted on the way once: the blob is discarded and fetched again, and the pull succeeds."""
+    files = _files({"w.bin": 3 * MiB + 17}, seed=14)
+    digest = sha256(files["w.bin"])
+    _push_modelpack(registry, "faults/corrupt-once", files)
+    with FaultProxy(registry.host) as proxy:
+        proxy.inject(flip_byte(4321))
+        proc = _pull(proxy.host, "faults/corrupt-once", store)
+        served = proxy.served(digest)
+    assert proc.returncode == 0, proc.stderr
+    assert served == 2 * len(files["w.bin"])
+    assert tree_digests(_view(proc)) == _digests(files)
+    assert not (store / "ingest" / digest[7:]).exists()
+
+
+def test_a_registry_ignoring_range_is_read_once(registry, store: Path) -> None:
+    """Every ranged GET answered 200 with the whole blob: the blob goes over the wire about once
+    (it used to be read from byte 0 for every chunk: 2.3 GB for 64 MiB), and lands byte-exact."""
+    files = _files({"w.bin": 24 * MiB + 5, "small.bin": 100_000}, seed=15)
+    digest = sha256(files["w.bin"])
+    _push_modelpack(registry, "faults/norange", files)
+    with FaultProxy(registry.host, ignore_range=True, rate=64 * MiB) as proxy:
+        proc = _pull(proxy.host, "faults/norange", store)
+        gets = proxy.blob_gets(digest)
+    assert proc.returncode == 0, proc.stderr
+    assert tree_digests(_view(proc)) == _digests(files)
+    assert all(e.status == 200 for e in gets)
+    sent = sum(e.bytes for e in gets)
+    assert len(files["w.bin"]) <= sent <= len(files["w.bin"]) + 2 * MiB, sent
+    assert len(gets) <= 8 + 1  # the first round of ranges (refused at their head), then one stream
 
 
 # -- crash and resume ----------------------------------------------------------
@@ -254,6 +291,115 @@ def test_kill_9_then_resume_fetches_only_missing_chunks(registry, store: Path) -
     view = _view(again)
     assert all((view / name).read_bytes() == data for name, data in files.items())
     assert tree_digests(view) == _digests(files)
+
+
+# -- interrupts keep what arrived --------------------------------------------------
+
+
+def _wait_for(condition, proc: subprocess.Popen | None, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc is None or proc.poll() is None, f"{what}: the process ended first"
+        assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
+        time.sleep(0.01)
+
+
+def _partial_bytes(store: Path, digest: str) -> int:
+    """Leading bytes of chunks the ingest keeps in part (the ``partial`` list beside its record)."""
+    from modelcache.store.content import read_partial
+
+    raw = (store / "ingest" / digest[7:] / "chunks").read_bytes()
+    _magic, size, chunk_size = RECORD_HEADER.unpack_from(raw)
+    flags = raw[RECORD_HEADER.size:]
+    return sum(n for i, n in read_partial(store / "ingest" / digest[7:], size, chunk_size).items() if flags[i] != 1)
+
+
+def _durable(store: Path, digest: str) -> int:
+    """Bytes of an ingest the store holds durable: whole chunks, and kept parts of others."""
+    from modelcache.store.content import ContentStore
+
+    [status] = [i for i in ContentStore(store).ingests() if i.digest == digest]
+    assert status.bytes_done - _partial_bytes(store, digest) == sum(
+        min(status.chunk_size, status.size - i * status.chunk_size)
+        for i in _done(store, digest, status.size, chunk=status.chunk_size))
+    return status.bytes_done
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_pull_keeps_partial_chunks(registry, store: Path, sig: int) -> None:
+    """Ctrl-C (or SIGTERM) with both streams inside 4 MiB chunks: every byte received is kept, partial
+    chunks included, so the next pull fetches only what never arrived (it used to fetch it all again)."""
+    files = _files({"w.bin": 12 * MiB + 3}, seed=16)
+    digest = sha256(files["w.bin"])
+    size = len(files["w.bin"])
+    _push_modelpack(registry, "faults/interrupt", files)
+    cmd = [sys.executable, "-m", "modelcache", "--store", str(store), "pull", "-q", "--chunk-size", "4M",
+           "--concurrency", "2"]
+    with FaultProxy(registry.host, rate=4 * MiB) as slow:
+        proc = subprocess.Popen([*cmd, f"oci://{slow.host}/faults/interrupt:v1"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            # Both streams well into their first chunk, none of it durable yet as whole chunks.
+            _wait_for(lambda: slow.served(digest) >= 3 * MiB, proc, "3 MiB served")
+            proc.send_signal(sig)
+            _out, err = proc.communicate(timeout=30)
+        finally:
+            _stop(proc)
+        time.sleep(0.3)  # the proxy notices the hang-up
+        first = slow.served(digest)
+    assert proc.returncode == (130 if sig == signal.SIGINT else 143), err
+    assert "interrupted (partial downloads are kept" in err and "Traceback" not in err
+    assert _partial_bytes(store, digest) > 0, "chunks received in part were not kept"
+    durable = _durable(store, digest)
+    assert first - 256 * 1024 <= durable <= first, (durable, first)
+
+    with FaultProxy(registry.host) as proxy:
+        again = _pull(proxy.host, "faults/interrupt", store, "--chunk-size", "4M")
+        second = proxy.served(digest)
+    assert again.returncode == 0, again.stderr
+    assert (_view(again) / "w.bin").read_bytes() == files["w.bin"]
+    assert second == size - durable
+    assert first + second <= size + 256 * 1024, (first, second)  # what crossed twice: at most a few pieces
+
+
+def test_daemon_sigterm_keeps_what_arrived(registry, tmp_path: Path) -> None:
+    """SIGTERM while a POST /v1/pulls job runs: the daemon drains keeping every byte received; after a
+    restart, the same pull fetches only the rest."""
+    from daemon_support import start_daemon
+
+    files = _files({"w.bin": 10 * MiB + 7}, seed=17)
+    digest = sha256(files["w.bin"])
+    size = len(files["w.bin"])
+    _push_modelpack(registry, "faults/drain", files)
+    with FaultProxy(registry.host, rate=3 * MiB) as slow:
+        daemon = start_daemon(tmp_path / "d1", "--chunk-size", "4M", "--concurrency", "2")
+        try:
+            status, job = daemon.call("POST", "/v1/pulls", {"ref": f"oci://{slow.host}/faults/drain:v1"})
+            assert status == 202, job
+            _wait_for(lambda: slow.served(digest) >= 2 * MiB, daemon.process, "2 MiB served")
+            assert daemon.stop(signal.SIGTERM) == 0, daemon.log.read_text()
+        finally:
+            daemon.stop(signal.SIGKILL)
+        time.sleep(0.3)
+        first = slow.served(digest)
+    store = daemon.store
+    assert _partial_bytes(store, digest) > 0, "chunks received in part were not kept"
+    durable = _durable(store, digest)
+    assert first - 256 * 1024 <= durable <= first, (durable, first)
+
+    with FaultProxy(registry.host) as proxy:
+        again = start_daemon(tmp_path / "d2", "--chunk-size", "4M", store=store)
+        try:
+            status, job = again.call("POST", "/v1/pulls", {"ref": f"oci://{proxy.host}/faults/drain:v1"})
+            assert status == 202, job
+            done = again.wait_pull(job["id"])
+        finally:
+            again.stop()
+        second = proxy.served(digest)
+    assert done["state"] == "done", done
+    assert (Path(done["path"]) / "w.bin").read_bytes() == files["w.bin"]
+    assert second == size - durable
+    assert first + second <= size + 256 * 1024, (first, second)
 
 
 # -- one download for everyone -------------------------------------------------
@@ -430,3 +576,35 @@ def test_redirected_blob_gets_carry_no_registry_credentials(tmp_path: Path) -> N
     assert len(fake.cdn_log) == 4
     assert all("Range" in h for h in fake.cdn_log)
     assert not any(k.lower() == "authorization" for h in fake.cdn_log for k in h), fake.cdn_log
+
+
+# -- the same bad origins in front of S3 (SeaweedFS) ----------------------------------
+
+
+@pytest.mark.parametrize("mode", ["truncate", "ignore-range"])
+def test_s3_bad_origins(s3_server, tmp_path: Path, mode: str) -> None:
+    """Through the fault proxy in front of SeaweedFS (presigned URLs hold: the client's Host goes
+    upstream): bodies cut short resume where they stopped, and an endpoint ignoring Range is read once."""
+    s3 = s3_server.client()
+    bucket = f"faults-{mode}"
+    s3.create_bucket(Bucket=bucket)
+    data = _files({"w": 6 * MiB + 11}, seed=18)["w"]
+    s3.put_object(Bucket=bucket, Key="m/w.bin", Body=data)
+    upstream = s3_server.endpoint.removeprefix("http://")
+    with FaultProxy(upstream, blobs=f"/{bucket}/m/", ignore_range=mode == "ignore-range", rate=64 * MiB) as proxy:
+        if mode == "truncate":
+            proxy.inject(truncate_after(300_000), times=2)
+        env = {**s3_server.env(), "AWS_ENDPOINT_URL": f"http://{proxy.host}"}
+        proc = run_cli("pull", "--chunk-size", "1M", f"s3://{bucket}/m", store=tmp_path / "store", env=env,
+                       timeout=60)
+        gets = [e for e in proxy.requests("w.bin") if e.method == "GET"]
+    assert proc.returncode == 0, proc.stderr
+    assert (_view(proc) / "w.bin").read_bytes() == data
+    sent = sum(e.bytes for e in gets)
+    if mode == "truncate":
+        assert sent == len(data), "a byte was fetched twice"
+        assert sum(1 for e in gets if e.range_start % MiB) == 2, [e.range for e in gets]
+    else:
+        assert all(e.status == 200 for e in gets)
+        assert len(data) <= sent <= len(data) + 2 * MiB, sent
+        assert len(gets) <= 8 + 1

@@ -179,7 +179,7 @@ class HfSource:
         try:
             if resp.content_length is None:
                 raise Unavailable(f"{what}: HTTP {resp.status} without a plain body")
-            skip = check_range_response(resp.status, resp.headers, offset, length, what)
+            skip = check_range_response(resp.status, resp.headers, offset, length, what, size=blob.size)
             async for piece in exact_range(resp.body(), offset, length, skip=skip, what=what):
                 yield piece
         finally:

@@ -6,16 +6,26 @@ import email.utils
 import os
 import time
 from collections.abc import AsyncIterator
+from contextvars import ContextVar
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:  # imported where used: S3 and Hub pulls never need the general client (0.2 s to import)
     import aiohttp
 
-from ..errors import InvalidContent, ModelCacheError, NotFound, Unauthorized, Unavailable
+from ..errors import (
+    InvalidContent,
+    ModelCacheError,
+    NotFound,
+    RangeIgnored,
+    Unauthorized,
+    Unavailable,
+)
 
 READ_BUFSIZE = 1 << 20
 Buffer = bytes | memoryview
+# Set by a caller reading the rest of a blob as one stream: a 200 to its Range is expected, not news.
+STREAMING: ContextVar[bool] = ContextVar("modelcache_streaming", default=False)
 
 
 def new_session(*, connections: int, connect_timeout: float, read_timeout: float) -> aiohttp.ClientSession:
@@ -136,11 +146,15 @@ async def exact_range(pieces: AsyncIterator[Buffer], offset: int, length: int, *
     raise Unavailable(f"{what}: body ended {remaining} bytes early (at byte {offset + length - remaining})")
 
 
-def check_range_response(status: int, headers: dict[str, str], offset: int, length: int, what: str) -> int:
+def check_range_response(status: int, headers: dict[str, str], offset: int, length: int, what: str, *,
+                         size: int | None = None) -> int:
     """Validate a ranged GET's status and range; return the bytes to skip (Range ignored).
 
     206 must start where asked; 200 means the server ignored the Range and the
     whole object is coming; other statuses become our errors (retryable or not).
+    With the object's ``size``, a 200 to a range that stops short of its end
+    raises :class:`RangeIgnored`: the caller reads the rest as one stream
+    rather than restarting at byte 0 for every range (issue 10).
     """
     if status == 206:
         start = content_range_start(headers.get("content-range"))
@@ -148,6 +162,8 @@ def check_range_response(status: int, headers: dict[str, str], offset: int, leng
             raise Unavailable(f"{what}: asked for byte {offset}, got a range from {start}")
         return 0
     if status == 200:
+        if size is not None and offset + length < size and not STREAMING.get():
+            raise RangeIgnored(f"{what}: the server ignores byte ranges (HTTP 200 to a Range)")
         return offset  # Range ignored: the whole blob is coming
     if status == 416:
         raise InvalidContent(f"{what}: range {offset}+{length} not satisfiable; blob size differs from manifest")

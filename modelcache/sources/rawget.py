@@ -61,7 +61,8 @@ class RawResponse:
         before the last piece is yielded, so a caller that stops there
         (having all it asked for) still leaves it reusable. Bytes received
         before a failure are yielded before the error is raised, so a retry
-        can resume after them.
+        can resume after them; so are bytes received before a cancellation
+        (the connection is dropped first), which is raised at the next read.
         """
         assert self._conn is not None and self.content_length is not None
         conn, self._conn = self._conn, None
@@ -77,7 +78,20 @@ class RawResponse:
                 if ahead is None:
                     ahead = pool.start_fill(conn, meter)
                 filling, buf, cell = ahead
-                n, error = await filling
+                try:
+                    # shield: a cancellation must not drop the fill running in its thread, nor its bytes.
+                    n, error = await asyncio.shield(filling)
+                except asyncio.CancelledError:
+                    # Interrupted (Ctrl-C, SIGTERM): hang up, and hand over what this buffer already
+                    # holds before the cancellation goes on, so the caller can keep it (issue 10).
+                    conn.abort()
+                    ahead = None
+                    n, _ = await filling
+                    if meter is not None:
+                        meter.close(cell)
+                    if n:
+                        yield memoryview(buf)[:n]
+                    raise
                 ahead = None
                 done = error is None and not conn.remaining
                 if done:

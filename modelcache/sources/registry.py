@@ -190,7 +190,7 @@ class RegistrySource:
         raw = await self._raw_get(url, headers)
         if raw is not None:
             try:
-                skip = check_range_response(raw.status, raw.headers, offset, length, what)
+                skip = check_range_response(raw.status, raw.headers, offset, length, what, size=blob.size)
                 pieces = exact_range(raw.body(), offset, length, skip=skip, what=what)
                 async for piece in pieces:
                     yield piece
@@ -203,7 +203,7 @@ class RegistrySource:
                 err = status_error(resp, what)
                 raise NotFound(f"{what}: blob not found in the registry") if isinstance(err, NotFound) else err
             skip = check_range_response(resp.status, {k.lower(): v for k, v in resp.headers.items()},
-                                        offset, length, what)
+                                        offset, length, what, size=blob.size)
             async for piece in body_pieces(resp, offset, length, skip=skip, what=what):
                 yield piece
 

@@ -238,7 +238,7 @@ class S3Source:
                 raise InvalidContent(f"{what} changed during the pull (its ETag is no longer {etag}); pull again")
             if resp.content_length is None:
                 raise Unavailable(f"{what}: HTTP {resp.status} without a plain body")
-            skip = check_range_response(resp.status, resp.headers, offset, length, what)
+            skip = check_range_response(resp.status, resp.headers, offset, length, what, size=blob.size)
             got_etag = resp.headers.get("etag", "").strip('"')
             if got_etag and got_etag != etag:
                 raise InvalidContent(f"{what} changed during the pull (ETag {got_etag}, listed {etag}); pull again")

@@ -46,9 +46,13 @@ from .roles import IngestStatus
 
 _RECORD_MAGIC = b"MCCHUNK1"
 _RECORD_HEADER = struct.Struct("<8sQQ")  # magic, blob size, chunk size
+# Beside the record: chunks of which only a prefix is durable (what an interrupt kept).
+_PARTIAL_MAGIC = b"MCPART01"
+_PARTIAL_ENTRY = struct.Struct("<QQ")  # chunk index, leading bytes durable
 _HASH_BLOCK = 4 << 20
 _IOV_MAX = 1024
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_INGEST_FILES = ("data", "chunks", "partial", "partial.tmp")
 
 
 class Ledger(Protocol):
@@ -116,6 +120,10 @@ class ContentStore:
             return None
         return size, chunk_size, flags
 
+    def _partial(self, hex_: str, size: int, chunk_size: int) -> dict[int, int]:
+        """Chunk index -> leading bytes durable, for chunks of the ingest of ``hex_`` kept in part."""
+        return read_partial(self.ingest_dir / hex_, size, chunk_size)
+
     def read_durable(self, digest: str, offset: int, length: int) -> bytes:
         """Bytes of an ingest in progress, only from chunks already durable; NotFound otherwise."""
         hex_ = self.path(digest).name
@@ -139,6 +147,7 @@ class ContentStore:
             if record is not None:
                 size, chunk_size, flags = record
                 done = sum(min(chunk_size, size - i * chunk_size) for i, f in enumerate(flags) if f == 1)
+                done += sum(n for i, n in self._partial(entry.name, size, chunk_size).items() if flags[i] != 1)
                 out.append(IngestStatus("sha256:" + entry.name, size, chunk_size, done))
         return out
 
@@ -153,7 +162,7 @@ class ContentStore:
             except BlockingIOError:
                 raise Conflict(f"the ingest of {digest} is being written") from None
             existed = (self.ingest_dir / hex_).is_dir()
-            for name in ("data", "chunks"):
+            for name in _INGEST_FILES:
                 (self.ingest_dir / hex_ / name).unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 (self.ingest_dir / hex_).rmdir()
@@ -293,9 +302,12 @@ class ContentStore:
 class BlobIngest:
     """A blob being written in fixed-size chunks, resumable across crashes.
 
-    ``data`` is preallocated; ``chunks`` holds one byte per chunk, set only
-    after that chunk's bytes were fdatasync'd, so after a crash (even a power
-    loss) every chunk marked done really is on disk. The sha256 is computed
+    ``data`` is written as bytes arrive; ``chunks`` holds one byte per chunk,
+    set only after that chunk's bytes were fdatasync'd, so after a crash (even
+    a power loss) every chunk marked done really is on disk. ``partial``
+    (replaced whole, atomically) lists chunks of which only a leading part is
+    durable: what :meth:`keep` saved when a transfer was interrupted, so the
+    next one resumes inside the chunk instead of at its start (issue 10). The sha256 is computed
     over the prefix as it grows: from memory for bytes written right where the
     hash stands (a blob fetched in order), by reading back from the page cache
     for bytes written ahead of it; no chunk is ever held in memory whole.
@@ -317,12 +329,15 @@ class BlobIngest:
         self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         self._record_fd = os.open(self.dir / "chunks", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         self.done = self._load_record()
+        # Chunk index -> leading bytes durable, for chunks not done (a record from before this file: none).
+        self.kept = {i: n for i, n in read_partial(self.dir, blob.size, chunk_size).items() if not self.done[i]}
+        self._partial_lock = threading.Lock()
         self._hash = hashlib.sha256()
         self._md5 = hashlib.md5(usedforsecurity=False) if blob.md5 else None
         self.committed_as = blob.digest  # the stored digest (learnt at commit for unverified blobs)
         self._hashed = 0  # bytes of the prefix fed to the hash
-        # Per chunk: bytes written contiguously from its start (all of a done chunk).
-        self._written = [self.chunk_range(i)[1] if d else 0 for i, d in enumerate(self.done)]
+        # Per chunk: bytes written contiguously from its start (all of a done chunk, the kept part of another).
+        self._written = [self.chunk_range(i)[1] if d else self.kept.get(i, 0) for i, d in enumerate(self.done)]
         self._hash_lock = threading.Lock()
         self._closed = False
 
@@ -332,6 +347,8 @@ class BlobIngest:
         if raw[: _RECORD_HEADER.size] == header and len(raw) == _RECORD_HEADER.size + self.chunks:
             return bytearray(raw[_RECORD_HEADER.size :])
         # No record, or one from another chunk size: start over.
+        for name in ("partial", "partial.tmp"):
+            (self.dir / name).unlink(missing_ok=True)
         os.ftruncate(self._record_fd, 0)
         os.pwrite(self._record_fd, header + bytes(self.chunks), 0)
         # Nothing is preallocated: a declared size is a claim, and the space
@@ -346,13 +363,17 @@ class BlobIngest:
         return start, min(self.chunk_size, self.blob.size - start)
 
     def missing(self) -> list[int]:
-        """Indexes of chunks not yet durable."""
+        """Indexes of chunks not yet durable (whole)."""
         return [i for i, d in enumerate(self.done) if not d]
+
+    def resume_at(self, index: int) -> int:
+        """Leading bytes of chunk ``index`` already durable (all of it once done): where its fetch resumes."""
+        return self.chunk_range(index)[1] if self.done[index] else self.kept.get(index, 0)
 
     @property
     def bytes_done(self) -> int:
-        """Bytes in chunks already durable."""
-        return sum(self.chunk_range(i)[1] for i, d in enumerate(self.done) if d)
+        """Bytes already durable: whole chunks, and the kept parts of others."""
+        return sum(self.chunk_range(i)[1] for i, d in enumerate(self.done) if d) + sum(self.kept.values())
 
     def write(self, offset: int, data: bytes | memoryview | Sequence[bytes | memoryview]) -> None:
         """Write ``data`` (one buffer or several, in order) at ``offset``; no seek, no copy.
@@ -371,9 +392,17 @@ class BlobIngest:
                 raise self._out_of_space() from e
             raise
         with self._hash_lock:
-            index = offset // self.chunk_size
-            if offset == index * self.chunk_size + self._written[index]:  # contiguous in its chunk
-                self._written[index] += sum(len(b) for b in buffers)
+            # Contiguous with what its chunk holds: extend it (across chunk ends, for a sequential stream).
+            position, n = offset, sum(len(b) for b in buffers)
+            while n and position < self.blob.size:
+                index = position // self.chunk_size
+                start, length = self.chunk_range(index)
+                if position != start + self._written[index]:
+                    break
+                step = min(n, length - self._written[index])
+                self._written[index] += step
+                position += step
+                n -= step
             self._catch_up(until=offset)
             if offset == self._hashed:
                 for buffer in buffers:
@@ -395,7 +424,9 @@ class BlobIngest:
         """Give back the space of chunks not yet durable (they are fetched again on resume); the error."""
         for index, done in enumerate(self.done):
             if not done:
-                _punch_hole(self.fd, *self.chunk_range(index))
+                start, length = self.chunk_range(index)
+                kept = self.kept.get(index, 0)
+                _punch_hole(self.fd, start + kept, length - kept)
         return self.store.no_space(f"blob {self.blob.digest[:19]}", self.blob.size - self.bytes_done)
 
     def mark_done(self, index: int) -> None:
@@ -408,9 +439,43 @@ class BlobIngest:
             raise
         os.pwrite(self._record_fd, b"\x01", _RECORD_HEADER.size + index)
         self.done[index] = 1
+        self.kept.pop(index, None)  # the done flag says more; a stale entry in ``partial`` is ignored
         with self._hash_lock:
             self._written[index] = self.chunk_range(index)[1]
             self._catch_up()
+
+    def keep(self, index: int, length: int) -> None:
+        """Make the first ``length`` bytes of chunk ``index`` durable and record them.
+
+        What an interrupted transfer calls for a chunk it got only part of, so
+        the next pull resumes after those bytes. They were written contiguously
+        from the chunk's start (the engine resumes a chunk where it stopped), so
+        the hash over them stays valid: a new writer hashes them from disk.
+        """
+        if length >= self.chunk_range(index)[1]:
+            self.mark_done(index)
+            return
+        if self.done[index] or length <= self.kept.get(index, 0):
+            return
+        try:
+            os.fdatasync(self.fd)
+        except OSError as e:
+            if e.errno in _NO_SPACE:
+                raise self._out_of_space() from e
+            raise
+        with self._partial_lock:
+            self.kept[index] = length
+            entries = sorted((i, n) for i, n in self.kept.items() if not self.done[i])
+            body = _RECORD_HEADER.pack(_PARTIAL_MAGIC, self.blob.size, self.chunk_size)
+            body += b"".join(_PARTIAL_ENTRY.pack(i, n) for i, n in entries)
+            tmp = self.dir / "partial.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                os.write(fd, body)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.dir / "partial")  # a reader sees the old list or the new, never half
 
     def _feed(self, piece: bytes | memoryview) -> None:
         self._hash.update(piece)
@@ -469,7 +534,7 @@ class BlobIngest:
 
     def discard(self) -> None:
         """Drop the partial data and record, and release the lock."""
-        for name in ("data", "chunks"):
+        for name in _INGEST_FILES:
             (self.dir / name).unlink(missing_ok=True)
         try:
             self.dir.rmdir()
@@ -488,6 +553,24 @@ class BlobIngest:
                 os.close(fd)
             except OSError:
                 pass
+
+
+def read_partial(ingest: Path, size: int, chunk_size: int) -> dict[int, int]:
+    """Chunk index -> leading bytes durable, from ``<ingest>/partial`` (empty if absent, or not for this
+    blob size and chunk size; entries past a chunk's length are dropped)."""
+    try:
+        raw = (ingest / "partial").read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    if len(raw) < _RECORD_HEADER.size or _RECORD_HEADER.unpack_from(raw) != (_PARTIAL_MAGIC, size, chunk_size):
+        return {}
+    chunks = max(1, -(-size // chunk_size))
+    kept = {}
+    for at in range(_RECORD_HEADER.size, len(raw) - _PARTIAL_ENTRY.size + 1, _PARTIAL_ENTRY.size):
+        index, n = _PARTIAL_ENTRY.unpack_from(raw, at)
+        if index < chunks and 0 < n < min(chunk_size, size - index * chunk_size):
+            kept[index] = n
+    return kept
 
 
 def hash_file(path: Path) -> str:

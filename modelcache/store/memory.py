@@ -3,7 +3,7 @@
 It keeps the same guarantees as the store on disk (a blob is invisible until
 committed, only durable chunks survive a writer, one writer per blob) with
 dicts instead of files; "durable" is what :meth:`MemoryIngest.mark_done`
-recorded. Not thread-safe beyond what one event loop and its I/O threads do
+(or, for the start of a chunk, :meth:`MemoryIngest.keep`) recorded. Not thread-safe beyond what one event loop and its I/O threads do
 with it (each ingest has one writer; dict updates are atomic in CPython).
 """
 
@@ -25,6 +25,7 @@ class _State:
     chunk_size: int
     data: bytearray = field(default_factory=bytearray)
     done: bytearray = field(default_factory=bytearray)
+    kept: dict[int, int] = field(default_factory=dict)  # chunk -> leading bytes durable (chunks not done)
     end: int = 0  # one past the last byte written
 
 
@@ -78,7 +79,8 @@ class MemoryContentStore:
     def ingests(self) -> list[IngestStatus]:
         """Every ingest with durable state, by digest."""
         return [IngestStatus(d, s.size, s.chunk_size,
-                             sum(min(s.chunk_size, s.size - i * s.chunk_size) for i, f in enumerate(s.done) if f))
+                             sum(min(s.chunk_size, s.size - i * s.chunk_size) for i, f in enumerate(s.done) if f)
+                             + sum(s.kept.values()))
                 for d, s in sorted(self._ingests.items())]
 
     def abort(self, digest: str) -> bool:
@@ -113,8 +115,8 @@ class MemoryIngest:
 
     @property
     def bytes_done(self) -> int:
-        """Bytes in chunks already durable."""
-        return sum(self.chunk_range(i)[1] for i, d in enumerate(self._state.done) if d)
+        """Bytes already durable (whole chunks, and kept parts of others)."""
+        return sum(self.chunk_range(i)[1] for i, d in enumerate(self._state.done) if d) + sum(self._state.kept.values())
 
     def chunk_range(self, index: int) -> tuple[int, int]:
         """(offset, length) of chunk ``index``."""
@@ -122,8 +124,12 @@ class MemoryIngest:
         return start, min(self._state.chunk_size, self.blob.size - start)
 
     def missing(self) -> list[int]:
-        """Indexes of chunks not yet durable."""
+        """Indexes of chunks not yet durable (whole)."""
         return [i for i, d in enumerate(self._state.done) if not d]
+
+    def resume_at(self, index: int) -> int:
+        """Leading bytes of chunk ``index`` already durable (all of it once done)."""
+        return self.chunk_range(index)[1] if self._state.done[index] else self._state.kept.get(index, 0)
 
     def write(self, offset: int, data: bytes | memoryview | Sequence[bytes | memoryview]) -> None:
         """Write bytes at ``offset`` (not yet durable); space is taken as bytes arrive."""
@@ -140,6 +146,14 @@ class MemoryIngest:
     def mark_done(self, index: int) -> None:
         """Make chunk ``index`` durable and record it."""
         self._state.done[index] = 1
+        self._state.kept.pop(index, None)
+
+    def keep(self, index: int, length: int) -> None:
+        """Make the first ``length`` bytes of chunk ``index`` durable and record them."""
+        if length >= self.chunk_range(index)[1]:
+            self.mark_done(index)
+        elif not self._state.done[index] and length > self._state.kept.get(index, 0):
+            self._state.kept[index] = length
 
     def complete(self) -> bool:
         """True when every chunk is durable."""

@@ -44,7 +44,7 @@ class Ingest(Protocol):
 
     @property
     def bytes_done(self) -> int:
-        """Bytes in chunks already durable."""
+        """Bytes already durable (whole chunks, and kept parts of others)."""
         ...
 
     def chunk_range(self, index: int) -> tuple[int, int]:
@@ -52,7 +52,11 @@ class Ingest(Protocol):
         ...
 
     def missing(self) -> list[int]:
-        """Indexes of chunks not yet durable."""
+        """Indexes of chunks not yet durable (whole)."""
+        ...
+
+    def resume_at(self, index: int) -> int:
+        """Leading bytes of chunk ``index`` already durable (all of it once done): where its fetch resumes."""
         ...
 
     def write(self, offset: int, data: bytes | memoryview | Sequence[bytes | memoryview]) -> None:
@@ -61,6 +65,11 @@ class Ingest(Protocol):
 
     def mark_done(self, index: int) -> None:
         """Make chunk ``index`` durable and record it."""
+        ...
+
+    def keep(self, index: int, length: int) -> None:
+        """Make the first ``length`` bytes of chunk ``index`` (written from its start) durable and record
+        them, so a later writer resumes after them: what an interrupted transfer keeps."""
         ...
 
     def complete(self) -> bool:

@@ -10,11 +10,22 @@ Guarantees:
   file (a few MiB buffered per stream, never a whole chunk or file); a chunk
   is recorded done only once durable, so a crash loses at most the chunks
   in flight.
-- Failures worth retrying (5xx, 429, resets, stalls) are retried per chunk
-  with exponential backoff and full jitter, honouring ``Retry-After``, and the
-  retry resumes at the byte where the previous attempt stopped. The stall
-  timeout is the sources' per-read timeout, so a hung connection cannot hang
-  a pull.
+- Failures worth retrying (5xx, 429, resets, stalls, bodies cut short) are
+  retried per chunk with exponential backoff and full jitter, honouring
+  ``Retry-After``, and the retry resumes at the byte where the previous
+  attempt stopped. The stall timeout is the sources' per-read timeout, so a
+  hung connection cannot hang a pull.
+- Interrupts keep what arrived: when the last caller waiting on a blob is
+  cancelled (Ctrl-C, SIGTERM, the daemon draining), every byte received for
+  it, partial chunks included and those in the reader's buffers, is written,
+  made durable and recorded (:meth:`Ingest.keep`) before the cancellation
+  goes on, so the next pull fetches only what never arrived. A write, fsync
+  or commit running in a thread is always waited for, never abandoned.
+- A source that answers a ranged GET with the whole blob (HTTP 200) switches
+  that blob to one sequential stream: the body is read once and every chunk
+  written as it passes, instead of N ranges that each restart at byte 0.
+- Bytes whose sha256 (or MD5) fails at commit are discarded and the blob is
+  fetched once more; if it is wrong again, the error stands.
 - Hashing, writes and fsync run in a thread pool: the event loop only moves
   bytes between sockets and threads.
 - Open files are bounded by the concurrency, not by the number of blobs:
@@ -32,18 +43,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from ..errors import Unavailable
+from ..errors import DigestMismatch, RangeIgnored, Unavailable
 from ..model import Blob
 from ..sources.base import ByteSource
+from ..sources.http import STREAMING
 from ..store.roles import Ingest, Ingester
 from .meter import RECEIVING, Meter
-from .routing import ChunkRouter
+from .routing import ChunkRouter, OriginOnly
 from .slots import FairSlots
 
 log = logging.getLogger(__name__)
@@ -94,6 +106,7 @@ class Engine:
         self.config = config or TransferConfig()
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._leases: dict[str, set[str]] = {}  # digest in flight -> leases of every pull waiting on it
+        self._waiting: Counter[str] = Counter()  # digest in flight -> fetch() calls waiting on it
         self._open = asyncio.Semaphore(2 * self.config.concurrency)
         self.learned: dict[str, str] = {}  # stand-in digest -> sha256, for every pull sharing this engine
         self._slots = FairSlots(self.config.concurrency)
@@ -104,7 +117,14 @@ class Engine:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def _io(self, fn: Callable, *args: object) -> object:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        """``fn(*args)`` in an I/O thread. Cancelled meanwhile, it waits for the call to end before the
+        cancellation goes on: a write, fsync or commit is never left running under a file about to close."""
+        call = asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            await asyncio.wait([call])
+            raise
 
     async def fetch(self, blobs: Sequence[Blob], router: ChunkRouter, *,
                     stats: TransferStats | None = None, progress: Progress | None = None,
@@ -114,6 +134,7 @@ class Engine:
         unique = {b.digest: b for b in blobs}
         stats.bytes_total += sum(b.size for b in unique.values())
         tasks = []
+        waited = []
         for blob in unique.values():
             if self.content.has(blob.digest):
                 stats.bytes_done += blob.size
@@ -126,11 +147,24 @@ class Engine:
                 self._inflight[blob.digest] = task
                 task.add_done_callback(self._forget)
             tasks.append(task)
+            waited.append(blob.digest)
+            self._waiting[blob.digest] += 1
         if progress:
             progress(stats)
         if tasks:
-            # shield: one caller giving up must not cancel a fetch others wait on.
-            results = await asyncio.gather(*(asyncio.shield(t) for t in tasks), return_exceptions=True)
+            try:
+                # shield: one caller giving up must not cancel a fetch others wait on...
+                results = await asyncio.gather(*(asyncio.shield(t) for t in tasks), return_exceptions=True)
+            except asyncio.CancelledError:
+                # ...but the last one to give up stops it, and waits while it keeps what arrived.
+                alone = [t for d, t in zip(waited, tasks, strict=True) if self._unwait(d) and not t.done()]
+                for t in alone:
+                    t.cancel()
+                if alone:
+                    await asyncio.wait(alone)
+                raise
+            for digest in waited:
+                self._unwait(digest)
             errors = [r for r in results if isinstance(r, BaseException)]
             if errors:
                 raise errors[0]
@@ -155,6 +189,14 @@ class Engine:
                 log.info("%s: %s; retry %d in %.1fs", what, e, attempt, delay)
                 await asyncio.sleep(delay)
 
+    def _unwait(self, digest: str) -> bool:
+        """One caller fewer waits on ``digest``; True if it was the last."""
+        self._waiting[digest] -= 1
+        if self._waiting[digest] > 0:
+            return False
+        del self._waiting[digest]
+        return True
+
     def _forget(self, task: asyncio.Task[None]) -> None:
         for digest, t in list(self._inflight.items()):
             if t is task:
@@ -168,32 +210,63 @@ class Engine:
 
     async def _fetch_open(self, blob: Blob, router: ChunkRouter, stats: TransferStats,
                           progress: Progress | None) -> None:
-        ingest = await self.content.open_ingest(blob, self.config.chunk_size)
-        if ingest is None:  # another process committed it meanwhile
-            stats.bytes_done += blob.size
-            stats.bytes_reused += blob.size
-            return
-        try:
-            resumed = ingest.bytes_done
-            stats.bytes_done += resumed
-            stats.bytes_reused += resumed
-            todo = deque(ingest.missing())
-            workers = [
-                asyncio.create_task(self._worker(ingest, todo, router, stats, progress))
-                for _ in range(min(self.config.concurrency, len(todo)))
-            ]
+        for attempt in (1, 2):  # bytes that fail their digest are fetched once more, then refused
+            ingest = await self.content.open_ingest(blob, self.config.chunk_size)
+            if ingest is None:  # another process committed it meanwhile
+                stats.bytes_done += blob.size
+                stats.bytes_reused += blob.size
+                return
             try:
-                await asyncio.gather(*workers)
-            except BaseException:
-                for w in workers:
-                    w.cancel()
-                await asyncio.gather(*workers, return_exceptions=True)
-                raise
-            await self._io(ingest.commit, tuple(self._leases.get(blob.digest, ())))
-            if not blob.verified:
-                stats.learned[blob.digest] = self.learned[blob.digest] = ingest.committed_as
+                resumed = ingest.bytes_done
+                stats.bytes_done += resumed
+                stats.bytes_reused += resumed
+                await self._fill(ingest, router, stats, progress)
+                try:
+                    await self._io(ingest.commit, tuple(self._leases.get(blob.digest, ())))
+                except DigestMismatch as e:  # commit discarded the bytes: none of them counts any more
+                    stats.bytes_done -= blob.size
+                    if attempt == 2:
+                        raise DigestMismatch(f"{e} (fetched twice)") from e
+                    log.info("%s; fetching it again", e)
+                    continue
+                if not blob.verified:
+                    stats.learned[blob.digest] = self.learned[blob.digest] = ingest.committed_as
+                return
+            finally:
+                ingest.close()
+
+    async def _fill(self, ingest: Ingest, router: ChunkRouter, stats: TransferStats,
+                    progress: Progress | None) -> None:
+        """Make every chunk of ``ingest`` durable: chunks in parallel, or one stream if ranges are ignored."""
+        todo = deque(ingest.missing())
+        workers = [
+            asyncio.create_task(self._worker(ingest, todo, router, stats, progress))
+            for _ in range(min(self.config.concurrency, len(todo)))
+        ]
+        try:
+            await asyncio.gather(*workers)
+        except _WholeBody as e:
+            await _stop(workers)
+            log.info("%s answers byte ranges with the whole blob: reading %s as one stream",
+                     e.source.name, ingest.blob.digest[:19])
+            await self._sequential(ingest, e.source, stats, progress)
+        except BaseException:
+            await _stop(workers)
+            raise
+
+    async def _sequential(self, ingest: Ingest, source: ByteSource, stats: TransferStats,
+                          progress: Progress | None) -> None:
+        """The chunks still missing, in order, from one body read once (reopened only after a failure)."""
+        body = _OneStream(source)
+        streaming = STREAMING.set(True)
+        try:
+            async with self._slots.slot(ingest.blob.digest):
+                for index in ingest.missing():
+                    await self._fetch_chunk(ingest, index, OriginOnly(body), stats, progress)
+                    await self._io(ingest.mark_done, index)
         finally:
-            ingest.close()
+            STREAMING.reset(streaming)
+            await body.close()
 
     async def _worker(self, ingest: Ingest, todo: deque[int], router: ChunkRouter,
                       stats: TransferStats, progress: Progress | None) -> None:
@@ -209,31 +282,50 @@ class Engine:
 
     async def _fetch_chunk(self, ingest: Ingest, index: int, router: ChunkRouter,
                            stats: TransferStats, progress: Progress | None) -> None:
-        """Write chunk ``index`` whole into the ingest (the caller makes it durable)."""
+        """Write chunk ``index`` whole into the ingest (the caller makes it durable).
+
+        It starts after the bytes of the chunk already durable. Cancelled, it
+        makes what it wrote durable and recorded before the cancellation goes on.
+        """
         blob = ingest.blob
         offset, length = ingest.chunk_range(index)
         if length == 0:  # an empty blob: nothing to ask anyone for
             return
-        got = 0
+        got = ingest.resume_at(index)
+        kept = got
         attempt = 0
         sources = list(router.sources(blob, index))
-        while True:
-            source = sources[attempt % len(sources)]
-            try:
-                got += await self._stream(ingest, source, offset + got, length - got, stats, progress)
-                if got != length:  # a source that ends early without saying so: retry the rest now
-                    raise Unavailable(f"{source.name}: range of {blob.digest[:19]} ended after {got} of {length} bytes")
-                break
-            except Unavailable as e:
-                if isinstance(e, _Partial):
-                    got += e.written
-                attempt += 1
-                if attempt > self.config.retries:
-                    raise Unavailable(f"{e} (gave up after {attempt} attempts)") from e
-                stats.chunks_retried += 1
-                delay = self._backoff(attempt, e.retry_after)
-                log.info("chunk %d of %s: %s; retry %d in %.1fs", index, blob.digest[:19], e, attempt, delay)
-                await asyncio.sleep(delay)
+        try:
+            while True:
+                source = sources[attempt % len(sources)]
+                try:
+                    got += await self._stream(ingest, source, offset + got, length - got, stats, progress)
+                    if got != length:  # a source that ends early without saying so: retry the rest now
+                        raise Unavailable(f"{source.name}: range of {blob.digest[:19]} ended after {got} "
+                                          f"of {length} bytes")
+                    break
+                except RangeIgnored as e:
+                    raise _WholeBody(source) from e
+                except Unavailable as e:
+                    if isinstance(e, _Partial):
+                        got += e.written
+                    attempt += 1
+                    if attempt > self.config.retries:
+                        raise Unavailable(f"{e} (gave up after {attempt} attempts)") from e
+                    stats.chunks_retried += 1
+                    delay = self._backoff(attempt, e.retry_after)
+                    log.info("chunk %d of %s: %s; retry %d in %.1fs", index, blob.digest[:19], e, attempt, delay)
+                    await asyncio.sleep(delay)
+        except asyncio.CancelledError as e:
+            if isinstance(e, _Interrupted):
+                got += e.written
+            if got > kept:
+                try:
+                    await self._io(ingest.keep, index, got)
+                except Exception as err:  # noqa: BLE001 - the cancellation matters more; the bytes are fetched again
+                    log.warning("chunk %d of %s: could not keep %d bytes received: %s",
+                                index, blob.digest[:19], got - kept, err)
+            raise
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -256,11 +348,16 @@ class Engine:
         loop = asyncio.get_running_loop()
         fetched = stats.fetched_by_source
 
+        async def settle() -> None:
+            # shield: a write cancelled mid-await still runs in its thread; wait for it to end.
+            nonlocal pending
+            if pending is not None:
+                await asyncio.shield(pending)
+                pending = None
+
         async def flush() -> None:
             nonlocal pieces, buffered, written, position, pending
-            if pending is not None:
-                await pending
-                pending = None
+            await settle()
             if buffered:
                 pending = loop.run_in_executor(self._pool, ingest.write, position, pieces)
                 position += buffered
@@ -286,19 +383,109 @@ class Engine:
                         progress(stats)
                 if not remaining:
                     break
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Cancelled inside the reader, which handed over what it held instead of raising
+                # (and the range happened to be complete): the cancellation still goes on.
+                raise asyncio.CancelledError
+        except RangeIgnored:
+            raise
         except Unavailable as e:
             await flush()
-            if pending is not None:
-                await pending
+            await settle()
             raise _Partial(written, e) from e
+        except asyncio.CancelledError as e:
+            # Interrupted: what arrived is written all the same, and the caller keeps it.
+            await flush()
+            await settle()
+            raise _Interrupted(written) from e
         finally:
             RECEIVING.reset(metering)
         await flush()
-        if pending is not None:
-            await pending
+        await settle()
         if progress:
             progress(stats)
         return written
+
+
+async def _stop(workers: Sequence[asyncio.Task[None]]) -> None:
+    """Cancel the workers not already being cancelled (a second cancel would cut their cleanup short); wait."""
+    for w in workers:
+        if not w.done() and not w.cancelling():
+            w.cancel()
+    await asyncio.gather(*workers, return_exceptions=True)
+
+
+class _WholeBody(Exception):
+    """A source answered a chunk's range with the whole blob: read the blob as one stream from it."""
+
+    def __init__(self, source: ByteSource) -> None:
+        super().__init__(source.name)
+        self.source = source
+
+
+class _Interrupted(asyncio.CancelledError):
+    """Cancelled after ``written`` bytes of the range were written (not yet durable)."""
+
+    def __init__(self, written: int) -> None:
+        super().__init__()
+        self.written = written
+
+
+class _OneStream:
+    """One body of a blob, read in order and handed out range by range (a ByteSource).
+
+    For a source that ignores Range: the first read opens one request for
+    the rest of the blob; each later read takes the next bytes of that body,
+    dropping any before its offset. A read at an offset already passed, or
+    after the body failed, opens a new request there.
+    """
+
+    def __init__(self, source: ByteSource) -> None:
+        self.name = source.name
+        self._source = source
+        self._body: AsyncIterator[bytes | memoryview] | None = None
+        self._at = 0  # blob offset of the body's next byte
+        self._left: memoryview | None = None  # bytes received past the last range handed out
+
+    async def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes | memoryview]:
+        """The next ``length`` bytes at ``offset``, from the one body."""
+        if self._body is None or offset < self._at:
+            await self.close()
+            self._body = aiter(self._source.read(blob, offset, blob.size - offset))
+            self._at, self._left = offset, None
+        remaining = length
+        try:
+            while remaining:
+                if self._left is not None:
+                    piece, self._left = self._left, None
+                else:
+                    try:
+                        piece = memoryview(await anext(self._body))
+                    except StopAsyncIteration:
+                        raise Unavailable(f"{self.name}: body of {blob.digest[:19]} ended at byte {self._at}") from None
+                if self._at < offset:  # bytes before this range (already durable): passed over
+                    drop = min(len(piece), offset - self._at)
+                    piece, self._at = piece[drop:], self._at + drop
+                take = piece[:remaining]
+                if len(piece) > remaining:
+                    self._left = piece[remaining:]
+                self._at += len(take)
+                remaining -= len(take)
+                if take:
+                    yield take
+        except GeneratorExit:
+            raise  # the caller took all it asked for: the body goes on for the next range
+        except BaseException:
+            self._body = None  # broken, or cut short: the next read asks again from its offset
+            raise
+
+    async def close(self) -> None:
+        """Drop the body."""
+        body, self._body = self._body, None
+        aclose = getattr(body, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 class _Partial(Unavailable):

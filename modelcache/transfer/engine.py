@@ -124,6 +124,8 @@ class Engine:
             return await asyncio.shield(call)
         except asyncio.CancelledError:
             await asyncio.wait([call])
+            if not call.cancelled() and call.exception() is not None:  # retrieved: the cancellation goes on
+                log.info("%s, interrupted: %s", getattr(fn, "__name__", fn), call.exception())
             raise
 
     async def fetch(self, blobs: Sequence[Blob], router: ChunkRouter, *,
@@ -383,6 +385,8 @@ class Engine:
                         progress(stats)
                 if not remaining:
                     break
+            await flush()
+            await settle()
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 # Cancelled inside the reader, which handed over what it held instead of raising
@@ -401,8 +405,6 @@ class Engine:
             raise _Interrupted(written) from e
         finally:
             RECEIVING.reset(metering)
-        await flush()
-        await settle()
         if progress:
             progress(stats)
         return written

@@ -523,3 +523,75 @@ def test_bytes_failing_their_digest_are_fetched_once_more(content: ContentStore)
     assert twice.requested() == 2 * len(data)
     assert_absent(content, blob)
     assert not (content.ingest_dir / blob.hex).exists()
+
+
+class HangupSource(MemorySource):
+    """Like the lean reader: a buffer is being filled ahead while the caller writes the last piece; when
+    the caller hangs up (modelcache.transfer.hangup), it yields what that buffer holds, then fails."""
+
+    def __init__(self, data: dict[str, bytes], *, piece: int, ahead: int) -> None:
+        super().__init__(data)
+        self.piece, self.ahead = piece, ahead
+        self.hung_up = asyncio.Event()
+
+    async def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes]:
+        """Whole pieces, until hung up; then the ``ahead`` bytes 'received' so far, then an error."""
+        from modelcache.transfer.hangup import HANGUP
+
+        self.requests.append((blob.digest, offset, length))
+        data = self.data[blob.digest]
+        hangup = HANGUP.get()
+        assert hangup is not None, "the engine sets a hangup for every range it reads"
+        hangup.add(self.hung_up.set)
+        try:
+            at = offset
+            while at < offset + length:
+                yield data[at:at + self.piece]
+                at += self.piece
+                if self.hung_up.is_set():
+                    yield data[at:at + self.ahead]
+                    raise Unavailable("connection closed")
+        finally:
+            hangup.discard(self.hung_up.set)
+
+
+def test_cancel_during_a_write_takes_what_the_reader_holds(content: ContentStore, monkeypatch) -> None:
+    """Cancelled while waiting on its own write (not on the reader): the engine hangs up, and the bytes
+    the reader had received into its next buffer are written and kept too."""
+    from modelcache.store.content import BlobIngest, read_partial
+    from modelcache.transfer.engine import WRITE_BLOCK
+
+    data = os.urandom(4 * WRITE_BLOCK)
+    blob = blob_of(data)
+    source = HangupSource({blob.digest: data}, piece=WRITE_BLOCK, ahead=12_345)
+    loop = asyncio.new_event_loop()
+    writing = asyncio.Event()
+    slow_write = BlobIngest.write
+
+    def write(self, offset, pieces):  # noqa: ANN001 - the second write of the range waits, as a slow disk would
+        if offset >= WRITE_BLOCK:
+            loop.call_soon_threadsafe(writing.set)
+            time.sleep(0.3)
+        return slow_write(self, offset, pieces)
+
+    monkeypatch.setattr(BlobIngest, "write", write)
+
+    async def go() -> None:
+        engine = Engine(content, config(chunk_size=len(data), concurrency=1))
+        try:
+            task = asyncio.create_task(engine.fetch([blob], OriginOnly(source)))
+            await asyncio.wait_for(writing.wait(), 10)
+            task.cancel()  # while the engine waits on that write: the reader is suspended, not cancelled
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            engine.close()
+
+    try:
+        loop.run_until_complete(go())
+    finally:
+        loop.close()
+    assert source.hung_up.is_set()
+    # Three whole pieces (written, being written when cancelled, handed over and waiting for that
+    # write) and what the reader held in its next buffer.
+    assert read_partial(content.ingest_dir / blob.hex, len(data), len(data)) == {0: 3 * WRITE_BLOCK + 12_345}

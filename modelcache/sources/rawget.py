@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from ..errors import ModelCacheError, Unavailable
+from ..transfer.hangup import HANGUP
 from ..transfer.meter import RECEIVING, Cell, Meter
 from .http import connection_failure
 
@@ -62,12 +63,16 @@ class RawResponse:
         (having all it asked for) still leaves it reusable. Bytes received
         before a failure are yielded before the error is raised, so a retry
         can resume after them; so are bytes received before a cancellation
-        (the connection is dropped first), which is raised at the next read.
+        (the connection is dropped first), which is raised at the next read,
+        and before the caller hangs up (:mod:`modelcache.transfer.hangup`).
         """
         assert self._conn is not None and self.content_length is not None
         conn, self._conn = self._conn, None
         pool = conn.pool
         meter = RECEIVING.get()
+        hangup = HANGUP.get()  # how the caller drops this connection to end the body early
+        if hangup is not None:
+            hangup.add(conn.abort)
         done = False
         ahead = None  # (the fill running in a thread, the buffer it fills, its meter cell)
         try:
@@ -109,6 +114,8 @@ class RawResponse:
                 conn.abort()
             raise
         finally:
+            if hangup is not None:
+                hangup.discard(conn.abort)
             if ahead is not None and meter is not None:
                 meter.close(ahead[2])
 

@@ -41,6 +41,7 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections import Counter, deque
@@ -54,6 +55,7 @@ from ..model import Blob
 from ..sources.base import ByteSource
 from ..sources.http import STREAMING
 from ..store.roles import Ingest, Ingester
+from .hangup import HANGUP, Hangup
 from .meter import RECEIVING, Meter
 from .routing import ChunkRouter, OriginOnly
 from .slots import FairSlots
@@ -367,18 +369,29 @@ class Engine:
                 pieces, buffered = [], 0
 
         remaining = length
+
+        def take(piece: bytes | memoryview) -> None:
+            nonlocal remaining, buffered
+            if len(piece) >= remaining:  # never write past the range, whatever the source sends
+                piece = piece[:remaining]
+            remaining -= len(piece)
+            pieces.append(piece)
+            buffered += len(piece)
+            n = len(piece)
+            stats.bytes_done += n
+            stats.bytes_fetched += n
+            fetched[source.name] = fetched.get(source.name, 0) + n
+
         metering = RECEIVING.set(stats.receiving)  # readers count bytes as they arrive, for progress
+        hangup = HANGUP.get()  # one per reading task: a body can outlive one range (_OneStream)
+        hanging = None
+        if hangup is None:
+            hangup = Hangup()
+            hanging = HANGUP.set(hangup)
+        body = aiter(source.read(ingest.blob, offset, length))
         try:
-            async for piece in source.read(ingest.blob, offset, length):
-                if len(piece) >= remaining:  # never write past the range, whatever the source sends
-                    piece = piece[:remaining]
-                remaining -= len(piece)
-                pieces.append(piece)
-                buffered += len(piece)
-                n = len(piece)
-                stats.bytes_done += n
-                stats.bytes_fetched += n
-                fetched[source.name] = fetched.get(source.name, 0) + n
+            async for piece in body:
+                take(piece)
                 if buffered >= WRITE_BLOCK:
                     await flush()
                     if progress:
@@ -399,12 +412,20 @@ class Engine:
             await settle()
             raise _Partial(written, e) from e
         except asyncio.CancelledError as e:
-            # Interrupted: what arrived is written all the same, and the caller keeps it.
+            # Interrupted: what arrived is written all the same, and the caller keeps it. Cancelled
+            # while we waited on a write, the reader is still filling a buffer: hang up, take what it has.
+            if hangup.armed():
+                hangup.now()
+                with contextlib.suppress(Exception):  # the reader ends with an error, by design
+                    while remaining:
+                        take(await anext(body))
             await flush()
             await settle()
             raise _Interrupted(written) from e
         finally:
             RECEIVING.reset(metering)
+            if hanging is not None:
+                HANGUP.reset(hanging)
         if progress:
             progress(stats)
         return written

@@ -6,6 +6,7 @@ On disk, under one root (one filesystem, so renames and hardlinks are atomic)::
       blobs/sha256/<hex>        complete, verified, immutable (0444) file contents
       ingest/<hex>/data         a blob being downloaded (never preallocated: sizes are claims)
       ingest/<hex>/chunks       which fixed-size chunks of data are durable (1 byte each)
+      ingest/<hex>/partial      durable leading bytes of chunks not done (what an interrupt kept)
       ingest/<hex>.lock         flock held by the one process writing that blob
       ingest/tmp-<pid>.<start>-*  files being unpacked from a layer, named once hashed
       views/<hex>/...           a model's tree: hardlinks to blobs, dirs 0555

@@ -168,6 +168,7 @@ class FaultProxy(BackgroundServer):
         self._faults: list[Fault] = []
         self._upload_faults: list[tuple[str, Fault]] = []  # (method, fault)
         self._lock = threading.Lock()
+        self._held = threading.Event()  # set: blob GETs wait before answering (see hold)
         self._next_slot = 0.0
         self._session: aiohttp.ClientSession | None = None
 
@@ -189,6 +190,14 @@ class FaultProxy(BackgroundServer):
         """The upload PATCH/PUTs so far; ``bytes`` is the body bytes forwarded to the registry."""
         with self._lock:
             return [e for e in self.events if e.method in ("PATCH", "PUT") and "/blobs/uploads/" in e.path]
+
+    def hold(self, held: bool = True) -> None:
+        """Make blob GETs wait (until ``hold(False)`` or the proxy closes) before they are answered:
+        lets a test line up several clients before any byte flows, without guessing at timings."""
+        if held:
+            self._held.set()
+        else:
+            self._held.clear()
 
     def pending_faults(self) -> int:
         """Faults queued but not yet used."""
@@ -243,6 +252,10 @@ class FaultProxy(BackgroundServer):
             event.end = time.monotonic()
 
     async def _answer(self, request: web.Request, event: Event) -> web.StreamResponse:
+        assert self.closing is not None
+        # Polled: hold() is called from the test's thread, where an asyncio.Event must not be set.
+        while self._held.is_set() and self.blobs in event.path and not self.closing.is_set():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
         fault = event.fault
         if fault and fault.kind == "status":
             event.status = fault.status

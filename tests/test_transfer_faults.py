@@ -411,9 +411,15 @@ def test_two_processes_download_each_byte_once(registry, store: Path) -> None:
     _push_modelpack(registry, "faults/twice", files)
     with FaultProxy(registry.host, rate=8 * MiB) as proxy:
         cmd = _cmd(store, f"oci://{proxy.host}/faults/twice:v1", "-q")
+        # No blob byte flows until both processes have resolved: they overlap however slowly each starts
+        # (under load the second one could start after the first had finished: the flake this replaces).
+        proxy.hold()
         procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for _ in range(2)]
         try:
+            _wait_for(lambda: len([e for e in proxy.requests("/manifests/") if e.method == "GET"]) >= 2, None,
+                      "both processes resolved", timeout=60)
+            proxy.hold(False)
             outs = [p.communicate(timeout=60) for p in procs]
         finally:
             for p in procs:

@@ -595,3 +595,32 @@ def test_cancel_during_a_write_takes_what_the_reader_holds(content: ContentStore
     # Three whole pieces (written, being written when cancelled, handed over and waiting for that
     # write) and what the reader held in its next buffer.
     assert read_partial(content.ingest_dir / blob.hex, len(data), len(data)) == {0: 3 * WRITE_BLOCK + 12_345}
+
+
+def test_a_fetch_asked_while_another_is_being_stopped_starts_anew(content: ContentStore) -> None:
+    """The last caller of a blob gives up (its fetch stops, keeping what arrived); a caller asking for
+    the blob meanwhile gets a new fetch that resumes there, not the cancellation of the old one."""
+    data = os.urandom(4 * CHUNK)
+    blob = blob_of(data)
+    slow = TricklingSource({blob.digest: data}, delay=0.01)
+
+    async def go() -> TransferStats:
+        engine = Engine(content, config())
+        try:
+            first = asyncio.create_task(engine.fetch([blob], OriginOnly(slow)))
+            for _ in range(500):
+                if slow.served >= 4 * PIECE:
+                    break
+                await asyncio.sleep(0.01)
+            first.cancel()
+            await asyncio.sleep(0)  # the first caller is cancelled and is stopping its fetch
+            second = asyncio.create_task(engine.fetch([blob], OriginOnly(MemorySource.of(data))))
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            return await second
+        finally:
+            engine.close()
+
+    stats = asyncio.run(go())
+    assert_committed(content, data)
+    assert 0 < stats.bytes_reused < len(data)

@@ -146,7 +146,7 @@ class Engine:
                 continue
             self._leases.setdefault(blob.digest, set()).update(leases)
             task = self._inflight.get(blob.digest)
-            if task is None:
+            if task is None or task.cancelling():  # one being stopped keeps what arrived; a new one resumes
                 task = asyncio.create_task(self._fetch_blob(blob, router, stats, progress))
                 self._inflight[blob.digest] = task
                 task.add_done_callback(self._forget)

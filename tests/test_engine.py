@@ -624,3 +624,28 @@ def test_a_fetch_asked_while_another_is_being_stopped_starts_anew(content: Conte
     stats = asyncio.run(go())
     assert_committed(content, data)
     assert 0 < stats.bytes_reused < len(data)
+
+
+def test_cancel_while_waiting_to_retry_keeps_the_bytes_of_the_failed_try(content: ContentStore) -> None:
+    """A try that fails after two pieces, then a cancel while the retry waits: those pieces are kept."""
+    from modelcache.store.content import read_partial
+
+    data = os.urandom(CHUNK)
+    blob = blob_of(data)
+    source = MemorySource.of(data, faults=[(2 * PIECE, Unavailable("HTTP 503", retry_after=30))])
+
+    async def go() -> None:
+        engine = Engine(content, config(retries=3))
+        try:
+            task = asyncio.create_task(engine.fetch([blob], OriginOnly(source)))
+            await asyncio.sleep(0.3)  # the try fails at once (pieces from memory); the retry waits up to 30 s
+            assert len(source.requests) == 1 and not task.done()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            engine.close()
+
+    asyncio.run(go())
+    assert len(source.requests) == 1
+    assert read_partial(content.ingest_dir / blob.hex, len(data), CHUNK) == {0: 2 * PIECE}

@@ -289,48 +289,51 @@ class Engine:
                            stats: TransferStats, progress: Progress | None) -> None:
         """Write chunk ``index`` whole into the ingest (the caller makes it durable).
 
-        It starts after the bytes of the chunk already durable. Cancelled, it
-        makes what it wrote durable and recorded before the cancellation goes on.
+        It starts after the bytes of the chunk already durable; cancelled, what
+        it wrote is kept (in :meth:`_stream`, or here while it waits to retry).
         """
         blob = ingest.blob
         offset, length = ingest.chunk_range(index)
         if length == 0:  # an empty blob: nothing to ask anyone for
             return
         got = ingest.resume_at(index)
-        kept = got
         attempt = 0
         sources = list(router.sources(blob, index))
-        try:
-            while True:
-                source = sources[attempt % len(sources)]
+        while True:
+            source = sources[attempt % len(sources)]
+            try:
+                got += await self._stream(ingest, source, offset + got, length - got, stats, progress)
+                if got != length:  # a source that ends early without saying so: retry the rest now
+                    raise Unavailable(f"{source.name}: range of {blob.digest[:19]} ended after {got} of {length} bytes")
+                break
+            except RangeIgnored as e:
+                raise _WholeBody(source) from e
+            except Unavailable as e:
+                if isinstance(e, _Partial):
+                    got += e.written
+                attempt += 1
+                if attempt > self.config.retries:
+                    raise Unavailable(f"{e} (gave up after {attempt} attempts)") from e
+                stats.chunks_retried += 1
+                delay = self._backoff(attempt, e.retry_after)
+                log.info("chunk %d of %s: %s; retry %d in %.1fs", index, blob.digest[:19], e, attempt, delay)
                 try:
-                    got += await self._stream(ingest, source, offset + got, length - got, stats, progress)
-                    if got != length:  # a source that ends early without saying so: retry the rest now
-                        raise Unavailable(f"{source.name}: range of {blob.digest[:19]} ended after {got} "
-                                          f"of {length} bytes")
-                    break
-                except RangeIgnored as e:
-                    raise _WholeBody(source) from e
-                except Unavailable as e:
-                    if isinstance(e, _Partial):
-                        got += e.written
-                    attempt += 1
-                    if attempt > self.config.retries:
-                        raise Unavailable(f"{e} (gave up after {attempt} attempts)") from e
-                    stats.chunks_retried += 1
-                    delay = self._backoff(attempt, e.retry_after)
-                    log.info("chunk %d of %s: %s; retry %d in %.1fs", index, blob.digest[:19], e, attempt, delay)
                     await asyncio.sleep(delay)
-        except asyncio.CancelledError as e:
-            if isinstance(e, _Interrupted):
-                got += e.written
-            if got > kept:
-                try:
-                    await self._io(ingest.keep, index, got)
-                except Exception as err:  # noqa: BLE001 - the cancellation matters more; the bytes are fetched again
-                    log.warning("chunk %d of %s: could not keep %d bytes received: %s",
-                                index, blob.digest[:19], got - kept, err)
-            raise
+                except asyncio.CancelledError:
+                    await self._keep(ingest, index, offset + got)
+                    raise
+
+    async def _keep(self, ingest: Ingest, index: int, end: int) -> None:
+        """Interrupted: make chunk ``index``'s bytes, written from its start up to blob offset ``end``,
+        durable and recorded, so the next pull resumes there (best effort: the cancellation matters
+        more, and bytes not kept are fetched again)."""
+        start, _ = ingest.chunk_range(index)
+        if end <= start + ingest.resume_at(index):
+            return
+        try:
+            await self._io(ingest.keep, index, end - start)
+        except Exception as err:  # noqa: BLE001 - see above
+            log.warning("chunk %d of %s: could not keep the bytes received: %s", index, ingest.blob.digest[:19], err)
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -412,8 +415,8 @@ class Engine:
             await flush()
             await settle()
             raise _Partial(written, e) from e
-        except asyncio.CancelledError as e:
-            # Interrupted: what arrived is written all the same, and the caller keeps it. Cancelled
+        except asyncio.CancelledError:
+            # Interrupted: what arrived is written all the same, and kept. Cancelled
             # while we waited on a write, the reader is still filling a buffer: hang up, take what it has.
             if hangup.armed():
                 hangup.now()
@@ -422,7 +425,9 @@ class Engine:
                         take(await anext(body))
             await flush()
             await settle()
-            raise _Interrupted(written) from e
+            # The range lies in one chunk, written from its start up to here (earlier tries included).
+            await self._keep(ingest, offset // max(1, ingest.chunk_range(0)[1]), offset + written)
+            raise
         finally:
             RECEIVING.reset(metering)
             if hanging is not None:
@@ -446,14 +451,6 @@ class _WholeBody(Exception):
     def __init__(self, source: ByteSource) -> None:
         super().__init__(source.name)
         self.source = source
-
-
-class _Interrupted(asyncio.CancelledError):
-    """Cancelled after ``written`` bytes of the range were written (not yet durable)."""
-
-    def __init__(self, written: int) -> None:
-        super().__init__()
-        self.written = written
 
 
 class _Partial(Unavailable):

@@ -154,7 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="re-hash every blob; report corrupt ones")
     verify.add_argument("--json", action="store_true", default=_env_bool("json"), help="print JSON")
     verify.add_argument("--delete", action="store_true", default=_env_bool("delete"),
-                        help="delete corrupt blobs so the next pull fetches them again")
+                        help="delete corrupt blobs (and drop, or move aside if mounted, their models' views) "
+                             "so the next pull fetches them again")
+    verify.add_argument("--sha256", action="store_true", default=_env_bool("sha256"),
+                        help="check every blob's sha256 (default: the xxh3 recorded at commit where there is "
+                             "one, which is faster; sha256 for the rest)")
 
     gc = sub.add_parser("gc", help="evict least recently used models (never pinned or mounted ones)")
     gc.add_argument("--max-size", type=_size_or_zero, default=_env("max_size"),
@@ -220,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep committed blobs under SIZE, evicting LRU models no one holds (default: no limit)")
     serve.add_argument("--min-free", type=_free, default=_env("min_free"),
                        help="keep SIZE or PERCENT%% of the store's filesystem free, the same way (default: no limit)")
+    serve.add_argument("--scrub-rate", type=_size_or_zero, default=_env("scrub_rate", "50M"),
+                       metavar="BYTES_PER_SEC", help="re-check committed blobs in the background at most this "
+                                                     "fast (default %(default)s; 0: no scrub)")
+    serve.add_argument("--scrub-interval", type=_seconds_or_zero, default=_env("scrub_interval", "86400"),
+                       metavar="SECONDS", help="rest between two scrub passes (default %(default)s)")
     _transfer_flags(serve, with_filters=False, quiet=False)
 
     demo = sub.add_parser("demo", help="make a demo model as an OCI layout and pull it (no network)")
@@ -384,7 +393,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 async def _cmd_verify(args: argparse.Namespace) -> int:
-    from .store.content import hash_file
+    from .store.scrub import verify
 
     store = _open_store(args)
     try:
@@ -392,19 +401,13 @@ async def _cmd_verify(args: argparse.Namespace) -> int:
         limit = asyncio.Semaphore(os.cpu_count() or 2)
 
         async def check(digest: str) -> dict | None:
+            # A blob removed beside us (gc) is gone, not corrupt (store.scrub).
             async with limit:
-                try:
-                    actual = await asyncio.to_thread(hash_file, store.content.path(digest))
-                except FileNotFoundError:  # removed by gc beside us: gone, not corrupt
-                    return None
-            if actual == digest:
-                return None
-            views = await asyncio.to_thread(store.index.blob_users, digest)
-            return {"blob": digest, "actual": actual, "views": views, "deleted": bool(args.delete)}
+                found = await asyncio.to_thread(verify, store, digest, sha256=bool(args.sha256),
+                                                delete=bool(args.delete))
+            return found.as_json() if found else None
 
         corrupt = [c for c in await asyncio.gather(*(check(d) for d in digests)) if c]
-        if args.delete:
-            await asyncio.to_thread(_delete_corrupt, store, corrupt)
     finally:
         store.close()
     if args.json:
@@ -415,27 +418,6 @@ async def _cmd_verify(args: argparse.Namespace) -> int:
                   f"{' - deleted' if c['deleted'] else ''}")
         print(f"checked {len(digests)} blobs: {len(corrupt)} corrupt")
     return 5 if corrupt else 0
-
-
-def _delete_corrupt(store, corrupt: list[dict]) -> None:
-    """Delete corrupt blobs and the views made of them.
-
-    A view's files are hardlinks to the blobs' own inodes, so a view that
-    used a corrupt blob holds the same bad bytes: it goes too, or the next
-    pull would fetch the blob again and hand back the old, corrupt view
-    (views are named by their listing, so a rebuild lands on the same path).
-    A mounted view is not deleted under its pod: it is renamed aside to
-    ``views/.corrupt-*`` (the bind mount follows the directory), removed by
-    gc once unmounted, and reported. Rows go before trees (Store.drop_view).
-    """
-    mounted = {view for lease in store.index.leases("mount") for view in lease.views}
-    for c in corrupt:
-        c["moved_aside"] = []
-        for view in c["views"]:
-            _, aside = store.drop_view(view, unless_held=False, aside=view in mounted)
-            if aside is not None:
-                c["moved_aside"].append(str(aside))
-        store.content.delete(c["blob"])
 
 
 def _transfer_options(args: argparse.Namespace):
@@ -468,6 +450,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                           transfer=transfer, sources=sources, auth=auth, budget=budget,
                           mount_credential_check=str(args.mount_credential_check),
                           mount_credential_ttl=float(args.mount_credential_ttl), max_pulls=int(args.max_pulls),
+                          scrub_rate=_size_or_zero(str(args.scrub_rate)),
+                          scrub_interval=_seconds_or_zero(str(args.scrub_interval)),
                           allow_local=tuple(Path(p).expanduser() for p in args.allow_local))
     asyncio.run(run(config))
     return 0

@@ -28,6 +28,7 @@ from .refs import S3Ref, parse
 from .sources import SourceOptions, open_source
 from .store import Store, liveness
 from .store.budget import Budget, reserve
+from .store.crash import crash_point
 from .store.unpack import Row, rows_to_layer
 from .transfer import ChunkRouter, Engine, OriginOnly, TransferStats
 from .transfer.engine import Progress
@@ -64,7 +65,9 @@ async def pull(store: Store, engine: Engine, ref_text: str, *, filters: Filters 
     lease = f"pull:{owner}:{secrets.token_hex(8)}"
     await asyncio.to_thread(store.index.add_lease, lease, kind="pull", owner=owner, process=liveness.me())
     try:
+        crash_point("pull-leased")
         model = await engine.retry(f"resolving {ref}", source.resolve)
+        crash_point("resolved")
         spans = {p.blob.digest: (p.origin, p.offset) for p in model.parts
                  if isinstance(p, FileEntry) and p.origin is not None}
         origin = WithinOrigin(source, spans) if spans else source
@@ -98,6 +101,7 @@ async def materialize(store: Store, engine: Engine, model: Model, router: ChunkR
         # Held before looking whether they are here: gc either removed them already (we fetch them)
         # or sees our lease and keeps them.
         await asyncio.to_thread(store.index.hold, lease, blobs=[b.digest for b in needed])
+        crash_point("blobs-held")
         if budget is not None:
             missing = {b.digest: b.size for b in needed if not store.content.has(b.digest)}
             await asyncio.to_thread(reserve, store, budget, lease, sum(missing.values()))
@@ -142,6 +146,7 @@ async def materialize(store: Store, engine: Engine, model: Model, router: ChunkR
         view="sha256:" + path.name, size=size, files=count,
         blobs=[n.digest for n in selected if n.kind == "file"],
     )
+    crash_point("view-recorded")
     return PullResult(ref=model.ref, model_digest=model.digest, path=path, files=count, size=size,
                       stats=stats, seconds=time.monotonic() - started)
 

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ..store.scrub import Corrupt, Verdict
 from ..transfer import TransferStats
 
 _KINDS = ("oci", "oci-layout", "s3", "hf", "file")
@@ -59,6 +60,23 @@ class Metrics:
                                          "NodePublishVolume latency (warm mounts should stay in the first buckets).",
                                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2, 10, 60, 300),
                                          registry=self.registry)
+
+        self.scrubbed = Counter("modelcache_scrub_blobs", "Blobs the background scrub checked.",
+                                ["algorithm"], registry=self.registry)
+        self.scrubbed_bytes = Counter("modelcache_scrub_bytes", "Bytes the background scrub read.",
+                                      registry=self.registry)
+        self.corrupt = Counter("modelcache_scrub_corrupt", "Corrupt blobs the scrub found and took out of service.",
+                               registry=self.registry)
+
+    def record_scrub(self, verdict: Verdict) -> None:
+        """Account one blob checked by the scrub (one that vanished under it is not counted)."""
+        if verdict.state != "gone":
+            self.scrubbed.labels(algorithm=verdict.algorithm).inc()
+            self.scrubbed_bytes.inc(verdict.size)
+
+    def record_corrupt(self, corrupt: Corrupt) -> None:
+        """Account one corrupt blob taken out of service."""
+        self.corrupt.inc()
 
     def add_gauges(self, used: Callable[[], int], free_path: str, mounts: Callable[[], int]) -> None:
         """Register the scrape-time gauges."""

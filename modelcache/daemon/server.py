@@ -12,6 +12,10 @@ every pull job in one task group. On SIGTERM/SIGINT it drains:
    against the next daemon), and calls in flight get a short grace;
 3. the HTTP server closes, then the engine and the store.
 
+The background scrub (:class:`~modelcache.store.scrub.Scrubber`, at most
+``--scrub-rate`` bytes/s) runs in the same task group and is cancelled at
+the start of the drain.
+
 Nothing else in the daemon package knows about more than its own job; this
 module is the one place that knows all of them.
 """
@@ -35,6 +39,7 @@ from ..errors import InvalidReference
 from ..sources import SourceCredentials, SourceOptions
 from ..store import Store
 from ..store.budget import Budget, enforce
+from ..store.scrub import Scrubber
 from ..transfer import Engine, TransferConfig
 from ..tree import Filters
 from . import csisocket
@@ -69,6 +74,8 @@ class DaemonConfig:
     allow_local: tuple[Path, ...] = ()  # host directories pulls and volumes may name; none by default
     max_pulls: int = 16  # pull jobs queued or running at once; past it, 429 / RESOURCE_EXHAUSTED
     budget: Budget = field(default_factory=Budget)
+    scrub_rate: int = 50 << 20  # bytes/s the background scrub reads at most; 0: no scrub
+    scrub_interval: float = 86400.0  # seconds between two scrub passes
 
 
 class Daemon:
@@ -89,6 +96,8 @@ class Daemon:
         self.ready = asyncio.Event()
         self.csi_socket: tuple[int, int] | None = None  # (device, inode) of the socket we bound
         self.metrics.add_gauges(self.store.disk_usage, str(self.store.root), self.mounts.active)
+        self.scrubber = Scrubber(self.store, config.scrub_rate, config.scrub_interval,
+                                 on_verdict=self.metrics.record_scrub, on_corrupt=self.metrics.record_corrupt)
 
     def csi_alive(self) -> bool:
         """True while the CSI socket at the configured path is ours and answers (blocks up to a second)."""
@@ -173,6 +182,7 @@ async def _serve(daemon: Daemon, config: DaemonConfig, stop: asyncio.Event) -> N
         try:
             async with asyncio.TaskGroup() as tasks:
                 daemon.pulls.spawn = tasks.create_task
+                scrub = tasks.create_task(daemon.scrubber.run()) if config.scrub_rate > 0 else None
                 daemon.ready.set()
                 log.info("serving HTTP on %s and CSI on %s as node %s",
                             config.listen, config.csi_socket, config.node_name)
@@ -180,6 +190,8 @@ async def _serve(daemon: Daemon, config: DaemonConfig, stop: asyncio.Event) -> N
                 daemon.ready.clear()
                 daemon.pulls.accepting = False
                 log.info("draining: no new work; running pulls keep their chunks for resume")
+                if scrub is not None:
+                    scrub.cancel()  # at most one block is still being read, in its thread
                 await asyncio.gather(csi.stop(CSI_GRACE), daemon.pulls.drain())
         finally:
             await http.cleanup()

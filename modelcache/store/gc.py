@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import liveness
+from .crash import crash_point
 from .store import Store
 from .views import TMP, TRASH, aside_owner, detach, remove_tree
 
@@ -54,7 +55,9 @@ def collect(store: Store, *, max_bytes: int | None = None, ingest_max_age: float
     """
     report = GcReport()
     report.leases_expired = store.index.expire_leases()
+    crash_point("gc-leases-expired")
     remove_leftovers(store, report)
+    crash_point("gc-leftovers-removed")
     if max_bytes is not None:
         evict(store, max_bytes, report)
     _remove_unmounted_corrupt_views(store, report)
@@ -86,6 +89,7 @@ def evict(store: Store, max_bytes: int, report: GcReport) -> None:
             report.views_removed.append(view)
             used -= frees
     if report.views_removed:
+        crash_point("gc-evicted")
         sweep_blobs(store, report)
 
 
@@ -111,6 +115,7 @@ def sweep_blobs(store: Store, report: GcReport) -> None:
             if st.st_nlink > 1:
                 return None
             path.unlink()
+            crash_point("gc-blob-unlinked")  # the row goes when the transaction commits
             return st.st_size
 
         freed = store.index.remove_blob_unless_held(digest, unlink)

@@ -5,7 +5,10 @@ Leases are the only roots (see :mod:`modelcache.store`). One pass:
 1. leases of processes that are gone expire;
 2. what dead or interrupted work left is removed: ``views/.del-*`` (views
    already forgotten), ``views/.tmp-*`` and ``ingest/tmp-*`` whose writing
-   process is gone, and views built but never recorded that no lease holds;
+   process is gone, views built but never recorded that no lease holds, and
+   ingests of blobs already committed that no writer holds (one killed
+   between linking the blob and cleaning up: its data is a second link to
+   the blob, which would pass for a view's for ever);
 3. with a budget, least recently used views no lease holds are evicted until
    the blobs fit (a view's rows go first, its tree is renamed out of
    ``views/`` in the same transaction, then deleted);
@@ -27,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import Conflict
 from . import liveness
 from .crash import crash_point
 from .store import Store
@@ -145,6 +149,13 @@ def remove_leftovers(store: Store, report: GcReport) -> None:
     for entry in os.scandir(store.content.ingest_dir):
         if entry.name.startswith("tmp-") and not liveness.tmp_owner_alive(entry.name[4:]):
             os.unlink(entry.path)
+            report.orphans_removed.append("ingest/" + entry.name)
+        elif len(entry.name) == 64 and entry.is_dir() and store.content.has("sha256:" + entry.name):
+            # Committed, its writer killed before cleaning up (step 2 above); skipped while one holds it.
+            try:
+                store.content.abort("sha256:" + entry.name)
+            except Conflict:
+                continue
             report.orphans_removed.append("ingest/" + entry.name)
 
 

@@ -146,12 +146,16 @@ import sys, time
 from pathlib import Path
 from modelcache.store import Store
 from modelcache.store.gc import collect
+from modelcache.store.scrub import verify
 store_dir, stop, budget = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 deadline, runs = time.monotonic() + 180, 0
 while not stop.exists() and time.monotonic() < deadline:
     store = Store(store_dir)
     try:
-        collect(store, max_bytes=None if budget == "none" else int(budget))
+        if budget == "verify":  # verify --delete: nothing is corrupt, so nothing may go
+            assert not [d for d in list(store.content.digests()) if verify(store, d, delete=True)]
+        else:
+            collect(store, max_bytes=None if budget == "none" else int(budget))
     finally:
         store.close()
     runs += 1
@@ -162,7 +166,7 @@ print(runs)
 
 
 def test_gc_loop_beside_daemon_pulls_and_mounts(tmp_path: Path) -> None:
-    """A gc loop in another process (plain, then with a 1-byte budget) while the daemon pulls models via
+    """A gc loop in another process (plain, with a 1-byte budget, or verify --delete) while the daemon pulls via
     POST /v1/pulls and mounts others via CSI, several rounds: every pull ends done and byte-exact, and a mounted
     view reads whole, every time it is read, until it is unmounted."""
     from daemon_support import publish_request, start_daemon, unmount_all_below
@@ -173,7 +177,7 @@ def test_gc_loop_beside_daemon_pulls_and_mounts(tmp_path: Path) -> None:
     daemon = start_daemon(tmp_path / "node", "--allow-local", str(models), "--scrub-rate", "0",
                           "--chunk-size", "32K", "--concurrency", "2")
     try:
-        for rnd, budget in enumerate(("none", "1", "none", "1")):
+        for rnd, budget in enumerate(("none", "1", "verify", "1", "none")):
             pulled, mounted = (_model(models / f"r{rnd}-{kind}", 100 + 2 * rnd + i, files=40, size=96 << 10)
                                for i, kind in enumerate(("pulled", "mounted")))
             want_pulled, want_mounted = tree_digests(pulled), tree_digests(mounted)
@@ -194,7 +198,7 @@ def test_gc_loop_beside_daemon_pulls_and_mounts(tmp_path: Path) -> None:
                 done = daemon.wait_pull(job["id"], timeout=120)
                 assert done["state"] == "done", done
                 view = Path(done["path"])
-                if budget == "none":
+                if budget != "1":
                     assert tree_digests(view) == want_pulled
                 else:  # evicting everything unleased may take the view once its pull is done
                     assert not view.exists() or tree_digests(view) == want_pulled

@@ -35,7 +35,7 @@ POINTS = (
     "gc-blob-unlinked",       # gc: a blob unlinked inside its transaction, the row not yet deleted
     "gc-evicted",             # gc: views evicted, their blobs not yet swept
     "verify-found",           # verify / scrub: a corrupt blob found, nothing taken out of service yet
-    "blob-deleted",           # verify / scrub: a corrupt blob unlinked, not yet uncounted
+    "blob-deleted",           # verify / scrub (and unpack dropping its archive): a blob unlinked, not yet uncounted
     "mount-leased",           # daemon: a volume's mount lease taken, not yet bind-mounted
 )
 

@@ -90,6 +90,14 @@ def test_a_view_is_handed_out_leased(tmp_path: Path) -> None:
         store.close()
 
 
+def _whole_or_gone(view: Path, want: dict[str, str]) -> bool:
+    """An unleased view may be evicted at any moment, even while it is read: what was read is the whole tree,
+    unless the view is gone by the end of the read (it leaves views/ in one rename, so while it is there it
+    is whole)."""
+    got = tree_digests(view)
+    return got == want or not view.exists()
+
+
 def _hammer(store_dir: Path, mode: str, stop: threading.Event, errors: list[BaseException]) -> None:
     """Until told to stop: gc in-process (plain, or with a 1-byte budget) as often as it goes, each time
     through a store opened afresh as another process would; or `modelcache verify --delete` as a process."""
@@ -133,7 +141,7 @@ def test_gc_and_verify_beside_running_pulls(tmp_path: Path) -> None:
             assert proc.returncode == 0, (mode, err)
             view = Path(out.split()[-1])
             if mode == "gc-max-1":  # evicting everything unleased may take the view once its pull is done
-                assert not view.exists() or tree_digests(view) == want, mode
+                assert _whole_or_gone(view, want), mode
             else:
                 assert tree_digests(view) == want, mode
     # Nothing left half-done: no temp trees, no trash, every recorded view whole.
@@ -201,7 +209,7 @@ def test_gc_loop_beside_daemon_pulls_and_mounts(tmp_path: Path) -> None:
                 if budget != "1":
                     assert tree_digests(view) == want_pulled
                 else:  # evicting everything unleased may take the view once its pull is done
-                    assert not view.exists() or tree_digests(view) == want_pulled
+                    assert _whole_or_gone(view, want_pulled)
                 assert tree_digests(target) == want_mounted
             finally:
                 stop.touch()

@@ -228,3 +228,20 @@ def test_pod_example_prefers_warm_nodes() -> None:
     [volume] = pod["spec"]["volumes"]
     assert volume["csi"]["volumeAttributes"]["model"] == prewarm["spec"]["model"]
     assert pod["metadata"]["namespace"] == prewarm["metadata"]["namespace"]
+
+
+def test_autoscalers_can_scale_the_count() -> None:
+    """HPA and KEDA scale a ModelPrewarm's count (README: autoscalers): the CRD serves /scale on spec.count."""
+    crd = _crds().get((GROUP, KIND))
+    if crd is None:
+        pytest.skip("no CustomResourceDefinition for ModelPrewarm under daemonset/ yet "
+                    "(crd-modelprewarm.yaml comes with the pre-warm controller)")
+    [served] = [v for v in crd["spec"]["versions"] if v["name"] == VERSION]
+    scale = served.get("subresources", {}).get("scale") or {}
+    assert scale.get("specReplicasPath") == ".spec.count", "add subresources.scale to the CRD (README: autoscalers)"
+    assert scale.get("statusReplicasPath") == ".status.ready"
+    # "Must be set to work with HorizontalPodAutoscaler" (CustomResourceSubresourceScale): a string selector.
+    path = scale.get("labelSelectorPath", "")
+    assert path.startswith(".status."), "the HPA needs labelSelectorPath (a label selector string in status)"
+    status_schema = served["schema"]["openAPIV3Schema"]["properties"]["status"]
+    assert status_schema["properties"][path.split(".")[2]]["type"] == "string"

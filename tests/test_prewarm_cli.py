@@ -9,6 +9,7 @@ writing status into the store while ``--wait`` watches.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -379,3 +380,47 @@ def test_refusals_are_one_line(tmp_path: Path, kube: FakeKubernetes, store: Prew
         bad = _run(tmp_path, *args)
         assert bad.returncode == 2 and message in bad.stderr, (args, bad.stderr)
     assert len(kube.requests) == before
+
+
+def test_wait_draws_a_bar_per_node_on_a_terminal(tmp_path: Path, store: PrewarmStore) -> None:
+    """stderr a terminal: a rich progress bar per node (bytes done of total, state), not lines."""
+    import pty
+    import select
+
+    assert _run(tmp_path, MODEL, "--name", "llama").returncode == 0
+    store.set_status("default", "llama", {"observedGeneration": 1, "ready": 1, "desired": 2, "nodes": [
+        _node("node-a", "Ready", 2 << 30, 2 << 30), _node("node-b", "Pulling", 1 << 30, 2 << 30)]})
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "modelcache", "prewarm", MODEL, "--name", "llama", "--wait",
+                             "--interval", "0.1", "--kubeconfig", str(tmp_path / "kubeconfig")],
+                            stdout=subprocess.PIPE, stderr=slave, text=True, env=_env(tmp_path, COLUMNS="100"))
+    os.close(slave)
+    drawn = b""
+    try:
+        def read_some() -> bytes:
+            nonlocal drawn
+            if select.select([master], [], [], 0.1)[0]:
+                with contextlib.suppress(OSError):
+                    drawn += os.read(master, 65536)
+            return drawn
+
+        _until(lambda: b"node-b" in read_some() and b"Pulling" in drawn, "the bars")
+        store.set_status("default", "llama", {"observedGeneration": 1, "ready": 2, "desired": 2, "nodes": [
+            _node("node-a", "Ready", 2 << 30, 2 << 30), _node("node-b", "Ready", 2 << 30, 2 << 30)],
+            "conditions": [{"type": "Ready", "status": "True"}]})
+        out, _ = proc.communicate(timeout=60)
+        for _ in range(20):  # what rich drew last, after the process ended
+            if not select.select([master], [], [], 0.1)[0]:
+                break
+            with contextlib.suppress(OSError):
+                chunk = os.read(master, 65536)
+                if not chunk:
+                    break
+                drawn += chunk
+    finally:
+        proc.kill()
+        os.close(master)
+    text = drawn.decode(errors="replace")
+    assert proc.returncode == 0 and "Ready on 2/2 nodes" in out
+    assert "1.0/2.0 GiB" in text and "2.0/2.0 GiB" in text  # rich's DownloadColumn, binary units
+    assert "\x1b[" in text and "node-a  Ready" not in text  # drawn as a live display, not as lines

@@ -65,13 +65,13 @@ def name_arg(text: str) -> str:
     return text
 
 
-def selector_arg(text: str) -> tuple[str, str]:
+def parse_selector(text: str) -> tuple[str, str]:
     """``KEY=VALUE`` of a node label (the label syntax of the Kubernetes API conventions)."""
     key, sep, value = text.partition("=")
     prefix, _, name = key.rpartition("/")
     if (not sep or len(name) > 63 or not _LABEL_NAME_RE.fullmatch(name) or len(value) > 63
             or not _LABEL_VALUE_RE.fullmatch(value) or (prefix and not _NAME_RE.fullmatch(prefix))):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a node label as KEY=VALUE")
+        raise InvalidReference(f"--selector {text!r}: expected a node label as KEY=VALUE")
     return key, value
 
 
@@ -215,6 +215,7 @@ def _api_error(e: Any, what: str) -> ModelCacheError:
 def crd_installed(target: Target) -> bool:
     """Whether the API server serves ``modelprewarms`` in ``modelcache.io/v1alpha1`` (discovery)."""
     from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
 
     try:
         found = target.api.get_api_resources(GROUP, VERSION, _request_timeout=REQUEST_TIMEOUT)
@@ -222,6 +223,8 @@ def crd_installed(target: Target) -> bool:
         if e.status == 404:
             return False
         return True  # cannot tell (e.g. 403 on discovery): let the original error speak
+    except (HTTPError, OSError):
+        return True  # the same
     return any(r.name == PLURAL for r in (found.resources or []))
 
 
@@ -385,8 +388,8 @@ def add_parser(sub: Any, env: Callable[..., object], env_list: Callable[[str], l
                    help="namespace (default: the kubeconfig context's, else default)")
     p.add_argument("--kubeconfig", default=env("kubeconfig"), metavar="PATH",
                    help="default: $KUBECONFIG, ~/.kube/config, or the in-cluster config")
-    p.add_argument("--selector", action="append", type=selector_arg, metavar="KEY=VALUE",
-                   default=[selector_arg(s) for s in env_list("selector")],
+    # Checked in run(), so a bad MODELCACHE_SELECTOR is a usage error there, not a crash building the parser.
+    p.add_argument("--selector", action="append", metavar="KEY=VALUE", default=env_list("selector"),
                    help="only nodes with this label (repeatable: all must match); default: every node")
     p.add_argument("--count", type=positive, default=env("count"),
                    help="warm exactly N of the matching nodes (default: all of them)")
@@ -426,7 +429,8 @@ def run(args: argparse.Namespace, stdout: TextIO = sys.stdout, stderr: TextIO = 
     if not args.name:
         raise InvalidReference("prewarm REF needs --name NAME (the ModelPrewarm's name)")
     check_ref(args.ref)
-    spec = build_spec(args.ref, include=args.include, exclude=args.exclude, selector=args.selector,
+    selector = [parse_selector(text) for text in args.selector]
+    spec = build_spec(args.ref, include=args.include, exclude=args.exclude, selector=selector,
                       count=int(args.count) if args.count is not None else None, pin=not args.no_pin)
     _, outcome = apply(target, args.name, spec)
     print(f"{PLURAL}.{GROUP}/{args.name} {outcome} in {target.namespace}", file=stdout, flush=True)

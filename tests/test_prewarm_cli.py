@@ -376,7 +376,9 @@ def test_refusals_are_one_line(tmp_path: Path, kube: FakeKubernetes, store: Prew
     for args, message in (([MODEL], "needs --name"), (["models/llama", "--name", "x"], "give its scheme"),
                           (["oci://Registry/UPPER", "--name", "x"], "oci://"),
                           ([MODEL, "--name", "Bad_Name"], "--name"), ([MODEL, "--name", "x", "--count", "0"], "--count"),
-                          ([MODEL, "--name", "x", "--list"], "not REF and --list")):
+                          ([MODEL, "--name", "x", "--list"], "not REF and --list"),
+                          ([MODEL, "--name", "x", "--selector", "pool"], "KEY=VALUE"),
+                          ([MODEL, "--name", "x", "--selector", "-bad=x"], "KEY=VALUE")):
         bad = _run(tmp_path, *args)
         assert bad.returncode == 2 and message in bad.stderr, (args, bad.stderr)
     assert len(kube.requests) == before
@@ -424,3 +426,17 @@ def test_wait_draws_a_bar_per_node_on_a_terminal(tmp_path: Path, store: PrewarmS
     assert proc.returncode == 0 and "Ready on 2/2 nodes" in out
     assert "1.0/2.0 GiB" in text and "2.0/2.0 GiB" in text  # rich's DownloadColumn, binary units
     assert "\x1b[" in text and "node-a  Ready" not in text  # drawn as a live display, not as lines
+
+
+def test_flags_from_the_environment(tmp_path: Path, store: PrewarmStore) -> None:
+    """MODELCACHE_<FLAG> for each flag: kubeconfig, name, namespace, selector list, count, no-pin."""
+    env = _env(tmp_path, MODELCACHE_KUBECONFIG=str(tmp_path / "kubeconfig"), MODELCACHE_NAME="llama",
+               MODELCACHE_NAMESPACE="ml", MODELCACHE_SELECTOR="pool=gpu,zone=a", MODELCACHE_COUNT="2",
+               MODELCACHE_NO_PIN="1")
+    out = _run(tmp_path, MODEL, env=env, kubeconfig=False)
+    assert out.returncode == 0, out.stderr
+    obj = store.get("ml", "llama")
+    assert obj is not None and obj["spec"] == {"model": MODEL, "pin": False, "count": 2,
+                                               "nodeSelector": {"matchLabels": {"pool": "gpu", "zone": "a"}}}
+    bad = _run(tmp_path, MODEL, env={**env, "MODELCACHE_SELECTOR": "pool"}, kubeconfig=False)
+    assert bad.returncode == 2 and "--selector 'pool'" in bad.stderr

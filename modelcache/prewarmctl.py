@@ -93,7 +93,11 @@ def check_ref(text: str) -> None:
 
 def build_spec(model: str, *, include: Sequence[str] = (), exclude: Sequence[str] = (),
                selector: Sequence[tuple[str, str]] = (), count: int | None = None, pin: bool = True) -> dict:
-    """The resource's ``spec``: only what was asked for, so defaults stay the CRD's."""
+    """The resource's ``spec``: what was asked for, and ``pin`` always.
+
+    ``pin`` is written even at its default (true) because the API server fills defaults in:
+    left out, the stored spec would differ from ours and every re-run would rewrite it.
+    """
     spec: dict[str, Any] = {"model": model, "pin": pin}
     if include:
         spec["include"] = list(include)

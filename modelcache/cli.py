@@ -228,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--files", type=_positive, default=_env("files", 4), help="number of weight files")
     demo.add_argument("--dir", default=_env("dir"), help="where to write the layout (default: a temp dir)")
     _transfer_flags(demo, with_filters=False)
+
+    from .prewarmctl import add_parser as add_prewarm
+
+    add_prewarm(sub, _env, _env_list, _env_bool, _positive, _seconds)
     for command in sub.choices.values():
         _global_flags(command)
     _log_flags(sub.choices["serve"])
@@ -287,6 +291,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_gc(args)
         if args.command == "demo":
             return asyncio.run(_cmd_demo(args))
+        if args.command == "prewarm":
+            from .prewarmctl import run as prewarm
+
+            return prewarm(args)
     except ModelCacheError as e:
         print(f"modelcache: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -88,9 +88,8 @@ class FakeKubernetes:
         self._connections: set[socket.socket] = set()
         self.route("POST", "/apis/authentication.k8s.io/v1/tokenreviews", self._token_review)
         self.route("POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", self._access_review)
-        self.objects = Objects()
-        for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
-            self.route(method, PATH, self.objects.serve)
+        self.objects = Objects()  # answers what no route does (routes added by tests come first)
+        self._objects_path = re.compile(PATH)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -174,6 +173,9 @@ class FakeKubernetes:
             match = pattern.fullmatch(request.path)
             if match and method == request.method:
                 return handler(dataclasses.replace(request, match=match))
+        match = self._objects_path.fullmatch(request.path)
+        if match:
+            return self.objects.serve(dataclasses.replace(request, match=match))
         if any(p.fullmatch(request.path) for _, p, _ in self._routes):
             return status(405, "MethodNotAllowed", f"{request.method} is not supported on {request.path}")
         return status(404, "NotFound", f"the server could not find the requested resource ({request.path})")

@@ -214,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--prewarm-resync", type=_seconds, default=_env("prewarm_resync", "300"), metavar="SECONDS",
                        help="reconcile every ModelPrewarm this often, checking warm models are still on disk "
                             "(default %(default)s)")
+    serve.add_argument("--prewarm-progress", type=_seconds, default=_env("prewarm_progress", "10"), metavar="SECONDS",
+                       help="how often a pulling node updates its bytes in a ModelPrewarm's status "
+                            "(default %(default)s)")
     serve.add_argument("--lease-duration", type=_seconds, default=_env("lease_duration", "15"), metavar="SECONDS",
                        help="the leader Lease's duration (renewed every fifth of it; default %(default)s)")
     serve.add_argument("--api-auth-cache-ttl", type=_seconds_or_zero, default=_env("api_auth_cache_ttl", "10"),
@@ -480,7 +483,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         prewarm = PrewarmConfig(kubeconfig=kubeconfig, namespace=str(args.prewarm_namespace),
                                 startup_taint=args.startup_taint or None,
                                 startup_timeout=float(args.startup_timeout), resync=float(args.prewarm_resync),
-                                lease_duration=float(args.lease_duration))
+                                lease_duration=float(args.lease_duration),
+                                progress_interval=float(args.prewarm_progress))
     elif args.startup_taint:
         raise InvalidReference("--startup-taint needs the pre-warm controller (--prewarm on)")
     elif kubeconfig is not None and mode != "kubernetes":

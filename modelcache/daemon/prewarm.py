@@ -79,7 +79,7 @@ class PrewarmConfig:
     resync: float = 300.0  # seconds between full requeues (and checks that Ready models are still on disk)
     lease_duration: float = 15.0
     retry_failed: float = 30.0
-    progress_interval: float = 2.0  # seconds between Pulling status updates
+    progress_interval: float = 10.0  # seconds between Pulling status updates (each is a write to the object)
     watch_timeout: int = 300
 
 
@@ -124,6 +124,7 @@ class Warm:
     digest: str | None = None
     job: PullJob | None = None
     reason: str = ""
+    retry_at: float = 0.0  # monotonic time before which a Failed model is not pulled again
 
 
 def _now() -> str:
@@ -300,6 +301,8 @@ class PrewarmController:
     async def _advance(self, key: str, warm: Warm) -> None:
         """Move a model that is not Ready along: find it in the store, or start, follow and finish its pull."""
         job = warm.job
+        if job is None and warm.state == "Failed" and time.monotonic() < warm.retry_at:
+            return  # our own status write woke us: the retry is scheduled already
         if job is None:
             try:
                 canonical = await self.pulls.admit(warm.model)
@@ -313,8 +316,7 @@ class PrewarmController:
                 self._later(e.retry_after or 5.0, key)
                 return
             except ModelCacheError as e:
-                warm.state, warm.reason = "Failed", str(e)
-                self._later(self.config.retry_failed, key)
+                self._failed(key, warm, str(e))
                 return
             assert self._tasks is not None
             self._tasks.create_task(self._follow(key, job))
@@ -330,8 +332,12 @@ class PrewarmController:
             log.info("pre-warm %s: %s is warm on node %s", key, warm.model, self.node)
         else:
             warm.job = None
-            warm.state, warm.reason = "Failed", str(job.error or "the pull failed")
-            self._later(self.config.retry_failed, key)
+            self._failed(key, warm, str(job.error or "the pull failed"))
+
+    def _failed(self, key: str, warm: Warm, reason: str) -> None:
+        warm.state, warm.reason = "Failed", reason
+        warm.retry_at = time.monotonic() + self.config.retry_failed
+        self._later(self.config.retry_failed, key)
 
     async def _follow(self, key: str, job: PullJob) -> None:
         """Requeue ``key`` every progress interval while its pull runs (Pulling bytes), and once it ends."""

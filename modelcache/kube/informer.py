@@ -103,12 +103,16 @@ class Informer:
                 while not self._stopped.is_set():
                     version = self._watch_from(version)
             except ApiException as e:
+                if self._stopped.is_set():
+                    return
                 if e.status == 410:  # compacted history: list again (client-go's relist)
                     log.info("watch of %s expired (410 Gone): listing again", self.name)
                     continue
                 log.warning("list/watch of %s failed: %s %s; retrying in %.0fs", self.name, e.status, e.reason,
                             delay)
             except Exception as e:  # the API unreachable, a bad answer: retry, never die
+                if self._stopped.is_set():  # stop() shut the watch's socket
+                    return
                 log.warning("list/watch of %s failed: %s: %s; retrying in %.0fs", self.name, type(e).__name__,
                             e, delay)
             self._stopped.wait(delay)

@@ -8,7 +8,10 @@ models come from the suite's real registry. Each daemon runs with
 
 from __future__ import annotations
 
+import hashlib
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -259,3 +262,33 @@ def test_restart_in_the_middle_of_a_pull(cluster: Cluster, registry) -> None:
     assert fetched < 2 * len(DATA)  # resumed: what the first run fetched was kept
     label = c.status("resumed")["nodeLabel"]
     wait_for("the label", lambda: c.warm_labels("node-a") == {label})
+
+
+def test_label_follows_the_disk_when_verification_deletes_the_model(cluster: Cluster, registry) -> None:
+    """A pinned model that fails verification (`modelcache verify --delete`) loses its label at the next
+    check, and is pulled again, so the label comes back only once the files are good."""
+    c = cluster
+    data = os.urandom(1 << 20)
+    ref = _push(registry, "prewarm/verify", data)
+    c.node("node-a")
+    c.prewarm("checked", ref)
+    daemon = c.start("node-a")
+    wait_for("Ready", _ready(c, "checked", 1))
+    label = c.status("checked")["nodeLabel"]
+    wait_for("the label", lambda: c.warm_labels("node-a") == {label})
+
+    blob = daemon.store / "blobs" / "sha256" / hashlib.sha256(data).hexdigest()
+    with open(blob, "r+b") as f:  # bit rot (root writes through the 0444 mode)
+        f.write(bytes([data[0] ^ 0xFF]))
+    verify = subprocess.run([sys.executable, "-m", "modelcache", "verify", "--delete", "--store", str(daemon.store)],
+                            capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 5, verify.stdout + verify.stderr
+
+    def label_removed() -> bool:
+        return any(r.method == "PATCH" and r.path == "/api/v1/nodes/node-a"
+                   and (r.body or {}).get("metadata", {}).get("labels", {}).get(label, "x") is None
+                   for r in c.fake.requests)
+
+    wait_for("the label removed", label_removed, timeout=30)
+    wait_for("pulled again and labelled", lambda: c.warm_labels("node-a") == {label} and _ready(c, "checked", 1)())
+    assert hashlib.sha256(blob.read_bytes()).hexdigest() == hashlib.sha256(data).hexdigest()

@@ -288,6 +288,7 @@ class PrewarmController:
             log.warning("pre-warm %s: %s is no longer on disk (evicted or failed verification): pulling again",
                         key, model)
             warm.state, warm.view, warm.digest = "Pending", None, None
+            await self._sync_labels()  # the label goes now, not after the pull that puts the files back
         if warm.state != "Ready":
             await self._advance(key, warm)
         if warm.state == "Ready":

@@ -16,9 +16,11 @@ Objects of any resource (Nodes, Namespaces, Leases, EndpointSlices, ModelPrewarm
 and more registered on :attr:`FakeKubernetes.objects`) are kept by the generic
 store of :mod:`fake_k8s_objects`: list, watch (resource versions, bookmarks, 410
 Gone), create, replace, patch, delete, the status subresource and 409 Conflicts.
-Other answers plug in as more routes: a handler takes a :class:`FakeRequest`
-and returns a status and a JSON body (or a :class:`fake_k8s_objects.Stream`). Requests must carry the kubeconfig's bearer token, as a real
-API server would insist; anything else is a 401 Status.
+Other answers plug in as more routes, which come first: a handler takes a
+:class:`FakeRequest` and returns a status and a JSON body (or a
+:class:`fake_k8s_objects.Stream`, written as chunked JSON lines). Requests
+must carry the kubeconfig's bearer token, as a real API server would insist;
+anything else is a 401 Status.
 
 The answers follow the shapes of the Kubernetes API reference (TokenReview
 and SubjectAccessReview status; ``Status`` objects for errors), and the tests

@@ -246,8 +246,9 @@ class PrewarmController:
     def chosen(self, obj: dict) -> list[str]:
         """The nodes ``obj`` chooses, from the node cache."""
         spec = obj.get("spec") or {}
-        matching = [n["metadata"]["name"] for n in self.nodes.items().values()
-                    if selector.matches(spec.get("nodeSelector"), n["metadata"].get("labels"))]
+        wanted = spec.get("nodeSelector")
+        matching = [name for name in self.nodes.each(
+            lambda n: n["metadata"]["name"] if selector.matches(wanted, n["metadata"].get("labels")) else None) if name]
         count = spec.get("count")
         return rendezvous.choose(str(spec.get("model", "")), matching, int(count) if count else None)
 

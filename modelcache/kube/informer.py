@@ -82,6 +82,11 @@ class Informer:
         with self._lock:
             return copy.deepcopy(self._cache)
 
+    def each(self, fn: Callable[[dict], Any]) -> list[Any]:
+        """``fn`` of every cached object, under the lock and without copies (``fn`` must not keep or change them)."""
+        with self._lock:
+            return [fn(obj) for obj in self._cache.values()]
+
     def keys(self) -> list[str]:
         with self._lock:
             return sorted(self._cache)

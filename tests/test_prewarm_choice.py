@@ -112,3 +112,12 @@ def test_serve_refuses_prewarm_flags_that_cannot_work(tmp_path: Path) -> None:
     assert out.returncode == 2 and "MODELCACHE_PREWARM" in out.stderr
     out = _serve(tmp_path, "--kubeconfig", str(tmp_path / "k"), "--prewarm", "off")
     assert out.returncode == 2 and "--kubeconfig is for" in out.stderr
+
+
+def test_example_prewarm_uses_only_fields_of_the_crd() -> None:
+    [crd] = [d for d in yaml.safe_load_all((ROOT / "crd-modelprewarm.yaml").read_text()) if d]
+    fields = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    [example] = [d for d in yaml.safe_load_all((ROOT / "examples" / "modelprewarm.yaml").read_text()) if d]
+    assert example["apiVersion"] == names.API_VERSION and example["kind"] == names.KIND
+    assert example["spec"]["model"] and set(example["spec"]) <= set(fields)
+    assert set(example["spec"]["nodeSelector"]) <= set(fields["nodeSelector"]["properties"])

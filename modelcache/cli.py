@@ -199,7 +199,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help="token mode: the bearer token callers send (default: <store>/api-token, made on "
                             "first start, mode 0600)")
     serve.add_argument("--kubeconfig", default=_env("kubeconfig"), metavar="PATH",
-                       help="kubernetes mode: the API server to review tokens with (default: in-cluster config)")
+                       help="the Kubernetes API server: for kubernetes mode's reviews and the pre-warm controller "
+                            "(default: in-cluster config)")
+    serve.add_argument("--prewarm", choices=("on", "off"), default=_env("prewarm"),
+                       help="run the ModelPrewarm controller: pull, pin and label what the node is chosen for "
+                            "(default: on with --kubeconfig or inside a cluster, else off)")
+    serve.add_argument("--prewarm-namespace", default=_env("prewarm_namespace", ""), metavar="NAMESPACE",
+                       help="namespace of the Lease that picks the daemon writing aggregate status "
+                            "(default: the pod's own, else modelcache-system)")
+    serve.add_argument("--startup-taint", default=_env("startup_taint"), metavar="KEY",
+                       help="remove this taint from the node once every ModelPrewarm choosing it is Ready here")
+    serve.add_argument("--startup-timeout", type=_seconds, default=_env("startup_timeout", "600"),
+                       metavar="SECONDS", help="remove the startup taint after this long anyway (default %(default)s)")
+    serve.add_argument("--prewarm-resync", type=_seconds, default=_env("prewarm_resync", "300"), metavar="SECONDS",
+                       help="reconcile every ModelPrewarm this often, checking warm models are still on disk "
+                            "(default %(default)s)")
+    serve.add_argument("--prewarm-progress", type=_seconds, default=_env("prewarm_progress", "10"), metavar="SECONDS",
+                       help="how often a pulling node updates its bytes in a ModelPrewarm's status "
+                            "(default %(default)s)")
+    serve.add_argument("--lease-duration", type=_seconds, default=_env("lease_duration", "15"), metavar="SECONDS",
+                       help="the leader Lease's duration (renewed every fifth of it; default %(default)s)")
     serve.add_argument("--api-auth-cache-ttl", type=_seconds_or_zero, default=_env("api_auth_cache_ttl", "10"),
                        metavar="SECONDS", help="kubernetes mode: seconds a review's answer is reused, yes or no "
                                                "(default %(default)s; 0: review every request)")
@@ -458,13 +477,29 @@ def _transfer_options(args: argparse.Namespace):
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .daemon.auth import AuthConfig, default_mode
+    from .daemon.prewarm import PrewarmConfig, prewarm_default
     from .daemon.server import DaemonConfig, run
     from .store.budget import Budget
 
     transfer, sources = _transfer_options(args)
-    auth = AuthConfig(mode=str(args.api_auth or default_mode()),
+    mode = str(args.api_auth or default_mode())
+    kubeconfig = Path(args.kubeconfig).expanduser() if args.kubeconfig else None
+    if args.prewarm not in (None, "on", "off"):
+        raise InvalidReference(f"MODELCACHE_PREWARM={args.prewarm!r}: expected on or off")
+    prewarm = None
+    if args.prewarm == "on" or (args.prewarm is None and prewarm_default(args.kubeconfig)):
+        prewarm = PrewarmConfig(kubeconfig=kubeconfig, namespace=str(args.prewarm_namespace),
+                                startup_taint=args.startup_taint or None,
+                                startup_timeout=float(args.startup_timeout), resync=float(args.prewarm_resync),
+                                lease_duration=float(args.lease_duration),
+                                progress_interval=float(args.prewarm_progress))
+    elif args.startup_taint:
+        raise InvalidReference("--startup-taint needs the pre-warm controller (--prewarm on)")
+    elif kubeconfig is not None and mode != "kubernetes":
+        raise InvalidReference(f"--kubeconfig is for --api-auth kubernetes or --prewarm on, not {mode} alone")
+    auth = AuthConfig(mode=mode,
                       token_file=Path(args.api_token_file).expanduser() if args.api_token_file else None,
-                      kubeconfig=Path(args.kubeconfig).expanduser() if args.kubeconfig else None,
+                      kubeconfig=kubeconfig if mode == "kubernetes" else None,
                       cache_ttl=float(args.api_auth_cache_ttl))
     # Values from the environment arrive as text: parse them as the flags would be.
     max_size = None if args.max_size is None else _size(str(args.max_size))
@@ -476,7 +511,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                           transfer=transfer, sources=sources, auth=auth, budget=budget,
                           mount_credential_check=str(args.mount_credential_check),
                           mount_credential_ttl=float(args.mount_credential_ttl), max_pulls=int(args.max_pulls),
-                          allow_local=tuple(Path(p).expanduser() for p in args.allow_local))
+                          allow_local=tuple(Path(p).expanduser() for p in args.allow_local), prewarm=prewarm)
     asyncio.run(run(config))
     return 0
 

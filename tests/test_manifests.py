@@ -102,7 +102,8 @@ def test_daemon_may_create_reviews_and_nothing_more_of_them() -> None:
     review = {(g, r, v) for g, r, v in grants if g in ("authentication.k8s.io", "authorization.k8s.io")}
     assert review == {("authentication.k8s.io", "tokenreviews", "create"),
                       ("authorization.k8s.io", "subjectaccessreviews", "create")}
-    assert not any(g == "modelcache.io" for g, _, _ in grants)  # the daemon grants itself no API rights
+    # The daemon grants itself no rights on its own HTTP API (pulls, pins, models): only ModelPrewarms.
+    assert {r for g, r, _ in grants if g == "modelcache.io"} <= {"modelprewarms", "modelprewarms/status"}
 
 
 def test_prewarmer_role_covers_every_api_route() -> None:

@@ -45,6 +45,7 @@ from .auth import build as build_auth
 from .metrics import Metrics
 from .mounts import Mounts
 from .policy import RefPolicy
+from .prewarm import PrewarmConfig, PrewarmController, load_client
 from .pulls import PullManager
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class DaemonConfig:
     allow_local: tuple[Path, ...] = ()  # host directories pulls and volumes may name; none by default
     max_pulls: int = 16  # pull jobs queued or running at once; past it, 429 / RESOURCE_EXHAUSTED
     budget: Budget = field(default_factory=Budget)
+    prewarm: PrewarmConfig | None = None  # the ModelPrewarm controller; None: off
 
 
 class Daemon:
@@ -77,6 +79,7 @@ class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
         self.auth = build_auth(config.auth, config.store)  # first: a bad token file or kubeconfig opens nothing
+        self._kube = load_client(config.prewarm.kubeconfig) if config.prewarm is not None else None
         self.store = Store(config.store)
         self.engine = Engine(self.store.content, config.transfer)
         self.metrics = Metrics()
@@ -86,6 +89,9 @@ class Daemon:
                                      ttl=config.mount_credential_ttl)
         self.pulls.budget = config.budget
         self.mounts = Mounts(self.store)
+        self.prewarm: PrewarmController | None = None
+        if config.prewarm is not None:
+            self.prewarm = PrewarmController(config.prewarm, config.node_name, self.pulls, self._kube)
         self.ready = asyncio.Event()
         self.csi_socket: tuple[int, int] | None = None  # (device, inode) of the socket we bound
         self.metrics.add_gauges(self.store.disk_usage, str(self.store.root), self.mounts.active)
@@ -99,6 +105,8 @@ class Daemon:
         self.engine.close()
         self.store.close()
         self.auth.close()
+        if self._kube is not None:
+            self._kube.close()
 
     # -- what the CSI node service needs (csi.servicer.Backend) -----------------
 
@@ -173,6 +181,7 @@ async def _serve(daemon: Daemon, config: DaemonConfig, stop: asyncio.Event) -> N
         try:
             async with asyncio.TaskGroup() as tasks:
                 daemon.pulls.spawn = tasks.create_task
+                prewarm = tasks.create_task(daemon.prewarm.run()) if daemon.prewarm is not None else None
                 daemon.ready.set()
                 log.info("serving HTTP on %s and CSI on %s as node %s",
                             config.listen, config.csi_socket, config.node_name)
@@ -180,6 +189,8 @@ async def _serve(daemon: Daemon, config: DaemonConfig, stop: asyncio.Event) -> N
                 daemon.ready.clear()
                 daemon.pulls.accepting = False
                 log.info("draining: no new work; running pulls keep their chunks for resume")
+                if prewarm is not None:  # first: it would start pulls; it gives its Lease up as it stops
+                    prewarm.cancel()
                 await asyncio.gather(csi.stop(CSI_GRACE), daemon.pulls.drain())
         finally:
             await http.cleanup()

@@ -132,6 +132,7 @@ def test_resource_before_the_daemon_conflicts_and_deletion(cluster: Cluster, reg
     wait_for("Ready 1/1", _ready(c, "llama", 1))
     status = c.status("llama")
     assert c.entries("llama")["node-a"]["state"] == "Ready" and status["observedGeneration"] == 1
+    assert status["selector"] == names.scale_selector(NS, "llama")  # the HPA's scale subresource needs it
     model = _model(daemon)
     label = names.warm_label(model["digest"])
     assert status["nodeLabel"] == label and len(label.split("/")[1]) <= 63

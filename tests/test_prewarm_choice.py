@@ -64,7 +64,9 @@ def test_crd_names_schema_and_columns() -> None:
     assert spec["names"] == {"kind": names.KIND, "listKind": "ModelPrewarmList", "plural": names.PLURAL,
                              "singular": "modelprewarm", "shortNames": ["mpw"]}
     [version] = spec["versions"]
-    assert version["name"] == names.VERSION and version["subresources"] == {"status": {}}
+    assert version["name"] == names.VERSION and version["subresources"] == {
+        "status": {}, "scale": {"specReplicasPath": ".spec.count", "statusReplicasPath": ".status.ready",
+                                "labelSelectorPath": ".status.selector"}}
     schema = version["schema"]["openAPIV3Schema"]["properties"]
     fields = schema["spec"]["properties"]
     assert schema["spec"]["required"] == ["model"] and fields["model"]["minLength"] == 1

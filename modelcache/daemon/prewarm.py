@@ -516,6 +516,9 @@ class PrewarmController:
                 patch["conditions"] = [*others, condition]
             if status.get("observedGeneration") != generation:
                 patch["observedGeneration"] = generation
+            wanted = names.scale_selector(obj["metadata"].get("namespace", ""), obj["metadata"]["name"])
+            if status.get("selector") != wanted:  # the scale subresource's, for HPA (selects no pod)
+                patch["selector"] = wanted
             return patch or None
 
         self._patch_status(key, change)

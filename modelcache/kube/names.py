@@ -27,6 +27,13 @@ def warm_label(model_digest: str) -> str:
     return LABEL_PREFIX + hashlib.sha256(model_digest.encode()).hexdigest()[:10]
 
 
+def scale_selector(namespace: str, name: str) -> str:
+    """``status.selector`` of a ModelPrewarm: the HPA wants a label selector on the scale subresource
+    (it targets ``spec.count``); this one names the resource (a hash: names outgrow label values) and
+    selects no pod, which an Object or External metric does not need."""
+    return f"{GROUP}/prewarm=" + hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()[:16]
+
+
 def pin_owner(namespace: str, name: str) -> str:
     """The owner of the store pins a ModelPrewarm holds (``prewarm:<namespace>/<name>``)."""
     return f"prewarm:{namespace}/{name}"

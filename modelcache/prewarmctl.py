@@ -39,12 +39,9 @@ from .errors import (
     Unauthenticated,
     Unavailable,
 )
+from .kube.names import GROUP, KIND, PLURAL, VERSION
 from .progress import duration, human
 
-GROUP = "modelcache.io"
-VERSION = "v1alpha1"
-KIND = "ModelPrewarm"
-PLURAL = "modelprewarms"
 INSTALL_HINT = "install the CRD with: kubectl apply -k daemonset/"
 REQUEST_TIMEOUT = 15.0  # seconds per API call
 CONFLICT_RETRIES = 5

@@ -114,7 +114,7 @@ def test_prewarmer_role_covers_every_api_route() -> None:
     granted = {(r, v) for rule in role["rules"] for r in rule["resources"] for v in rule["verbs"]}
     assert all(rule["apiGroups"] == [API_GROUP] for rule in role["rules"])
     assert set(ACCESS.values()) <= granted
-    assert ("prewarms", "create") in granted
+    assert {("modelprewarms", v) for v in ("create", "get", "update", "delete")} <= granted
     assert binding["roleRef"]["name"] == role["metadata"]["name"] == "modelcache-prewarmer"
     assert binding["subjects"][0]["kind"] == "ServiceAccount"
 

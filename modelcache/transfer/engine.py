@@ -58,7 +58,7 @@ from ..model import Blob
 from ..sources.base import ByteSource
 from ..store.roles import Ingest, Ingester
 from .meter import RECEIVING, Meter
-from .routing import ChunkRouter, PieceRouter
+from .routing import ChunkRouter, NotYet, PieceRouter
 from .slots import FairSlots
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,7 @@ class Engine:
         self._digests: dict[str, list[str]] = {}  # blob -> sha256 per piece, when a holder knows them
         self._contributors: dict[str, set[ByteSource]] = {}  # blob -> untrusted sources that gave it bytes
         self._untrusted: dict[str, bool] = {}  # blob -> untrusted bytes went in (a commit mismatch refetches)
+        self._deferred: set[tuple[str, int]] = set()  # pieces put back once because their home was not ready
         self.spawn: Spawn = asyncio.create_task  # the daemon sets its task group's create_task
         self._leases: dict[str, set[str]] = {}  # digest in flight -> leases of every pull waiting on it
         self._open = asyncio.Semaphore(2 * self.config.concurrency)
@@ -324,7 +325,11 @@ class Engine:
                 future = asyncio.get_running_loop().create_future()
                 self._pieces[(ingest.blob.digest, index)] = future
                 try:
-                    await self._fetch_chunk(ingest, index, stats, progress, trusted_only)
+                    await self._fetch_chunk(ingest, index, stats, progress, trusted_only, defer=bool(todo))
+                except _Deferred as e:
+                    self._settle(ingest.blob.digest, index, e)
+                    todo.append(index)  # the other pieces first; this one comes back once, then goes on
+                    continue
                 except BaseException as e:
                     self._settle(ingest.blob.digest, index, e)
                     raise
@@ -344,8 +349,8 @@ class Engine:
                 future.set_exception(Unavailable(f"piece {index} of {digest[:19]} failed: {error}"))
                 future.exception()
 
-    async def ensure_piece(self, digest: str, index: int, *, wait: float) -> bool:
-        """Make piece ``index`` of ``digest`` durable here now, if this engine is fetching that blob.
+    async def ensure_piece(self, digest: str, offset: int, *, wait: float) -> bool:
+        """Make the piece of ``digest`` holding byte ``offset`` durable here now, if this engine fetches it.
 
         For peers asking this node as the piece's home: the piece is taken
         out of the blob's queue and fetched at once (single flight with this
@@ -363,6 +368,10 @@ class Engine:
                 if entry is None:
                     return False
                 ingest, todo, stats, progress = entry
+                first = ingest.chunk_range(0)[1] or 1
+                index = offset // first
+                if index >= ingest.chunks:
+                    return False
                 future = self._pieces.get((digest, index))
                 if future is None and index in todo:
                     todo.remove(index)
@@ -373,7 +382,7 @@ class Engine:
                     extra.add(task)
                     task.add_done_callback(extra.discard)
                 if future is None:
-                    return index < ingest.chunks  # done already (or never ours to fetch)
+                    return True  # durable already (the caller reads it to be sure)
                 await asyncio.shield(future)
                 return True
         except (TimeoutError, ModelCacheError):
@@ -396,7 +405,7 @@ class Engine:
         self._settle(ingest.blob.digest, index, None)
 
     async def _fetch_chunk(self, ingest: Ingest, index: int, stats: TransferStats,
-                           progress: Progress | None, trusted_only: bool) -> None:
+                           progress: Progress | None, trusted_only: bool, *, defer: bool = False) -> None:
         """Write chunk ``index`` whole into the ingest (the caller makes it durable).
 
         Sources are tried in the router's order, each with its own attempt
@@ -414,7 +423,15 @@ class Engine:
             expected = self._digests.get(blob.digest)
             check = hashlib.sha256() if expected is not None else None
             used: list[ByteSource] = []
-            await self._fetch_range(ingest, index, offset, length, router, sources, used, check, stats, progress)
+            key = (blob.digest, index)
+            defer = defer and key not in self._deferred
+            try:
+                await self._fetch_range(ingest, index, offset, length, router, sources, used, check, stats, progress,
+                                        defer=defer)
+            except _Deferred:
+                self._deferred.add(key)
+                raise
+            self._deferred.discard(key)
             untrusted = [s for s in used if not getattr(s, "trusted", True)]
             if untrusted:
                 self._contributors.setdefault(blob.digest, set()).update(untrusted)
@@ -436,7 +453,7 @@ class Engine:
 
     async def _fetch_range(self, ingest: Ingest, index: int, offset: int, length: int, router: ChunkRouter,
                            sources: list[ByteSource], used: list[ByteSource], check: Any,
-                           stats: TransferStats, progress: Progress | None) -> None:
+                           stats: TransferStats, progress: Progress | None, *, defer: bool = False) -> None:
         blob = ingest.blob
         got = 0
         for n, source in enumerate(sources):
@@ -453,6 +470,8 @@ class Engine:
                     used.append(source)
                     return
                 except ModelCacheError as e:
+                    if defer and n == 0 and got == 0 and isinstance(e, NotYet):
+                        raise _Deferred(str(e)) from e
                     if isinstance(e, _Partial):
                         got += e.written
                         if e.written:
@@ -546,6 +565,10 @@ def _write(ingest: Ingest, position: int, pieces: list[bytes | memoryview], chec
     if check is not None:
         for piece in pieces:
             check.update(piece)
+
+
+class _Deferred(ModelCacheError):
+    """The piece's first source is not ready: fetch the blob's other pieces first."""
 
 
 class _Miss(ModelCacheError):

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol, runtime_checkable
 
+from ..errors import NotFound
 from ..model import Blob
 from ..sources.base import ByteSource
 
@@ -28,6 +29,11 @@ class ChunkRouter(Protocol):
     def sources(self, blob: Blob, chunk: int) -> Sequence[ByteSource]:
         """Sources for chunk ``chunk`` of ``blob``, in order of preference."""
         ...
+
+
+class NotYet(NotFound):
+    """A source that does not hold the range yet but likely soon (a piece's home still starting its own pull):
+    the engine fetches the blob's other pieces first and comes back to this one once."""
 
 
 Outcome = str  # "ok" | "miss" (did not hold it) | "failed" (dead, stalled, refused) | "lied" (bad bytes)

@@ -21,7 +21,7 @@ import pytest
 from aiohttp import web
 from daemon_support import DaemonProcess, free_port, start_daemon
 from faultproxy import BackgroundServer, FaultProxy
-from support import MP_ARTIFACT, MP_CONFIG, MP_WEIGHT, tree_digests
+from support import MP_ARTIFACT, MP_CONFIG, MP_WEIGHT, run_cli, tree_digests
 
 from modelcache.p2p import signing
 
@@ -232,3 +232,24 @@ def test_peer_requests_need_a_fresh_signature(registry, tmp_path, secret) -> Non
         assert _get(f"http://{plain.http}{path}", signed)[0] in (401, 404)  # no secret: no peer routes
     finally:
         stop_all([d, plain])
+
+
+def test_cli_pull_takes_bytes_from_peers_and_says_how_many(registry, tmp_path, secret) -> None:
+    """`modelcache pull --peers` resolves at the origin, takes the blobs from a daemon, prints the share."""
+    files = model_files(4)
+    size = sum(len(d) for d in files.values())
+    push(registry, "p2p/cli", files)
+    [d] = start_peers(tmp_path, secret, [free_port()])
+    try:
+        with FaultProxy(registry.host) as proxy:
+            ref = f"oci://{proxy.host}/p2p/cli:v1"
+            assert_exact(d.wait_pull(d.call("POST", "/v1/pulls", {"ref": ref})[1]["id"]), files)
+            proxy.clear()
+            proc = run_cli("pull", ref, "--peers", f"http://{d.http}", "--peer-secret-file", str(secret),
+                           store=tmp_path / "cli-store", env=ENV, check=True)
+            assert sum(e.bytes for e in proxy.blob_gets()) == 0
+            assert proxy.requests("/manifests/")  # access is decided at the origin, with our credentials
+        assert tree_digests(Path(proc.stdout.strip())) == expected(files)
+        assert f"({size / (1 << 20):.1f} MiB from peers)" in proc.stderr, proc.stderr
+    finally:
+        d.stop()

@@ -178,3 +178,30 @@ def test_a_caller_leaving_never_closes_the_source_under_another(content: Content
 
     asyncio.run(go())
     assert_committed(content, data)
+
+
+def test_a_peer_stalling_mid_piece_hands_over_at_the_byte_reached(content: ContentStore) -> None:
+    """A peer that stops mid-range (its read timeout) costs no backoff; the origin sends only the rest."""
+    data = os.urandom(2 * PIECE_SIZE)
+    half = 10_000  # MemorySource serves 10,000-byte pieces: the stall comes after the first
+    stalled = Peer.of(data, name="stalled", faults=[(half, Unavailable("read timeout"))] * 10)
+    origin = MemorySource.of(data, name="origin")
+    router = Pieces(stalled, origin)
+    fetch(content, data, router, config(concurrency=1, backoff_base=30.0, backoff_max=30.0))
+    assert_committed(content, data)
+    digest = blob_of(data).digest
+    assert sorted(origin.requests) == [(digest, half, PIECE_SIZE - half),  # each piece resumed where it stopped
+                                       (digest, PIECE_SIZE + half, PIECE_SIZE - half)]
+
+
+def test_upload_limit_paces_bytes() -> None:
+    from modelcache.p2p.limit import RateLimit
+
+    async def go() -> float:
+        limit = RateLimit(1 << 20)
+        started = time.monotonic()
+        for _ in range(12):
+            await limit.take(256 << 10)  # 3 MiB at 1 MiB/s, the first second's worth as a burst
+        return time.monotonic() - started
+
+    assert 1.6 < asyncio.run(go()) < 4

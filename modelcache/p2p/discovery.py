@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Iterable
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
 DNS_INTERVAL = 10.0  # seconds between resolutions of the headless Service's name
+
+Resolver = Callable[..., Awaitable[list[tuple[Any, ...]]]]  # getaddrinfo's shape
 
 
 class Discovery(Protocol):
@@ -63,8 +65,10 @@ class DnsPeers:
     A failed resolution keeps the last answer: a DNS hiccup must not empty the ring.
     """
 
-    def __init__(self, name: str, port: int, *, scheme: str = "http", interval: float = DNS_INTERVAL) -> None:
+    def __init__(self, name: str, port: int, *, scheme: str = "http", interval: float = DNS_INTERVAL,
+                 resolver: Resolver | None = None) -> None:
         self.name, self.port, self.scheme, self.interval = name, port, scheme, interval
+        self._resolver = resolver  # None: the system's (getaddrinfo, in the loop's executor)
         self._urls: frozenset[str] = frozenset()
 
     def urls(self) -> frozenset[str]:
@@ -73,7 +77,8 @@ class DnsPeers:
 
     async def resolve(self) -> frozenset[str]:
         """Resolve once and remember the answer."""
-        infos = await asyncio.get_running_loop().getaddrinfo(self.name, self.port, type=socket.SOCK_STREAM)
+        resolver = self._resolver or asyncio.get_running_loop().getaddrinfo
+        infos = await resolver(self.name, self.port, type=socket.SOCK_STREAM)
         urls = set()
         for family, _, _, _, address in infos:
             host = str(address[0])

@@ -137,3 +137,13 @@ def test_router_asks_the_home_then_probes_candidates_then_the_origin() -> None:
     assert other.order(blob, list(range(10))) != order  # each node walks its own order
     router.report(PeerSource(client, urls[2], "home"), blob, 0, "lied")
     assert urls[2] not in members.ranking()  # a liar drops out: the next candidate becomes the home
+
+
+def test_blobs_of_unknown_sha256_come_from_the_origin_alone() -> None:
+    """Nothing could check a peer's bytes of an S3 object before it is whole: no peer is asked."""
+    urls = [f"http://127.0.0.1:{p}" for p in range(1001, 1004)]
+    origin = Origin()
+    router = PeerRouter(origin, Members(StaticPeers(urls), "me"), PeerClient(b"k" * 16, "me"), minimum=64 << 10)
+    unverified = Blob("sha256:" + "ef" * 32, 1 << 20, verified=False, md5="0" * 32)
+    assert list(router.sources(unverified, 0)) == [origin]
+    assert len(router.sources(Blob("sha256:" + "ef" * 32, 1 << 20), 0)) == 4

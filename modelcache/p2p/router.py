@@ -11,6 +11,9 @@ rendezvous hashing of (blob digest, ``i``) (:mod:`.ring`):
   for a byte some peer holds;
 - the origin last, with the engine's retries.
 
+Blobs whose sha256 is not known before download (``Blob.verified`` false)
+come from the origin alone: no check could catch a peer's wrong bytes.
+
 Each node walks its pieces in its own order: the pieces it is home for
 first (it is their one origin fetcher), then the rest starting at an offset
 of its own, so homes are loaded evenly and not in lockstep from piece 0.
@@ -48,6 +51,10 @@ class PeerRouter:
 
     def sources(self, blob: Blob, chunk: int) -> Sequence[ByteSource]:
         """Home (unless it is us), then holders to probe, then the origin."""
+        if not blob.verified:
+            # No sha256 known before the download (S3 objects, small Hub files): nothing could check a
+            # peer's bytes (an MD5 is no check against a peer), so these come from the origin alone.
+            return [self.origin]
         ranked = self.candidates(blob, chunk)
         out: list[ByteSource] = []
         for n, url in enumerate(ranked[:PROBES + 1]):

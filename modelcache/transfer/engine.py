@@ -206,6 +206,7 @@ class Engine:
             if not done.done():
                 done.set_result(None)
         finally:
+            self._opened.pop(blob.digest, None)
             if self._inflight.get(blob.digest) is done:
                 del self._inflight[blob.digest]
                 self._tasks.pop(blob.digest, None)

@@ -147,3 +147,18 @@ def test_blobs_of_unknown_sha256_come_from_the_origin_alone() -> None:
     unverified = Blob("sha256:" + "ef" * 32, 1 << 20, verified=False, md5="0" * 32)
     assert list(router.sources(unverified, 0)) == [origin]
     assert len(router.sources(Blob("sha256:" + "ef" * 32, 1 << 20), 0)) == 4
+
+
+def test_a_home_sends_later_requesters_to_holders_in_turn(tmp_path) -> None:
+    """After serving a piece whole to peers, the home hands every other request for it to one of them."""
+    from modelcache.p2p.limit import RateLimit
+    from modelcache.p2p.server import PeerServer
+
+    server = PeerServer(None, None, b"k" * 16, "home", minimum=64 << 10,  # type: ignore[arg-type]
+                        limit=RateLimit(0), home_wait=1.0)
+    key = ("sha256:" + "ab" * 32, 0)
+    assert server._next_holder(*key, "http://a") is None  # nobody holds it yet: the home serves
+    server._holders[key] = ["http://a", "http://b"]
+    answers = [server._next_holder(*key, "http://c") for _ in range(6)]
+    assert answers.count(None) == 2 and answers.count("http://a") == 2 and answers.count("http://b") == 2
+    assert all(server._next_holder(*key, "http://a") != "http://a" for _ in range(4))  # never to itself

@@ -153,6 +153,9 @@ class Engine:
                 self._routers.setdefault(blob.digest, []).append(router)
                 joined.append(blob.digest)
                 done = self._inflight.get(blob.digest)
+                task = self._tasks.get(blob.digest)
+                if done is not None and task is not None and task.cancelling():
+                    done = None  # stopping because its last caller left a moment ago: start afresh
                 if done is None:
                     done = self._inflight[blob.digest] = asyncio.get_running_loop().create_future()
                     self._tasks[blob.digest] = self.spawn(self._run_blob(blob, done, stats, progress))

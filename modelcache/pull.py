@@ -69,13 +69,16 @@ async def pull(store: Store, engine: Engine, ref_text: str, *, filters: Filters 
     lease = f"pull:{owner}:{secrets.token_hex(8)}"
     await asyncio.to_thread(store.index.add_lease, lease, kind="pull", owner=owner, process=liveness.me())
     try:
-        model = await engine.retry(f"resolving {ref}", source.resolve)
+        with engine.resolving():  # peers asking us for its pieces wait a moment instead of being sent away
+            model = await engine.retry(f"resolving {ref}", source.resolve)
         spans = {p.blob.digest: (p.origin, p.offset) for p in model.parts
                  if isinstance(p, FileEntry) and p.origin is not None}
         origin = WithinOrigin(source, spans) if spans else source
         router = routing(origin) if routing is not None else OriginOnly(origin)
-        result = await materialize(store, engine, model, router, filters=filters or Filters(),
-                                   progress=progress, started=started, lease=lease, budget=budget)
+        chosen = filters or Filters()
+        with engine.wanting(p.blob.digest for p in model.parts if isinstance(p, Archive) or chosen.match(p.path)):
+            result = await materialize(store, engine, model, router, filters=filters or Filters(),
+                                       progress=progress, started=started, lease=lease, budget=budget)
         # Private or not, as this pull found it (KEP-2535: warm mounts of private models are checked).
         needed = bool(getattr(source, "needed_credentials", False))
         await asyncio.to_thread(store.index.record_origin_access, model.ref, needed)

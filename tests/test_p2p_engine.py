@@ -205,3 +205,33 @@ def test_upload_limit_paces_bytes() -> None:
         return time.monotonic() - started
 
     assert 1.6 < asyncio.run(go()) < 4
+
+
+def test_a_home_asked_while_resolving_waits_and_fetches_the_piece_once(content: ContentStore) -> None:
+    """A peer's request for a piece of a blob this node is about to pull waits for the pull (instead of being
+    sent to the origin) and is served by one origin fetch shared with the node's own; a blob this node
+    neither pulls nor resolves is refused at once."""
+    data = os.urandom(6 * PIECE_SIZE)
+    digest = blob_of(data).digest
+
+    async def go() -> None:
+        engine = Engine(content, config(concurrency=1))
+        origin = MemorySource.of(data, name="origin")
+        try:
+            started = time.monotonic()
+            assert not await engine.ensure_piece("sha256:" + "00" * 32, 0, wait=5)
+            assert time.monotonic() - started < 1
+            with engine.resolving():
+                asked = asyncio.create_task(engine.ensure_piece(digest, 2 * PIECE_SIZE + 5, wait=5))
+                await asyncio.sleep(0.2)
+                assert not asked.done()
+                with engine.wanting([digest]):
+                    fetching = asyncio.create_task(engine.fetch([blob_of(data)], Pieces(origin)))
+                    assert await asked
+                    await fetching
+        finally:
+            engine.close()
+        assert sorted(o for _, o, _ in origin.requests) == [i * PIECE_SIZE for i in range(6)]  # each piece once
+
+    asyncio.run(go())
+    assert_committed(content, data)

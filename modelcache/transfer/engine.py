@@ -44,11 +44,12 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import random
-from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -120,6 +121,8 @@ class Engine:
         self._contributors: dict[str, set[ByteSource]] = {}  # blob -> untrusted sources that gave it bytes
         self._untrusted: dict[str, bool] = {}  # blob -> untrusted bytes went in (a commit mismatch refetches)
         self._deferred: set[tuple[str, int]] = set()  # pieces put back once because their home was not ready
+        self._resolving = 0  # pulls resolving their model now (their blobs are not known yet)
+        self._wanted: Counter[str] = Counter()  # blobs of models resolved by pulls still running
         self.spawn: Spawn = asyncio.create_task  # the daemon sets its task group's create_task
         self._leases: dict[str, set[str]] = {}  # digest in flight -> leases of every pull waiting on it
         self._open = asyncio.Semaphore(2 * self.config.concurrency)
@@ -186,6 +189,28 @@ class Engine:
             task = self._tasks.get(digest)
             if task is not None and not task.done():
                 task.cancel()
+
+    @contextlib.contextmanager
+    def resolving(self) -> Iterator[None]:
+        """Around a pull's resolve: its blobs are not known yet, but will be wanted in a moment."""
+        self._resolving += 1
+        try:
+            yield
+        finally:
+            self._resolving -= 1
+
+    @contextlib.contextmanager
+    def wanting(self, digests: Iterable[str]) -> Iterator[None]:
+        """While a pull that needs ``digests`` runs: this node is about to fetch (or fetches) them."""
+        wanted = list(dict.fromkeys(digests))
+        self._wanted.update(wanted)
+        try:
+            yield
+        finally:
+            self._wanted.subtract(wanted)
+            for digest in wanted:
+                if self._wanted[digest] <= 0:
+                    del self._wanted[digest]
 
     def router_for(self, digest: str) -> ChunkRouter | None:
         """The router of a pull still waiting on ``digest`` (the newest), if any."""
@@ -359,14 +384,21 @@ class Engine:
         For peers asking this node as the piece's home: the piece is taken
         out of the blob's queue and fetched at once (single flight with this
         node's own workers and every other requester). Waits up to ``wait``
-        seconds for the blob's ingest to open. False when this node is not
-        fetching the blob, or the piece could not be had in time.
+        seconds for the blob's ingest to open: while one of this node's
+        pulls is still resolving its model, or has resolved one that needs
+        the blob, it is about to fetch it (peers pulling the same model at
+        the same moment must not all fall back to the origin). False when
+        this node is not fetching the blob, or the piece could not be had in time.
         """
-        opened = self._opened.setdefault(digest, asyncio.Event()) if digest in self._inflight else None
-        if opened is None:
+        if digest not in self._inflight and not self._resolving and digest not in self._wanted:
             return False
         try:
             async with asyncio.timeout(wait):
+                while digest not in self._inflight:
+                    if not self._resolving and digest not in self._wanted:
+                        return False
+                    await asyncio.sleep(0.05)
+                opened = self._opened.setdefault(digest, asyncio.Event())
                 await opened.wait()
                 entry = self._open_ingests.get(digest)
                 if entry is None:

@@ -108,7 +108,10 @@ class PeerNode:
         watcher = asyncio.create_task(self.discovery.run())
         try:
             while True:
-                await self.greet()
+                try:
+                    await self.greet()
+                except Exception:  # a bug here must not take the daemon (and its mounts) down
+                    log.exception("peers: greeting new members failed")
                 await asyncio.sleep(HELLO_INTERVAL)
         finally:
             watcher.cancel()

@@ -1,4 +1,4 @@
-"""Peer-to-peer between real `modelcache serve` processes (issue 11), the real registry as the origin.
+"""Peer-to-peer between real `modelcache serve` processes (issue 11), the real registry (and the fake Hub) as origin.
 
 Each daemon has its own store and port, a static peer list and the shared
 secret; the fault proxy in front of the registry logs every blob byte it
@@ -253,3 +253,32 @@ def test_cli_pull_takes_bytes_from_peers_and_says_how_many(registry, tmp_path, s
         assert f"({size / (1 << 20):.1f} MiB from peers)" in proc.stderr, proc.stderr
     finally:
         d.stop()
+
+
+def test_hub_models_are_shared_too(tmp_path, secret) -> None:
+    """The same with the Hugging Face Hub as the origin (the fake Hub, its CDN counting ranges served):
+    3 nodes at once fetch the LFS files' bytes from the CDN about once; small files come from the Hub."""
+    from fake_hub import FakeHub
+
+    files = {"config.json": b'{"model": "p2p"}', **model_files(5)}
+    lfs = sum(len(d) for n, d in files.items() if n.endswith(".bin"))
+    with FakeHub() as hub:
+        hub.repo("org/shared").commit(files)
+        env = {**ENV, "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1",
+               "HF_TOKEN": ""}
+        ports = [free_port() for _ in range(3)]
+        urls = ",".join(f"http://127.0.0.1:{p}" for p in ports)
+        daemons = [start_daemon(tmp_path / f"hub{p}", "--peers", urls, "--peer-secret-file", str(secret),
+                                "--peer-timeout", "1", env=env, listen=f"127.0.0.1:{p}") for p in ports]
+        try:
+            for job in pull_all(daemons, "hf://org/shared"):
+                assert_exact(job, files)
+            ranges = [h.get("Range", "") for h in hub.cdn_requests]
+            served_bytes = 0
+            for r in ranges:
+                first, _, last = r.removeprefix("bytes=").partition("-")
+                served_bytes += int(last) - int(first) + 1
+            assert served_bytes <= 1.1 * lfs, (served_bytes, lfs)
+            assert sum(served(d) for d in daemons) >= lfs  # about 2/3 of each node's bytes came from peers
+        finally:
+            stop_all(daemons)

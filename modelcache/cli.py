@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "hf://ORG/NAME[@REVISION], file:///DIR or a path")
     pull.add_argument("--tag", default=_env("tag"), help="the image to pull from an OCI layout in an S3 prefix")
     _transfer_flags(pull)
+    _peer_flags(pull, serving=False)
 
     ls = sub.add_parser("ls", help="list cached models")
     ls.add_argument("--json", action="store_true", default=_env_bool("json"), help="print JSON")
@@ -240,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--min-free", type=_free, default=_env("min_free"),
                        help="keep SIZE or PERCENT%% of the store's filesystem free, the same way (default: no limit)")
     _transfer_flags(serve, with_filters=False, quiet=False)
+    _peer_flags(serve, serving=True)
 
     demo = sub.add_parser("demo", help="make a demo model as an OCI layout and pull it (no network)")
     demo.add_argument("--size", type=_size, default=_env("size", "256M"),
@@ -255,6 +257,35 @@ def build_parser() -> argparse.ArgumentParser:
         _global_flags(command)
     _log_flags(sub.choices["serve"])
     return parser
+
+
+def _peer_flags(p: argparse.ArgumentParser, *, serving: bool) -> None:
+    """Peer-to-peer sharing (issue 11): off unless --peer-secret-file is given."""
+    p.add_argument("--peers", default=_env("peers"), metavar="URL,...",
+                   help="other daemons' base URLs (http://HOST:PORT), comma separated; this daemon's own is skipped")
+    p.add_argument("--peers-dns", default=_env("peers_dns"), metavar="NAME[:PORT]",
+                   help="find peers as the A/AAAA records of NAME (a headless Service), re-resolved every 10 s; "
+                        "PORT defaults to this daemon's --listen port")
+    p.add_argument("--peer-secret-file", default=_env("peer_secret_file"), metavar="PATH",
+                   help="the secret shared by every peer (>= 16 bytes) that signs peer requests; without it "
+                        "peer sharing is off")
+    p.add_argument("--peer-timeout", type=_seconds, default=_env("peer_timeout", "5"), metavar="SECONDS",
+                   help="a peer silent this long mid-piece is abandoned; the piece resumes elsewhere "
+                        "(default %(default)s)")
+    if serving:
+        p.add_argument("--peer-upload-limit", type=_size_or_zero, default=_env("peer_upload_limit", "0"),
+                       metavar="SIZE", help="bytes per second served to peers (default 0: no limit)")
+
+
+def _peer_config(args: argparse.Namespace):
+    from .p2p.node import from_flags
+
+    limit = getattr(args, "peer_upload_limit", 0)
+    listen = getattr(args, "listen", None)
+    return from_flags(secret_file=args.peer_secret_file, peers=args.peers, peers_dns=args.peers_dns,
+                      listen=str(listen) if listen else None,
+                      upload_limit=limit if isinstance(limit, int) else _size_or_zero(str(limit)),
+                      read_timeout=float(args.peer_timeout))
 
 
 def _log_flags(p: argparse.ArgumentParser) -> None:
@@ -354,17 +385,28 @@ async def _pull(args: argparse.Namespace, ref: str, filters, *, quiet_path: bool
     transfer, options = _transfer_options(args)
     engine = Engine(store.content, transfer)
     reporter = ProgressReporter(f"pull {ref}", quiet=args.quiet)
+    peers = None
+    peer_config = _peer_config(args) if hasattr(args, "peer_secret_file") else None
+    if peer_config is not None:
+        from .p2p.node import PeerNode
+
+        peers = PeerNode(peer_config)
     try:
-        result = await pull(store, engine, ref, filters=filters, options=options, progress=reporter, tag=tag)
+        result = await pull(store, engine, ref, filters=filters, options=options, progress=reporter, tag=tag,
+                            routing=peers.router if peers is not None else None)
     finally:
         reporter.close()
         engine.close()
         store.close()
+        if peers is not None:
+            await peers.close()
     s = result.stats
     rate = s.bytes_fetched / result.seconds if result.seconds > 0 else 0.0
+    from_peers = sum(n for name, n in s.fetched_by_source.items() if name.startswith("peer://"))
     if not args.quiet:
-        print(f"{result.ref}: {result.files} files, {human(result.size)}; fetched {human(s.bytes_fetched)} "
-              f"in {result.seconds:.2f}s ({human(rate)}/s), reused {human(s.bytes_reused)}, "
+        peer_part = f" ({human(from_peers)} from peers)" if peers is not None else ""
+        print(f"{result.ref}: {result.files} files, {human(result.size)}; fetched {human(s.bytes_fetched)}"
+              f"{peer_part} in {result.seconds:.2f}s ({human(rate)}/s), reused {human(s.bytes_reused)}, "
               f"{s.chunks_retried} chunk retries", file=sys.stderr)
     if not quiet_path:
         print(result.path)
@@ -511,7 +553,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                           transfer=transfer, sources=sources, auth=auth, budget=budget,
                           mount_credential_check=str(args.mount_credential_check),
                           mount_credential_ttl=float(args.mount_credential_ttl), max_pulls=int(args.max_pulls),
-                          allow_local=tuple(Path(p).expanduser() for p in args.allow_local), prewarm=prewarm)
+                          allow_local=tuple(Path(p).expanduser() for p in args.allow_local), prewarm=prewarm,
+                          peers=_peer_config(args))
     asyncio.run(run(config))
     return 0
 

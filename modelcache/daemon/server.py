@@ -32,6 +32,7 @@ from aiohttp import web
 from ..csi import csi_pb2_grpc as rpc
 from ..csi.servicer import IdentityService, NodeService
 from ..errors import InvalidReference
+from ..p2p.node import PeerConfig, PeerNode
 from ..sources import SourceCredentials, SourceOptions
 from ..store import Store
 from ..store.budget import Budget, enforce
@@ -71,6 +72,7 @@ class DaemonConfig:
     max_pulls: int = 16  # pull jobs queued or running at once; past it, 429 / RESOURCE_EXHAUSTED
     budget: Budget = field(default_factory=Budget)
     prewarm: PrewarmConfig | None = None  # the ModelPrewarm controller; None: off
+    peers: PeerConfig | None = None  # peer sharing (issue 11); None: off
 
 
 class Daemon:
@@ -95,6 +97,12 @@ class Daemon:
         self.ready = asyncio.Event()
         self.csi_socket: tuple[int, int] | None = None  # (device, inode) of the socket we bound
         self.metrics.add_gauges(self.store.disk_usage, str(self.store.root), self.mounts.active)
+        self.peer: PeerNode | None = None
+        self.peer_server = None
+        if config.peers is not None:
+            self.peer = PeerNode(config.peers, on_report=self.metrics.peer_outcome)
+            self.peer_server = self.peer.server(self.store, self.engine, self.metrics.peer_served.inc)
+            self.pulls.routing = self.peer.router
 
     def csi_alive(self) -> bool:
         """True while the CSI socket at the configured path is ours and answers (blocks up to a second)."""
@@ -182,6 +190,8 @@ async def _serve(daemon: Daemon, config: DaemonConfig, stop: asyncio.Event) -> N
             async with asyncio.TaskGroup() as tasks:
                 daemon.pulls.spawn = tasks.create_task
                 prewarm = tasks.create_task(daemon.prewarm.run()) if daemon.prewarm is not None else None
+                daemon.engine.spawn = tasks.create_task  # shared fetches outlive any one caller, not the daemon
+                peers = tasks.create_task(daemon.peer.run()) if daemon.peer is not None else None
                 daemon.ready.set()
                 log.info("serving HTTP on %s and CSI on %s as node %s",
                             config.listen, config.csi_socket, config.node_name)
@@ -192,6 +202,9 @@ async def _serve(daemon: Daemon, config: DaemonConfig, stop: asyncio.Event) -> N
                 if prewarm is not None:  # first: it would start pulls; it gives its Lease up as it stops
                     prewarm.cancel()
                 await asyncio.gather(csi.stop(CSI_GRACE), daemon.pulls.drain())
+                if peers is not None:
+                    peers.cancel()
+                    await daemon.peer.close()  # type: ignore[union-attr]
         finally:
             await http.cleanup()
     finally:
@@ -216,7 +229,7 @@ async def _start_http(daemon: Daemon, listen: str) -> web.AppRunner:
     host, _, port = listen.rpartition(":")
     if not port.isdigit():
         raise InvalidReference(f"--listen {listen!r}: expected HOST:PORT")
-    runner = web.AppRunner(build_app(daemon, auth=daemon.auth), handle_signals=False, shutdown_timeout=HTTP_GRACE)
+    runner = web.AppRunner(build_app(daemon, auth=daemon.auth, peer=daemon.peer_server), handle_signals=False, shutdown_timeout=HTTP_GRACE)
     await runner.setup()
     try:
         await web.TCPSite(runner, host.strip("[]") or "0.0.0.0", int(port)).start()

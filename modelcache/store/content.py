@@ -421,6 +421,22 @@ class BlobIngest:
             self._written[index] = self.chunk_range(index)[1]
             self._catch_up()
 
+    def rewind(self, index: int) -> None:
+        """Forget the bytes written into chunk ``index`` (not durable): they failed a check.
+
+        If the running hash already took them in, it starts over; it catches
+        up again from the page cache over what is written (only after a peer
+        lied, so the cost of reading the prefix back is rare).
+        """
+        start, _ = self.chunk_range(index)
+        with self._hash_lock:
+            self._written[index] = 0
+            if self._hashed > start:
+                self._hash = hashlib.sha256()
+                self._md5 = hashlib.md5(usedforsecurity=False) if self.blob.md5 else None
+                self._hashed = 0
+                self._catch_up(until=start)
+
     def _feed(self, piece: bytes | memoryview) -> None:
         self._hash.update(piece)
         self._xxh3.update(piece)

@@ -63,6 +63,10 @@ class Ingest(Protocol):
         """Make chunk ``index`` durable and record it."""
         ...
 
+    def rewind(self, index: int) -> None:
+        """Forget the bytes written into chunk ``index`` (not durable): they failed a check and are written again."""
+        ...
+
     def complete(self) -> bool:
         """True when every chunk is durable."""
         ...

@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "hf://ORG/NAME[@REVISION], file:///DIR or a path")
     pull.add_argument("--tag", default=_env("tag"), help="the image to pull from an OCI layout in an S3 prefix")
     _transfer_flags(pull)
+    _peer_flags(pull, serving=False)
 
     ls = sub.add_parser("ls", help="list cached models")
     ls.add_argument("--json", action="store_true", default=_env_bool("json"), help="print JSON")
@@ -156,7 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="re-hash every blob; report corrupt ones")
     verify.add_argument("--json", action="store_true", default=_env_bool("json"), help="print JSON")
     verify.add_argument("--delete", action="store_true", default=_env_bool("delete"),
-                        help="delete corrupt blobs so the next pull fetches them again")
+                        help="delete corrupt blobs (and drop, or move aside if mounted, their models' views) "
+                             "so the next pull fetches them again")
+    verify.add_argument("--sha256", action="store_true", default=_env_bool("sha256"),
+                        help="check every blob's sha256 (default: the xxh3 recorded at commit where there is "
+                             "one, which is faster; sha256 for the rest)")
 
     gc = sub.add_parser("gc", help="evict least recently used models (never pinned or mounted ones)")
     gc.add_argument("--max-size", type=_size_or_zero, default=_env("max_size"),
@@ -201,7 +206,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help="token mode: the bearer token callers send (default: <store>/api-token, made on "
                             "first start, mode 0600)")
     serve.add_argument("--kubeconfig", default=_env("kubeconfig"), metavar="PATH",
-                       help="kubernetes mode: the API server to review tokens with (default: in-cluster config)")
+                       help="the Kubernetes API server: for kubernetes mode's reviews and the pre-warm controller "
+                            "(default: in-cluster config)")
+    serve.add_argument("--prewarm", choices=("on", "off"), default=_env("prewarm"),
+                       help="run the ModelPrewarm controller: pull, pin and label what the node is chosen for "
+                            "(default: on with --kubeconfig or inside a cluster, else off)")
+    serve.add_argument("--prewarm-namespace", default=_env("prewarm_namespace", ""), metavar="NAMESPACE",
+                       help="namespace of the Lease that picks the daemon writing aggregate status "
+                            "(default: the pod's own, else modelcache-system)")
+    serve.add_argument("--startup-taint", default=_env("startup_taint"), metavar="KEY",
+                       help="remove this taint from the node once every ModelPrewarm choosing it is Ready here")
+    serve.add_argument("--startup-timeout", type=_seconds, default=_env("startup_timeout", "600"),
+                       metavar="SECONDS", help="remove the startup taint after this long anyway (default %(default)s)")
+    serve.add_argument("--prewarm-resync", type=_seconds, default=_env("prewarm_resync", "300"), metavar="SECONDS",
+                       help="reconcile every ModelPrewarm this often, checking warm models are still on disk "
+                            "(default %(default)s)")
+    serve.add_argument("--prewarm-progress", type=_seconds, default=_env("prewarm_progress", "10"), metavar="SECONDS",
+                       help="how often a pulling node updates its bytes in a ModelPrewarm's status "
+                            "(default %(default)s)")
+    serve.add_argument("--lease-duration", type=_seconds, default=_env("lease_duration", "15"), metavar="SECONDS",
+                       help="the leader Lease's duration (renewed every fifth of it; default %(default)s)")
     serve.add_argument("--api-auth-cache-ttl", type=_seconds_or_zero, default=_env("api_auth_cache_ttl", "10"),
                        metavar="SECONDS", help="kubernetes mode: seconds a review's answer is reused, yes or no "
                                                "(default %(default)s; 0: review every request)")
@@ -222,7 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep committed blobs under SIZE, evicting LRU models no one holds (default: no limit)")
     serve.add_argument("--min-free", type=_free, default=_env("min_free"),
                        help="keep SIZE or PERCENT%% of the store's filesystem free, the same way (default: no limit)")
+    serve.add_argument("--scrub-rate", type=_size_or_zero, default=_env("scrub_rate", "50M"),
+                       metavar="BYTES_PER_SEC", help="re-check committed blobs in the background at most this "
+                                                     "fast (default %(default)s; 0: no scrub)")
+    serve.add_argument("--scrub-interval", type=_seconds_or_zero, default=_env("scrub_interval", "86400"),
+                       metavar="SECONDS", help="rest between two scrub passes (default %(default)s)")
     _transfer_flags(serve, with_filters=False, quiet=False)
+    _peer_flags(serve, serving=True)
 
     demo = sub.add_parser("demo", help="make a demo model as an OCI layout and pull it (no network)")
     demo.add_argument("--size", type=_size, default=_env("size", "256M"),
@@ -230,10 +260,43 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--files", type=_positive, default=_env("files", 4), help="number of weight files")
     demo.add_argument("--dir", default=_env("dir"), help="where to write the layout (default: a temp dir)")
     _transfer_flags(demo, with_filters=False)
+
+    from .prewarmctl import add_parser as add_prewarm
+
+    add_prewarm(sub, _env, _env_list, _env_bool, _positive, _seconds)
     for command in sub.choices.values():
         _global_flags(command)
     _log_flags(sub.choices["serve"])
     return parser
+
+
+def _peer_flags(p: argparse.ArgumentParser, *, serving: bool) -> None:
+    """Peer-to-peer sharing (issue 11): off unless --peer-secret-file is given."""
+    p.add_argument("--peers", default=_env("peers"), metavar="URL,...",
+                   help="other daemons' base URLs (http://HOST:PORT), comma separated; this daemon's own is skipped")
+    p.add_argument("--peers-dns", default=_env("peers_dns"), metavar="NAME[:PORT]",
+                   help="find peers as the A/AAAA records of NAME (a headless Service), re-resolved every 10 s; "
+                        "PORT defaults to this daemon's --listen port")
+    p.add_argument("--peer-secret-file", default=_env("peer_secret_file"), metavar="PATH",
+                   help="the secret shared by every peer (>= 16 bytes) that signs peer requests; without it "
+                        "peer sharing is off")
+    p.add_argument("--peer-timeout", type=_seconds, default=_env("peer_timeout", "5"), metavar="SECONDS",
+                   help="a peer silent this long mid-piece is abandoned; the piece resumes elsewhere "
+                        "(default %(default)s)")
+    if serving:
+        p.add_argument("--peer-upload-limit", type=_size_or_zero, default=_env("peer_upload_limit", "0"),
+                       metavar="SIZE", help="bytes per second served to peers (default 0: no limit)")
+
+
+def _peer_config(args: argparse.Namespace):
+    from .p2p.node import from_flags
+
+    limit = getattr(args, "peer_upload_limit", 0)
+    listen = getattr(args, "listen", None)
+    return from_flags(secret_file=args.peer_secret_file, peers=args.peers, peers_dns=args.peers_dns,
+                      listen=str(listen) if listen else None,
+                      upload_limit=limit if isinstance(limit, int) else _size_or_zero(str(limit)),
+                      read_timeout=float(args.peer_timeout))
 
 
 def _log_flags(p: argparse.ArgumentParser) -> None:
@@ -289,6 +352,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_gc(args)
         if args.command == "demo":
             return asyncio.run(_cmd_demo(args))
+        if args.command == "prewarm":
+            from .prewarmctl import run as prewarm
+
+            return prewarm(args)
     except ModelCacheError as e:
         print(f"modelcache: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -329,18 +396,29 @@ async def _pull(args: argparse.Namespace, ref: str, filters, *, quiet_path: bool
     transfer, options = _transfer_options(args)
     engine = Engine(store.content, transfer)
     reporter = ProgressReporter(f"pull {ref}", quiet=args.quiet)
+    peers = None
+    peer_config = _peer_config(args) if hasattr(args, "peer_secret_file") else None
+    if peer_config is not None:
+        from .p2p.node import PeerNode
+
+        peers = PeerNode(peer_config)
     try:
         async with _terminate_as_interrupt():
-            result = await pull(store, engine, ref, filters=filters, options=options, progress=reporter, tag=tag)
+            result = await pull(store, engine, ref, filters=filters, options=options, progress=reporter, tag=tag,
+                                routing=peers.router if peers is not None else None)
     finally:
         reporter.close()
         engine.close()
         store.close()
+        if peers is not None:
+            await peers.close()
     s = result.stats
     rate = s.bytes_fetched / result.seconds if result.seconds > 0 else 0.0
+    from_peers = sum(n for name, n in s.fetched_by_source.items() if name.startswith("peer://"))
     if not args.quiet:
-        print(f"{result.ref}: {result.files} files, {human(result.size)}; fetched {human(s.bytes_fetched)} "
-              f"in {result.seconds:.2f}s ({human(rate)}/s), reused {human(s.bytes_reused)}, "
+        peer_part = f" ({human(from_peers)} from peers)" if peers is not None else ""
+        print(f"{result.ref}: {result.files} files, {human(result.size)}; fetched {human(s.bytes_fetched)}"
+              f"{peer_part} in {result.seconds:.2f}s ({human(rate)}/s), reused {human(s.bytes_reused)}, "
               f"{s.chunks_retried} chunk retries", file=sys.stderr)
     if not quiet_path:
         print(result.path)
@@ -417,7 +495,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 async def _cmd_verify(args: argparse.Namespace) -> int:
-    from .store.content import hash_file
+    from .store.scrub import verify
 
     store = _open_store(args)
     try:
@@ -425,19 +503,13 @@ async def _cmd_verify(args: argparse.Namespace) -> int:
         limit = asyncio.Semaphore(os.cpu_count() or 2)
 
         async def check(digest: str) -> dict | None:
+            # A blob removed beside us (gc) is gone, not corrupt (store.scrub).
             async with limit:
-                try:
-                    actual = await asyncio.to_thread(hash_file, store.content.path(digest))
-                except FileNotFoundError:  # removed by gc beside us: gone, not corrupt
-                    return None
-            if actual == digest:
-                return None
-            views = await asyncio.to_thread(store.index.blob_users, digest)
-            return {"blob": digest, "actual": actual, "views": views, "deleted": bool(args.delete)}
+                found = await asyncio.to_thread(verify, store, digest, sha256=bool(args.sha256),
+                                                delete=bool(args.delete))
+            return found.as_json() if found else None
 
         corrupt = [c for c in await asyncio.gather(*(check(d) for d in digests)) if c]
-        if args.delete:
-            await asyncio.to_thread(_delete_corrupt, store, corrupt)
     finally:
         store.close()
     if args.json:
@@ -448,27 +520,6 @@ async def _cmd_verify(args: argparse.Namespace) -> int:
                   f"{' - deleted' if c['deleted'] else ''}")
         print(f"checked {len(digests)} blobs: {len(corrupt)} corrupt")
     return 5 if corrupt else 0
-
-
-def _delete_corrupt(store, corrupt: list[dict]) -> None:
-    """Delete corrupt blobs and the views made of them.
-
-    A view's files are hardlinks to the blobs' own inodes, so a view that
-    used a corrupt blob holds the same bad bytes: it goes too, or the next
-    pull would fetch the blob again and hand back the old, corrupt view
-    (views are named by their listing, so a rebuild lands on the same path).
-    A mounted view is not deleted under its pod: it is renamed aside to
-    ``views/.corrupt-*`` (the bind mount follows the directory), removed by
-    gc once unmounted, and reported. Rows go before trees (Store.drop_view).
-    """
-    mounted = {view for lease in store.index.leases("mount") for view in lease.views}
-    for c in corrupt:
-        c["moved_aside"] = []
-        for view in c["views"]:
-            _, aside = store.drop_view(view, unless_held=False, aside=view in mounted)
-            if aside is not None:
-                c["moved_aside"].append(str(aside))
-        store.content.delete(c["blob"])
 
 
 def _transfer_options(args: argparse.Namespace):
@@ -483,13 +534,29 @@ def _transfer_options(args: argparse.Namespace):
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .daemon.auth import AuthConfig, default_mode
+    from .daemon.prewarm import PrewarmConfig, prewarm_default
     from .daemon.server import DaemonConfig, run
     from .store.budget import Budget
 
     transfer, sources = _transfer_options(args)
-    auth = AuthConfig(mode=str(args.api_auth or default_mode()),
+    mode = str(args.api_auth or default_mode())
+    kubeconfig = Path(args.kubeconfig).expanduser() if args.kubeconfig else None
+    if args.prewarm not in (None, "on", "off"):
+        raise InvalidReference(f"MODELCACHE_PREWARM={args.prewarm!r}: expected on or off")
+    prewarm = None
+    if args.prewarm == "on" or (args.prewarm is None and prewarm_default(args.kubeconfig)):
+        prewarm = PrewarmConfig(kubeconfig=kubeconfig, namespace=str(args.prewarm_namespace),
+                                startup_taint=args.startup_taint or None,
+                                startup_timeout=float(args.startup_timeout), resync=float(args.prewarm_resync),
+                                lease_duration=float(args.lease_duration),
+                                progress_interval=float(args.prewarm_progress))
+    elif args.startup_taint:
+        raise InvalidReference("--startup-taint needs the pre-warm controller (--prewarm on)")
+    elif kubeconfig is not None and mode != "kubernetes":
+        raise InvalidReference(f"--kubeconfig is for --api-auth kubernetes or --prewarm on, not {mode} alone")
+    auth = AuthConfig(mode=mode,
                       token_file=Path(args.api_token_file).expanduser() if args.api_token_file else None,
-                      kubeconfig=Path(args.kubeconfig).expanduser() if args.kubeconfig else None,
+                      kubeconfig=kubeconfig if mode == "kubernetes" else None,
                       cache_ttl=float(args.api_auth_cache_ttl))
     # Values from the environment arrive as text: parse them as the flags would be.
     max_size = None if args.max_size is None else _size(str(args.max_size))
@@ -501,7 +568,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                           transfer=transfer, sources=sources, auth=auth, budget=budget,
                           mount_credential_check=str(args.mount_credential_check),
                           mount_credential_ttl=float(args.mount_credential_ttl), max_pulls=int(args.max_pulls),
-                          allow_local=tuple(Path(p).expanduser() for p in args.allow_local))
+                          scrub_rate=_size_or_zero(str(args.scrub_rate)),
+                          scrub_interval=_seconds_or_zero(str(args.scrub_interval)),
+                          allow_local=tuple(Path(p).expanduser() for p in args.allow_local), prewarm=prewarm,
+                          peers=_peer_config(args))
     asyncio.run(run(config))
     return 0
 

@@ -18,7 +18,7 @@ import functools
 import os
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +26,10 @@ from .errors import NotFound
 from .model import Archive, FileEntry, Model
 from .refs import S3Ref, parse
 from .sources import SourceOptions, open_source
+from .sources.base import ByteSource
 from .store import Store, liveness
 from .store.budget import Budget, reserve
+from .store.crash import crash_point
 from .store.unpack import Row, rows_to_layer
 from .transfer import ChunkRouter, Engine, OriginOnly, TransferStats
 from .transfer.engine import Progress
@@ -50,11 +52,15 @@ class PullResult:
 
 async def pull(store: Store, engine: Engine, ref_text: str, *, filters: Filters | None = None,
                options: SourceOptions | None = None, progress: Progress | None = None,
-               tag: str | None = None, owner: str = "cli", budget: Budget | None = None) -> PullResult:
+               tag: str | None = None, owner: str = "cli", budget: Budget | None = None,
+               routing: Callable[[ByteSource], ChunkRouter] | None = None) -> PullResult:
     """Pull ``ref_text`` into ``store``; return where its read-only tree is.
 
     ``tag`` picks an image in an OCI layout held in an S3 prefix. ``owner``
     names the pull's lease; ``budget`` reserves its space before it fetches.
+    ``routing`` wraps the origin in a router (peers first); default: the origin only.
+    The manifest is always resolved at the origin first, with this pull's own
+    credentials: peers are asked only for blobs of a model we were given.
     """
     started = time.monotonic()
     ref = parse(ref_text)
@@ -64,12 +70,18 @@ async def pull(store: Store, engine: Engine, ref_text: str, *, filters: Filters 
     lease = f"pull:{owner}:{secrets.token_hex(8)}"
     await asyncio.to_thread(store.index.add_lease, lease, kind="pull", owner=owner, process=liveness.me())
     try:
-        model = await engine.retry(f"resolving {ref}", source.resolve)
+        crash_point("pull-leased")
+        with engine.resolving():  # peers asking us for its pieces wait a moment instead of being sent away
+            model = await engine.retry(f"resolving {ref}", source.resolve)
+        crash_point("resolved")
         spans = {p.blob.digest: (p.origin, p.offset) for p in model.parts
                  if isinstance(p, FileEntry) and p.origin is not None}
         origin = WithinOrigin(source, spans) if spans else source
-        result = await materialize(store, engine, model, OriginOnly(origin), filters=filters or Filters(),
-                                   progress=progress, started=started, lease=lease, budget=budget)
+        router = routing(origin) if routing is not None else OriginOnly(origin)
+        chosen = filters or Filters()
+        with engine.wanting(p.blob.digest for p in model.parts if isinstance(p, Archive) or chosen.match(p.path)):
+            result = await materialize(store, engine, model, router, filters=filters or Filters(),
+                                       progress=progress, started=started, lease=lease, budget=budget)
         # Private or not, as this pull found it (KEP-2535: warm mounts of private models are checked).
         needed = bool(getattr(source, "needed_credentials", False))
         await asyncio.to_thread(store.index.record_origin_access, model.ref, needed)
@@ -98,6 +110,7 @@ async def materialize(store: Store, engine: Engine, model: Model, router: ChunkR
         # Held before looking whether they are here: gc either removed them already (we fetch them)
         # or sees our lease and keeps them.
         await asyncio.to_thread(store.index.hold, lease, blobs=[b.digest for b in needed])
+        crash_point("blobs-held")
         if budget is not None:
             missing = {b.digest: b.size for b in needed if not store.content.has(b.digest)}
             await asyncio.to_thread(reserve, store, budget, lease, sum(missing.values()))
@@ -142,6 +155,7 @@ async def materialize(store: Store, engine: Engine, model: Model, router: ChunkR
         view="sha256:" + path.name, size=size, files=count,
         blobs=[n.digest for n in selected if n.kind == "file"],
     )
+    crash_point("view-recorded")
     return PullResult(ref=model.ref, model_digest=model.digest, path=path, files=count, size=size,
                       stats=stats, seconds=time.monotonic() - started)
 

@@ -49,10 +49,14 @@ def safe_path(raw: str, *, context: str) -> str:
         raise UnsafePath(f"{context}: empty path {raw!r}")
     # Linux's NAME_MAX and PATH_MAX (bytes): past them a view cannot be built, so the content is refused
     # as it arrives rather than failing as an OSError deep in the store.
-    encoded = rel.encode("utf-8", "surrogateescape")
-    if len(encoded) >= 4096 or any(len(part) > 255 for part in encoded.split(b"/")):
-        raise UnsafePath(f"{context}: path {_short(rel)} is too long (255 bytes a name, 4095 a path)")
+    _check_length(rel, context=context, what="path")
     return rel
+
+
+def _check_length(path: str, *, context: str, what: str) -> None:
+    encoded = path.encode("utf-8", "surrogateescape")
+    if len(encoded) >= 4096 or any(len(part) > 255 for part in encoded.split(b"/")):
+        raise UnsafePath(f"{context}: {what} {_short(path)} is too long (255 bytes a name, 4095 a path)")
 
 
 def _short(path: str) -> str:
@@ -86,6 +90,8 @@ def safe_link_target(link_path: str, target: str, *, context: str) -> str:
     joined = target.lstrip("/") if target.startswith("/") else posixpath.join(base, target)
     if _climbs_out(joined):
         raise UnsafePath(f"{context}: symlink {link_path!r} -> {target!r} points outside the model")
+    # A target no lookup can follow (ENAMETOOLONG) is refused like an overlong name.
+    _check_length(target, context=context, what=f"symlink {link_path!r} target")
     if not target.startswith("/"):
         return target
     return posixpath.relpath(posixpath.normpath("/" + joined), "/" + base if base else "/")

@@ -104,7 +104,7 @@ class DaemonProcess:
 
 
 def start_daemon(root: Path, *extra: str, store: Path | None = None, token: str | None = None,
-                 env: dict[str, str | None] | None = None) -> DaemonProcess:
+                 env: dict[str, str | None] | None = None, listen: str | None = None) -> DaemonProcess:
     """Start a daemon with its own store and socket under ``root``; wait until ready.
 
     API authentication is token mode unless ``extra`` says otherwise (or ``env``
@@ -115,7 +115,7 @@ def start_daemon(root: Path, *extra: str, store: Path | None = None, token: str 
     root.mkdir(parents=True, exist_ok=True)
     store = store or root / "store"
     sock = root / "csi" / "csi.sock"
-    http = f"127.0.0.1:{free_port()}"
+    http = listen or f"127.0.0.1:{free_port()}"  # given: peers must know each other's address before start
     log = root / f"daemon-{time.monotonic_ns()}.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "modelcache", "serve", "--store", str(store), "--listen", http,

@@ -12,10 +12,15 @@ the daemon's API authentication asks for:
   the resource (grants are set directly with :meth:`grant`, or read from
   ClusterRoles and ClusterRoleBindings with :meth:`load_rbac`).
 
-More resources (Nodes, Leases, custom resources, EndpointSlices) plug in as
-more routes: a handler takes a :class:`FakeRequest` and returns a status and
-a JSON body. Requests must carry the kubeconfig's bearer token, as a real
-API server would insist; anything else is a 401 Status.
+Objects of any resource (Nodes, Namespaces, Leases, EndpointSlices, ModelPrewarms,
+and more registered on :attr:`FakeKubernetes.objects`) are kept by the generic
+store of :mod:`fake_k8s_objects`: list, watch (resource versions, bookmarks, 410
+Gone), create, replace, patch, delete, the status subresource and 409 Conflicts.
+Other answers plug in as more routes, which come first: a handler takes a
+:class:`FakeRequest` and returns a status and a JSON body (or a
+:class:`fake_k8s_objects.Stream`, written as chunked JSON lines). Requests
+must carry the kubeconfig's bearer token, as a real API server would insist;
+anything else is a 401 Status.
 
 The answers follow the shapes of the Kubernetes API reference (TokenReview
 and SubjectAccessReview status; ``Status`` objects for errors), and the tests
@@ -35,6 +40,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from fake_k8s_objects import PATH, Objects, Stream, encode_line
 
 CLIENT_TOKEN = "fake-k8s-client-token"  # what the kubeconfig hands its client (the daemon's own ServiceAccount)
 
@@ -83,6 +90,8 @@ class FakeKubernetes:
         self._connections: set[socket.socket] = set()
         self.route("POST", "/apis/authentication.k8s.io/v1/tokenreviews", self._token_review)
         self.route("POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", self._access_review)
+        self.objects = Objects()  # answers what no route does (routes added by tests come first)
+        self._objects_path = re.compile(PATH)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -142,6 +151,7 @@ class FakeKubernetes:
 
     def stop(self) -> None:
         """Stop serving: close the port and every kept-alive connection, so clients find it down."""
+        self.objects.close()  # open watches end
         if self._thread is not None:
             self._server.shutdown()
             self._thread.join(5)
@@ -165,6 +175,9 @@ class FakeKubernetes:
             match = pattern.fullmatch(request.path)
             if match and method == request.method:
                 return handler(dataclasses.replace(request, match=match))
+        match = self._objects_path.fullmatch(request.path)
+        if match:
+            return self.objects.serve(dataclasses.replace(request, match=match))
         if any(p.fullmatch(request.path) for _, p, _ in self._routes):
             return status(405, "MethodNotAllowed", f"{request.method} is not supported on {request.path}")
         return status(404, "NotFound", f"the server could not find the requested resource ({request.path})")
@@ -229,12 +242,31 @@ def _handler_for(fake: FakeKubernetes) -> type[BaseHTTPRequestHandler]:
             else:
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 code, answer = fake._record(FakeRequest(self.command, path, query, headers, body))
+            if isinstance(answer, Stream):
+                self._stream(code, answer)
+                return
             data = json.dumps(answer).encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
+
+        def _stream(self, code: int, stream: Stream) -> None:
+            # A watch: one JSON object per line, each line its own chunk, flushed at once.
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            try:
+                for item in stream.items:
+                    line = encode_line(item)
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                    self.wfile.flush()
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+            except OSError:  # the client went away (a stopped watch)
+                self.close_connection = True
 
         do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve
 

@@ -210,8 +210,9 @@ def kube(tmp_path: Path):
 
 
 def _kube_daemon(tmp_path: Path, *extra: str, token: str = "autoscaler-token"):
+    # --prewarm off: these tests count the review requests; the controller's list/watch is tested in test_prewarm.
     return start_daemon(tmp_path / "node", "--api-auth", "kubernetes", "--kubeconfig", str(tmp_path / "kubeconfig"),
-                        *extra, token=token)
+                        "--prewarm", "off", *extra, token=token)
 
 
 def test_kubernetes_mode_reviews_and_authorizes(tmp_path: Path, kube: FakeKubernetes, stop_later) -> None:

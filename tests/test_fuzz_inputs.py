@@ -178,6 +178,7 @@ def _snapshot(root: Path) -> set[str]:
 @example([("l", tarfile.SYMTYPE, "../../..", b""), ("l/escape", tarfile.REGTYPE, "", b"x")])
 @example([("h", tarfile.LNKTYPE, "/etc/hostname", b"")])
 @example([("x" * 300, tarfile.REGTYPE, "", b"long")])
+@example([("0", tarfile.SYMTYPE, "x" * 300, b"")])  # found by CI: a link no lookup can follow
 @example([("dev", tarfile.CHRTYPE, "", b"")])
 def test_hostile_tar_layers_land_inside_the_store_or_are_refused(tmp_path: Path, entries: list) -> None:
     case = Path(os.path.realpath(tmp_path)) / f"case-{os.urandom(4).hex()}"

@@ -102,7 +102,8 @@ def test_daemon_may_create_reviews_and_nothing_more_of_them() -> None:
     review = {(g, r, v) for g, r, v in grants if g in ("authentication.k8s.io", "authorization.k8s.io")}
     assert review == {("authentication.k8s.io", "tokenreviews", "create"),
                       ("authorization.k8s.io", "subjectaccessreviews", "create")}
-    assert not any(g == "modelcache.io" for g, _, _ in grants)  # the daemon grants itself no API rights
+    # The daemon grants itself no rights on its own HTTP API (pulls, pins, models): only ModelPrewarms.
+    assert {r for g, r, _ in grants if g == "modelcache.io"} <= {"modelprewarms", "modelprewarms/status"}
 
 
 def test_prewarmer_role_covers_every_api_route() -> None:
@@ -113,7 +114,7 @@ def test_prewarmer_role_covers_every_api_route() -> None:
     granted = {(r, v) for rule in role["rules"] for r in rule["resources"] for v in rule["verbs"]}
     assert all(rule["apiGroups"] == [API_GROUP] for rule in role["rules"])
     assert set(ACCESS.values()) <= granted
-    assert ("prewarms", "create") in granted
+    assert {("modelprewarms", v) for v in ("create", "get", "update", "delete")} <= granted
     assert binding["roleRef"]["name"] == role["metadata"]["name"] == "modelcache-prewarmer"
     assert binding["subjects"][0]["kind"] == "ServiceAccount"
 

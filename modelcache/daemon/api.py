@@ -15,7 +15,9 @@ Every error, ours or aiohttp's (404 for an unknown path, 405, 413), is JSON
 ``{"code", "message"}`` with the status the error maps to; an error that
 carries ``retry_after`` (Busy, Unavailable) also sets ``Retry-After``.
 
-Only /healthz, /readyz and /metrics are open. Every other request needs a
+Only /healthz, /readyz and /metrics are open, and with peer sharing on the
+``/v1/peer/`` routes (:mod:`modelcache.p2p.server`), which check their own HMAC
+signature instead of a bearer credential. Every other request needs a
 bearer credential (reads too: model names may be private): no credential or a
 bad one is a 401 with ``WWW-Authenticate: Bearer``, a known caller without the
 right is a 403, and an unreachable review API a 503 (``auth``). What each
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 256 << 10  # a pull request is a reference and a few globs; aiohttp answers 413 past this
 
+PEER_PREFIX = "/v1/peer/"
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapers carry no credential
 
 # (method, route) -> (resource, verb) in API group modelcache.io: the rights RBAC grants
@@ -98,11 +101,12 @@ def _access(request: web.Request) -> Access | None:
     return Access(wanted[0], wanted[1], names[0] if names else "")
 
 
-def _authentication(auth: Authenticator) -> Any:
+def _authentication(auth: Authenticator, *, peer_routes: bool = False) -> Any:
     @web.middleware
     async def check(request: web.Request, handler: Any) -> web.StreamResponse:
         # Closed unless named open: a route added later is never public by accident.
-        if request.path in OPEN_PATHS:
+        # Peer routes sign every request themselves (HMAC, p2p.signing): they exist only with a secret.
+        if request.path in OPEN_PATHS or (peer_routes and request.path.startswith(PEER_PREFIX)):
             return await handler(request)
         try:
             caller = await auth.authenticate(_bearer(request))
@@ -118,9 +122,13 @@ def _authentication(auth: Authenticator) -> Any:
     return check
 
 
-def build_app(daemon: Any, *, auth: Authenticator) -> web.Application:
-    """The aiohttp application over a running daemon (server.Daemon), its callers checked by ``auth``."""
-    app = web.Application(middlewares=[_errors, _authentication(auth)], client_max_size=MAX_BODY)
+def build_app(daemon: Any, *, auth: Authenticator, peer: Any = None) -> web.Application:
+    """The aiohttp application over a running daemon (server.Daemon), its callers checked by ``auth``;
+    ``peer`` (a p2p.server.PeerServer) adds the peer routes."""
+    app = web.Application(middlewares=[_errors, _authentication(auth, peer_routes=peer is not None)],
+                          client_max_size=MAX_BODY)
+    if peer is not None:
+        peer.add_routes(app)
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

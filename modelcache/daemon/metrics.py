@@ -14,9 +14,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ..store.scrub import Corrupt, Verdict
 from ..transfer import TransferStats
 
-_KINDS = ("oci", "oci-layout", "s3", "hf", "file")
+_KINDS = ("oci", "oci-layout", "s3", "hf", "file", "peer")  # "peer": bytes other nodes gave us
 
 
 def source_kind(name: str) -> str:
@@ -53,12 +54,42 @@ class Metrics:
         self.pull_seconds = Histogram("modelcache_pull_duration_seconds", "Pull durations.", ["outcome"],
                                       buckets=(0.05, 0.25, 1, 5, 15, 60, 300, 900, 3600),
                                       registry=self.registry)
+        self.peer_served = Counter("modelcache_peer_served_bytes", "Bytes served to other nodes.",
+                                   registry=self.registry)
+        self.peer_failures = Counter("modelcache_peer_failures", "Requests to a peer that failed (dead, stalled).",
+                                     ["peer"], registry=self.registry)
+        self.bad_pieces = Counter("modelcache_peer_bad_pieces", "Pieces or blobs from a peer that failed their check.",
+                                  ["peer"], registry=self.registry)
         self.publishes = Counter("modelcache_csi_publish", "NodePublishVolume calls by gRPC code.", ["code"],
                                  registry=self.registry)
         self.publish_seconds = Histogram("modelcache_csi_publish_duration_seconds",
                                          "NodePublishVolume latency (warm mounts should stay in the first buckets).",
                                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2, 10, 60, 300),
                                          registry=self.registry)
+
+        self.scrubbed = Counter("modelcache_scrub_blobs", "Blobs the background scrub checked.",
+                                ["algorithm"], registry=self.registry)
+        self.scrubbed_bytes = Counter("modelcache_scrub_bytes", "Bytes the background scrub read.",
+                                      registry=self.registry)
+        self.corrupt = Counter("modelcache_scrub_corrupt", "Corrupt blobs the scrub found and took out of service.",
+                               registry=self.registry)
+
+    def record_scrub(self, verdict: Verdict) -> None:
+        """Account one blob checked by the scrub (one that vanished under it is not counted)."""
+        if verdict.state != "gone":
+            self.scrubbed.labels(algorithm=verdict.algorithm).inc()
+            self.scrubbed_bytes.inc(verdict.size)
+
+    def record_corrupt(self, corrupt: Corrupt) -> None:
+        """Account one corrupt blob taken out of service."""
+        self.corrupt.inc()
+
+    def peer_outcome(self, url: str, outcome: str) -> None:
+        """A peer failed (dead, stalled, refused) or served a bad piece."""
+        if outcome == "failed":
+            self.peer_failures.labels(peer=url).inc()
+        elif outcome == "lied":
+            self.bad_pieces.labels(peer=url).inc()
 
     def add_gauges(self, used: Callable[[], int], free_path: str, mounts: Callable[[], int]) -> None:
         """Register the scrape-time gauges."""

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from ..errors import Conflict
 from ..store import Store
+from ..store.crash import crash_point
 
 MS_RDONLY = 1
 MS_REMOUNT = 32
@@ -112,6 +113,7 @@ class Mounts:
                 return False
             target.mkdir(parents=True, exist_ok=True)
             self._lease(volume_id, view_digest, lease_holder)
+            crash_point("mount-leased")
             try:
                 bind_read_only(view, target)
             except OSError:

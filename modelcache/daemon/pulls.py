@@ -116,6 +116,7 @@ class PullManager:
         self._ids = itertools.count(1)
         self.gate: AccessGate | None = None  # checks a pod's credentials before a mount (None: no check)
         self.budget = Budget()
+        self.routing: Callable[[Any], Any] | None = None  # wraps each pull's origin in the peer router
 
     async def admit(self, ref: str) -> str:
         """The canonical form of ``ref`` if the policy admits it; raises Forbidden or InvalidReference."""
@@ -240,7 +241,7 @@ class PullManager:
         try:
             options = dataclasses.replace(self.options, credentials=job.credentials)
             result = await pull(self.store, self.engine, job.ref, filters=job.filters, options=options,
-                                progress=progress, owner="daemon", budget=self.budget)
+                                progress=progress, owner="daemon", budget=self.budget, routing=self.routing)
             await asyncio.to_thread(enforce, self.store, self.budget)
         except ModelCacheError as e:
             job.state, job.error = "failed", e

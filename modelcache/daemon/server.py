@@ -12,6 +12,10 @@ every pull job in one task group. On SIGTERM/SIGINT it drains:
    against the next daemon), and calls in flight get a short grace;
 3. the HTTP server closes, then the engine and the store.
 
+The background scrub (:class:`~modelcache.store.scrub.Scrubber`, at most
+``--scrub-rate`` bytes/s) runs in the same task group and is cancelled at
+the start of the drain.
+
 Nothing else in the daemon package knows about more than its own job; this
 module is the one place that knows all of them.
 """
@@ -32,9 +36,11 @@ from aiohttp import web
 from ..csi import csi_pb2_grpc as rpc
 from ..csi.servicer import IdentityService, NodeService
 from ..errors import InvalidReference
+from ..p2p.node import PeerConfig, PeerNode
 from ..sources import SourceCredentials, SourceOptions
 from ..store import Store
 from ..store.budget import Budget, enforce
+from ..store.scrub import Scrubber
 from ..transfer import Engine, TransferConfig
 from ..tree import Filters
 from . import csisocket
@@ -45,6 +51,7 @@ from .auth import build as build_auth
 from .metrics import Metrics
 from .mounts import Mounts
 from .policy import RefPolicy
+from .prewarm import PrewarmConfig, PrewarmController, load_client
 from .pulls import PullManager
 
 log = logging.getLogger(__name__)
@@ -69,6 +76,10 @@ class DaemonConfig:
     allow_local: tuple[Path, ...] = ()  # host directories pulls and volumes may name; none by default
     max_pulls: int = 16  # pull jobs queued or running at once; past it, 429 / RESOURCE_EXHAUSTED
     budget: Budget = field(default_factory=Budget)
+    scrub_rate: int = 50 << 20  # bytes/s the background scrub reads at most; 0: no scrub
+    scrub_interval: float = 86400.0  # seconds between two scrub passes
+    prewarm: PrewarmConfig | None = None  # the ModelPrewarm controller; None: off
+    peers: PeerConfig | None = None  # peer sharing (issue 11); None: off
 
 
 class Daemon:
@@ -77,6 +88,7 @@ class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
         self.auth = build_auth(config.auth, config.store)  # first: a bad token file or kubeconfig opens nothing
+        self._kube = load_client(config.prewarm.kubeconfig) if config.prewarm is not None else None
         self.store = Store(config.store)
         self.engine = Engine(self.store.content, config.transfer)
         self.metrics = Metrics()
@@ -86,9 +98,20 @@ class Daemon:
                                      ttl=config.mount_credential_ttl)
         self.pulls.budget = config.budget
         self.mounts = Mounts(self.store)
+        self.prewarm: PrewarmController | None = None
+        if config.prewarm is not None:
+            self.prewarm = PrewarmController(config.prewarm, config.node_name, self.pulls, self._kube)
         self.ready = asyncio.Event()
         self.csi_socket: tuple[int, int] | None = None  # (device, inode) of the socket we bound
         self.metrics.add_gauges(self.store.disk_usage, str(self.store.root), self.mounts.active)
+        self.scrubber = Scrubber(self.store, config.scrub_rate, config.scrub_interval,
+                                 on_verdict=self.metrics.record_scrub, on_corrupt=self.metrics.record_corrupt)
+        self.peer: PeerNode | None = None
+        self.peer_server = None
+        if config.peers is not None:
+            self.peer = PeerNode(config.peers, on_report=self.metrics.peer_outcome)
+            self.peer_server = self.peer.server(self.store, self.engine, self.metrics.peer_served.inc)
+            self.pulls.routing = self.peer.router
 
     def csi_alive(self) -> bool:
         """True while the CSI socket at the configured path is ours and answers (blocks up to a second)."""
@@ -99,6 +122,8 @@ class Daemon:
         self.engine.close()
         self.store.close()
         self.auth.close()
+        if self._kube is not None:
+            self._kube.close()
 
     # -- what the CSI node service needs (csi.servicer.Backend) -----------------
 
@@ -173,14 +198,25 @@ async def _serve(daemon: Daemon, config: DaemonConfig, stop: asyncio.Event) -> N
         try:
             async with asyncio.TaskGroup() as tasks:
                 daemon.pulls.spawn = tasks.create_task
+                scrub = tasks.create_task(daemon.scrubber.run()) if config.scrub_rate > 0 else None
+                prewarm = tasks.create_task(daemon.prewarm.run()) if daemon.prewarm is not None else None
+                daemon.engine.spawn = tasks.create_task  # shared fetches outlive any one caller, not the daemon
+                peers = tasks.create_task(daemon.peer.run()) if daemon.peer is not None else None
                 daemon.ready.set()
                 log.info("serving HTTP on %s and CSI on %s as node %s",
-                            config.listen, config.csi_socket, config.node_name)
+                         config.listen, config.csi_socket, config.node_name)
                 await stop.wait()
                 daemon.ready.clear()
                 daemon.pulls.accepting = False
                 log.info("draining: no new work; running pulls keep their chunks for resume")
+                if prewarm is not None:  # first: it would start pulls; it gives its Lease up as it stops
+                    prewarm.cancel()
+                if scrub is not None:
+                    scrub.cancel()  # at most one block is still being read, in its thread
                 await asyncio.gather(csi.stop(CSI_GRACE), daemon.pulls.drain())
+                if peers is not None:
+                    peers.cancel()
+                    await daemon.peer.close()  # type: ignore[union-attr]
         finally:
             await http.cleanup()
     finally:
@@ -205,7 +241,7 @@ async def _start_http(daemon: Daemon, listen: str) -> web.AppRunner:
     host, _, port = listen.rpartition(":")
     if not port.isdigit():
         raise InvalidReference(f"--listen {listen!r}: expected HOST:PORT")
-    runner = web.AppRunner(build_app(daemon, auth=daemon.auth), handle_signals=False, shutdown_timeout=HTTP_GRACE)
+    runner = web.AppRunner(build_app(daemon, auth=daemon.auth, peer=daemon.peer_server), handle_signals=False, shutdown_timeout=HTTP_GRACE)
     await runner.setup()
     try:
         await web.TCPSite(runner, host.strip("[]") or "0.0.0.0", int(port)).start()

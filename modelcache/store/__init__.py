@@ -12,6 +12,7 @@ On disk, under one root (one filesystem, so renames and hardlinks are atomic)::
       views/<hex>/...           a model's tree: hardlinks to blobs, dirs 0555
       views/.tmp-<pid>.<start>-*  a view being built, renamed into place when whole
       views/.del-*              a view already forgotten, being deleted
+      views/.corrupt-*          a mounted view of a corrupt blob, moved aside until unmounted
       index.sqlite              refs, views, blob sizes, layers, leases, last use
 
 Guarantees:
@@ -47,6 +48,11 @@ Who holds what (issue 10):
   old state or the new, and a crash leaves either the old state or one
   that the next gc finishes (``.del-*``, temp names of dead processes,
   views built but never recorded).
+- The one exception: a blob found corrupt (by scrub or ``verify --delete``,
+  :mod:`.scrub`) is taken out of service whatever holds it, since its bytes
+  are not the content any lease asked for. Its views go the same way (rows,
+  then the tree renamed away in one transaction); a mounted one is renamed
+  aside to ``views/.corrupt-*``, never deleted under its pod.
 """
 
 from .content import BlobIngest, ContentStore

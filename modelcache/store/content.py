@@ -38,6 +38,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Protocol
 
+import xxhash
+
 from ..errors import Conflict, DigestMismatch, InvalidContent, NoSpace, NotFound
 from ..model import Blob
 from . import liveness
@@ -58,8 +60,9 @@ _INGEST_FILES = ("data", "chunks", "partial", "partial.tmp")
 class Ledger(Protocol):
     """Counts committed blobs and records who holds them (the store's index)."""
 
-    def blob_added(self, digest: str, size: int, *, leases: Sequence[str] = ()) -> None:
-        """``digest`` is about to be linked into place; ``leases`` hold it from now on."""
+    def blob_added(self, digest: str, size: int, *, leases: Sequence[str] = (), xxh3: str | None = None) -> None:
+        """``digest`` is about to be linked into place; ``leases`` hold it from now on; ``xxh3`` is the
+        xxh3-128 of its bytes, taken in the same pass as the sha256 (for scrub)."""
 
     def blob_removed(self, digest: str) -> None:
         """``digest`` was deleted."""
@@ -186,6 +189,7 @@ class ContentStore:
             self.path(digest).unlink()
         except FileNotFoundError:
             pass
+        crash_point("blob-deleted")
         if self.ledger is not None:
             self.ledger.blob_removed(digest)
 
@@ -262,7 +266,7 @@ class ContentStore:
         once fsync'd and named by its sha256, held by ``leases``.
         """
         tmp = self.ingest_dir / f"tmp-{liveness.tmp_prefix()}{secrets.token_hex(8)}"
-        h = hashlib.sha256()
+        h, x = hashlib.sha256(), xxhash.xxh3_128()
         size = 0
         try:
             with open(tmp, "wb") as out:
@@ -271,6 +275,7 @@ class ContentStore:
                     if not block:
                         break
                     h.update(block)
+                    x.update(block)
                     out.write(block)
                     size += len(block)
                 out.flush()
@@ -279,7 +284,7 @@ class ContentStore:
             if expected_size is not None and size != expected_size:
                 raise InvalidContent(f"stream ended after {size} bytes, expected {expected_size}")
             digest = "sha256:" + h.hexdigest()
-            self._link_into_place(tmp, digest, size, leases)
+            self._link_into_place(tmp, digest, size, leases, x.hexdigest())
             return digest, size
         except OSError as e:
             if e.errno in _NO_SPACE:
@@ -288,14 +293,16 @@ class ContentStore:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def _link_into_place(self, tmp: Path, digest: str, size: int, leases: Sequence[str]) -> None:
+    def _link_into_place(self, tmp: Path, digest: str, size: int, leases: Sequence[str], xxh3: str) -> None:
         os.chmod(tmp, 0o444)
         if self.ledger is not None:  # counted (and held) before it is visible: see the module docstring
-            self.ledger.blob_added(digest, size, leases=leases)
+            self.ledger.blob_added(digest, size, leases=leases, xxh3=xxh3)
+        crash_point("blob-counted")
         try:
             os.link(tmp, self.path(digest))
         except FileExistsError:
             return  # same digest, same bytes: AlreadyExists is success
+        crash_point("blob-linked")
         _fsync_dir(self.blobs_dir)
 
 
@@ -334,6 +341,7 @@ class BlobIngest:
         self._partial_lock = threading.Lock()
         self._hash = hashlib.sha256()
         self._md5 = hashlib.md5(usedforsecurity=False) if blob.md5 else None
+        self._xxh3 = xxhash.xxh3_128()  # the scrubber's local checksum, in the same pass as the sha256
         self.committed_as = blob.digest  # the stored digest (learnt at commit for unverified blobs)
         self._hashed = 0  # bytes of the prefix fed to the hash
         # Per chunk: bytes written contiguously from its start (all of a done chunk, the kept part of another).
@@ -440,6 +448,7 @@ class BlobIngest:
         os.pwrite(self._record_fd, b"\x01", _RECORD_HEADER.size + index)
         self.done[index] = 1
         self.kept.pop(index, None)  # the done flag says more; a stale entry in ``partial`` is ignored
+        crash_point("chunk-recorded")
         with self._hash_lock:
             self._written[index] = self.chunk_range(index)[1]
             self._catch_up()
@@ -477,8 +486,26 @@ class BlobIngest:
                 os.close(fd)
             os.replace(tmp, self.dir / "partial")  # a reader sees the old list or the new, never half
 
+    def rewind(self, index: int) -> None:
+        """Forget the bytes written into chunk ``index`` (not durable): they failed a check.
+
+        If the running hash already took them in, it starts over; it catches
+        up again from the page cache over what is written (only after a peer
+        lied, so the cost of reading the prefix back is rare).
+        """
+        start, _ = self.chunk_range(index)
+        with self._hash_lock:
+            self._written[index] = 0
+            if self._hashed > start:
+                self._hash = hashlib.sha256()
+                self._xxh3 = xxhash.xxh3_128()
+                self._md5 = hashlib.md5(usedforsecurity=False) if self.blob.md5 else None
+                self._hashed = 0
+                self._catch_up(until=start)
+
     def _feed(self, piece: bytes | memoryview) -> None:
         self._hash.update(piece)
+        self._xxh3.update(piece)
         if self._md5 is not None:
             self._md5.update(piece)
         self._hashed += len(piece)
@@ -527,8 +554,9 @@ class BlobIngest:
         if self.blob.verified and actual != self.blob.digest:
             self.discard()
             raise DigestMismatch(f"blob {self.blob.digest} arrived as {actual}: refusing it")
+        crash_point("commit-verified")
         os.fsync(self.fd)
-        self.store._link_into_place(self.data_path, actual, self.blob.size, leases)
+        self.store._link_into_place(self.data_path, actual, self.blob.size, leases, self._xxh3.hexdigest())
         self.committed_as = actual
         self.discard()
 

@@ -5,7 +5,10 @@ Leases are the only roots (see :mod:`modelcache.store`). One pass:
 1. leases of processes that are gone expire;
 2. what dead or interrupted work left is removed: ``views/.del-*`` (views
    already forgotten), ``views/.tmp-*`` and ``ingest/tmp-*`` whose writing
-   process is gone, and views built but never recorded that no lease holds;
+   process is gone, views built but never recorded that no lease holds, and
+   ingests of blobs already committed that no writer holds (one killed
+   between linking the blob and cleaning up: its data is a second link to
+   the blob, which would pass for a view's for ever);
 3. with a budget, least recently used views no lease holds are evicted until
    the blobs fit (a view's rows go first, its tree is renamed out of
    ``views/`` in the same transaction, then deleted);
@@ -27,7 +30,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import Conflict
 from . import liveness
+from .crash import crash_point
 from .store import Store
 from .views import TMP, TRASH, aside_owner, detach, remove_tree
 
@@ -54,7 +59,9 @@ def collect(store: Store, *, max_bytes: int | None = None, ingest_max_age: float
     """
     report = GcReport()
     report.leases_expired = store.index.expire_leases()
+    crash_point("gc-leases-expired")
     remove_leftovers(store, report)
+    crash_point("gc-leftovers-removed")
     if max_bytes is not None:
         evict(store, max_bytes, report)
     _remove_unmounted_corrupt_views(store, report)
@@ -86,6 +93,7 @@ def evict(store: Store, max_bytes: int, report: GcReport) -> None:
             report.views_removed.append(view)
             used -= frees
     if report.views_removed:
+        crash_point("gc-evicted")
         sweep_blobs(store, report)
 
 
@@ -111,6 +119,7 @@ def sweep_blobs(store: Store, report: GcReport) -> None:
             if st.st_nlink > 1:
                 return None
             path.unlink()
+            crash_point("gc-blob-unlinked")  # the row goes when the transaction commits
             return st.st_size
 
         freed = store.index.remove_blob_unless_held(digest, unlink)
@@ -140,6 +149,13 @@ def remove_leftovers(store: Store, report: GcReport) -> None:
     for entry in os.scandir(store.content.ingest_dir):
         if entry.name.startswith("tmp-") and not liveness.tmp_owner_alive(entry.name[4:]):
             os.unlink(entry.path)
+            report.orphans_removed.append("ingest/" + entry.name)
+        elif len(entry.name) == 64 and entry.is_dir() and store.content.has("sha256:" + entry.name):
+            # Committed, its writer killed before cleaning up (step 2 above); skipped while one holds it.
+            try:
+                store.content.abort("sha256:" + entry.name)
+            except Conflict:
+                continue
             report.orphans_removed.append("ingest/" + entry.name)
 
 

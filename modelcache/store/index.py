@@ -6,8 +6,8 @@ Tables:
   resolved to last, and the model digest it came from;
 - ``views``: one row per built view: size, file count, created, last used;
 - ``view_blobs``: which blobs a view holds (for gc and for ``ls``);
-- ``blobs``: every committed blob and its size, so usage is a sum, not a
-  stat of every file;
+- ``blobs``: every committed blob, its size (so usage is a sum, not a stat
+  of every file) and the xxh3-128 of its bytes taken at commit (for scrub);
 - ``layers``: the listing of an archive layer already unpacked into blobs, so
   a later pull of the same layer fetches nothing;
 - ``leases`` and ``lease_resources``: the only roots gc honours. A lease has
@@ -114,6 +114,12 @@ CREATE TABLE IF NOT EXISTS origin_access (
   ref TEXT PRIMARY KEY, needed_credentials INTEGER NOT NULL, updated REAL NOT NULL);
 """
 
+# Version 4: the xxh3-128 of each blob, computed at commit in the same pass as its sha256 (NULL for
+# blobs committed before): the scrubber's fast local check (store.scrub).
+_BLOB_XXH3_V4 = """
+ALTER TABLE blobs ADD COLUMN xxh3 TEXT;
+"""
+
 Step = str | Callable[[sqlite3.Connection, Path], None]
 
 # The ordered migrations: MIGRATIONS[n] takes the index from version n to n + 1.
@@ -123,6 +129,7 @@ MIGRATIONS: list[list[Step]] = [
     [_SCHEMA_V1],
     [_LEASES_V2, _count_blobs],
     [_ORIGIN_ACCESS_V3],
+    [_BLOB_XXH3_V4],
 ]
 VERSION = len(MIGRATIONS)
 
@@ -368,10 +375,15 @@ class Index:
 
     # -- committed blobs --------------------------------------------------------------
 
-    def blob_added(self, digest: str, size: int, *, leases: Sequence[str] = ()) -> None:
-        """Count a blob about to be linked into ``blobs/``; ``leases`` hold it (their reservations shrink)."""
+    def blob_added(self, digest: str, size: int, *, leases: Sequence[str] = (), xxh3: str | None = None) -> None:
+        """Count a blob about to be linked into ``blobs/``; ``leases`` hold it (their reservations shrink).
+
+        ``xxh3`` is the local checksum of its bytes, kept for scrub (one already recorded stays).
+        """
         stmts: list[tuple[str, Sequence[object]]] = [
-            ("INSERT OR IGNORE INTO blobs (digest, size) VALUES (?, ?)", (digest, size))]
+            ("INSERT OR IGNORE INTO blobs (digest, size, xxh3) VALUES (?, ?, ?)", (digest, size, xxh3))]
+        if xxh3 is not None:
+            stmts.append(("UPDATE blobs SET xxh3 = ? WHERE digest = ? AND xxh3 IS NULL", (xxh3, digest)))
         for lease in set(leases):
             stmts += [("INSERT OR IGNORE INTO lease_resources (lease, kind, name) "
                        "SELECT id, 'blob', ? FROM leases WHERE id = ?", (digest, lease)),
@@ -392,6 +404,15 @@ class Index:
                 db.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
             return freed
         return self._atomic(body)
+
+    def blob_xxh3(self, digest: str) -> str | None:
+        """The xxh3-128 (hex) recorded for ``digest`` at commit, or None (not recorded, or no such blob)."""
+        rows = self._query("SELECT xxh3 FROM blobs WHERE digest = ?", (digest,))
+        return rows[0][0] if rows else None
+
+    def set_blob_xxh3(self, digest: str, xxh3: str) -> None:
+        """Record (or correct) the xxh3-128 of a blob whose sha256 was just checked good."""
+        self._tx([("UPDATE blobs SET xxh3 = ? WHERE digest = ?", (xxh3, digest))])
 
     def blob_removed(self, digest: str) -> None:
         """Uncount a blob that was deleted."""

@@ -143,6 +143,10 @@ class MemoryIngest:
             self._state.end = max(self._state.end, end)
             offset = end
 
+    def rewind(self, index: int) -> None:
+        """Forget chunk ``index``'s bytes: nothing to undo here (the digest is computed at commit)."""
+        self._state.done[index] = 0
+
     def mark_done(self, index: int) -> None:
         """Make chunk ``index`` durable and record it."""
         self._state.done[index] = 1

@@ -72,6 +72,10 @@ class Ingest(Protocol):
         them, so a later writer resumes after them: what an interrupted transfer keeps."""
         ...
 
+    def rewind(self, index: int) -> None:
+        """Forget the bytes written into chunk ``index`` (not durable): they failed a check and are written again."""
+        ...
+
     def complete(self) -> bool:
         """True when every chunk is durable."""
         ...

@@ -66,6 +66,7 @@ class Store:
             limit=max(UNPACK_FLOOR, UNPACK_RATIO * archive.blob.size),
         )
         self.index.put_layer(archive.blob.digest, rows)
+        crash_point("layer-recorded")
         if not self.index.blob_users(archive.blob.digest):
             self.content.delete(archive.blob.digest)
         return rows
@@ -96,7 +97,7 @@ class Store:
 
         def take_away() -> None:
             if aside:
-                moved.append(move_aside(path) if path.exists() else None)
+                moved.append(move_aside(path))
             else:
                 moved.append(detach(path))
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from ..errors import UnsafePath
 from ..tree import check_links, safe_path
 from . import liveness
+from .crash import crash_point
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +77,7 @@ def build_view(views_dir: Path, entries: Sequence[ViewEntry], blob_path: Callabl
                 dirs.add(dest)
         for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
             os.chmod(d, 0o555)
+        crash_point("view-linked")
         try:
             os.rename(tmp, final)
         except OSError:
@@ -112,10 +114,14 @@ def detach(path: Path) -> Path | None:
     return trash
 
 
-def move_aside(path: Path) -> Path:
-    """Rename a view that must go but is still mounted to ``.corrupt-<hex12>-<random>`` beside it."""
+def move_aside(path: Path) -> Path | None:
+    """Rename a view that must go but is still mounted to ``.corrupt-<hex12>-<random>`` beside it;
+    None if it was not there (removed beside us)."""
     aside = path.parent / f"{_ASIDE}{path.name[:12]}-{secrets.token_hex(4)}"
-    path.rename(aside)
+    try:
+        path.rename(aside)
+    except FileNotFoundError:
+        return None
     return aside
 
 

@@ -1,15 +1,24 @@
 """Where each chunk comes from: one small interface, decided per chunk.
 
-Today every chunk comes from the origin. Peer-to-peer sharing plugs in here
-by returning peers first and the origin last; the engine tries the sources in
-order and moves on when one fails.
+A :class:`ChunkRouter` names the sources to try for a chunk, best first; the
+engine tries each in turn with that source's own attempt budget
+(``ByteSource.attempts``, default the engine's retries) and backoff, and
+moves on to the next at once when one misses or fails for good, so a peer
+miss never waits out a backoff meant for the origin.
+
+A :class:`PieceRouter` (peer-to-peer, issue 11) also says how a blob is cut
+(its pieces are a function of the blob alone, so every node agrees), in
+which order this node walks them, which per-piece sha256 list checks bytes
+from untrusted sources (``ByteSource.trusted`` false), and hears back how
+each source did. ``OriginOnly`` is the plain one: every chunk from the origin.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
+from ..errors import NotFound
 from ..model import Blob
 from ..sources.base import ByteSource
 
@@ -19,6 +28,39 @@ class ChunkRouter(Protocol):
 
     def sources(self, blob: Blob, chunk: int) -> Sequence[ByteSource]:
         """Sources for chunk ``chunk`` of ``blob``, in order of preference."""
+        ...
+
+
+class NotYet(NotFound):
+    """A source that does not hold the range yet but likely soon (a piece's home still starting its own pull):
+    the engine fetches the blob's other pieces first and comes back to this one once."""
+
+
+Outcome = str  # "ok" | "miss" (did not hold it) | "failed" (dead, stalled, refused) | "lied" (bad bytes)
+
+
+@runtime_checkable
+class PieceRouter(ChunkRouter, Protocol):
+    """A router that also cuts blobs into pieces, orders them, checks them and hears how sources did."""
+
+    def piece_size(self, blob: Blob) -> int:
+        """The chunk size for ``blob``: the same on every node, whatever its own --chunk-size."""
+        ...
+
+    def order(self, blob: Blob, indexes: list[int]) -> list[int]:
+        """The order this node fetches ``indexes`` of ``blob`` in."""
+        ...
+
+    async def piece_digests(self, blob: Blob) -> list[str] | None:
+        """The sha256 (hex) of each piece of ``blob`` if some holder knows them, else None."""
+        ...
+
+    def report(self, source: ByteSource, blob: Blob, index: int, outcome: Outcome) -> None:
+        """How ``source`` did for piece ``index`` of ``blob``."""
+        ...
+
+    def trusted(self, blob: Blob) -> Sequence[ByteSource]:
+        """Sources whose bytes are trusted, for a refetch after a blob failed its digest check."""
         ...
 
 

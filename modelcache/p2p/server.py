@@ -1,0 +1,223 @@
+"""Serving pieces to peers on the daemon's listener, under ``/v1/peer/``.
+
+    GET /v1/peer/hello                 200, this daemon's node id in X-Modelcache-Node
+    GET /v1/peer/blobs/{digest}?mode=  206 with the Range asked for (home | have | held), 404 if not held,
+                                       307 + X-Modelcache-Holder: ask that holder instead
+    GET /v1/peer/pieces/{digest}       the sha256 of each piece of a committed blob (JSON list)
+
+Every request must carry a fresh HMAC signature (:mod:`.signing`): without
+one it gets 401 and no bytes. These routes are exempt from the API's bearer
+auth (peers have no API credential) and exist only when a secret is set.
+
+A daemon serves what it holds: committed blobs and the durable chunks of
+ingests still in progress, each read under an ``upload`` lease so gc never
+takes them mid-read. Asked as a piece's home (``mode=home``) for a piece it
+does not hold yet but is fetching, it fetches that piece now (single flight
+with its own pull and every other requester, :meth:`Engine.ensure_piece`)
+and then serves it. It remembers who it served whole pieces to, and sends
+later requesters to those holders in turn, so no node serves everyone.
+Uploads share a byte-rate limit (``--peer-upload-limit``) and a bound on
+concurrent uploads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from ..errors import InvalidContent, NotFound
+from ..store import Store, liveness
+from ..transfer import Engine
+from . import signing
+from .client import HOLDER_HEADER, NODE_HEADER, URL_HEADER
+from .limit import RateLimit
+from .pieces import digest_list, piece_size
+
+PREFIX = "/v1/peer/"
+BLOCK = 1 << 20
+UPLOADS = 8  # concurrent uploads at most
+_DIGEST_CACHE = 1024
+
+
+class PeerServer:
+    """The handlers of the peer routes over one store and engine."""
+
+    def __init__(self, store: Store, engine: Engine, secret: bytes, node_id: str, *, minimum: int,
+                 limit: RateLimit, home_wait: float, on_served: Callable[[int], None] = lambda n: None) -> None:
+        self.store, self.engine, self.secret, self.node_id = store, engine, secret, node_id
+        self.minimum, self.limit, self.home_wait, self._on_served = minimum, limit, home_wait, on_served
+        self._uploads = asyncio.Semaphore(UPLOADS)
+        self._digests: dict[str, list[str]] = {}
+        self._holders: dict[tuple[str, int], list[str]] = {}  # (blob, piece start) -> requesters served whole
+        self._turn: dict[tuple[str, int], int] = {}
+
+    def add_routes(self, app: web.Application) -> None:
+        """Register the routes."""
+        app.router.add_get(PREFIX + "hello", self.hello)
+        app.router.add_get(PREFIX + "blobs/{digest}", self.blob)
+        app.router.add_get(PREFIX + "pieces/{digest}", self.pieces)
+
+    def _refuse(self, request: web.Request) -> web.Response | None:
+        why = signing.check(self.secret, request.method, request.path_qs, request.headers.get("Range", ""),
+                            request.headers.get(signing.HEADER))
+        if why is None:
+            return None
+        return web.json_response({"code": "Unauthenticated", "message": why}, status=401,
+                                 headers={NODE_HEADER: self.node_id})
+
+    async def hello(self, request: web.Request) -> web.Response:
+        """Who we are (signed callers only)."""
+        return self._refuse(request) or web.json_response({"node": self.node_id}, headers={NODE_HEADER: self.node_id})
+
+    def _stored(self, digest: str) -> str:
+        """The digest the blob is stored under (an unverified blob's stand-in maps to its sha256)."""
+        self.store.content.path(digest)  # InvalidContent for a malformed digest
+        return self.engine.learned.get(digest, digest)
+
+    async def pieces(self, request: web.Request) -> web.Response:
+        """The piece digest list of a committed blob, computed once (in a thread) and kept."""
+        refused = self._refuse(request)
+        if refused:
+            return refused
+        digest = request.match_info["digest"]
+        stored = self._bad_digest(digest)
+        if isinstance(stored, web.Response):
+            return stored
+        size = self.store.content.size(stored)
+        if size is None:
+            return _not_found(f"{digest} is not committed here", self.node_id)
+        found = self._digests.get(digest)
+        if found is None:
+            computed: list[str] = await asyncio.to_thread(
+                self._under_lease, stored,
+                lambda: digest_list(lambda o, n: self.store.content.read(stored, o, n), size,
+                                    piece_size(size, self.minimum)))
+            if len(self._digests) >= _DIGEST_CACHE:
+                self._digests.pop(next(iter(self._digests)))
+            found = self._digests[digest] = computed
+        return web.json_response(found, headers={NODE_HEADER: self.node_id})
+
+    def _bad_digest(self, digest: str) -> str | web.Response:
+        try:
+            return self._stored(digest)
+        except InvalidContent as e:
+            return web.json_response({"code": "InvalidContent", "message": str(e)}, status=400)
+
+    async def blob(self, request: web.Request) -> web.StreamResponse:
+        """A byte range of a blob we hold (see the module docstring)."""
+        refused = self._refuse(request)
+        if refused:
+            return refused
+        digest = request.match_info["digest"]
+        stored = self._bad_digest(digest)
+        if isinstance(stored, web.Response):
+            return stored
+        span = _range(request.headers.get("Range", ""))
+        if span is None:
+            return web.json_response({"code": "InvalidRange", "message": "expected Range: bytes=A-B"}, status=416)
+        start, end = span
+        mode = request.query.get("mode", "have")
+        requester = request.headers.get(URL_HEADER)
+        held = self._holds(stored, digest, start, end)
+        if not held and mode == "home":
+            held = await self.engine.ensure_piece(digest, start, wait=self.home_wait) and \
+                self._holds(stored, digest, start, end)
+        if not held:
+            return _not_found(f"bytes {start}-{end} of {digest} are not held here", self.node_id)
+        if mode == "home":
+            holder = self._next_holder(digest, start, requester)
+            if holder is not None:
+                return web.Response(status=307, headers={HOLDER_HEADER: holder, NODE_HEADER: self.node_id})
+        served = await self._send(request, stored, digest, start, end)
+        if served == end - start + 1 and requester:
+            holders = self._holders.setdefault((digest, start), [])
+            if requester not in holders:
+                holders.append(requester)
+        return served_response(request)
+
+    def _holds(self, stored: str, digest: str, start: int, end: int) -> bool:
+        if self.store.content.has(stored):
+            return True
+        try:
+            self.store.content.read_durable(digest, end, 1)
+            self.store.content.read_durable(digest, start, 1)
+        except (NotFound, InvalidContent, OSError):
+            return False
+        return True
+
+    def _next_holder(self, digest: str, start: int, requester: str | None) -> str | None:
+        """Every other request for a piece goes to a holder we served before, in turn; the rest we serve."""
+        holders = [h for h in self._holders.get((digest, start), []) if h != requester]
+        if not holders:
+            return None
+        turn = self._turn[(digest, start)] = self._turn.get((digest, start), 0) + 1
+        slot = turn % (len(holders) + 1)
+        return None if slot == 0 else holders[slot - 1]
+
+    def _under_lease(self, stored: str, work: Callable[[], Any]) -> Any:
+        """Run ``work`` holding an ``upload`` lease on the blob (blocks; in a thread)."""
+        lease = f"upload:peer:{secrets.token_hex(6)}"
+        self.store.index.add_lease(lease, kind="upload", owner="peer", blobs=[stored], process=liveness.me())
+        try:
+            return work()
+        finally:
+            self.store.index.drop_lease(lease)
+
+    async def _send(self, request: web.Request, stored: str, digest: str, start: int, end: int) -> int:
+        """Stream bytes ``start..end`` (inclusive), rate limited; return how many went out."""
+        async with self._uploads:
+            response = web.StreamResponse(status=206, headers={
+                NODE_HEADER: self.node_id, "Content-Length": str(end - start + 1),
+                "Content-Range": f"bytes {start}-{end}/*", "Content-Type": "application/octet-stream"})
+            request["peer_response"] = response
+
+            def read(offset: int, length: int) -> bytes:
+                if self.store.content.has(stored):
+                    return self.store.content.read(stored, offset, length)
+                return self.store.content.read_durable(digest, offset, length)
+
+            sent = 0
+            lease = f"upload:peer:{secrets.token_hex(6)}"
+            await asyncio.to_thread(self.store.index.add_lease, lease, kind="upload", owner="peer",
+                                    blobs=[stored], process=liveness.me())
+            try:
+                await response.prepare(request)
+                at = start
+                while at <= end:
+                    block = await asyncio.to_thread(read, at, min(BLOCK, end - at + 1))
+                    if not block:
+                        break
+                    await self.limit.take(len(block))
+                    await response.write(block)
+                    at += len(block)
+                    sent += len(block)
+                    self._on_served(len(block))
+                await response.write_eof()
+            except (NotFound, OSError, ConnectionError):
+                pass  # the ingest went away or the peer hung up: it resumes elsewhere
+            finally:
+                await asyncio.to_thread(self.store.index.drop_lease, lease)
+            return sent
+
+
+def served_response(request: web.Request) -> web.StreamResponse:
+    """The response already streamed for ``request``."""
+    return request["peer_response"]
+
+
+def _not_found(message: str, node_id: str) -> web.Response:
+    return web.json_response({"code": "NotFound", "message": message}, status=404, headers={NODE_HEADER: node_id})
+
+
+def _range(header: str) -> tuple[int, int] | None:
+    """``bytes=A-B`` -> (A, B); anything else (suffixes, several ranges) -> None."""
+    unit, _, spec = header.partition("=")
+    first, _, last = spec.partition("-")
+    if unit.strip() != "bytes" or not first.isdigit() or not last.isdigit() or int(last) < int(first):
+        return None
+    return int(first), int(last)
+

@@ -1,0 +1,164 @@
+"""The peer layer's small parts, each on its own: pieces, rendezvous, signatures, discovery, membership,
+the router's choices (issue 11)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+from modelcache.model import Blob
+from modelcache.p2p import signing
+from modelcache.p2p.client import PeerClient, PeerSource
+from modelcache.p2p.discovery import DnsPeers, StaticPeers, parse_dns
+from modelcache.p2p.members import Members
+from modelcache.p2p.pieces import piece_size
+from modelcache.p2p.ring import piece_key, rank
+from modelcache.p2p.router import PeerRouter
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+def test_piece_size_is_a_function_of_the_blob_size_alone() -> None:
+    assert piece_size(0) == piece_size(100 * MiB) == piece_size(4 * GiB) == 4 * MiB
+    assert piece_size(10 * GiB) == 16 * MiB
+    assert piece_size(1000 * GiB) == 64 * MiB  # capped
+    assert piece_size(1 * MiB, 64 << 10) == 64 << 10
+
+
+def test_rendezvous_moves_only_the_keys_whose_home_changed() -> None:
+    members = [f"http://10.0.0.{i}:8470" for i in range(8)]
+    keys = [piece_key("sha256:" + "ab" * 32, i) for i in range(2000)]
+    before = {k: rank(k, members) for k in keys}
+    joined = "http://10.0.0.99:8470"
+    after = {k: rank(k, [*members, joined]) for k in keys}
+    moved = [k for k in keys if after[k][0] != before[k][0]]
+    assert moved and all(after[k][0] == joined for k in moved)  # only to the newcomer
+    assert 0.05 < len(moved) / len(keys) < 0.2  # about 1/9 of them
+    gone = members[3]
+    left = {k: rank(k, [m for m in members if m != gone]) for k in keys}
+    assert all(left[k][0] == before[k][0] for k in keys if before[k][0] != gone)
+    assert all(left[k][0] == before[k][1] for k in keys if before[k][0] == gone)  # the fallback takes over
+    homes = [before[k][0] for k in keys]
+    assert max(homes.count(m) for m in members) < 1.3 * len(keys) / len(members)
+
+
+def test_signatures_bind_method_path_range_and_time() -> None:
+    key = b"0123456789abcdef0123"
+    header = signing.sign(key, "GET", "/v1/peer/blobs/x?mode=home", "bytes=0-9")
+    assert signing.check(key, "GET", "/v1/peer/blobs/x?mode=home", "bytes=0-9", header) is None
+    assert signing.check(key, "GET", "/v1/peer/blobs/x?mode=home", "bytes=0-99", header) == "wrong peer signature"
+    assert signing.check(key, "GET", "/v1/peer/blobs/y?mode=home", "bytes=0-9", header) == "wrong peer signature"
+    assert signing.check(b"another-key-entirely", "GET", "/v1/peer/blobs/x?mode=home", "bytes=0-9",
+                         header) == "wrong peer signature"
+    assert signing.check(key, "GET", "/p", "", None) == "no peer signature"
+    assert signing.check(key, "GET", "/p", "", "garbage") == "malformed peer signature"
+    old = signing.sign(key, "GET", "/p", "", now=time.time() - 120)
+    assert signing.check(key, "GET", "/p", "", old) == "stale peer signature"
+
+
+def test_dns_discovery_resolves_and_follows_changes_without_a_restart() -> None:
+    async def go() -> None:
+        real = DnsPeers("localhost", 8470)
+        assert "http://127.0.0.1:8470" in await real.resolve()  # the system resolver, /etc/hosts here
+
+        answers = [[("10.0.0.1",)], [("10.0.0.1",), ("10.0.0.2",)], [("fd00::3",)]]
+
+        async def resolver(name: str, port: int, **kwargs: object) -> list[tuple]:
+            addrs = answers.pop(0) if len(answers) > 1 else answers[0]
+            return [(socket.AF_INET6 if ":" in a[0] else socket.AF_INET, 1, 6, "", (a[0], port)) for a in addrs]
+
+        dns = DnsPeers("modelcache.svc", 9000, interval=0.01, resolver=resolver)
+        task = asyncio.create_task(dns.run())
+        seen = []
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if not seen or seen[-1] != dns.urls():
+                seen.append(dns.urls())
+            if dns.urls() == {"http://[fd00::3]:9000"}:
+                break
+        task.cancel()
+        assert seen[0] == {"http://10.0.0.1:9000"}
+        assert {"http://10.0.0.1:9000", "http://10.0.0.2:9000"} in seen
+        assert seen[-1] == {"http://[fd00::3]:9000"}
+
+    asyncio.run(go())
+    assert parse_dns("svc.ns", 8470) == ("svc.ns", 8470)
+    assert parse_dns("svc.ns:9000", 8470) == ("svc.ns", 9000)
+
+
+def test_a_node_never_counts_itself_and_benches_bad_peers() -> None:
+    peers = StaticPeers(["127.0.0.1:1", "http://127.0.0.1:2/", "http://127.0.0.1:3", "http://127.0.0.1:4"])
+    members = Members(peers, "node-a", me="http://127.0.0.1:1")
+    assert members.peers() == ["http://127.0.0.1:2", "http://127.0.0.1:3", "http://127.0.0.1:4"]
+    members.found_self("http://127.0.0.1:4")  # a peer answered with our own node id (DNS lists us too)
+    assert "http://127.0.0.1:4" not in members.peers()
+    members.report("http://127.0.0.1:2", "failed")
+    members.report("http://127.0.0.1:3", "miss")
+    assert members.peers() == ["http://127.0.0.1:3"]
+    assert sorted(members.ranking()) == ["http://127.0.0.1:1", "http://127.0.0.1:3"]
+    peers.set(["http://127.0.0.1:1", "http://127.0.0.1:5"])  # membership changes without a restart
+    assert members.peers() == ["http://127.0.0.1:5"]
+
+
+class Origin:
+    name = "oci://origin"
+
+    def read(self, blob: Blob, offset: int, length: int):  # pragma: no cover - never read here
+        raise AssertionError
+
+
+def test_router_asks_the_home_then_probes_candidates_then_the_origin() -> None:
+    urls = [f"http://127.0.0.1:{p}" for p in range(1001, 1007)]
+    me = urls[0]
+    members = Members(StaticPeers(urls), "me", me=me)
+    client = PeerClient(b"k" * 16, "me")
+    origin = Origin()
+    router = PeerRouter(origin, members, client, minimum=64 << 10)
+    blob = Blob("sha256:" + "cd" * 32, 10 * (64 << 10))
+    for index in range(10):
+        ranked = rank(piece_key(blob.digest, index), urls)
+        sources = router.sources(blob, index)
+        assert sources[-1] is origin
+        peers = [s for s in sources if isinstance(s, PeerSource)]
+        assert all(p.url != me for p in peers)  # never ourselves
+        if ranked[0] == me:  # we are the home: nobody else is asked to fetch it, only whether they hold it
+            assert [p.mode for p in peers] == ["have"] * len(peers)
+        else:
+            assert (peers[0].url, peers[0].mode) == (ranked[0], "home")
+            assert all(p.mode == "have" for p in peers[1:])
+        assert [p.url for p in peers] == [u for u in ranked[:4] if u != me]
+    order = router.order(blob, list(range(10)))
+    mine = [i for i in range(10) if rank(piece_key(blob.digest, i), urls)[0] == me]
+    assert sorted(order) == list(range(10))
+    assert order[:len(mine)] == mine  # our home pieces first
+    other = PeerRouter(origin, Members(StaticPeers(urls), "x", me=urls[1]), client, minimum=64 << 10)
+    assert other.order(blob, list(range(10))) != order  # each node walks its own order
+    router.report(PeerSource(client, urls[2], "home"), blob, 0, "lied")
+    assert urls[2] not in members.ranking()  # a liar drops out: the next candidate becomes the home
+
+
+def test_blobs_of_unknown_sha256_come_from_the_origin_alone() -> None:
+    """Nothing could check a peer's bytes of an S3 object before it is whole: no peer is asked."""
+    urls = [f"http://127.0.0.1:{p}" for p in range(1001, 1004)]
+    origin = Origin()
+    router = PeerRouter(origin, Members(StaticPeers(urls), "me"), PeerClient(b"k" * 16, "me"), minimum=64 << 10)
+    unverified = Blob("sha256:" + "ef" * 32, 1 << 20, verified=False, md5="0" * 32)
+    assert list(router.sources(unverified, 0)) == [origin]
+    assert len(router.sources(Blob("sha256:" + "ef" * 32, 1 << 20), 0)) == 4
+
+
+def test_a_home_sends_later_requesters_to_holders_in_turn(tmp_path) -> None:
+    """After serving a piece whole to peers, the home hands every other request for it to one of them."""
+    from modelcache.p2p.limit import RateLimit
+    from modelcache.p2p.server import PeerServer
+
+    server = PeerServer(None, None, b"k" * 16, "home", minimum=64 << 10,  # type: ignore[arg-type]
+                        limit=RateLimit(0), home_wait=1.0)
+    key = ("sha256:" + "ab" * 32, 0)
+    assert server._next_holder(*key, "http://a") is None  # nobody holds it yet: the home serves
+    server._holders[key] = ["http://a", "http://b"]
+    answers = [server._next_holder(*key, "http://c") for _ in range(6)]
+    assert answers.count(None) == 2 and answers.count("http://a") == 2 and answers.count("http://b") == 2
+    assert all(server._next_holder(*key, "http://a") != "http://a" for _ in range(4))  # never to itself

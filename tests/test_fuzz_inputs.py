@@ -243,3 +243,23 @@ def test_a_view_never_links_outside_itself(tmp_path: Path) -> None:
     with pytest.raises(UnsafePath):
         build_view(tmp_path / "views", [ViewEntry("../escaped", "file", digest="d", size=1)], lambda d: blob)
     assert not (tmp_path / "escaped").exists()
+
+
+@pytest.mark.parametrize("location", ["file:///etc/passwd", "ftp://127.0.0.1/blob", "gopher://127.0.0.1:70/x"])
+def test_redirects_to_other_schemes_are_refused_content(tmp_path: Path, location: str) -> None:
+    """A registry that sends a manifest to file:, ftp: or any non-HTTP URL is refused (5), not retried."""
+    from aiohttp import web
+    from faultproxy import BackgroundServer
+    from support import run_cli
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if request.path == "/v2/":
+            return web.json_response({})
+        return web.Response(status=302, headers={"Location": location})
+
+    with BackgroundServer(handle) as server:
+        proc = run_cli("pull", "-q", "--retries", "2", f"oci://{server.host}/evil/redirect:v1",
+                       store=tmp_path / "store", timeout=60)
+    assert proc.returncode == 5, proc.stderr
+    assert "only http and https are followed" in proc.stderr
+    assert "Traceback" not in proc.stderr

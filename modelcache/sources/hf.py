@@ -23,14 +23,20 @@ import asyncio
 import hashlib
 import os
 from collections.abc import AsyncIterator, Callable
-from urllib.parse import quote, urljoin
+from urllib.parse import quote
 
 from ..errors import InvalidContent, ModelCacheError, NotFound, Unauthorized, Unavailable
 from ..model import Blob, FileEntry, Model
 from ..refs import HfRef
 from ..tree import safe_path
 from .base import SourceOptions
-from .http import check_range_response, connection_failure, exact_range, same_origin
+from .http import (
+    check_range_response,
+    connection_failure,
+    exact_range,
+    redirect_target,
+    same_origin,
+)
 from .rawget import RawPool, RawResponse
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -163,9 +169,7 @@ class HfSource:
             if resp.status in (301, 302, 303, 307, 308):
                 location = resp.headers.get("location")
                 resp.close()
-                if not location:
-                    raise InvalidContent(f"{self.name}: redirect without Location for {path}")
-                url = urljoin(url, location)
+                url = redirect_target(url, location, what=f"{self.name}: {path}")
                 continue
             self._located[path] = url
             return resp

@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 if TYPE_CHECKING:  # imported where used: S3 and Hub pulls never need the general client (0.2 s to import)
     import aiohttp
@@ -53,6 +53,21 @@ def origin(url: str) -> tuple[str, str, int | None]:
 def same_origin(a: str, b: str) -> bool:
     """True when both URLs are on one origin: the only place credentials for ``a`` may be sent."""
     return origin(a) == origin(b)
+
+
+def redirect_target(url: str, location: str | None, *, what: str) -> str:
+    """Where a redirect from ``url`` leads; refused content unless it is another http(s) URL.
+
+    A registry or Hub that sends us to ``file:``, ``ftp:`` or anything else is
+    not an origin that is down (nothing to retry) but an answer we refuse.
+    """
+    if not location:
+        raise InvalidContent(f"{what}: redirect without Location")
+    target = urljoin(url, location)
+    if urlsplit(target).scheme not in ("http", "https"):
+        raise InvalidContent(f"{what}: redirected to {target.split(':', 1)[0]}: URL {location[:80]!r}; "
+                             "only http and https are followed")
+    return target
 
 
 def connection_failure(e: BaseException) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import AsyncIterator, Mapping
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -32,6 +32,7 @@ from .http import (
     connection_failure,
     exact_range,
     new_session,
+    redirect_target,
     same_origin,
     status_error,
 )
@@ -127,9 +128,7 @@ class RegistrySource:
             if resp.status in (301, 302, 303, 307, 308):
                 location = resp.headers.get("Location")
                 resp.release()
-                if not location:
-                    raise InvalidContent(f"{self.name}: redirect without Location")
-                url = urljoin(url, location)
+                url = redirect_target(url, location, what=self.name)
                 continue
             return resp
         raise InvalidContent(f"{self.name}: too many redirects")

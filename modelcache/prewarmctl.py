@@ -406,7 +406,8 @@ def add_parser(sub: Any, env: Callable[..., object], env_list: Callable[[str], l
                    help="--wait: give up after this many seconds (default %(default)s)")
     p.add_argument("--interval", type=seconds, default=env("interval", "1"),
                    help="--wait: seconds between reads of the status (default %(default)s)")
-    p.add_argument("--delete", type=name_arg, metavar="NAME", default=env("delete"),
+    # No MODELCACHE_DELETE here: that variable is verify's yes/no, and a deletion is asked for in words.
+    p.add_argument("--delete", type=name_arg, metavar="NAME", default=None,
                    help="delete the ModelPrewarm NAME (its nodes unpin the model and drop its label)")
     p.add_argument("--list", action="store_true", default=env_bool("list"),
                    help="list the namespace's ModelPrewarms")

@@ -226,7 +226,7 @@ def test_corrupt_blob_is_refused_then_refetched(registry, store: Path) -> None:
 
 def test_a_flipped_byte_once_costs_one_more_fetch(registry, store: Path) -> None:
     """Bytes corrupted on the way once: the blob is discarded and fetched again, and the pull succeeds."""
-    files = _files({"w.bin": 3 * MiB + 17}, seed=14)
+    files = _files({"w.bin": 3 * MiB + 10_000}, seed=14)  # every chunk longer than the flip's offset
     digest = sha256(files["w.bin"])
     _push_modelpack(registry, "faults/corrupt-once", files)
     with FaultProxy(registry.host) as proxy:
@@ -594,7 +594,7 @@ def test_s3_bad_origins(s3_server, tmp_path: Path, mode: str) -> None:
     s3 = s3_server.client()
     bucket = f"faults-{mode}"
     s3.create_bucket(Bucket=bucket)
-    data = _files({"w": 6 * MiB + 11}, seed=18)["w"]
+    data = _files({"w": 6 * MiB + 400_000}, seed=18)["w"]  # every chunk longer than the truncation point
     s3.put_object(Bucket=bucket, Key="m/w.bin", Body=data)
     upstream = s3_server.endpoint.removeprefix("http://")
     with FaultProxy(upstream, blobs=f"/{bucket}/m/", ignore_range=mode == "ignore-range", rate=64 * MiB) as proxy:

@@ -18,9 +18,10 @@ import functools
 import os
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from .errors import NotFound
 from .model import Archive, FileEntry, Model
@@ -30,11 +31,14 @@ from .sources.base import ByteSource
 from .store import Store, liveness
 from .store.budget import Budget, reserve
 from .store.crash import crash_point
+from .store.streamunpack import stream_layer
 from .store.unpack import Row, rows_to_layer
 from .transfer import ChunkRouter, Engine, OriginOnly, TransferStats
 from .transfer.engine import Progress
 from .transfer.routing import WithinOrigin
 from .tree import Filters, Node, overlay
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,18 +118,26 @@ async def materialize(store: Store, engine: Engine, model: Model, router: ChunkR
         if budget is not None:
             missing = {b.digest: b.size for b in needed if not store.content.has(b.digest)}
             await asyncio.to_thread(reserve, store, budget, lease, sum(missing.values()))
-    stats = await engine.fetch(needed, router, progress=progress, leases=leases)
-
     rows = dict(known)
     pending = {a.blob.digest: a for a in archives if known[a.blob.digest] is None}
+    # From the origin alone, layers stream into their files as they download (issue 13); with peers they
+    # are fetched whole through the router first (pieces from peers), then unpacked.
+    origin = router.sources(archives[0].blob, 0)[0] if archives and isinstance(router, OriginOnly) else None
+    stats = TransferStats()
+    fetching = engine.fetch([b for b in needed if origin is None or b.digest not in pending], router,
+                            stats=stats, progress=progress, leases=leases)
     # Bounded like the engine's open ingests: each unpack holds a lock and two files open.
     gate = asyncio.Semaphore(engine.config.concurrency)
 
     async def unpack(archive: Archive) -> list[Row]:
         async with gate:
-            return await _unpack(store, engine, archive, router, stats, leases)
+            return await _unpack(store, engine, archive, router, stats, leases, origin=origin, progress=progress)
 
-    unpacked = await asyncio.gather(*(unpack(a) for a in pending.values()))
+    if origin is None:
+        await fetching
+        unpacked = await asyncio.gather(*(unpack(a) for a in pending.values()))
+    else:
+        unpacked = await _all(fetching, [unpack(a) for a in pending.values()])
     rows.update(zip(pending, unpacked, strict=True))
 
     layers: list[Sequence[Node | tuple[str, str]]] = []
@@ -171,8 +183,13 @@ def _known_layer(store: Store, digest: str, lease: str | None) -> list[Row] | No
 
 
 async def _unpack(store: Store, engine: Engine, archive: Archive, router: ChunkRouter,
-                  stats: TransferStats, leases: tuple[str, ...]) -> list[Row]:
-    """Unpack one archive layer once, even with other processes doing the same."""
+                  stats: TransferStats, leases: tuple[str, ...], *, origin: ByteSource | None = None,
+                  progress: Progress | None = None) -> list[Row]:
+    """Unpack one archive layer once, even with other processes doing the same.
+
+    With ``origin``, the layer streams from it into its files (:mod:`.store.streamunpack`);
+    without, it is fetched whole through ``router`` first.
+    """
     digest = archive.blob.digest
     lock = store.content.ingest_dir / f"{archive.blob.hex}.unpack.lock"
     fd = await store.content.lock(lock)
@@ -181,8 +198,26 @@ async def _unpack(store: Store, engine: Engine, archive: Archive, router: ChunkR
         rows = await asyncio.to_thread(_known_layer, store, digest, leases[0] if leases else None)
         if rows is not None:
             return rows
+        if origin is not None:
+            return await stream_layer(store, engine, archive, origin, stats, leases, progress)
         if not store.content.has(digest):  # unpacked and dropped by someone whose listing went stale
             await engine.fetch([archive.blob], router, stats=stats, leases=leases)
         return await asyncio.to_thread(functools.partial(store.unpack, archive, leases=leases))
     finally:
         os.close(fd)
+
+
+async def _all(first: Awaitable[object], rest: Sequence[Awaitable[T]]) -> list[T]:
+    """Run ``first`` and ``rest`` at once; return what ``rest`` gave. The first to fail stops the others
+    (waited for), and its error stands."""
+    head = asyncio.ensure_future(first)
+    tasks = [asyncio.ensure_future(s) for s in rest]
+    try:
+        await asyncio.gather(head, *tasks)
+        return [t.result() for t in tasks]
+    except BaseException:
+        for task in (head, *tasks):
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(head, *tasks, return_exceptions=True)
+        raise

@@ -21,6 +21,11 @@ UNPACK_RATIO = 100
 UNPACK_FLOOR = 64 << 20
 
 
+def unpack_limit(archive: Archive) -> int:
+    """The most bytes ``archive``'s files may add up to (see UNPACK_RATIO)."""
+    return max(UNPACK_FLOOR, UNPACK_RATIO * archive.blob.size)
+
+
 class Store:
     """A modelcache store rooted at ``root`` (created if missing)."""
 
@@ -62,9 +67,12 @@ class Store:
         """
         rows = unpack_layer(
             self.content, self.content.path(archive.blob.digest), archive.compression,
-            name=archive.blob.digest, leases=leases,
-            limit=max(UNPACK_FLOOR, UNPACK_RATIO * archive.blob.size),
+            name=archive.blob.digest, leases=leases, limit=unpack_limit(archive),
         )
+        return self.record_layer(archive, rows)
+
+    def record_layer(self, archive: Archive, rows: list[Row]) -> list[Row]:
+        """Record the listing of a layer whose files are stored; drop its archive blob unless a model uses it."""
         self.index.put_layer(archive.blob.digest, rows)
         crash_point("layer-recorded")
         if not self.index.blob_users(archive.blob.digest):

@@ -15,27 +15,27 @@ symlinks pointing outside it, hardlinks to files not in the layer, device
 files and FIFOs. Refused with :class:`InvalidContent`: a layer whose files
 add up to more than ``limit`` bytes, checked against each tar header before
 that file's bytes are written, so a small layer that would inflate to
-gigabytes fails at once. Runs in a thread (it blocks).
+gigabytes fails at once. :class:`Listing` is where those rules live, one
+tar member at a time, for every reader of layers. Runs in a thread (it blocks).
 """
 
 from __future__ import annotations
 
-import gzip
 import posixpath
 import tarfile
-import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, cast
-
-import zstandard
+from typing import IO
 
 from ..errors import InvalidContent, UnsafePath
 from ..model import Compression
 from ..tree import OPAQUE_WHITEOUT, WHITEOUT_PREFIX, Node, safe_link_target, safe_path
 from .content import ContentStore
+from .inflate import DECODE_ERRORS, decompressed
 
 Row = list
+_NOT_A_TAR: tuple[type[BaseException], ...] = (tarfile.TarError, *DECODE_ERRORS)
+_TAR_READ = 1 << 20  # bytes tarfile asks of the decompressed stream at a time (its default, 10 KiB, costs calls)
 
 
 def unpack_layer(content: ContentStore, layer: Path, compression: Compression, *, name: str,
@@ -46,72 +46,96 @@ def unpack_layer(content: ContentStore, layer: Path, compression: Compression, *
     they may hold at most ``limit`` bytes.
     """
     with open(layer, "rb") as raw:
-        stream: IO[bytes]
-        if compression is Compression.GZIP:
-            stream = cast(IO[bytes], gzip.GzipFile(fileobj=raw, mode="rb"))
-        elif compression is Compression.ZSTD:
-            stream = cast(IO[bytes], zstandard.ZstdDecompressor().stream_reader(raw, read_size=1 << 20))
-        else:
-            stream = raw
-        try:
-            with tarfile.open(fileobj=stream, mode="r|") as tar:
-                return _rows(content, tar, name, leases, limit)
-        except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error, zstandard.ZstdError) as e:
-            raise InvalidContent(f"layer {name}: not a valid {compression.value} tar archive: {e}") from e
+        return unpack_stream(content, raw, compression, name=name, leases=leases, limit=limit)
 
 
-def _rows(content: ContentStore, tar: tarfile.TarFile, name: str, leases: Sequence[str],
-          limit: int | None) -> list[Row]:
-    rows: list[Row] = []
-    total = 0
-    files: dict[str, tuple[str, int]] = {}
-    members = iter(tar)
-    while True:
-        try:
-            member = next(members)
-        except StopIteration:
-            break
-        except tarfile.ReadError as e:
-            # Some writers (umoci insert, seen with 0.4.7) end the archive right
-            # after the last file's bytes, without padding or end blocks. The
-            # layer's digest was verified, and every file's size was checked as
-            # it was copied, so a missing tail loses nothing: accept it.
-            if rows and str(e) == "unexpected end of data":
-                break
-            raise
+def unpack_stream(content: ContentStore, raw: IO[bytes], compression: Compression, *, name: str,
+                  leases: Sequence[str] = (), limit: int | None = None) -> list[Row]:
+    """Unpack the layer read from ``raw`` (its bytes as stored, in order) into ``content``; return its listing.
+
+    ``raw`` is read once, front to back, and only as far as the tar goes: it
+    may be a file still being written (:mod:`.streamunpack`). Checks and
+    holds as :func:`unpack_layer`.
+    """
+    listing = Listing(name, limit)
+    try:
+        with tarfile.open(fileobj=decompressed(raw, compression), mode="r|", bufsize=_TAR_READ) as tar:
+            members = iter(tar)
+            while True:
+                try:
+                    member = next(members)
+                except StopIteration:
+                    break
+                except tarfile.ReadError as e:
+                    # Some writers (umoci insert, seen with 0.4.7) end the archive right
+                    # after the last file's bytes, without padding or end blocks. The
+                    # layer's digest was verified, and every file's size was checked as
+                    # it was copied, so a missing tail loses nothing: accept it.
+                    if listing.rows and str(e) == "unexpected end of data":
+                        break
+                    raise
+
+                def write(member: tarfile.TarInfo = member) -> tuple[str, int]:
+                    src = tar.extractfile(member)
+                    assert src is not None
+                    return content.write_stream(src, expected_size=member.size, leases=leases)
+
+                listing.add(member, write)
+    except _NOT_A_TAR as e:
+        raise InvalidContent(f"layer {name}: not a valid {compression.value} tar archive: {e}") from e
+    return listing.rows
+
+
+class Listing:
+    """The rows of one layer, member by member: the one place a tar member becomes a row.
+
+    :meth:`add` applies the safety rules of the module docstring to one
+    member, in the order the tar holds them, and asks ``write`` to store a
+    regular file's bytes only after its size passed the layer's ``limit``.
+    Any reader of tar headers (a stream, or range reads of a plain layer)
+    feeds its members here.
+    """
+
+    def __init__(self, name: str, limit: int | None = None) -> None:
+        self.name = name
+        self.limit = limit
+        self.rows: list[Row] = []
+        self.total = 0  # bytes of regular files so far, checked against ``limit``
+        self._files: dict[str, tuple[str, int]] = {}  # path -> (digest, size), for hardlinks
+
+    def add(self, member: tarfile.TarInfo, write: Callable[[], tuple[str, int]]) -> None:
+        """Record ``member``; for a regular file, ``write()`` stores its bytes and returns (digest, size)."""
+        name = self.name
         if member.isdir() and posixpath.normpath("/" + member.name) == "/":
-            continue  # the layer's own root ("./"), as umoci and docker write it
+            return  # the layer's own root ("./"), as umoci and docker write it
         path = safe_path(member.name, context=f"layer {name}")
         base = posixpath.basename(path)
         if base.startswith(WHITEOUT_PREFIX):
             parent = posixpath.dirname(path)
             if base == OPAQUE_WHITEOUT:
-                rows.append(["o", parent])
+                self.rows.append(["o", parent])
             else:
-                rows.append(["w", posixpath.join(parent, base[len(WHITEOUT_PREFIX):])])
-            continue
+                self.rows.append(["w", posixpath.join(parent, base[len(WHITEOUT_PREFIX):])])
+            return
         if member.isreg():
-            total += member.size
-            if limit is not None and total > limit:
-                raise InvalidContent(f"layer {name}: its files add up to more than {limit} bytes (at {path!r}), "
-                                     "far more than a layer of its size unpacks to: refusing it")
-            src = tar.extractfile(member)
-            assert src is not None
-            digest, size = content.write_stream(src, expected_size=member.size, leases=leases)
-            files[path] = (digest, size)
-            rows.append(["f", path, digest, size])
+            self.total += member.size
+            if self.limit is not None and self.total > self.limit:
+                raise InvalidContent(f"layer {name}: its files add up to more than {self.limit} bytes "
+                                     f"(at {path!r}), far more than a layer of its size unpacks to: refusing it")
+            digest, size = write()
+            self._files[path] = (digest, size)
+            self.rows.append(["f", path, digest, size])
         elif member.isdir():
-            rows.append(["d", path])
+            self.rows.append(["d", path])
         elif member.issym():
-            rows.append(["l", path, safe_link_target(path, member.linkname, context=f"layer {name}")])
+            self.rows.append(["l", path, safe_link_target(path, member.linkname, context=f"layer {name}")])
         elif member.islnk():
             target = safe_path(member.linkname, context=f"layer {name}")
-            if target not in files:
+            if target not in self._files:
                 raise UnsafePath(f"layer {name}: hardlink {path!r} -> {member.linkname!r} names no earlier file")
-            rows.append(["f", path, *files[target]])
+            self.rows.append(["f", path, *self._files[target]])
         else:
             raise UnsafePath(f"layer {name}: {path!r} is a device file or FIFO; refusing the layer")
-    return rows
 
 
 def rows_to_layer(rows: list[Row], prefix: str = "") -> list[Node | tuple[str, str]]:

@@ -387,6 +387,13 @@ class Engine:
             self._contributors.pop(blob.digest, None)
             ingest.close()
 
+    async def stream(self, ingest: Ingest, source: ByteSource, stats: TransferStats,
+                     progress: Progress | None = None) -> None:
+        """Write ``ingest``'s missing chunks in order, from one body of ``source`` (a range from the first
+        missing byte), each made durable before the next; retried and kept on interrupt as every chunk is.
+        The caller commits. For readers of a blob's bytes in order while it arrives (issue 13)."""
+        await self._sequential(ingest, source, stats, progress)
+
     async def _sequential(self, ingest: Ingest, source: ByteSource, stats: TransferStats,
                           progress: Progress | None) -> None:
         """The chunks still missing, in order, from one body read once (reopened only after a failure)."""

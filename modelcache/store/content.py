@@ -35,6 +35,8 @@ import secrets
 import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol
 
@@ -265,6 +267,16 @@ class ContentStore:
         removes it once the process is gone) and is linked into place only
         once fsync'd and named by its sha256, held by ``leases``.
         """
+        staged = self.stage(source, expected_size=expected_size)
+        self.commit_staged([staged], leases=leases)
+        return staged.digest, staged.size
+
+    def stage(self, source: IO[bytes], *, expected_size: int | None = None) -> Staged:
+        """Copy ``source`` into a temp file, hashing on the way: not yet durable, not visible.
+
+        :meth:`commit_staged` makes it a blob; until then (or if never) the
+        temp file is named for this process, so gc removes it once we are gone.
+        """
         tmp = self.ingest_dir / f"tmp-{liveness.tmp_prefix()}{secrets.token_hex(8)}"
         h, x = hashlib.sha256(), xxhash.xxh3_128()
         size = 0
@@ -278,22 +290,42 @@ class ContentStore:
                     x.update(block)
                     out.write(block)
                     size += len(block)
-                out.flush()
-                os.fsync(out.fileno())
-            crash_point("unpack-file-written")
             if expected_size is not None and size != expected_size:
                 raise InvalidContent(f"stream ended after {size} bytes, expected {expected_size}")
-            digest = "sha256:" + h.hexdigest()
-            self._link_into_place(tmp, digest, size, leases, x.hexdigest())
-            return digest, size
-        except OSError as e:
-            if e.errno in _NO_SPACE:
+            return Staged(tmp, "sha256:" + h.hexdigest(), size, x.hexdigest())
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError) and e.errno in _NO_SPACE:
                 raise self.no_space("a file unpacked from a layer", max(0, (expected_size or 0) - size)) from e
             raise
-        finally:
-            tmp.unlink(missing_ok=True)
 
-    def _link_into_place(self, tmp: Path, digest: str, size: int, leases: Sequence[str], xxh3: str) -> None:
+    def commit_staged(self, staged: Sequence[Staged], *, leases: Sequence[str] = ()) -> None:
+        """Make staged files durable and link each into place as its digest, held by ``leases``.
+
+        Several files are fsync'd at once, in threads: the filesystem's journal
+        commits them together (issue 13: a layer of 3000 tiny files spent 30 s
+        in one fsync after another). One fsync of ``blobs/`` covers the links.
+        """
+        try:
+            if len(staged) > 1:
+                list(_fsync_pool().map(_fsync_path, [s.tmp for s in staged]))
+            elif staged:
+                _fsync_path(staged[0].tmp)
+            for one in staged:
+                crash_point("unpack-file-written")
+                self._link_into_place(one.tmp, one.digest, one.size, leases, one.xxh3, sync=False)
+            if staged:
+                _fsync_dir(self.blobs_dir)
+        except OSError as e:
+            if e.errno in _NO_SPACE:
+                raise self.no_space("files unpacked from a layer", 0) from e
+            raise
+        finally:
+            for one in staged:
+                one.tmp.unlink(missing_ok=True)
+
+    def _link_into_place(self, tmp: Path, digest: str, size: int, leases: Sequence[str], xxh3: str, *,
+                         sync: bool = True) -> None:
         os.chmod(tmp, 0o444)
         if self.ledger is not None:  # counted (and held) before it is visible: see the module docstring
             self.ledger.blob_added(digest, size, leases=leases, xxh3=xxh3)
@@ -303,7 +335,18 @@ class ContentStore:
         except FileExistsError:
             return  # same digest, same bytes: AlreadyExists is success
         crash_point("blob-linked")
-        _fsync_dir(self.blobs_dir)
+        if sync:
+            _fsync_dir(self.blobs_dir)
+
+
+@dataclass(frozen=True, slots=True)
+class Staged:
+    """A file written and hashed into a temp file by :meth:`ContentStore.stage`, not yet a blob."""
+
+    tmp: Path
+    digest: str
+    size: int
+    xxh3: str
 
 
 class BlobIngest:
@@ -619,6 +662,27 @@ def _punch_hole(fd: int, offset: int, length: int) -> None:
     """Free the blocks of a byte range (fallocate(2) PUNCH_HOLE); best effort, where supported."""
     if length > 0:
         _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+
+
+_SYNC_THREADS = 16
+_sync_pool: ThreadPoolExecutor | None = None
+_sync_pool_lock = threading.Lock()
+
+
+def _fsync_pool() -> ThreadPoolExecutor:
+    global _sync_pool
+    with _sync_pool_lock:
+        if _sync_pool is None:
+            _sync_pool = ThreadPoolExecutor(max_workers=_SYNC_THREADS, thread_name_prefix="mc-fsync")
+        return _sync_pool
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

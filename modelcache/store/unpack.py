@@ -30,12 +30,16 @@ from typing import IO
 from ..errors import InvalidContent, UnsafePath
 from ..model import Compression
 from ..tree import OPAQUE_WHITEOUT, WHITEOUT_PREFIX, Node, safe_link_target, safe_path
-from .content import ContentStore
+from .content import ContentStore, Staged
 from .inflate import DECODE_ERRORS, decompressed
 
 Row = list
 _NOT_A_TAR: tuple[type[BaseException], ...] = (tarfile.TarError, *DECODE_ERRORS)
-_TAR_READ = 1 << 20  # bytes tarfile asks of the decompressed stream at a time (its default, 10 KiB, costs calls)
+# Bytes tarfile asks of the decompressed stream at a time: its default (10 KiB) costs calls on big
+# files, and much more costs copies on tiny ones (each header read slices the whole buffer).
+_TAR_READ = 64 << 10
+_SMALL = 1 << 20  # files up to this size are made durable in batches of _BATCH, not one fsync each
+_BATCH = 256
 
 
 def unpack_layer(content: ContentStore, layer: Path, compression: Compression, *, name: str,
@@ -58,6 +62,12 @@ def unpack_stream(content: ContentStore, raw: IO[bytes], compression: Compressio
     holds as :func:`unpack_layer`.
     """
     listing = Listing(name, limit)
+    batch: list[Staged] = []  # small files written, not yet durable: made so together (see commit_staged)
+
+    def flush() -> None:
+        content.commit_staged(batch, leases=leases)
+        batch.clear()
+
     try:
         with tarfile.open(fileobj=decompressed(raw, compression), mode="r|", bufsize=_TAR_READ) as tar:
             members = iter(tar)
@@ -78,11 +88,21 @@ def unpack_stream(content: ContentStore, raw: IO[bytes], compression: Compressio
                 def write(member: tarfile.TarInfo = member) -> tuple[str, int]:
                     src = tar.extractfile(member)
                     assert src is not None
-                    return content.write_stream(src, expected_size=member.size, leases=leases)
+                    if member.size > _SMALL:
+                        return content.write_stream(src, expected_size=member.size, leases=leases)
+                    staged = content.stage(src, expected_size=member.size)
+                    batch.append(staged)
+                    if len(batch) >= _BATCH:
+                        flush()
+                    return staged.digest, staged.size
 
                 listing.add(member, write)
+        flush()  # before the listing is returned (and recorded), every file it names is a blob
     except _NOT_A_TAR as e:
         raise InvalidContent(f"layer {name}: not a valid {compression.value} tar archive: {e}") from e
+    finally:
+        for staged in batch:  # a layer refused midway: its files never become blobs
+            staged.tmp.unlink(missing_ok=True)
     return listing.rows
 
 

@@ -4,7 +4,9 @@ The roles follow containerd's content store: a reader of committed blobs
 (:meth:`ContentStore.path`, :meth:`ContentStore.has`), a writer factory for a
 blob of known digest (:meth:`ContentStore.open_ingest`, resumable, chunked) and
 one for bytes whose digest is learnt while writing them
-(:meth:`ContentStore.write_stream`, used to unpack layers).
+(:meth:`ContentStore.write_stream`, used to unpack layers; or in two steps,
+:meth:`ContentStore.stage` then :meth:`ContentStore.commit_staged`, so the
+small files of a layer are made durable together).
 
 Every blob is counted by a *ledger* (the index) just before it is linked
 into place, together with the leases that hold it from that moment, so gc

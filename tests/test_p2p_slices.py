@@ -57,6 +57,25 @@ def test_urls_from_slices_ready_only_ports_and_self() -> None:
             parse_service(bad)
 
 
+def test_flags_one_discovery_at_a_time_and_no_placeholder_secret(tmp_path: Path) -> None:
+    from modelcache.p2p.node import from_flags
+
+    good = tmp_path / "secret"
+    good.write_text("0123456789abcdef0123456789abcdef\n")
+    config = from_flags(secret_file=str(good), peers=None, peers_dns=None, listen="0.0.0.0:8470",
+                        peers_k8s_service="mc/modelcache:http", node_name="n1")
+    assert config is not None and config.peers_k8s_service == "mc/modelcache:http" and config.node_name == "n1"
+    with pytest.raises(InvalidReference, match="one way to find peers"):
+        from_flags(secret_file=str(good), peers=None, peers_dns="svc", listen=None, peers_k8s_service="mc/x")
+    with pytest.raises(InvalidReference, match="NAMESPACE/NAME"):
+        from_flags(secret_file=str(good), peers=None, peers_dns=None, listen=None, peers_k8s_service="x")
+    placeholder = tmp_path / "placeholder"
+    placeholder.write_text("replace-me-with-openssl-rand-hex-32")  # daemonset/examples/peer-secret.yaml as is
+    with pytest.raises(InvalidReference, match="placeholder"):
+        from_flags(secret_file=str(placeholder), peers="http://x:1", peers_dns=None, listen=None)
+    assert from_flags(secret_file=None, peers=None, peers_dns=None, listen=None, peers_k8s_service="mc/x") is None
+
+
 @pytest.fixture
 def api(tmp_path: Path):
     from kubernetes import config

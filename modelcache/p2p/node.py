@@ -32,6 +32,7 @@ from .slices import K8sPeers, parse_service
 
 log = logging.getLogger(__name__)
 
+PLACEHOLDER = b"replace-me"  # the value daemonset/examples/peer-secret.yaml ships, known to everyone
 HELLO_INTERVAL = 2.0  # seconds between looks at the discovered set for new members to greet
 
 
@@ -72,6 +73,9 @@ def from_flags(*, secret_file: str | None, peers: str | None, peers_dns: str | N
         raise InvalidReference(f"--peer-secret-file {path}: {e.strerror or e}") from None
     if len(secret) < 16:
         raise InvalidReference(f"--peer-secret-file {path}: the secret must be at least 16 bytes")
+    if secret.startswith(PLACEHOLDER):  # daemonset/examples/peer-secret.yaml applied as it is: a public secret
+        raise InvalidReference(f"--peer-secret-file {path}: still the example's placeholder; make a random one "
+                               "(openssl rand -hex 32)")
     urls = tuple(u.strip() for u in (peers or "").split(",") if u.strip())
     return PeerConfig(secret=secret, peers=urls, peers_dns=peers_dns or None, listen=listen,
                       upload_limit=upload_limit, read_timeout=read_timeout,

@@ -155,7 +155,8 @@ def test_watch_follows_joins_leaves_readiness_410_and_dropped_watches(api) -> No
 
 
 def test_an_unreachable_api_keeps_the_last_peers(api) -> None:
-    """The API going away does not empty the ring: the last set stays while the informer retries."""
+    """The API failing does not empty the ring: the last set stays while the informer retries, and what
+    changed meanwhile is picked up when it answers again."""
     fake, client = api
     fake.objects.create("endpointslices", slice_("s1", [endpoint("10.0.0.1", "n1")]), NS)
 
@@ -165,8 +166,11 @@ def test_an_unreachable_api_keeps_the_last_peers(api) -> None:
         try:
             await until(peers, {"http://10.0.0.1:8470"})
             fake.fail = (500, {"kind": "Status", "code": 500})
-            await asyncio.sleep(1.5)
+            fake.objects.create("endpointslices", slice_("s2", [endpoint("10.0.0.2", "n2")]), NS)
+            await asyncio.sleep(1.5)  # the watch ended (timeoutSeconds=1) and cannot start again
             assert peers.urls() == {"http://10.0.0.1:8470"}
+            fake.fail = None  # back: the informer's retry lists again and sees what changed meanwhile
+            await until(peers, {"http://10.0.0.1:8470", "http://10.0.0.2:8470"}, seconds=15)
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)

@@ -277,6 +277,10 @@ def _peer_flags(p: argparse.ArgumentParser, *, serving: bool) -> None:
     p.add_argument("--peers-dns", default=_env("peers_dns"), metavar="NAME[:PORT]",
                    help="find peers as the A/AAAA records of NAME (a headless Service), re-resolved every 10 s; "
                         "PORT defaults to this daemon's --listen port")
+    p.add_argument("--peers-k8s-service", default=_env("peers_k8s_service"), metavar="NAMESPACE/NAME[:PORT]",
+                   help="find peers as the ready endpoints of this Service's EndpointSlices, watched through the "
+                        "Kubernetes API (in-cluster config, else --kubeconfig or ~/.kube/config); PORT (a port "
+                        "name or number) defaults to the slice's only port, else this daemon's --listen port")
     p.add_argument("--peer-secret-file", default=_env("peer_secret_file"), metavar="PATH",
                    help="the secret shared by every peer (>= 16 bytes) that signs peer requests; without it "
                         "peer sharing is off")
@@ -293,10 +297,14 @@ def _peer_config(args: argparse.Namespace):
 
     limit = getattr(args, "peer_upload_limit", 0)
     listen = getattr(args, "listen", None)
+    kubeconfig = getattr(args, "kubeconfig", None)
+    node_name = getattr(args, "node_name", None)
     return from_flags(secret_file=args.peer_secret_file, peers=args.peers, peers_dns=args.peers_dns,
                       listen=str(listen) if listen else None,
                       upload_limit=limit if isinstance(limit, int) else _size_or_zero(str(limit)),
-                      read_timeout=float(args.peer_timeout))
+                      read_timeout=float(args.peer_timeout), peers_k8s_service=args.peers_k8s_service,
+                      kubeconfig=Path(kubeconfig).expanduser() if kubeconfig else None,
+                      node_name=str(node_name) if node_name else None)
 
 
 def _log_flags(p: argparse.ArgumentParser) -> None:
@@ -402,14 +410,21 @@ async def _pull(args: argparse.Namespace, ref: str, filters, *, quiet_path: bool
         from .p2p.node import PeerNode
 
         peers = PeerNode(peer_config)
+    # Discovery that must look something up (DNS, the Kubernetes API) runs while this pull does.
+    watching = asyncio.create_task(peers.run()) if peers is not None else None
     try:
         async with _terminate_as_interrupt():
+            if peers is not None:
+                await peers.discovered(5.0)
             result = await pull(store, engine, ref, filters=filters, options=options, progress=reporter, tag=tag,
                                 routing=peers.router if peers is not None else None)
     finally:
         reporter.close()
         engine.close()
         store.close()
+        if watching is not None:
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
         if peers is not None:
             await peers.close()
     s = result.stats
@@ -552,8 +567,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                                 progress_interval=float(args.prewarm_progress))
     elif args.startup_taint:
         raise InvalidReference("--startup-taint needs the pre-warm controller (--prewarm on)")
-    elif kubeconfig is not None and mode != "kubernetes":
-        raise InvalidReference(f"--kubeconfig is for --api-auth kubernetes or --prewarm on, not {mode} alone")
+    elif kubeconfig is not None and mode != "kubernetes" and not args.peers_k8s_service:
+        raise InvalidReference(f"--kubeconfig is for --api-auth kubernetes, --prewarm on or --peers-k8s-service, "
+                               f"not {mode} alone")
     auth = AuthConfig(mode=mode,
                       token_file=Path(args.api_token_file).expanduser() if args.api_token_file else None,
                       kubeconfig=kubeconfig if mode == "kubernetes" else None,

@@ -17,7 +17,7 @@ from modelcache.daemon.auth import API_GROUP
 ROOT = Path(__file__).resolve().parent.parent / "daemonset"
 # Variables the sources read (registry_auth, hf, s3): the only non-MODELCACHE_ env the DaemonSet sets.
 CREDENTIAL_ENV = {"DOCKER_CONFIG", "HF_TOKEN", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                  "AWS_SECRET_ACCESS_KEY"}
+                  "AWS_SECRET_ACCESS_KEY", "POD_NAMESPACE"}  # POD_NAMESPACE: expanded in the peers' Service name
 
 
 def _docs(path: Path) -> list[dict]:
@@ -168,3 +168,81 @@ def test_registrar_has_probe_and_resources() -> None:
     probe = registrar["livenessProbe"]["httpGet"]
     assert probe["path"] == "/healthz" and endpoint == f":{ports[probe['port']]}"
     assert registrar["resources"]["requests"]["cpu"] and registrar["resources"]["limits"]["memory"]
+
+
+def _expand(value: str, env: dict[str, dict]) -> str:
+    """A container env value with $(VAR) of earlier variables expanded, as the kubelet does (fieldRefs by path)."""
+    import re
+
+    def one(m: re.Match[str]) -> str:
+        ref = env[m[1]]["valueFrom"]["fieldRef"]["fieldPath"]
+        return {"metadata.namespace": "modelcache-system"}[ref]
+
+    return re.sub(r"\$\((\w+)\)", one, value)
+
+
+def test_daemonset_finds_peers_through_its_headless_service() -> None:
+    """--peers-k8s-service names the headless Service of these pods, in the pod's namespace; only ready
+    daemons are listed; the NetworkPolicy admits them on the port the slices carry."""
+    from modelcache.p2p.slices import parse_service
+
+    daemon = _container("modelcache")
+    env = {e["name"]: e for e in daemon["env"]}
+    names = [e["name"] for e in daemon["env"]]
+    assert names.index("POD_NAMESPACE") < names.index("MODELCACHE_PEERS_K8S_SERVICE")  # expanded in order
+    namespace, name, port = parse_service(_expand(env["MODELCACHE_PEERS_K8S_SERVICE"]["value"], env))
+    [service] = _docs(ROOT / "service.yaml")
+    assert (namespace, name) == (service["metadata"]["namespace"], service["metadata"]["name"]) and port is None
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is False
+    labels = _docs(ROOT / "daemonset.yaml")[0]["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    [svc_port] = service["spec"]["ports"]  # the slices' only port: what the daemons dial
+    assert svc_port["targetPort"] in {p["name"] for p in daemon["ports"]}
+    listen_port = int(env["MODELCACHE_LISTEN"]["value"].rpartition(":")[2])
+    assert svc_port["port"] == listen_port == {p["name"]: p["containerPort"] for p in daemon["ports"]}["http"]
+    assert "MODELCACHE_PEERS_DNS" in (ROOT / "daemonset.yaml").read_text()  # the DNS alternative, documented
+    assert "MODELCACHE_PEERS" not in env and "MODELCACHE_PEERS_DNS" not in env  # one way at a time
+    assert env["MODELCACHE_NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"  # own endpoint
+    [policy] = _docs(ROOT / "networkpolicy.yaml")
+    [rule] = policy["spec"]["ingress"]
+    assert {"podSelector": {"matchLabels": service["spec"]["selector"]}} in rule["from"]
+    assert [p["port"] for p in rule["ports"]] == [svc_port["targetPort"]]
+
+
+def test_peer_secret_is_a_mounted_secret_never_a_real_one() -> None:
+    """--peer-secret-file is a file of a Secret volume (required, read-only); the example Secret holds a
+    placeholder the daemon refuses, and says how to make a random one."""
+    from modelcache.p2p.node import PLACEHOLDER
+
+    daemon, spec = _container("modelcache"), _pod_spec()
+    env = {e["name"]: e for e in daemon["env"]}
+    path = Path(env["MODELCACHE_PEER_SECRET_FILE"]["value"])
+    [mount] = [m for m in daemon["volumeMounts"] if Path(m["mountPath"]) == path.parent]
+    assert mount["readOnly"] is True
+    volume = {v["name"]: v for v in spec["volumes"]}[mount["name"]]["secret"]
+    assert volume.get("optional", False) is False  # no secret: no daemon, rather than one that trusts anyone
+    [item] = volume["items"]
+    assert item["path"] == path.name
+    [example] = _docs(ROOT / "examples" / "peer-secret.yaml")
+    assert example["kind"] == "Secret" and example["metadata"]["name"] == volume["secretName"]
+    assert example["stringData"][item["key"]].encode().startswith(PLACEHOLDER)
+    text = (ROOT / "examples" / "peer-secret.yaml").read_text()
+    assert "create secret generic modelcache-peer-secret" in text and "openssl rand" in text
+    kustomization = _docs(ROOT / "kustomization.yaml")[0]
+    assert not any("peer-secret" in r for r in kustomization["resources"])  # the base ships no secret
+
+
+def test_peer_discovery_is_granted_list_and_watch_on_endpointslices_in_its_namespace_only() -> None:
+    """Least privilege: a Role (not a ClusterRole) in the daemon's namespace, bound to its ServiceAccount,
+    with list and watch on endpointslices, which is all the informer does."""
+    docs = _docs(ROOT / "rbac.yaml")
+    sa = {"kind": "ServiceAccount", "name": "modelcache", "namespace": "modelcache-system"}
+    cluster = [d for d in docs if d["kind"] == "ClusterRole"]
+    assert not any(rule for d in cluster for rule in d["rules"] if "discovery.k8s.io" in rule["apiGroups"])
+    [role] = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "modelcache-peers"]
+    assert role["metadata"]["namespace"] == "modelcache-system"
+    assert role["rules"] == [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                              "verbs": ["list", "watch"]}]
+    [binding] = [d for d in docs if d["kind"] == "RoleBinding" and d["roleRef"]["name"] == "modelcache-peers"]
+    assert binding["roleRef"]["kind"] == "Role" and binding["subjects"] == [sa]
+    assert binding["metadata"]["namespace"] == role["metadata"]["namespace"]

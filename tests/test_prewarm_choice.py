@@ -89,11 +89,11 @@ def test_daemon_rbac_is_what_the_controller_uses() -> None:
     assert {(r, v) for g, r, v in grants if g == names.GROUP} == {
         ("modelprewarms", "get"), ("modelprewarms", "list"), ("modelprewarms", "watch"),
         ("modelprewarms/status", "get"), ("modelprewarms/status", "patch"), ("modelprewarms/status", "update")}
-    [leader] = [d for d in docs if d["kind"] == "Role"]
+    [leader] = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "modelcache-leader"]
     assert leader["metadata"]["namespace"] == "modelcache-system"
     assert {(g, r, v) for rule in leader["rules"] for g in rule["apiGroups"] for r in rule["resources"]
             for v in rule["verbs"]} == {("coordination.k8s.io", "leases", v) for v in ("get", "create", "update")}
-    [binding] = [d for d in docs if d["kind"] == "RoleBinding"]
+    [binding] = [d for d in docs if d["kind"] == "RoleBinding" and d["metadata"]["name"] == "modelcache-leader"]
     assert binding["roleRef"]["name"] == leader["metadata"]["name"]
 
 

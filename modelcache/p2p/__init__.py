@@ -4,7 +4,7 @@ One job per module:
 
 - :mod:`.pieces`: how a blob is cut into pieces (a function of its size alone) and their digest list;
 - :mod:`.ring`: rendezvous hashing of a piece to its candidates (home first, then fallbacks);
-- :mod:`.discovery`: who the peers are (a static list, DNS; a seam for Kubernetes EndpointSlices);
+- :mod:`.discovery`: who the peers are (a static list, DNS), and :mod:`.slices` (Kubernetes EndpointSlices);
 - :mod:`.members`: the live membership as this node sees it, itself excluded, and peers' health;
 - :mod:`.signing`: the HMAC that authenticates every peer request;
 - :mod:`.client`: a peer as a byte source (short connect timeout, read timeout, one attempt);

@@ -2,10 +2,9 @@
 
 A :class:`Discovery` only knows base URLs (``http://host:port``); whether
 one of them is this daemon, and whether a peer is healthy, is for
-:mod:`.members`. Kubernetes EndpointSlices plug in as a third Discovery with
-the same two methods (a list-then-watch loop in a thread that replaces the
-URL set on every change), which is left for the branch that brings the fake
-API's watch support.
+:mod:`.members`. Kubernetes EndpointSlices are the third Discovery, with
+the same two methods: :class:`~.slices.K8sPeers` (a list-then-watch loop in
+a thread that replaces the URL set on every change).
 """
 
 from __future__ import annotations

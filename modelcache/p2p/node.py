@@ -28,9 +28,11 @@ from .members import Members
 from .pieces import piece_minimum
 from .router import PeerRouter
 from .server import PeerServer
+from .slices import K8sPeers, parse_service
 
 log = logging.getLogger(__name__)
 
+PLACEHOLDER = b"replace-me"  # the value daemonset/examples/peer-secret.yaml ships, known to everyone
 HELLO_INTERVAL = 2.0  # seconds between looks at the discovered set for new members to greet
 
 
@@ -41,6 +43,9 @@ class PeerConfig:
     secret: bytes
     peers: tuple[str, ...] = ()
     peers_dns: str | None = None
+    peers_k8s_service: str | None = None  # NAMESPACE/NAME[:PORT]: the Service whose EndpointSlices list the peers
+    kubeconfig: Path | None = None  # for peers_k8s_service; None: in-cluster, else the default kubeconfig
+    node_name: str | None = None  # this daemon's node: its own endpoint in the slices
     listen: str | None = None  # our own HOST:PORT, to know ourselves in a list and default the DNS port
     upload_limit: int = 0  # bytes per second served to peers, 0 = unlimited
     connect_timeout: float = 0.5
@@ -49,12 +54,18 @@ class PeerConfig:
 
 
 def from_flags(*, secret_file: str | None, peers: str | None, peers_dns: str | None, listen: str | None,
-               upload_limit: int = 0, read_timeout: float = 5.0) -> PeerConfig | None:
+               upload_limit: int = 0, read_timeout: float = 5.0, peers_k8s_service: str | None = None,
+               kubeconfig: Path | None = None, node_name: str | None = None) -> PeerConfig | None:
     """The peer config, or None when peer sharing is off (no secret file)."""
     if not secret_file:
-        if peers or peers_dns:
-            log.warning("--peers/--peers-dns given without --peer-secret-file: peer sharing stays off")
+        if peers or peers_dns or peers_k8s_service:
+            log.warning("--peers/--peers-dns/--peers-k8s-service given without --peer-secret-file: "
+                        "peer sharing stays off")
         return None
+    if sum(bool(x) for x in (peers, peers_dns, peers_k8s_service)) > 1:
+        raise InvalidReference("--peers, --peers-dns and --peers-k8s-service: give one way to find peers")
+    if peers_k8s_service:
+        parse_service(peers_k8s_service)  # a bad value fails before anything starts
     path = Path(secret_file).expanduser()
     try:
         secret = path.read_bytes().strip()
@@ -62,9 +73,13 @@ def from_flags(*, secret_file: str | None, peers: str | None, peers_dns: str | N
         raise InvalidReference(f"--peer-secret-file {path}: {e.strerror or e}") from None
     if len(secret) < 16:
         raise InvalidReference(f"--peer-secret-file {path}: the secret must be at least 16 bytes")
+    if secret.startswith(PLACEHOLDER):  # daemonset/examples/peer-secret.yaml applied as it is: a public secret
+        raise InvalidReference(f"--peer-secret-file {path}: still the example's placeholder; make a random one "
+                               "(openssl rand -hex 32)")
     urls = tuple(u.strip() for u in (peers or "").split(",") if u.strip())
     return PeerConfig(secret=secret, peers=urls, peers_dns=peers_dns or None, listen=listen,
-                      upload_limit=upload_limit, read_timeout=read_timeout)
+                      upload_limit=upload_limit, read_timeout=read_timeout,
+                      peers_k8s_service=peers_k8s_service or None, kubeconfig=kubeconfig, node_name=node_name)
 
 
 class PeerNode:
@@ -78,6 +93,8 @@ class PeerNode:
         me = normalize(config.listen) if config.listen and not config.listen.startswith(("0.0.0.0", "[::]")) \
             else None
         self.members = Members(self.discovery, self.node_id, me=me)
+        if isinstance(self.discovery, K8sPeers):  # the slices name our own endpoint by node: no hello needed
+            self.discovery.on_self = self.members.found_self
         self.client = PeerClient(config.secret, self.node_id, connect_timeout=config.connect_timeout,
                                  read_timeout=config.read_timeout, me=lambda: self.members.me,
                                  found_self=self.members.found_self)
@@ -103,6 +120,18 @@ class PeerNode:
         answers = await asyncio.gather(*(self.client.hello(u) for u in new))
         self._greeted.update(u for u, node in zip(new, answers, strict=True) if node is not None)
 
+    async def discovered(self, seconds: float) -> None:
+        """Wait (at most ``seconds``) until discovery has an answer: for a one-shot CLI pull."""
+        if isinstance(self.discovery, StaticPeers):
+            return  # nothing to look up
+        deadline = asyncio.get_running_loop().time() + seconds
+        # The informer's first list lands in a thread and sets a threading.Event: polled, bounded.
+        while not self.discovery.urls() and not getattr(self.discovery, "synced", False):  # noqa: ASYNC110
+            if asyncio.get_running_loop().time() >= deadline:
+                log.warning("peers: none discovered in %.0fs; pulling from the origin", seconds)
+                return
+            await asyncio.sleep(0.05)
+
     async def run(self) -> None:
         """Keep discovery and membership current until cancelled."""
         watcher = asyncio.create_task(self.discovery.run())
@@ -123,8 +152,12 @@ class PeerNode:
 
 
 def _discovery(config: PeerConfig) -> Discovery:
+    port = int(config.listen.rpartition(":")[2]) if config.listen and config.listen[-1].isdigit() else 8470
+    if config.peers_k8s_service:
+        namespace, name, port_name = parse_service(config.peers_k8s_service)
+        return K8sPeers(namespace, name, port, port=port_name, node_name=config.node_name,
+                        kubeconfig=config.kubeconfig)
     if config.peers_dns:
-        port = int(config.listen.rpartition(":")[2]) if config.listen and config.listen[-1].isdigit() else 8470
         name, port = parse_dns(config.peers_dns, port)
         return DnsPeers(name, port)
     return StaticPeers(config.peers)

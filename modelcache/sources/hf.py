@@ -37,6 +37,7 @@ from .http import (
     redirect_target,
     same_origin,
 )
+from .proxy import refuse_plain
 from .rawget import RawPool, RawResponse
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -103,6 +104,8 @@ class HfSource:
         from huggingface_hub import HfApi
         from huggingface_hub.hf_api import RepoFile
 
+        # huggingface_hub takes HTTP(S)_PROXY by itself: never let it send our token to an http:// Hub through one.
+        refuse_plain(_endpoint(), what=self.name, credentials=bool(self._token))
         api = HfApi(endpoint=_endpoint(), token=self._api_token)
         try:
             info = api.repo_info(self.ref.repo, revision=self.ref.revision)
@@ -118,6 +121,7 @@ class HfSource:
     def _revision(self) -> None:
         from huggingface_hub import HfApi
 
+        refuse_plain(_endpoint(), what=self.name, credentials=bool(self._token))
         try:
             HfApi(endpoint=_endpoint(), token=self._api_token).repo_info(self.ref.repo,
                                                                              revision=self.ref.revision)

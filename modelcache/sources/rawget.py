@@ -17,6 +17,11 @@ path for it. Connections are kept alive and pooled per origin, never read
 past the end of a response (so a reused connection starts clean), and
 dropped, never reused, after any error or abandoned body. A read that waits
 ``read_timeout`` seconds without a byte fails as a stall.
+
+Proxies (:mod:`.proxy`): an https origin is reached through the proxy's
+``CONNECT`` tunnel with TLS end to end; an http one is asked in absolute form
+(RFC 9112 3.2.2), and refused there if the request carries credentials.
+Connections are pooled per origin and proxy.
 """
 
 from __future__ import annotations
@@ -32,17 +37,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from ..errors import ModelCacheError, Unavailable
+from ..errors import ModelCacheError, Unauthorized, Unavailable
 from ..transfer.hangup import HANGUP
 from ..transfer.meter import RECEIVING, Cell, Meter
 from .http import connection_failure
+from .proxy import Proxy, check_request
 
 BUFFER = 4 << 20
 _MAX_HEAD = 64 << 10
 _SPARES = 64  # buffers kept for reuse (a pull holds a few per stream)
 _THREADS = 32  # default for the sockets in a blocking call at once, per pool
 
-Key = tuple[str, str, int]
+Key = tuple[str, str, int, str]  # scheme, host, port, the proxy's URL ("" direct)
 Buffer = bytearray | mmap.mmap
 
 
@@ -319,8 +325,12 @@ class RawPool:
         secure = parts.scheme == "https"
         port = parts.port or (443 if secure else 80)
         host = parts.hostname or ""
-        key = (parts.scheme, host, port)
+        proxy = check_request(url, headers, what=parts.netloc)
+        key = (parts.scheme, host, port, proxy.url if proxy else "")
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        if proxy is not None and not secure:  # absolute form, and the proxy's own credentials if any
+            target = f"http://{parts.netloc}{target}"
+            headers = {**headers, **proxy.headers()}
         idle = self._idle.get(key) or []
         while idle:
             conn = idle.pop()
@@ -329,7 +339,7 @@ class RawPool:
                     return await self._ask(conn, target, parts.netloc, headers)
                 except _Stale:
                     continue  # the server dropped it while idle: try the next one, or a new one
-        conn = await self._run(self._connect, key)
+        conn = await self._run(self._connect, key, proxy)
         try:
             return await self._ask(conn, target, parts.netloc, headers)
         except _Stale as e:
@@ -346,18 +356,30 @@ class RawPool:
         conn.abort()  # no body of ours: the caller uses another client for this one
         return RawResponse(status, fields, None)
 
-    def _connect(self, key: Key) -> _Connection:
-        scheme, host, port = key
+    def _connect(self, key: Key, proxy: Proxy | None = None) -> _Connection:
+        scheme, host, port, _ = key
+        where = (proxy.host, proxy.port) if proxy is not None else (host, port)
         try:
-            sock = socket.create_connection((host, port), timeout=self.connect_timeout)
+            sock = socket.create_connection(where, timeout=self.connect_timeout)
         except OSError as e:
-            raise Unavailable(f"{host}:{port}: cannot connect: {connection_failure(e)}") from e
+            via = f" (proxy {proxy.url})" if proxy is not None else ""
+            raise Unavailable(f"{where[0]}:{where[1]}{via}: cannot connect: {connection_failure(e)}") from e
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if proxy is not None and scheme == "https":
+                try:
+                    _tunnel(sock, host, port, proxy)
+                except (TimeoutError, ConnectionError) as e:
+                    if isinstance(e, ModelCacheError):
+                        raise
+                    raise Unavailable(f"proxy {proxy.url}: CONNECT {host}:{port}: {connection_failure(e)}") from e
             if scheme == "https":
                 ctx = self._ssl or ssl.create_default_context()
                 sock = ctx.wrap_socket(sock, server_hostname=host)
             sock.settimeout(self.read_timeout)
+        except ModelCacheError:  # the tunnel's answer (Unavailable, Unauthorized are OSErrors too)
+            sock.close()
+            raise
         except ssl.SSLCertVerificationError as e:
             sock.close()
             # Not worth retrying: the same certificate comes back every time.
@@ -366,6 +388,9 @@ class RawPool:
         except OSError as e:
             sock.close()
             raise Unavailable(f"{host}:{port}: TLS handshake failed: {e}") from e
+        except BaseException:
+            sock.close()
+            raise
         return _Connection(self, key, sock)
 
     def start_fill(self, conn: _Connection, meter: Meter | None = None
@@ -385,6 +410,32 @@ class RawPool:
                 conn.abort()
         self._idle.clear()
         self.threads.shutdown(wait=False)
+
+
+def _tunnel(sock: socket.socket, host: str, port: int, proxy: Proxy) -> None:
+    """Open a CONNECT tunnel to ``host:port`` through ``proxy`` on ``sock`` (RFC 9110 9.3.6; blocks)."""
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
+    lines += [f"{k}: {v}" for k, v in proxy.headers().items()]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    head = bytearray()
+    while (end := head.find(b"\r\n\r\n")) < 0:
+        if len(head) >= _MAX_HEAD:
+            raise Unavailable(f"proxy {proxy.url}: CONNECT answer over 64 KiB")
+        got = sock.recv(_MAX_HEAD - len(head))  # never past the head: the TLS handshake comes next
+        if not got:
+            raise Unavailable(f"proxy {proxy.url} closed the connection to CONNECT {authority}")
+        head += got
+    if end + 4 != len(head):
+        raise Unavailable(f"proxy {proxy.url}: bytes after its CONNECT answer")
+    try:
+        status, _ = _parse_head(bytes(head[:end]))
+    except ValueError as e:
+        raise Unavailable(f"proxy {proxy.url}: malformed CONNECT answer: {e}") from e
+    if status == 407:
+        raise Unauthorized(f"proxy {proxy.url} wants a login (HTTP 407): put USER:PASSWORD@ in HTTPS_PROXY")
+    if not 200 <= status < 300:
+        raise Unavailable(f"proxy {proxy.url}: CONNECT {authority} answered HTTP {status}")
 
 
 def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:

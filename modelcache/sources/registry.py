@@ -46,6 +46,7 @@ from .oci_manifest import (
     parse_json,
     select_from_index,
 )
+from .proxy import aiohttp_options
 from .rawget import RawPool, RawResponse
 from .registry_auth import Authenticator, credentials_in, load_credentials
 
@@ -114,7 +115,8 @@ class RegistrySource:
             if auth:
                 sent["Authorization"] = auth
             try:
-                resp = await session.get(url, headers=sent, allow_redirects=False)
+                resp = await session.get(url, headers=sent, allow_redirects=False,
+                                         **aiohttp_options(url, sent, what=self.name))
             except (TimeoutError, aiohttp.ClientError) as e:
                 raise Unavailable(f"{urlsplit(url).netloc}: cannot connect: {connection_failure(e)}") from e
             if resp.status == 401 and home and not answered:

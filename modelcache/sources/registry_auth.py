@@ -23,6 +23,7 @@ from urllib.parse import urlencode
 import aiohttp
 
 from ..errors import InvalidContent, Unauthorized, Unavailable
+from .proxy import aiohttp_options
 
 _PARAM = re.compile(r'([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)')
 
@@ -129,7 +130,8 @@ class Authenticator:
         url = params["realm"] + ("&" if "?" in params["realm"] else "?") + urlencode(query)
         headers = {"Authorization": self._credentials.basic()} if self._credentials else {}
         try:
-            async with self._session.get(url, headers=headers) as resp:
+            async with self._session.get(url, headers=headers,
+                                         **aiohttp_options(url, headers, what=self._registry)) as resp:
                 if resp.status in (401, 403):
                     raise Unauthorized(f"{self._registry}: token server refused "
                                        f"{'our credentials' if self._credentials else 'anonymous access'}")

@@ -54,6 +54,7 @@ from .oci_manifest import (
     parse_json,
     select_from_index,
 )
+from .proxy import refuse_plain
 from .rawget import RawPool
 
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -118,6 +119,8 @@ class S3Source:
         self._prefix = ref.prefix.strip("/")
 
     async def _call(self, fn, *args, **kwargs):
+        # boto3 takes HTTP(S)_PROXY by itself: never let it sign requests to an http:// endpoint through one.
+        refuse_plain(self._s3.meta.endpoint_url, what=self.name, credentials=self._signed)
         try:
             return await asyncio.to_thread(fn, *args, **kwargs)
         except ModelCacheError:

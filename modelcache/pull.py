@@ -31,6 +31,7 @@ from .store import Store, liveness
 from .store.budget import Budget, reserve
 from .store.crash import crash_point
 from .store.unpack import Row, rows_to_layer
+from .tarplace import by_range, place
 from .transfer import ChunkRouter, Engine, OriginOnly, TransferStats
 from .transfer.engine import Progress
 from .transfer.routing import WithinOrigin
@@ -114,7 +115,10 @@ async def materialize(store: Store, engine: Engine, model: Model, router: ChunkR
         if budget is not None:
             missing = {b.digest: b.size for b in needed if not store.content.has(b.digest)}
             await asyncio.to_thread(reserve, store, budget, lease, sum(missing.values()))
-    stats = await engine.fetch(needed, router, progress=progress, leases=leases)
+    # Plain tar layers are not fetched whole here: their files are fetched by range (tarplace) below.
+    later = {a.blob.digest for a in archives if known[a.blob.digest] is None and by_range(a)}
+    stats = await engine.fetch([b for b in needed if b.digest not in later], router, progress=progress,
+                               leases=leases)
 
     rows = dict(known)
     pending = {a.blob.digest: a for a in archives if known[a.blob.digest] is None}
@@ -123,7 +127,7 @@ async def materialize(store: Store, engine: Engine, model: Model, router: ChunkR
 
     async def unpack(archive: Archive) -> list[Row]:
         async with gate:
-            return await _unpack(store, engine, archive, router, stats, leases)
+            return await _unpack(store, engine, archive, router, stats, leases, progress)
 
     unpacked = await asyncio.gather(*(unpack(a) for a in pending.values()))
     rows.update(zip(pending, unpacked, strict=True))
@@ -171,7 +175,7 @@ def _known_layer(store: Store, digest: str, lease: str | None) -> list[Row] | No
 
 
 async def _unpack(store: Store, engine: Engine, archive: Archive, router: ChunkRouter,
-                  stats: TransferStats, leases: tuple[str, ...]) -> list[Row]:
+                  stats: TransferStats, leases: tuple[str, ...], progress: Progress | None = None) -> list[Row]:
     """Unpack one archive layer once, even with other processes doing the same."""
     digest = archive.blob.digest
     lock = store.content.ingest_dir / f"{archive.blob.hex}.unpack.lock"
@@ -181,8 +185,18 @@ async def _unpack(store: Store, engine: Engine, archive: Archive, router: ChunkR
         rows = await asyncio.to_thread(_known_layer, store, digest, leases[0] if leases else None)
         if rows is not None:
             return rows
-        if not store.content.has(digest):  # unpacked and dropped by someone whose listing went stale
-            await engine.fetch([archive.blob], router, stats=stats, leases=leases)
-        return await asyncio.to_thread(functools.partial(store.unpack, archive, leases=leases))
+        if by_range(archive) and not store.content.has(digest):
+            rows = await place(store, engine, archive, router, stats, leases, progress)
+            if rows is not None:
+                return rows
+        return await _one_stream(store, engine, archive, router, stats, leases)
     finally:
         os.close(fd)
+
+
+async def _one_stream(store: Store, engine: Engine, archive: Archive, router: ChunkRouter,
+                      stats: TransferStats, leases: tuple[str, ...]) -> list[Row]:
+    """The layer fetched whole, then unpacked into blobs (issue 13: to become one streaming pass)."""
+    if not store.content.has(archive.blob.digest):  # not fetched yet, or unpacked and dropped before
+        await engine.fetch([archive.blob], router, stats=stats, leases=leases)
+    return await asyncio.to_thread(functools.partial(store.unpack, archive, leases=leases))

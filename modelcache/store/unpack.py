@@ -24,7 +24,7 @@ import gzip
 import posixpath
 import tarfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, cast
 
@@ -62,9 +62,7 @@ def unpack_layer(content: ContentStore, layer: Path, compression: Compression, *
 
 def _rows(content: ContentStore, tar: tarfile.TarFile, name: str, leases: Sequence[str],
           limit: int | None) -> list[Row]:
-    rows: list[Row] = []
-    total = 0
-    files: dict[str, tuple[str, int]] = {}
+    listing = Listing(name, limit)
     members = iter(tar)
     while True:
         try:
@@ -76,11 +74,38 @@ def _rows(content: ContentStore, tar: tarfile.TarFile, name: str, leases: Sequen
             # after the last file's bytes, without padding or end blocks. The
             # layer's digest was verified, and every file's size was checked as
             # it was copied, so a missing tail loses nothing: accept it.
-            if rows and str(e) == "unexpected end of data":
+            if listing.rows and str(e) == "unexpected end of data":
                 break
             raise
+
+        def write(member: tarfile.TarInfo = member) -> tuple[str, int]:
+            src = tar.extractfile(member)
+            assert src is not None
+            return content.write_stream(src, expected_size=member.size, leases=leases)
+
+        listing.add(member, write)
+    return listing.rows
+
+
+class Listing:
+    """A layer's rows, member by member, with the refusals: the one place that decides them.
+
+    Shared by every way a layer's members are read (unpacking the whole
+    layer here, fetching its files by range in :mod:`modelcache.tarplace`).
+    """
+
+    def __init__(self, name: str, limit: int | None) -> None:
+        self.name = name
+        self.limit = limit
+        self.rows: list[Row] = []
+        self._total = 0
+        self._files: dict[str, tuple[str, int]] = {}
+
+    def add(self, member: tarfile.TarInfo, write: Callable[[], tuple[str, int]]) -> None:
+        """Add ``member``'s row; ``write()`` stores a regular file's bytes and returns (digest, size)."""
+        name, rows = self.name, self.rows
         if member.isdir() and posixpath.normpath("/" + member.name) == "/":
-            continue  # the layer's own root ("./"), as umoci and docker write it
+            return  # the layer's own root ("./"), as umoci and docker write it
         path = safe_path(member.name, context=f"layer {name}")
         base = posixpath.basename(path)
         if base.startswith(WHITEOUT_PREFIX):
@@ -89,16 +114,14 @@ def _rows(content: ContentStore, tar: tarfile.TarFile, name: str, leases: Sequen
                 rows.append(["o", parent])
             else:
                 rows.append(["w", posixpath.join(parent, base[len(WHITEOUT_PREFIX):])])
-            continue
+            return
         if member.isreg():
-            total += member.size
-            if limit is not None and total > limit:
-                raise InvalidContent(f"layer {name}: its files add up to more than {limit} bytes (at {path!r}), "
+            self._total += member.size
+            if self.limit is not None and self._total > self.limit:
+                raise InvalidContent(f"layer {name}: its files add up to more than {self.limit} bytes (at {path!r}), "
                                      "far more than a layer of its size unpacks to: refusing it")
-            src = tar.extractfile(member)
-            assert src is not None
-            digest, size = content.write_stream(src, expected_size=member.size, leases=leases)
-            files[path] = (digest, size)
+            digest, size = write()
+            self._files[path] = (digest, size)
             rows.append(["f", path, digest, size])
         elif member.isdir():
             rows.append(["d", path])
@@ -106,12 +129,11 @@ def _rows(content: ContentStore, tar: tarfile.TarFile, name: str, leases: Sequen
             rows.append(["l", path, safe_link_target(path, member.linkname, context=f"layer {name}")])
         elif member.islnk():
             target = safe_path(member.linkname, context=f"layer {name}")
-            if target not in files:
+            if target not in self._files:
                 raise UnsafePath(f"layer {name}: hardlink {path!r} -> {member.linkname!r} names no earlier file")
-            rows.append(["f", path, *files[target]])
+            rows.append(["f", path, *self._files[target]])
         else:
             raise UnsafePath(f"layer {name}: {path!r} is a device file or FIFO; refusing the layer")
-    return rows
 
 
 def rows_to_layer(rows: list[Row], prefix: str = "") -> list[Node | tuple[str, str]]:

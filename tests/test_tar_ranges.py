@@ -219,3 +219,43 @@ def test_killed_pull_resumes_without_fetching_again(registry, store: Path) -> No
     total = sum(map(len, files.values()))
     assert served <= total - durable + 256 * 1024, (served, total, durable)
     assert tree_digests(view) == {p: sha256(d) for p, d in files.items()}
+
+
+def test_with_peers_on_files_go_through_the_peer_router(tmp_path: Path) -> None:
+    """With a peer router (peers configured), the walk reads the origin and the files, having no sha256
+    before download, come from the origin by range: the layer is never fetched whole, the tree is exact."""
+    import asyncio
+
+    from test_engine import MemorySource
+
+    from modelcache.model import Archive, Blob, Compression, Model
+    from modelcache.p2p.client import PeerClient
+    from modelcache.p2p.discovery import StaticPeers
+    from modelcache.p2p.members import Members
+    from modelcache.p2p.router import PeerRouter
+    from modelcache.pull import materialize
+    from modelcache.store import Store
+    from modelcache.transfer import Engine, TransferConfig
+    from modelcache.transfer.routing import PieceRouter
+    from modelcache.tree import Filters
+
+    files = {"m/a.bin": _rnd.randbytes(2 * MiB + 1), "m/b.bin": _rnd.randbytes(MiB + 2), "m/c.txt": b"small"}
+    layer = make_tar([(p, d, {}) for p, d in files.items()])
+    blob = Blob(sha256(layer), len(layer), media_type=LAYER_TAR)
+    origin = MemorySource({blob.digest: layer}, name="oci://origin")
+    peers = Members(StaticPeers([f"http://127.0.0.1:{p}" for p in (9, 10, 11)]), "me")
+    router = PeerRouter(origin, peers, PeerClient(b"k" * 16, "me"), minimum=64 << 10)
+    assert isinstance(router, PieceRouter)
+    store = Store(tmp_path / "store")
+    engine = Engine(store.content, TransferConfig(chunk_size=MiB))
+    model = Model(ref="oci://origin/m:v1", digest="sha256:" + "0" * 64, parts=(Archive(blob, Compression.NONE),))
+    try:
+        result = asyncio.run(materialize(store, engine, model, router, filters=Filters()))
+    finally:
+        engine.close()
+        store.close()
+    assert tree_digests(result.path) == {p: sha256(d) for p, d in files.items()}
+    ranged = walk_bytes(layer).ranged()
+    assert {e.offset for e in ranged} <= {offset for _, offset, _ in origin.requests}
+    assert origin.requested() < len(layer) + 64 * 1024 * len(ranged)
+    assert not any(offset == 0 and length >= MiB for _, offset, length in origin.requests)

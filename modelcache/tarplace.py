@@ -15,9 +15,12 @@ twice. Instead:
    index at once, so a pull interrupted after some files does not fetch
    them again;
 3. the layer's own digest is checked over its bytes in order: the bytes the
-   walk read, and each file read back from its committed blob (page cache,
-   in a thread). On a mismatch nothing is recorded, what was learnt for
-   the layer's files is forgotten, and the pull fails with
+   walk read, and each file's bytes read back (page cache, read-only, in a
+   thread) as its chunks become durable, so the check runs beside the
+   download instead of after it; the bytes read back must have the xxh3 the
+   file's blob was committed with, else the layer is read back again from
+   the committed blobs. On a mismatch nothing is recorded, what was learnt
+   for the layer's files is forgotten, and the pull fails with
    :class:`DigestMismatch`;
 4. only then are its rows made, by the same :class:`Listing` that
    unpacking uses (the same refusals and size limit), small files written
@@ -34,13 +37,17 @@ sha256 before download, a peer router sends them to the origin.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import io
 import logging
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
-from .errors import DigestMismatch, RangeIgnored
+import xxhash
+
+from .errors import DigestMismatch, NotFound, RangeIgnored
 from .model import Archive, Blob, Compression
 from .sources.base import ByteSource
 from .sources.tarindex import Entry, TarIndex, Unwalkable, walk
@@ -55,6 +62,8 @@ log = logging.getLogger(__name__)
 
 RANGED_MIN = 1 << 20  # a smaller layer comes in one request; a walk would only add round trips
 _READ_BLOCK = 4 << 20
+_FOLLOW_STEP = 64 << 20  # bytes hashed per trip to a thread while following a file in
+_FOLLOW_POLL = 0.05  # seconds between looks at a file's durable chunks when none was new
 
 
 def by_range(archive: Archive) -> bool:
@@ -83,6 +92,9 @@ async def place(store: Store, engine: Engine, archive: Archive, router: ChunkRou
             blob = Blob(standin, entry.member.size, verified=False)
             files.add(blob, layer, entry.offset)
             todo.append((entry.offset, blob))
+    committed = {e.offset: asyncio.Event() for e in ranged}  # set once a file's blob is here
+    for offset in digests:
+        committed[offset].set()
 
     async def fetch(offset: int, blob: Blob) -> None:
         await engine.fetch([blob], files, stats=stats, progress=progress, leases=leases)
@@ -91,16 +103,20 @@ async def place(store: Store, engine: Engine, archive: Archive, router: ChunkRou
         # below still reads it back, and forgets it if the layer does not add up.
         await asyncio.to_thread(store.index.learn_digest, keys[offset], digest, blob.size)
         digests[offset] = digest
+        committed[offset].set()
 
     tasks = [asyncio.create_task(fetch(offset, blob)) for offset, blob in todo]
+    follower = asyncio.create_task(_follow(store, layer, index, dict(todo), digests, committed))
     try:
         await asyncio.gather(*tasks)
+        actual = await follower
     except BaseException:
-        for task in tasks:
+        for task in [*tasks, follower]:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, follower, return_exceptions=True)
         raise
-    actual = await asyncio.to_thread(_layer_digest, store, index, digests)
+    if actual is None:  # what the follower read cannot be vouched for: read the layer back whole
+        actual = await asyncio.to_thread(_layer_digest, store, index, digests)
     if actual != layer.digest:
         await asyncio.to_thread(store.index.forget_learned, keys.values())
         raise DigestMismatch(f"layer {layer.digest} read by range arrived as {actual}: refusing it")
@@ -150,6 +166,73 @@ def _already_here(store: Store, keys: dict[int, str], leases: Sequence[str]) -> 
     for lease in leases:
         store.index.hold(lease, blobs=list(known.values()))
     return {offset: d for offset, d in known.items() if store.content.has(d)}
+
+
+async def _follow(store: Store, layer: Blob, index: TarIndex, fetching: dict[int, Blob],
+                  digests: dict[int, str], committed: dict[int, asyncio.Event]) -> str | None:
+    """The layer's sha256 taken in order while its files arrive, so it costs no time after the last one.
+
+    Each file's bytes are read (page cache, in a thread) from its ingest's
+    chunks as they become durable (:meth:`ContentStore.read_durable`), the
+    rest from its blob once committed. The xxh3 of the bytes read must then
+    be the one its blob was committed with, or the result is None (a fetch
+    that started over, say) and the caller reads the layer back whole.
+    """
+    h = hashlib.sha256()
+    for piece in index.pieces():
+        if isinstance(piece, bytes):
+            h.update(piece)
+            continue
+        x = xxhash.xxh3_128()
+        position, size = 0, piece.member.size
+        while position < size:
+            digest = digests.get(piece.offset)
+            if digest is not None:  # committed (or here before): the rest from its blob
+                position += await asyncio.to_thread(_hash_blob, store, digest, position, h, x)
+                break
+            got = await asyncio.to_thread(_hash_durable, store, fetching[piece.offset], position, h, x)
+            position += got
+            if not got:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(committed[piece.offset].wait(), _FOLLOW_POLL)
+        await committed[piece.offset].wait()  # read whole before its commit ended: it ends in a moment
+        digest = digests[piece.offset]
+        if position != size or await asyncio.to_thread(store.index.blob_xxh3, digest) != x.hexdigest():
+            log.info("layer %s: the file at %d changed under the running hash; reading the layer back",
+                     layer.digest[:19], piece.offset)
+            return None
+    return "sha256:" + h.hexdigest()
+
+
+def _hash_durable(store: Store, blob: Blob, position: int, h: Any, x: Any) -> int:
+    """Hash the durable bytes of ``blob``'s ingest from ``position`` (up to 64 MiB); return how many."""
+    done = 0
+    while done < _FOLLOW_STEP and position + done < blob.size:
+        n = min(_READ_BLOCK, blob.size - position - done)
+        try:
+            data = store.content.read_durable(blob.digest, position + done, n)
+        except (NotFound, OSError):  # not durable yet, or just committed (the ingest is gone)
+            break
+        if len(data) != n:
+            break
+        h.update(data)
+        x.update(data)
+        done += n
+    return done
+
+
+def _hash_blob(store: Store, digest: str, position: int, h: Any, x: Any) -> int:
+    """Hash a committed blob from ``position`` to its end; return how many bytes."""
+    buffer = bytearray(_READ_BLOCK)
+    view = memoryview(buffer)
+    done = 0
+    with open(store.content.path(digest), "rb", buffering=0) as f:
+        f.seek(position)
+        while n := f.readinto(buffer):
+            h.update(view[:n])
+            x.update(view[:n])
+            done += n
+    return done
 
 
 def _layer_digest(store: Store, index: TarIndex, digests: dict[int, str]) -> str:

@@ -259,3 +259,39 @@ def test_with_peers_on_files_go_through_the_peer_router(tmp_path: Path) -> None:
     assert {e.offset for e in ranged} <= {offset for _, offset, _ in origin.requests}
     assert origin.requested() < len(layer) + 64 * 1024 * len(ranged)
     assert not any(offset == 0 and length >= MiB for _, offset, length in origin.requests)
+
+
+def test_running_hash_is_vouched_for_by_the_blobs_xxh3(tmp_path: Path) -> None:
+    """The layer hash taken while files arrive counts only if the bytes read are those committed (same
+    xxh3 as the blob's, recorded at commit); else it gives way to reading the layer back from the blobs."""
+    import asyncio
+    import io
+
+    from modelcache.model import Blob
+    from modelcache.store import Store
+    from modelcache.tarplace import _follow, _layer_digest
+
+    data = _rnd.randbytes(3 * MiB + 5)
+    layer = make_tar([("m/a.bin", data, {}), ("m/b.txt", b"b", {})])
+    index = walk_bytes(layer)
+    [entry] = index.ranged()
+    store = Store(tmp_path / "store")
+    try:
+        digest, _ = store.content.write_stream(io.BytesIO(data))
+
+        def follow() -> str | None:
+            async def run() -> str | None:
+                event = asyncio.Event()
+                event.set()
+                return await _follow(store, Blob(sha256(layer), len(layer)), index, {}, {entry.offset: digest},
+                                     {entry.offset: event})
+            return asyncio.run(run())
+
+        assert follow() == sha256(layer) == _layer_digest(store, index, {entry.offset: digest})
+        _db_set = sqlite3.connect(store.root / "index.sqlite")
+        with _db_set:
+            _db_set.execute("UPDATE blobs SET xxh3 = ? WHERE digest = ?", ("0" * 32, digest))
+        _db_set.close()
+        assert follow() is None
+    finally:
+        store.close()

@@ -33,6 +33,7 @@ from .store.budget import Budget, reserve
 from .store.crash import crash_point
 from .store.streamunpack import stream_layer
 from .store.unpack import Row, rows_to_layer
+from .tarplace import by_range, place
 from .transfer import ChunkRouter, Engine, OriginOnly, TransferStats
 from .transfer.engine import Progress
 from .transfer.routing import WithinOrigin
@@ -124,7 +125,9 @@ async def materialize(store: Store, engine: Engine, model: Model, router: ChunkR
     # are fetched whole through the router first (pieces from peers), then unpacked.
     origin = router.sources(archives[0].blob, 0)[0] if archives and isinstance(router, OriginOnly) else None
     stats = TransferStats()
-    fetching = engine.fetch([b for b in needed if origin is None or b.digest not in pending], router,
+    # Plain tar layers of big files are not fetched whole either: their files come by range (tarplace).
+    later = {d for d, a in pending.items() if origin is not None or by_range(a)}
+    fetching = engine.fetch([b for b in needed if b.digest not in later], router,
                             stats=stats, progress=progress, leases=leases)
     # Bounded like the engine's open ingests: each unpack holds a lock and two files open.
     gate = asyncio.Semaphore(engine.config.concurrency)
@@ -198,6 +201,11 @@ async def _unpack(store: Store, engine: Engine, archive: Archive, router: ChunkR
         rows = await asyncio.to_thread(_known_layer, store, digest, leases[0] if leases else None)
         if rows is not None:
             return rows
+        if by_range(archive) and not store.content.has(digest):
+            # A plain tar layer of big enough files: each file by range into its blob (no copy of the tar).
+            rows = await place(store, engine, archive, router, stats, leases, progress)
+            if rows is not None:
+                return rows
         if origin is not None:
             return await stream_layer(store, engine, archive, origin, stats, leases, progress)
         if not store.content.has(digest):  # unpacked and dropped by someone whose listing went stale

@@ -569,6 +569,10 @@ class Index:
         self._tx([("INSERT OR REPLACE INTO learned_digests (source_key, digest, size) VALUES (?, ?, ?)",
                    (source_key, digest, size))])
 
+    def forget_learned(self, source_keys: Iterable[str]) -> None:
+        """Drop what was learnt for ``source_keys`` (their bytes failed a later check)."""
+        self._tx([("DELETE FROM learned_digests WHERE source_key = ?", (key,)) for key in source_keys])
+
     def learned_digest(self, source_key: str) -> str | None:
         """The sha256 learnt for ``source_key``, if any."""
         rows = self._query("SELECT digest FROM learned_digests WHERE source_key = ?", (source_key,))

@@ -21,6 +21,14 @@ from enum import StrEnum
 
 
 @dataclass(frozen=True, slots=True)
+class PieceDigests:
+    """The sha256 (hex) of each ``length``-byte piece of a blob, as its origin lists them."""
+
+    length: int
+    digests: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Blob:
     """Bytes at an origin, named by their sha256 digest (``sha256:<hex>``).
 
@@ -31,6 +39,11 @@ class Blob:
     progress; the real sha256 is learnt on the way in and the blob is stored
     under it. ``md5``, when the origin gives one (a plain S3 ETag), is
     checked too.
+
+    ``pieces``, when the origin's manifest lists them (``modelcache
+    package`` records them), is the sha256 of each piece peers exchange
+    (:mod:`modelcache.p2p.pieces`): a peer's bytes are checked against it
+    piece by piece as they arrive.
     """
 
     digest: str
@@ -38,6 +51,7 @@ class Blob:
     media_type: str = "application/octet-stream"
     verified: bool = True
     md5: str | None = None
+    pieces: PieceDigests | None = field(default=None, compare=False, repr=False)
 
     @property
     def hex(self) -> str:

@@ -75,8 +75,18 @@ class PeerRouter:
         return mine + rest[shift:] + rest[:shift]
 
     async def piece_digests(self, blob: Blob) -> list[str] | None:
-        """The piece list from the first candidate of piece 0 that has one (checked in length)."""
+        """The origin's piece list when its manifest gave one cut as ours, else the first candidate's of
+        piece 0 that has one (checked in length).
+
+        The origin's comes with the digest this node resolved itself, so no
+        peer is asked: a peer could only offer a list as good, or a false one
+        that would blame honest holders. One cut with another piece length
+        (a package made with another minimum) cannot check our pieces: ignored.
+        """
         count = piece_count(blob.size, self.piece_size(blob))
+        if blob.pieces is not None and blob.pieces.length == self.piece_size(blob) \
+                and len(blob.pieces.digests) == count:
+            return list(blob.pieces.digests)
         for url in [u for u in self.candidates(blob, 0) if u != self.members.me][:PROBES]:
             digests = await self.client.digests(url, blob.digest)
             if digests is not None and len(digests) == count:

@@ -16,6 +16,7 @@ which is all the transfer engine and the store need.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -38,7 +39,10 @@ class Blob:
     bytes (bucket, key and ETag, say) that only names the download in
     progress; the real sha256 is learnt on the way in and the blob is stored
     under it. ``md5``, when the origin gives one (a plain S3 ETag), is
-    checked too.
+    checked too, as is ``git_sha1``, the git blob id the Hub lists for a
+    file kept in git (sha1 of ``"blob <size>\\0"`` and the bytes). Either is a
+    check of the whole blob given by the origin: with one, an unverified
+    blob may be taken from peers too (:attr:`origin_checked`).
 
     ``pieces``, when the origin's manifest lists them (``modelcache
     package`` records them), is the sha256 of each piece peers exchange
@@ -51,12 +55,23 @@ class Blob:
     media_type: str = "application/octet-stream"
     verified: bool = True
     md5: str | None = None
+    git_sha1: str | None = None
     pieces: PieceDigests | None = field(default=None, compare=False, repr=False)
 
     @property
     def hex(self) -> str:
         """The hex part of the digest, the blob's name in the store."""
         return self.digest.partition(":")[2]
+
+    @property
+    def origin_checked(self) -> bool:
+        """True when the origin gave a check of the whole blob: its sha256, or else an MD5 or git blob id."""
+        return self.verified or bool(self.md5 or self.git_sha1)
+
+
+def standin_digest(source_key: str) -> str:
+    """The stand-in digest of bytes an origin names ``source_key`` (sha256 not known yet): every node's the same."""
+    return "sha256:" + hashlib.sha256(source_key.encode()).hexdigest()
 
 
 class Compression(StrEnum):

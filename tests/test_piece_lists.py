@@ -130,3 +130,49 @@ def test_the_router_prefers_the_origins_list_and_ignores_one_cut_otherwise() -> 
     other_cut = Blob("sha256:" + "ef" * 32, 1000, pieces=PieceDigests(4 << 20, ("ab" * 32,)))
     assert asyncio.run(router.piece_digests(other_cut)) == ["cd" * 32]
     assert client.asked == ["http://127.0.0.1:1001"]
+
+
+def test_a_daemon_serves_a_stand_in_it_learnt_in_an_earlier_run(tmp_path: Path) -> None:
+    """A requester that does not know an S3 object's sha256 asks by the stand-in of its source key; a holder
+    that learnt the sha256 before a restart (the index's learned digests) still finds and serves the bytes,
+    and its piece list."""
+    import io
+
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from modelcache.model import standin_digest
+    from modelcache.p2p import signing
+    from modelcache.p2p.limit import RateLimit
+    from modelcache.p2p.server import PeerServer
+    from modelcache.store import Store
+
+    store = Store(tmp_path / "store")
+    data = os.urandom(3 * PIECE + 5)
+    sha, _ = store.content.write_stream(io.BytesIO(data))
+    key = "s3://bucket/m/w.bin@" + hashlib.md5(data).hexdigest()
+    store.index.learn_digest(key, sha, len(data))
+    standin = standin_digest(key)
+
+    class _Engine:
+        learned: dict[str, str] = {}  # a fresh process: nothing learnt in this run
+
+    secret = b"s" * 16
+    server = PeerServer(store, _Engine(), secret, "holder", minimum=PIECE,  # type: ignore[arg-type]
+                        limit=RateLimit(0), home_wait=0.5)
+    app = web.Application()
+    server.add_routes(app)
+
+    async def ask() -> tuple[int, bytes, list[str]]:
+        async with TestClient(TestServer(app)) as client:
+            path, rng = f"/v1/peer/blobs/{standin}?mode=have", f"bytes={PIECE}-{2 * PIECE - 1}"
+            r = await client.get(path, headers={"Range": rng, signing.HEADER: signing.sign(secret, "GET", path, rng)})
+            body = await r.read()
+            lpath = f"/v1/peer/pieces/{standin}"
+            listed = await client.get(lpath, headers={signing.HEADER: signing.sign(secret, "GET", lpath)})
+            return r.status, body, await listed.json()
+
+    status, body, listed = asyncio.run(ask())
+    store.close()
+    assert (status, body) == (206, data[PIECE:2 * PIECE])
+    assert listed == _pieces_of(data)

@@ -11,8 +11,14 @@ rendezvous hashing of (blob digest, ``i``) (:mod:`.ring`):
   for a byte some peer holds;
 - the origin last, with the engine's retries.
 
-Blobs whose sha256 is not known before download (``Blob.verified`` false)
-come from the origin alone: no check could catch a peer's wrong bytes.
+Blobs whose sha256 is not known before download (``Blob.verified`` false:
+S3 objects, small Hub files) are keyed by their stand-in digest, a hash of
+the origin's stable name for the bytes (bucket, key and ETag; repository,
+commit and path), which every node derives alike. They go through peers
+only when the origin gave a check of the whole blob that the store applies
+at commit (``Blob.origin_checked``: a plain S3 ETag's MD5, the Hub's git
+blob id); otherwise they come from the origin alone, since nothing could
+catch a peer's wrong bytes.
 
 Each node walks its pieces in its own order: the pieces it is home for
 first (it is their one origin fetcher), then the rest starting at an offset
@@ -51,9 +57,9 @@ class PeerRouter:
 
     def sources(self, blob: Blob, chunk: int) -> Sequence[ByteSource]:
         """Home (unless it is us), then holders to probe, then the origin."""
-        if not blob.verified:
-            # No sha256 known before the download (S3 objects, small Hub files): nothing could check a
-            # peer's bytes (an MD5 is no check against a peer), so these come from the origin alone.
+        if not blob.origin_checked:
+            # No sha256 nor any other whole-blob check from the origin (a multipart S3 ETag):
+            # nothing could catch a peer's wrong bytes, so these come from the origin alone.
             return [self.origin]
         ranked = self.candidates(blob, chunk)
         out: list[ByteSource] = []

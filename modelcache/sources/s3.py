@@ -39,7 +39,7 @@ from ..errors import (
     Unauthorized,
     Unavailable,
 )
-from ..model import Blob, FileEntry, Model
+from ..model import Blob, FileEntry, Model, standin_digest
 from ..refs import S3Ref
 from ..tree import safe_path
 from .base import SourceOptions
@@ -170,8 +170,7 @@ class S3Source:
             if known:
                 blob = Blob(known, int(obj["Size"]))
             else:
-                standin = "sha256:" + hashlib.sha256(source_key.encode()).hexdigest()
-                blob = Blob(standin, int(obj["Size"]), verified=False, md5=md5)
+                blob = Blob(standin_digest(source_key), int(obj["Size"]), verified=False, md5=md5)
             self._objects[blob.digest] = (obj["Key"], etag)
             # A key is any string: "../x" must not become a path outside the model.
             parts.append(FileEntry(path=safe_path(rel, context=self.name), blob=blob, source_key=source_key))

@@ -88,15 +88,15 @@ class PeerServer:
         self.store.content.path(digest)  # InvalidContent for a malformed digest
         return self.engine.learned.get(digest) or self._standins.get(digest) or digest
 
-    async def _learn_standins(self, digest: str) -> None:
-        """Before answering for a stand-in digest held nowhere here: map the sha256s the store learnt in
-        earlier runs (``learned_digests``, by source key) to their stand-ins, at most every few seconds."""
-        if digest in self.engine.learned or digest in self._standins or self.store.content.has(digest) \
-                or time.monotonic() - self._standins_at < STANDIN_REFRESH:
-            return
-        self._standins_at = time.monotonic()
-        rows = await asyncio.to_thread(self.store.index.learned_digests)
-        self._standins = {standin_digest(key): sha for key, sha in rows}
+    async def _learnt_standin(self, digest: str) -> bool:
+        """Asked for a digest held nowhere here, which may be a stand-in: map the sha256s the store learnt
+        in earlier runs (``learned_digests``, by source key) to their stand-ins (read at most every few
+        seconds); True when ``digest`` maps to a sha256 now."""
+        if digest not in self._standins and time.monotonic() - self._standins_at >= STANDIN_REFRESH:
+            self._standins_at = time.monotonic()
+            rows = await asyncio.to_thread(self.store.index.learned_digests)
+            self._standins = {standin_digest(key): sha for key, sha in rows}
+        return digest in self._standins
 
     async def pieces(self, request: web.Request) -> web.Response:
         """The piece digest list of a committed blob, computed once (in a thread) and kept."""
@@ -104,10 +104,13 @@ class PeerServer:
         if refused:
             return refused
         digest = request.match_info["digest"]
-        stored = await self._bad_digest(digest)
+        stored = self._bad_digest(digest)
         if isinstance(stored, web.Response):
             return stored
         size = self.store.content.size(stored)
+        if size is None and stored == digest and await self._learnt_standin(digest):
+            stored = self._stored(digest)
+            size = self.store.content.size(stored)
         if size is None:
             return _not_found(f"{digest} is not committed here", self.node_id)
         found = self._digests.get(digest)
@@ -121,10 +124,8 @@ class PeerServer:
             found = self._digests[digest] = computed
         return web.json_response(found, headers={NODE_HEADER: self.node_id})
 
-    async def _bad_digest(self, digest: str) -> str | web.Response:
+    def _bad_digest(self, digest: str) -> str | web.Response:
         try:
-            self.store.content.path(digest)  # InvalidContent for a malformed digest
-            await self._learn_standins(digest)
             return self._stored(digest)
         except InvalidContent as e:
             return web.json_response({"code": "InvalidContent", "message": str(e)}, status=400)
@@ -135,7 +136,7 @@ class PeerServer:
         if refused:
             return refused
         digest = request.match_info["digest"]
-        stored = await self._bad_digest(digest)
+        stored = self._bad_digest(digest)
         if isinstance(stored, web.Response):
             return stored
         span = _range(request.headers.get("Range", ""))
@@ -145,6 +146,9 @@ class PeerServer:
         mode = request.query.get("mode", "have")
         requester = request.headers.get(URL_HEADER)
         held = self._holds(stored, digest, start, end)
+        if not held and stored == digest and await self._learnt_standin(digest):
+            stored = self._stored(digest)
+            held = self._holds(stored, digest, start, end)
         if not held and mode == "home":
             held = await self.engine.ensure_piece(digest, start, wait=self.home_wait) and \
                 self._holds(stored, digest, start, end)

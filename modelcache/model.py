@@ -40,9 +40,11 @@ class Blob:
     progress; the real sha256 is learnt on the way in and the blob is stored
     under it. ``md5``, when the origin gives one (a plain S3 ETag), is
     checked too, as is ``git_sha1``, the git blob id the Hub lists for a
-    file kept in git (sha1 of ``"blob <size>\\0"`` and the bytes). Either is a
-    check of the whole blob given by the origin: with one, an unverified
-    blob may be taken from peers too (:attr:`origin_checked`).
+    file kept in git (sha1 of ``"blob <size>\\0"`` and the bytes), and
+    ``md5_parts``, an S3 multipart ETag with the part size that cuts it
+    (:mod:`modelcache.store.etag`). Each is a check of the whole blob given
+    by the origin: with one, an unverified blob may be taken from peers too
+    (:attr:`origin_checked`).
 
     ``pieces``, when the origin's manifest lists them (``modelcache
     package`` records them), is the sha256 of each piece peers exchange
@@ -56,6 +58,7 @@ class Blob:
     verified: bool = True
     md5: str | None = None
     git_sha1: str | None = None
+    md5_parts: tuple[int, str] | None = None  # (part size, multipart ETag "<hex>-<parts>")
     pieces: PieceDigests | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -65,8 +68,8 @@ class Blob:
 
     @property
     def origin_checked(self) -> bool:
-        """True when the origin gave a check of the whole blob: its sha256, or else an MD5 or git blob id."""
-        return self.verified or bool(self.md5 or self.git_sha1)
+        """True when the origin gave a check of the whole blob: its sha256, else an MD5, ETag or git blob id."""
+        return self.verified or bool(self.md5 or self.git_sha1 or self.md5_parts)
 
 
 def standin_digest(source_key: str) -> str:

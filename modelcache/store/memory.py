@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from ..errors import Conflict, DigestMismatch, InvalidContent, NotFound
 from ..model import Blob
+from .etag import MultipartEtag
 from .roles import IngestStatus
 
 
@@ -173,6 +174,10 @@ class MemoryIngest:
         wrong_md5 = self.blob.md5 and hashlib.md5(data, usedforsecurity=False).hexdigest() != self.blob.md5
         wrong_git = self.blob.git_sha1 and \
             hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest() != self.blob.git_sha1
+        if self.blob.md5_parts:
+            etag = MultipartEtag(self.blob.md5_parts[0])
+            etag.update(data)
+            wrong_md5 = wrong_md5 or etag.hexdigest() != self.blob.md5_parts[1]
         if self._state.end != self.blob.size or (self.blob.verified and actual != self.blob.digest) \
                 or wrong_md5 or wrong_git:
             self._discard()

@@ -16,8 +16,8 @@ S3 objects, small Hub files) are keyed by their stand-in digest, a hash of
 the origin's stable name for the bytes (bucket, key and ETag; repository,
 commit and path), which every node derives alike. They go through peers
 only when the origin gave a check of the whole blob that the store applies
-at commit (``Blob.origin_checked``: a plain S3 ETag's MD5, the Hub's git
-blob id); otherwise they come from the origin alone, since nothing could
+at commit (``Blob.origin_checked``: a plain S3 ETag's MD5, a multipart
+ETag with its part size, the Hub's git blob id); otherwise they come from the origin alone, since nothing could
 catch a peer's wrong bytes.
 
 Each node walks its pieces in its own order: the pieces it is home for
@@ -58,8 +58,8 @@ class PeerRouter:
     def sources(self, blob: Blob, chunk: int) -> Sequence[ByteSource]:
         """Home (unless it is us), then holders to probe, then the origin."""
         if not blob.origin_checked:
-            # No sha256 nor any other whole-blob check from the origin (a multipart S3 ETag):
-            # nothing could catch a peer's wrong bytes, so these come from the origin alone.
+            # No sha256 nor any other whole-blob check from the origin (an object in parts the server
+            # would not describe): nothing could catch a peer's wrong bytes, so the origin alone.
             return [self.origin]
         ranked = self.candidates(blob, chunk)
         out: list[ByteSource] = []

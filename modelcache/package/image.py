@@ -184,10 +184,10 @@ def modelpack_documents(layers: list[Layer], *, name: str) -> Package:
                    "config": {"format": _format(layers)},
                    "modelfs": {"type": "layers", "diffIds": [layer.digest for layer in layers]}}, MP_CONFIG)
     package.configs.append(config)
+    # The title: ORAS clients name what they pull by it.
     layer_descs = [descriptor(layer.media_type, layer.digest, layer.size,
                               annotations={MP_FILEPATH: layer.files[0].rel, TITLE: layer.files[0].rel, **pieces})
                    for layer, pieces in zip(layers, _piece_annotations(layers), strict=True)]
-    # the title: ORAS clients name what they pull by it
     package.root = _doc({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": MP_ARTIFACT,
                          "config": config.descriptor, "layers": layer_descs}, OCI_MANIFEST, artifactType=MP_ARTIFACT)
     return package

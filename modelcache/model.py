@@ -16,8 +16,17 @@ which is all the transfer engine and the store need.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from enum import StrEnum
+
+
+@dataclass(frozen=True, slots=True)
+class PieceDigests:
+    """The sha256 (hex) of each ``length``-byte piece of a blob, as its origin lists them."""
+
+    length: int
+    digests: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +39,17 @@ class Blob:
     bytes (bucket, key and ETag, say) that only names the download in
     progress; the real sha256 is learnt on the way in and the blob is stored
     under it. ``md5``, when the origin gives one (a plain S3 ETag), is
-    checked too.
+    checked too, as is ``git_sha1``, the git blob id the Hub lists for a
+    file kept in git (sha1 of ``"blob <size>\\0"`` and the bytes), and
+    ``md5_parts``, an S3 multipart ETag with the part size that cuts it
+    (:mod:`modelcache.store.etag`). Each is a check of the whole blob given
+    by the origin: with one, an unverified blob may be taken from peers too
+    (:attr:`origin_checked`).
+
+    ``pieces``, when the origin's manifest lists them (``modelcache
+    package`` records them), is the sha256 of each piece peers exchange
+    (:mod:`modelcache.p2p.pieces`): a peer's bytes are checked against it
+    piece by piece as they arrive.
     """
 
     digest: str
@@ -38,11 +57,24 @@ class Blob:
     media_type: str = "application/octet-stream"
     verified: bool = True
     md5: str | None = None
+    git_sha1: str | None = None
+    md5_parts: tuple[int, str] | None = None  # (part size, multipart ETag "<hex>-<parts>")
+    pieces: PieceDigests | None = field(default=None, compare=False, repr=False)
 
     @property
     def hex(self) -> str:
         """The hex part of the digest, the blob's name in the store."""
         return self.digest.partition(":")[2]
+
+    @property
+    def origin_checked(self) -> bool:
+        """True when the origin gave a check of the whole blob: its sha256, else an MD5, ETag or git blob id."""
+        return self.verified or bool(self.md5 or self.git_sha1 or self.md5_parts)
+
+
+def standin_digest(source_key: str) -> str:
+    """The stand-in digest of bytes an origin names ``source_key`` (sha256 not known yet): every node's the same."""
+    return "sha256:" + hashlib.sha256(source_key.encode()).hexdigest()
 
 
 class Compression(StrEnum):

@@ -139,14 +139,18 @@ def test_router_asks_the_home_then_probes_candidates_then_the_origin() -> None:
     assert urls[2] not in members.ranking()  # a liar drops out: the next candidate becomes the home
 
 
-def test_blobs_of_unknown_sha256_come_from_the_origin_alone() -> None:
-    """Nothing could check a peer's bytes of an S3 object before it is whole: no peer is asked."""
+def test_blobs_of_unknown_sha256_go_through_peers_only_with_a_check_from_the_origin() -> None:
+    """An S3 object with a plain ETag (its MD5) or a Hub file with its git blob id: the store checks the
+    whole blob at commit, so peers are asked. A multipart ETag checks nothing: the origin alone."""
     urls = [f"http://127.0.0.1:{p}" for p in range(1001, 1004)]
     origin = Origin()
     router = PeerRouter(origin, Members(StaticPeers(urls), "me"), PeerClient(b"k" * 16, "me"), minimum=64 << 10)
-    unverified = Blob("sha256:" + "ef" * 32, 1 << 20, verified=False, md5="0" * 32)
-    assert list(router.sources(unverified, 0)) == [origin]
-    assert len(router.sources(Blob("sha256:" + "ef" * 32, 1 << 20), 0)) == 4
+    unchecked = Blob("sha256:" + "ef" * 32, 1 << 20, verified=False)
+    assert list(router.sources(unchecked, 0)) == [origin]
+    for checked in (Blob("sha256:" + "ef" * 32, 1 << 20, verified=False, md5="0" * 32),
+                    Blob("sha256:" + "ef" * 32, 1 << 20, verified=False, git_sha1="0" * 40),
+                    Blob("sha256:" + "ef" * 32, 1 << 20)):
+        assert len(router.sources(checked, 0)) == 4
 
 
 def test_a_home_sends_later_requesters_to_holders_in_turn(tmp_path) -> None:

@@ -8,6 +8,7 @@ which depends only on the Ingester role, must fill either.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
 from collections.abc import AsyncIterator, Callable
@@ -157,6 +158,29 @@ def test_unverified_blob_learns_its_digest(store: Any) -> None:
     ing.commit()
     assert ing.committed_as == "sha256:" + hashlib.sha256(b"from s3").hexdigest()
     assert store.read(ing.committed_as, 0, 100) == b"from s3"
+
+
+@pytest.mark.parametrize("check", ["md5", "git_sha1", "md5_parts"])
+def test_the_origins_whole_blob_check_refuses_other_bytes(store: Any, check: str) -> None:
+    """An unverified blob with the origin's MD5 (plain S3 ETag), multipart ETag (MD5 of the parts' MD5s,
+    5-byte parts here) or git blob id (a Hub file kept in git): bytes that do not match it are refused at
+    commit, as a sha256 mismatch is; matching bytes commit."""
+    good = b"the origin's bytes"
+    parts = hashlib.md5(b"".join(hashlib.md5(good[i:i + 5]).digest() for i in range(0, len(good), 5)))
+    right: object = {"md5": hashlib.md5(good).hexdigest(),
+                     "git_sha1": hashlib.sha1(b"blob %d\0" % len(good) + good).hexdigest(),
+                     "md5_parts": (5, parts.hexdigest() + "-4")}[check]
+    blob = dataclasses.replace(blob_of(good, verified=False), **{check: right})
+    bad = b"the origin's bytez"
+    ing = open_ingest(store, blob)
+    write(ing, bad, [0])
+    with pytest.raises(DigestMismatch):
+        ing.commit()
+    assert not store.has("sha256:" + hashlib.sha256(bad).hexdigest())
+    ing = open_ingest(store, blob)
+    write(ing, good, [0])
+    ing.commit()
+    assert store.read(ing.committed_as, 0, 100) == good
 
 
 class _Origin:

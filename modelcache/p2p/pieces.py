@@ -54,3 +54,43 @@ def digest_list(read: Callable[[int, int], bytes], size: int, piece: int) -> lis
             at += len(block)
         out.append(h.hexdigest())
     return out
+
+
+class PieceHasher:
+    """The piece digest list of a stream of ``size`` bytes fed in order, in one pass (no read back).
+
+    ``modelcache package`` uses it while it hashes a layer, so the list it
+    records is cut exactly as :func:`digest_list` cuts a committed blob.
+    """
+
+    def __init__(self, size: int, piece: int) -> None:
+        self.size, self.piece = size, piece
+        self.digests: list[str] = []
+        self._hash = hashlib.sha256()
+        self._left = min(piece, size)  # bytes still to come in the current piece
+        self._fed = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        """Feed the next bytes of the stream."""
+        view = memoryview(data)
+        while len(view):
+            if self._left == 0:
+                raise ValueError(f"more than the {self.size} bytes announced")
+            take = view[:self._left]
+            self._hash.update(take)
+            self._left -= len(take)
+            self._fed += len(take)
+            view = view[len(take):]
+            if self._left == 0 and self._fed < self.size:
+                self._close_piece()
+
+    def _close_piece(self) -> None:
+        self.digests.append(self._hash.hexdigest())
+        self._hash = hashlib.sha256()
+        self._left = min(self.piece, self.size - self._fed)
+
+    def result(self) -> list[str]:
+        """The list (call once every byte is fed)."""
+        if self._fed != self.size:
+            raise ValueError(f"{self._fed} of {self.size} bytes fed")
+        return [*self.digests, self._hash.hexdigest()]

@@ -11,8 +11,14 @@ rendezvous hashing of (blob digest, ``i``) (:mod:`.ring`):
   for a byte some peer holds;
 - the origin last, with the engine's retries.
 
-Blobs whose sha256 is not known before download (``Blob.verified`` false)
-come from the origin alone: no check could catch a peer's wrong bytes.
+Blobs whose sha256 is not known before download (``Blob.verified`` false:
+S3 objects, small Hub files) are keyed by their stand-in digest, a hash of
+the origin's stable name for the bytes (bucket, key and ETag; repository,
+commit and path), which every node derives alike. They go through peers
+only when the origin gave a check of the whole blob that the store applies
+at commit (``Blob.origin_checked``: a plain S3 ETag's MD5, a multipart
+ETag with its part size, the Hub's git blob id); otherwise they come from the origin alone, since nothing could
+catch a peer's wrong bytes.
 
 Each node walks its pieces in its own order: the pieces it is home for
 first (it is their one origin fetcher), then the rest starting at an offset
@@ -51,9 +57,9 @@ class PeerRouter:
 
     def sources(self, blob: Blob, chunk: int) -> Sequence[ByteSource]:
         """Home (unless it is us), then holders to probe, then the origin."""
-        if not blob.verified:
-            # No sha256 known before the download (S3 objects, small Hub files): nothing could check a
-            # peer's bytes (an MD5 is no check against a peer), so these come from the origin alone.
+        if not blob.origin_checked:
+            # No sha256 nor any other whole-blob check from the origin (an object in parts the server
+            # would not describe): nothing could catch a peer's wrong bytes, so the origin alone.
             return [self.origin]
         ranked = self.candidates(blob, chunk)
         out: list[ByteSource] = []
@@ -75,8 +81,18 @@ class PeerRouter:
         return mine + rest[shift:] + rest[:shift]
 
     async def piece_digests(self, blob: Blob) -> list[str] | None:
-        """The piece list from the first candidate of piece 0 that has one (checked in length)."""
+        """The origin's piece list when its manifest gave one cut as ours, else the first candidate's of
+        piece 0 that has one (checked in length).
+
+        The origin's comes with the digest this node resolved itself, so no
+        peer is asked: a peer could only offer a list as good, or a false one
+        that would blame honest holders. One cut with another piece length
+        (a package made with another minimum) cannot check our pieces: ignored.
+        """
         count = piece_count(blob.size, self.piece_size(blob))
+        if blob.pieces is not None and blob.pieces.length == self.piece_size(blob) \
+                and len(blob.pieces.digests) == count:
+            return list(blob.pieces.digests)
         for url in [u for u in self.candidates(blob, 0) if u != self.members.me][:PROBES]:
             digests = await self.client.digests(url, blob.digest)
             if digests is not None and len(digests) == count:

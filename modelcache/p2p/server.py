@@ -18,18 +18,25 @@ and then serves it. It remembers who it served whole pieces to, and sends
 later requesters to those holders in turn, so no node serves everyone.
 Uploads share a byte-rate limit (``--peer-upload-limit``) and a bound on
 concurrent uploads.
+
+A blob whose sha256 the requester does not know (an S3 object, a small Hub
+file) is asked for by its stand-in digest (:func:`~modelcache.model.standin_digest`
+of the origin's key): served from the ingest under that name while it
+downloads, then as the sha256 learnt for it, in this run or an earlier one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
 from ..errors import InvalidContent, NotFound
+from ..model import standin_digest
 from ..store import Store, liveness
 from ..transfer import Engine
 from . import signing
@@ -41,6 +48,7 @@ PREFIX = "/v1/peer/"
 BLOCK = 1 << 20
 UPLOADS = 8  # concurrent uploads at most
 _DIGEST_CACHE = 1024
+STANDIN_REFRESH = 5.0  # seconds between reads of the learnt digests, when asked for an unknown stand-in
 
 
 class PeerServer:
@@ -54,6 +62,8 @@ class PeerServer:
         self._digests: dict[str, list[str]] = {}
         self._holders: dict[tuple[str, int], list[str]] = {}  # (blob, piece start) -> requesters served whole
         self._turn: dict[tuple[str, int], int] = {}
+        self._standins: dict[str, str] = {}  # stand-in digest -> sha256 learnt in an earlier run
+        self._standins_at = -STANDIN_REFRESH
 
     def add_routes(self, app: web.Application) -> None:
         """Register the routes."""
@@ -76,7 +86,17 @@ class PeerServer:
     def _stored(self, digest: str) -> str:
         """The digest the blob is stored under (an unverified blob's stand-in maps to its sha256)."""
         self.store.content.path(digest)  # InvalidContent for a malformed digest
-        return self.engine.learned.get(digest, digest)
+        return self.engine.learned.get(digest) or self._standins.get(digest) or digest
+
+    async def _learnt_standin(self, digest: str) -> bool:
+        """Asked for a digest held nowhere here, which may be a stand-in: map the sha256s the store learnt
+        in earlier runs (``learned_digests``, by source key) to their stand-ins (read at most every few
+        seconds); True when ``digest`` maps to a sha256 now."""
+        if digest not in self._standins and time.monotonic() - self._standins_at >= STANDIN_REFRESH:
+            self._standins_at = time.monotonic()
+            rows = await asyncio.to_thread(self.store.index.learned_digests)
+            self._standins = {standin_digest(key): sha for key, sha in rows}
+        return digest in self._standins
 
     async def pieces(self, request: web.Request) -> web.Response:
         """The piece digest list of a committed blob, computed once (in a thread) and kept."""
@@ -88,6 +108,9 @@ class PeerServer:
         if isinstance(stored, web.Response):
             return stored
         size = self.store.content.size(stored)
+        if size is None and stored == digest and await self._learnt_standin(digest):
+            stored = self._stored(digest)
+            size = self.store.content.size(stored)
         if size is None:
             return _not_found(f"{digest} is not committed here", self.node_id)
         found = self._digests.get(digest)
@@ -123,6 +146,9 @@ class PeerServer:
         mode = request.query.get("mode", "have")
         requester = request.headers.get(URL_HEADER)
         held = self._holds(stored, digest, start, end)
+        if not held and stored == digest and await self._learnt_standin(digest):
+            stored = self._stored(digest)
+            held = self._holds(stored, digest, start, end)
         if not held and mode == "home":
             held = await self.engine.ensure_piece(digest, start, wait=self.home_wait) and \
                 self._holds(stored, digest, start, end)

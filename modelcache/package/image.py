@@ -18,6 +18,17 @@ Two formats:
   file at ``org.cncf.model.filepath``, typed weight, weight config, doc or
   code, with the ModelPack config (descriptor, config, modelfs).
 
+Both formats annotate each layer with its piece digest list for peers
+(issue 11): ``io.modelcache.pieces.length`` (the piece length in bytes, as
+:func:`modelcache.p2p.pieces.piece_size` gives it) and
+``io.modelcache.pieces.sha256`` (the lowercase hex sha256 of each piece,
+concatenated, 64 characters a piece). They cover the blob a puller stores:
+the file of a single-file tar layer, the layer otherwise. An annotation and
+not a blob of its own: it is covered by the manifest's digest, costs no extra
+request, and a registry's garbage collector cannot drop it. Bounded: the
+lists of one manifest take at most :data:`PIECE_BUDGET` characters (layers
+beyond it go without; a puller then checks them whole at commit).
+
 Everything is deterministic: the same files give the same digests.
 """
 
@@ -26,6 +37,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ..sources.oci_manifest import PIECES_LENGTH, PIECES_SHA256
 from .layers import Layer, SourceFile, raw_layer, tar_layer
 from .layout import canonical_json, descriptor
 
@@ -45,6 +57,7 @@ PLATFORMS = ("linux/amd64", "linux/arm64")
 _WEIGHTS = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".h5", ".msgpack", ".npz")
 _CODE = (".py", ".sh", ".ipynb")
 _DOCS = ("readme", "license", "notice")
+PIECE_BUDGET = 2 << 20  # characters of piece lists per manifest: half the 4 MiB registries and runtimes accept
 
 
 @dataclass(slots=True)
@@ -114,8 +127,23 @@ def _modelpack_type(rel: str) -> str:
     return MP_WEIGHT_CONFIG
 
 
-def _layer_descriptor(layer: Layer, *, prefix: str = "") -> dict:
+def _piece_annotations(layers: Sequence[Layer], budget: int = PIECE_BUDGET) -> list[dict[str, str]]:
+    """Each layer's piece list annotations, in layer order while the manifest's budget lasts."""
+    out: list[dict[str, str]] = []
+    for layer in layers:
+        text = "".join(layer.pieces)
+        if not layer.pieces or len(text) > budget:
+            out.append({})
+            budget = 0  # first come, first served: a later, smaller list does not jump the queue
+            continue
+        budget -= len(text)
+        out.append({PIECES_LENGTH: str(layer.piece_length), PIECES_SHA256: text})
+    return out
+
+
+def _layer_descriptor(layer: Layer, *, prefix: str = "", pieces: dict[str, str] | None = None) -> dict:
     annotations = dict(layer.annotations)
+    annotations.update(pieces or {})
     if layer.file_offset is not None and layer.file_digest:
         (f,) = layer.files
         annotations.update({
@@ -132,7 +160,8 @@ def image_documents(layers: list[Layer], *, prefix: str = "",
                     platforms: Sequence[str] = PLATFORMS, annotations: dict[str, str] | None = None) -> Package:
     """Configs, per-platform manifests and the index over hashed tar layers."""
     package = Package(layers)
-    layer_descs = [_layer_descriptor(layer, prefix=prefix) for layer in layers]
+    layer_descs = [_layer_descriptor(layer, prefix=prefix, pieces=pieces)
+                   for layer, pieces in zip(layers, _piece_annotations(layers), strict=True)]
     entries = []
     for platform in platforms:
         os_name, _, arch = platform.partition("/")
@@ -155,9 +184,10 @@ def modelpack_documents(layers: list[Layer], *, name: str) -> Package:
                    "config": {"format": _format(layers)},
                    "modelfs": {"type": "layers", "diffIds": [layer.digest for layer in layers]}}, MP_CONFIG)
     package.configs.append(config)
+    # The title: ORAS clients name what they pull by it.
     layer_descs = [descriptor(layer.media_type, layer.digest, layer.size,
-                              annotations={MP_FILEPATH: layer.files[0].rel, TITLE: layer.files[0].rel})
-                   for layer in layers]  # the title: ORAS clients name what they pull by it
+                              annotations={MP_FILEPATH: layer.files[0].rel, TITLE: layer.files[0].rel, **pieces})
+                   for layer, pieces in zip(layers, _piece_annotations(layers), strict=True)]
     package.root = _doc({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": MP_ARTIFACT,
                          "config": config.descriptor, "layers": layer_descs}, OCI_MANIFEST, artifactType=MP_ARTIFACT)
     return package

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InvalidContent, NotFound, UnsafePath
+from ..p2p.pieces import PieceHasher, piece_minimum, piece_size
 from ..tree import utf8_name
 
 BLOCK = 512
@@ -65,6 +66,8 @@ class Layer:
     digest: str = ""
     size: int = 0
     file_digest: str = ""            # sha256 of the single file (single-file layers)
+    piece_length: int = 0            # the pieces peers exchange of the blob a puller stores ...
+    pieces: list[str] = field(default_factory=list)  # ... and their sha256 (hex), see hash_layer
 
 
 def scan(root: Path, *, follow_symlinks: bool = False) -> list[SourceFile]:
@@ -173,21 +176,39 @@ def _read_range(seg: FileRange, skip: int) -> Iterator[bytes]:
             raise InvalidContent(f"{seg.source.rel} changed while being packaged; run again when it is stable")
 
 
-def hash_layer(layer: Layer) -> None:
-    """Fill in the layer's digest and size (and its single file's digest): blocks, run in a thread."""
+def hash_layer(layer: Layer, *, piece_min: int | None = None) -> None:
+    """Fill in the layer's digest and size, its single file's digest and the piece digest list, in one
+    read: blocks, run in a thread.
+
+    The pieces cover the blob a puller fetches and peers exchange: the file
+    for a single-file tar layer (pulled by range out of the layer and stored
+    as the file), the layer itself otherwise. They are cut by
+    :func:`~modelcache.p2p.pieces.piece_size` with ``piece_min`` (default the
+    cluster's, :func:`~modelcache.p2p.pieces.piece_minimum`), as daemons cut them.
+    """
     h = hashlib.sha256()
     fh = hashlib.sha256() if len(layer.files) == 1 else None
+    # p2p.pieces' own functions: a recorded list must cut exactly as every daemon does.
+    minimum = piece_min or piece_minimum()
+    whole = sum(len(s) if isinstance(s, bytes) else s.length for s in layer.segments)
+    of_file = layer.file_offset is not None
+    stored = layer.files[0].size if of_file else whole
+    pieces = PieceHasher(stored, piece_size(stored, minimum))
     size = 0
     for seg in layer.segments:
         if isinstance(seg, bytes):
             h.update(seg)
+            if not of_file:
+                pieces.update(seg)
             size += len(seg)
             continue
         for block in _read_range(seg, 0):
             h.update(block)
+            pieces.update(block)
             if fh is not None:
                 fh.update(block)
             size += len(block)
     layer.digest, layer.size = "sha256:" + h.hexdigest(), size
     if fh is not None:
         layer.file_digest = "sha256:" + fh.hexdigest()
+    layer.piece_length, layer.pieces = pieces.piece, pieces.result()

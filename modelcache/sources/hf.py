@@ -8,7 +8,8 @@ calls ``snapshot_download`` makes), honouring ``HF_ENDPOINT`` and
 secret). A model read with a token counts as private unless the Hub says the
 repository is neither private nor gated. LFS files come with their sha256, so they are
 verified and deduplicated against every other source before a byte moves;
-small non-LFS files are learnt on the way in like S3 objects.
+small non-LFS files are learnt on the way in like S3 objects, and checked
+against the git blob id the Hub lists for them.
 
 Bytes come from ``{endpoint}/{repo}/resolve/{commit}/{path}`` by parallel
 ranges on the lean HTTP reader. The token goes to the Hub only: a redirect
@@ -20,13 +21,13 @@ the redirect target is reused for the file's other ranges until it refuses
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
+import re
 from collections.abc import AsyncIterator, Callable
 from urllib.parse import quote
 
 from ..errors import InvalidContent, ModelCacheError, NotFound, Unauthorized, Unavailable
-from ..model import Blob, FileEntry, Model
+from ..model import Blob, FileEntry, Model, standin_digest
 from ..refs import HfRef
 from ..tree import safe_path
 from .base import SourceOptions
@@ -42,6 +43,7 @@ from .rawget import RawPool, RawResponse
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 _REDIRECTS = 5
+_GIT_OID = re.compile(r"[0-9a-f]{40}")
 
 
 def _endpoint() -> str:
@@ -144,7 +146,9 @@ class HfSource:
             elif known := self._learned(source_key):
                 blob = Blob(known, int(f.size))
             else:
-                blob = Blob("sha256:" + hashlib.sha256(source_key.encode()).hexdigest(), int(f.size), verified=False)
+                # The git blob id checks the whole file: with it, peers may serve it too (issue 11).
+                oid = f.blob_id if isinstance(f.blob_id, str) and _GIT_OID.fullmatch(f.blob_id) else None
+                blob = Blob(standin_digest(source_key), int(f.size), verified=False, git_sha1=oid)
             self._paths[blob.digest] = f.path
             # HF_ENDPOINT may be any server: its file names are checked like a layer's.
             parts.append(FileEntry(path=safe_path(f.path, context=self.name), blob=blob, source_key=source_key))

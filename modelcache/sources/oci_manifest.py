@@ -21,16 +21,24 @@ manifests and Docker v2 schema 2 manifests, and classifies layers:
   title is not itself an archive's file name (oras-py marks nothing; its
   pull unpacks every layer of that type). Both write the entries under the
   directory's own name, which is where they land.
+
+A layer may list the sha256 of each piece peers exchange of it (issue 11,
+written by ``modelcache package``): ``io.modelcache.pieces.length`` (bytes)
+and ``io.modelcache.pieces.sha256`` (the hex digests concatenated). The list
+goes onto the blob a pull stores (for a single-file tar layer the file, else
+the layer); a malformed or miscounted list is ignored, never an error: the
+blob's own digest still checks every byte.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from typing import Any
 
 from ..errors import InvalidContent
-from ..model import Archive, Blob, Compression, FileEntry, Model
+from ..model import Archive, Blob, Compression, FileEntry, Model, PieceDigests
 from ..tree import safe_path
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -52,6 +60,8 @@ FILE_PATH = "io.modelcache.file.path"
 FILE_DIGEST = "io.modelcache.file.digest"
 FILE_SIZE = "io.modelcache.file.size"
 FILE_OFFSET = "io.modelcache.file.offset"
+PIECES_LENGTH = "io.modelcache.pieces.length"
+PIECES_SHA256 = "io.modelcache.pieces.sha256"
 ORAS_UNPACK = "io.deis.oras.content.unpack"
 ORAS_DIR_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 # A titled tar+gzip layer with one of these names is a file someone pushed as it is, not a directory.
@@ -63,6 +73,7 @@ _IMAGE_LAYER = re.compile(
     r"|docker\.image\.rootfs(?:\.foreign)?\.diff\.tar(\.gzip)?)$"
 )
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_HEX = re.compile(r"^[0-9a-f]*$")
 
 
 def parse_json(body: bytes, *, what: str) -> dict[str, Any]:
@@ -136,9 +147,28 @@ def model_from_manifest(doc: dict[str, Any], *, ref: str, digest: str) -> Model:
         annotations = raw.get("annotations") or {}
         if not isinstance(annotations, dict):
             raise InvalidContent(f"{ref} layer {n}: annotations is not an object")
-        parts.append(_classify(blob, annotations, what=f"{ref} layer {n}"))
+        parts.append(_with_pieces(_classify(blob, annotations, what=f"{ref} layer {n}"), annotations))
     annotations = doc.get("annotations") if isinstance(doc.get("annotations"), dict) else {}
     return Model(ref=ref, digest=digest, parts=tuple(parts), annotations=dict(annotations or {}))
+
+
+def piece_digests(annotations: dict[str, Any], size: int) -> PieceDigests | None:
+    """The piece list a layer's annotations give for a blob of ``size`` bytes, or None (absent or malformed)."""
+    length, text = annotations.get(PIECES_LENGTH), annotations.get(PIECES_SHA256)
+    if not isinstance(length, str) or not length.isdigit() or int(length) <= 0 or not isinstance(text, str):
+        return None
+    count = max(1, -(-size // int(length)))
+    if len(text) != 64 * count or not _HEX.fullmatch(text):
+        return None
+    return PieceDigests(int(length), tuple(text[i:i + 64] for i in range(0, len(text), 64)))
+
+
+def _with_pieces(part: FileEntry | Archive, annotations: dict[str, Any]) -> FileEntry | Archive:
+    """``part`` with the layer's piece list on the blob it stores (the file of a single-file tar layer)."""
+    pieces = piece_digests(annotations, part.blob.size)
+    if pieces is None:
+        return part
+    return dataclasses.replace(part, blob=dataclasses.replace(part.blob, pieces=pieces))
 
 
 def _compression(suffix: str | None) -> Compression:

@@ -20,7 +20,9 @@ sha256 mapping is kept in the index, so a second pull of the same objects,
 or of the same bytes from any source, fetches nothing. Every range is asked
 with ``If-Match: ETag``: an object that changes during a pull is an error,
 not a silent mix of old and new bytes. A plain (non-multipart) ETag is the
-object's MD5 and is checked as well.
+object's MD5 and is checked as well; a multipart ETag (MD5 of the parts'
+MD5s) is checked when the first and last parts (a HEAD each with
+``partNumber``) show one part size, which lets peers serve the object too.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from ..errors import (
     Unauthorized,
     Unavailable,
 )
-from ..model import Blob, FileEntry, Model
+from ..model import Blob, FileEntry, Model, standin_digest
 from ..refs import S3Ref
 from ..tree import safe_path
 from .base import SourceOptions
@@ -164,22 +166,47 @@ class S3Source:
         keys = {o["Key"][len(prefix):]: o for o in objects}
         if "oci-layout" in keys and "index.json" in keys:
             return await self._resolve_layout(keys)
+        etags = {o["Key"]: str(o["ETag"]).strip('"') for o in objects}
+        unknown = [o for o in objects if "-" in etags[o["Key"]]
+                   and not self._learned(f"s3://{self.ref.bucket}/{o['Key']}@{etags[o['Key']]}")]
+        cuts = await asyncio.gather(*(asyncio.to_thread(self._part_size, o["Key"], etags[o["Key"]], int(o["Size"]))
+                                      for o in unknown))
+        multipart = {o["Key"]: (cut, etags[o["Key"]]) for o, cut in zip(unknown, cuts, strict=True) if cut}
         parts = []
         for rel, obj in sorted(keys.items()):
-            etag = str(obj["ETag"]).strip('"')
+            etag = etags[obj["Key"]]
             source_key = f"s3://{self.ref.bucket}/{obj['Key']}@{etag}"
             known = self._learned(source_key)
             md5 = etag if len(etag) == 32 and "-" not in etag else None
             if known:
                 blob = Blob(known, int(obj["Size"]))
             else:
-                standin = "sha256:" + hashlib.sha256(source_key.encode()).hexdigest()
-                blob = Blob(standin, int(obj["Size"]), verified=False, md5=md5)
+                blob = Blob(standin_digest(source_key), int(obj["Size"]), verified=False, md5=md5,
+                            md5_parts=multipart.get(obj["Key"]))
             self._objects[blob.digest] = (obj["Key"], etag)
             # A key is any string: "../x" must not become a path outside the model.
             parts.append(FileEntry(path=safe_path(rel, context=self.name), blob=blob, source_key=source_key))
         listing = "".join(f"{p.path}\0{p.source_key}\n" for p in parts).encode()
         return Model(ref=self.name, digest="sha256:" + hashlib.sha256(listing).hexdigest(), parts=tuple(parts))
+
+    def _part_size(self, key: str, etag: str, size: int) -> int | None:
+        """The part size of an object uploaded in parts, when its first and last parts (a HEAD each,
+        ``partNumber``) show one size for all: what its ETag can be checked with (issue 11: peers may
+        then serve it). None when they do not, or the server cannot say (blocks; in a thread)."""
+        count = etag.rpartition("-")[2]
+        if not count.isdigit() or int(count) < 1:
+            return None
+        n = int(count)
+        try:
+            first = self._s3.head_object(Bucket=self.ref.bucket, Key=key, PartNumber=1, IfMatch=f'"{etag}"')
+            last = first if n == 1 else \
+                self._s3.head_object(Bucket=self.ref.bucket, Key=key, PartNumber=n, IfMatch=f'"{etag}"')
+            part, tail = int(first["ContentLength"]), int(last["ContentLength"])
+        except Exception:  # not supported, refused, changed: no check, so the origin alone serves it
+            return None
+        if first.get("PartsCount") != n or not 0 < tail <= part or (n - 1) * part + tail != size:
+            return None
+        return part
 
     async def _resolve_layout(self, keys: dict[str, dict]) -> Model:
         def get(rel: str, limit: int = MAX_MANIFEST_BYTES) -> bytes:

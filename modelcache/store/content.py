@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 import xxhash
 
@@ -48,6 +48,7 @@ from ..errors import Conflict, DigestMismatch, InvalidContent, NoSpace, NotFound
 from ..model import Blob
 from . import liveness
 from .crash import crash_point
+from .etag import MultipartEtag
 from .roles import IngestStatus
 
 _RECORD_MAGIC = b"MCCHUNK1"
@@ -386,6 +387,8 @@ class BlobIngest:
         self._partial_lock = threading.Lock()
         self._hash = hashlib.sha256()
         self._md5 = hashlib.md5(usedforsecurity=False) if blob.md5 else None
+        self._git = _git_hash(blob)
+        self._parts = MultipartEtag(blob.md5_parts[0]) if blob.md5_parts else None
         self._xxh3 = xxhash.xxh3_128()  # the scrubber's local checksum, in the same pass as the sha256
         self.committed_as = blob.digest  # the stored digest (learnt at commit for unverified blobs)
         self._hashed = 0  # bytes of the prefix fed to the hash
@@ -545,6 +548,8 @@ class BlobIngest:
                 self._hash = hashlib.sha256()
                 self._xxh3 = xxhash.xxh3_128()
                 self._md5 = hashlib.md5(usedforsecurity=False) if self.blob.md5 else None
+                self._git = _git_hash(self.blob)
+                self._parts = MultipartEtag(self.blob.md5_parts[0]) if self.blob.md5_parts else None
                 self._hashed = 0
                 self._catch_up(until=start)
 
@@ -553,6 +558,10 @@ class BlobIngest:
         self._xxh3.update(piece)
         if self._md5 is not None:
             self._md5.update(piece)
+        if self._git is not None:
+            self._git.update(piece)
+        if self._parts is not None:
+            self._parts.update(piece)
         self._hashed += len(piece)
 
     def _catch_up(self, until: int | None = None) -> None:
@@ -596,6 +605,14 @@ class BlobIngest:
             self.discard()
             raise DigestMismatch(f"{self.blob.digest}: MD5 {self._md5.hexdigest()} differs from the origin's "
                                  f"{self.blob.md5}: refusing it")
+        if self._git is not None and self._git.hexdigest() != self.blob.git_sha1:
+            self.discard()
+            raise DigestMismatch(f"{self.blob.digest}: git blob id {self._git.hexdigest()} differs from the "
+                                 f"origin's {self.blob.git_sha1}: refusing it")
+        if self._parts is not None and self.blob.md5_parts and self._parts.hexdigest() != self.blob.md5_parts[1]:
+            self.discard()
+            raise DigestMismatch(f"{self.blob.digest}: ETag {self._parts.hexdigest()} differs from the origin's "
+                                 f"{self.blob.md5_parts[1]}: refusing it")
         if self.blob.verified and actual != self.blob.digest:
             self.discard()
             raise DigestMismatch(f"blob {self.blob.digest} arrived as {actual}: refusing it")
@@ -693,3 +710,12 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _git_hash(blob: Blob) -> Any:
+    """A sha1 primed as git hashes a blob object (``"blob <size>\\0"``), when the origin gave its id."""
+    if not blob.git_sha1:
+        return None
+    h = hashlib.sha1(usedforsecurity=False)
+    h.update(b"blob %d\0" % blob.size)
+    return h

@@ -578,6 +578,10 @@ class Index:
         rows = self._query("SELECT digest FROM learned_digests WHERE source_key = ?", (source_key,))
         return rows[0][0] if rows else None
 
+    def learned_digests(self) -> list[tuple[str, str]]:
+        """Every (source key, sha256) learnt."""
+        return [(r[0], r[1]) for r in self._query("SELECT source_key, digest FROM learned_digests", ())]
+
     # -- private models ----------------------------------------------------------------
 
     def record_origin_access(self, ref: str, needed_credentials: bool) -> None:

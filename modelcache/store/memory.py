@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from ..errors import Conflict, DigestMismatch, InvalidContent, NotFound
 from ..model import Blob
+from .etag import MultipartEtag
 from .roles import IngestStatus
 
 
@@ -169,7 +170,16 @@ class MemoryIngest:
             raise InvalidContent(f"{self.blob.digest}: commit before every chunk is done")
         data = bytes(self._state.data[:self.blob.size])
         actual = "sha256:" + hashlib.sha256(data).hexdigest()
-        if self._state.end != self.blob.size or (self.blob.verified and actual != self.blob.digest):
+        # The origin's other checks of the whole blob, as the local store applies them (an S3 MD5, a git blob id).
+        wrong_md5 = self.blob.md5 and hashlib.md5(data, usedforsecurity=False).hexdigest() != self.blob.md5
+        wrong_git = self.blob.git_sha1 and \
+            hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest() != self.blob.git_sha1
+        if self.blob.md5_parts:
+            etag = MultipartEtag(self.blob.md5_parts[0])
+            etag.update(data)
+            wrong_md5 = wrong_md5 or etag.hexdigest() != self.blob.md5_parts[1]
+        if self._state.end != self.blob.size or (self.blob.verified and actual != self.blob.digest) \
+                or wrong_md5 or wrong_git:
             self._discard()
             raise DigestMismatch(f"blob {self.blob.digest} arrived as {actual} ({self._state.end} bytes): "
                                  "refusing it")

@@ -16,11 +16,14 @@ import binascii
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
-import aiohttp
+if TYPE_CHECKING:  # imported where a token is fetched: a pull that needs none never loads it
+    import aiohttp
 
 from ..errors import InvalidContent, Unauthorized, Unavailable
 
@@ -95,8 +98,9 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
 class Authenticator:
     """Answers one registry's challenges; caches the header per scope."""
 
-    def __init__(self, session: aiohttp.ClientSession, registry: str, credentials: Credentials | None, *,
-                 where: str | None = None) -> None:
+    def __init__(self, session: aiohttp.ClientSession | Callable[[], aiohttp.ClientSession], registry: str,
+                 credentials: Credentials | None, *, where: str | None = None) -> None:
+        # A session, or a function returning one: the puller opens its general client only for a token.
         self._session = session
         self._registry = registry
         self._credentials = credentials
@@ -128,8 +132,11 @@ class Authenticator:
             query["scope"] = wanted
         url = params["realm"] + ("&" if "?" in params["realm"] else "?") + urlencode(query)
         headers = {"Authorization": self._credentials.basic()} if self._credentials else {}
+        import aiohttp
+
+        session = self._session() if callable(self._session) else self._session
         try:
-            async with self._session.get(url, headers=headers) as resp:
+            async with session.get(url, headers=headers) as resp:
                 if resp.status in (401, 403):
                     raise Unauthorized(f"{self._registry}: token server refused "
                                        f"{'our credentials' if self._credentials else 'anonymous access'}")

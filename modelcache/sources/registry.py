@@ -65,39 +65,32 @@ class RegistrySource:
         self._scope = f"repository:{ref.repository}:pull"
         self._options = options
         self._session: aiohttp.ClientSession | None = None
-        self._authenticator: Authenticator | None = None
+        self._auth: Authenticator | None = None
         self._raw = RawPool(connect_timeout=options.connect_timeout, read_timeout=options.read_timeout,
                             threads=options.connections)
         self._redirects = False
 
     @property
     def session(self) -> aiohttp.ClientSession:
-        """The general HTTP session, created on first use (inside the event loop)."""
+        """The HTTP session, created on first use (inside the event loop)."""
         if self._session is None:
             o = self._options
             self._session = new_session(connections=o.connections, connect_timeout=o.connect_timeout,
                                         read_timeout=o.read_timeout)
-        return self._session
-
-    @property
-    def _auth(self) -> Authenticator:
-        """The challenge answerer, created on first use; it opens the general session only to fetch a token."""
-        if self._authenticator is None:
-            given = self._options.credentials
+            given = o.credentials
             if given is None:
-                self._authenticator = Authenticator(lambda: self.session, self.ref.host,
-                                                    load_credentials(self.ref.host))
+                self._auth = Authenticator(self._session, self.ref.host, load_credentials(self.ref.host))
             else:  # a pod's secret: its logins only, never the daemon's
                 where = "the volume's secret"
-                self._authenticator = Authenticator(lambda: self.session, self.ref.host,
-                                                    credentials_in(given.docker_auths(), self.ref.host, where=where),
-                                                    where=where)
-        return self._authenticator
+                self._auth = Authenticator(self._session, self.ref.host,
+                                           credentials_in(given.docker_auths(), self.ref.host, where=where),
+                                           where=where)
+        return self._session
 
     @property
     def needed_credentials(self) -> bool:
         """Whether the registry demanded a login that we answered with credentials."""
-        return self._authenticator is not None and self._authenticator.used_credentials
+        return self._auth is not None and self._auth.used_credentials
 
     async def probe(self) -> None:
         """Read the reference's manifest (access check; the Model is not built)."""
@@ -115,6 +108,7 @@ class RegistrySource:
         import aiohttp
 
         session = self.session
+        assert self._auth is not None
         first = url
         answered = False
         for _ in range(_MAX_REDIRECTS + 1):
@@ -260,7 +254,9 @@ class RegistrySource:
         if self._redirects:
             return None
         sent = dict(headers)
-        auth = self._auth.header(self._scope)
+        # Before the general client answered a challenge there is no Authorization to send (and no
+        # need to load that client): a 401 here hands the request over to it.
+        auth = self._auth.header(self._scope) if self._auth is not None else None
         if auth:
             sent["Authorization"] = auth
         resp = await self._raw.get(url, sent)

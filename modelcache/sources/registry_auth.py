@@ -16,7 +16,6 @@ import binascii
 import json
 import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -98,9 +97,8 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
 class Authenticator:
     """Answers one registry's challenges; caches the header per scope."""
 
-    def __init__(self, session: aiohttp.ClientSession | Callable[[], aiohttp.ClientSession], registry: str,
-                 credentials: Credentials | None, *, where: str | None = None) -> None:
-        # A session, or a function returning one: the puller opens its general client only for a token.
+    def __init__(self, session: aiohttp.ClientSession, registry: str, credentials: Credentials | None, *,
+                 where: str | None = None) -> None:
         self._session = session
         self._registry = registry
         self._credentials = credentials
@@ -134,9 +132,8 @@ class Authenticator:
         headers = {"Authorization": self._credentials.basic()} if self._credentials else {}
         import aiohttp
 
-        session = self._session() if callable(self._session) else self._session
         try:
-            async with session.get(url, headers=headers) as resp:
+            async with self._session.get(url, headers=headers) as resp:
                 if resp.status in (401, 403):
                     raise Unauthorized(f"{self._registry}: token server refused "
                                        f"{'our credentials' if self._credentials else 'anonymous access'}")

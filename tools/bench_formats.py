@@ -55,6 +55,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 TOOLS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS))
@@ -340,7 +341,8 @@ def inflater(media_type: str) -> tuple[str, Callable[[], object]]:
     if media_type.endswith("+zstd"):
         import zstandard
 
-        return "zstandard", lambda: zstandard.ZstdDecompressor().decompressobj()
+        # Across frames: a layer may be several (as a gzip layer may be several members).
+        return "zstandard", lambda: zstandard.ZstdDecompressor().decompressobj(read_across_frames=True)
     try:
         from isal import isal_zlib
 
@@ -351,17 +353,22 @@ def inflater(media_type: str) -> tuple[str, Callable[[], object]]:
         return "zlib", lambda: zlib.decompressobj(16 + zlib.MAX_WBITS)
 
 
-def ceiling_inflate(paths: Sequence[Path], make: Callable[[], object]) -> float:
-    """Seconds to inflate the layers alone (output dropped), one per thread on every core.
+def ceiling_inflate(paths: Sequence[Path], make: Callable[[], object]) -> tuple[float, int]:
+    """Seconds to inflate the layers alone (output dropped), one per thread on every core; bytes out.
 
     zlib, isal and zstandard all release the GIL while they inflate.
     """
     def one(path: Path) -> int:
-        d = make()
+        d: Any = make()
         n = 0
         with open(path, "rb") as f:
             while block := f.read(MiB):
-                n += len(d.decompress(block))  # type: ignore[attr-defined]
+                while block:
+                    n += len(d.decompress(block))
+                    # A gzip member ends before the layer does (RFC 1952 2.2): the next one starts afresh.
+                    block = d.unused_data if d.eof else b""
+                    if block:
+                        d = make()
         return n
 
     for path in paths:  # from page cache, as the network ceiling reads from the registry's
@@ -370,8 +377,8 @@ def ceiling_inflate(paths: Sequence[Path], make: Callable[[], object]) -> float:
                 pass
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(min(len(paths), os.cpu_count() or 2)) as pool:
-        list(pool.map(one, paths))
-    return time.perf_counter() - started
+        out = sum(pool.map(one, paths))
+    return time.perf_counter() - started, out
 
 
 def sha256_files(paths: Sequence[Path]) -> tuple[float, dict[str, str]]:
@@ -449,7 +456,10 @@ def compare(image: Image, *, host: str, work: Path, total: int, expected: dict[s
         if digests != expected:
             raise SystemExit(f"{image.fmt}: the pulled files differ from the weights: {sorted(digests)[:4]}")
         if compressed:
-            ceilings["inflate"].seconds.append(ceiling_inflate(compressed, make))
+            seconds, inflated = ceiling_inflate(compressed, make)
+            ceilings["inflate"].seconds.append(seconds)
+            if len(compressed) == len(image.layers) and inflated < total:
+                raise SystemExit(f"{image.fmt}: the layers inflated to {inflated} bytes, less than the files")
         print(f"{image.fmt} run {run + 1}: ours {ours.seconds[-1]:.2f}s"
               + (f", skopeo {skopeo.seconds[-1]:.2f}s" if len(skopeo.seconds) == run + 1 else "")
               + (f", containerd {ctr.seconds[-1]:.2f}s" if len(ctr.seconds) == run + 1 else "")

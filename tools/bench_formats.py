@@ -61,6 +61,7 @@ TOOLS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS))
 sys.path.insert(0, str(TOOLS.parent / "tests"))
 from benchlib import (  # noqa: E402
+    PYTHON_ENV,
     GiB,
     MiB,
     Timing,
@@ -172,12 +173,6 @@ def _run(*cmd: str, env: dict | None = None) -> str:
     return proc.stdout
 
 
-def python_env(work: Path) -> dict[str, str]:
-    """Our CLI as installed: byte-compiled once (this environment sets PYTHONDONTWRITEBYTECODE,
-    which would make every run compile modelcache from source, a cost no pip install pays)."""
-    return {"PYTHONDONTWRITEBYTECODE": "", "PYTHONPYCACHEPREFIX": str(work / "pycache")}
-
-
 def _push(host: str, repo: str, manifest: bytes, media_type: str, blob: Callable[[str], Path],
           digests: Sequence[str]) -> None:
     """Upload blobs (monolithic PUT, streamed from disk) and the manifest, byte for byte."""
@@ -231,7 +226,7 @@ def build_images(weights: Sequence[Path], work: Path, host: str, formats: Sequen
     for fmt in ("modelpack", "image"):
         if fmt in formats:
             _run(sys.executable, "-m", "modelcache", "--store", str(work / "packer"), "package", "-q", str(src),
-                 "--format", fmt, "--to", f"oci://{host}/bench/{fmt}:v1", env=python_env(work))
+                 "--format", fmt, "--to", f"oci://{host}/bench/{fmt}:v1", env=PYTHON_ENV)
     if {"gzip", "tar", "zstd"} & set(formats):
         gz = made["gzip"] = work / "umoci"
         rmtree(gz)
@@ -431,7 +426,7 @@ def compare(image: Image, *, host: str, work: Path, total: int, expected: dict[s
             str(concurrency), "--chunk-size", chunk_size, f"oci://{ref}"]
     for run in range(runs):
         rmtree(store)
-        seconds, rss, out = run_timed(pull, env=python_env(work))
+        seconds, rss, out = run_timed(pull)
         ours.seconds.append(seconds)
         ours.rss.append(rss)
         view = Path(out.strip().splitlines()[-1])
@@ -484,7 +479,7 @@ def warm_hits(fmt: str, pull: Sequence[str], work: Path, runs: int) -> None:
     alternating with the bare interpreter, which no Python command can beat."""
     hit, bare = Timing("modelcache pull, warm hit"), Timing("python -c pass")
     for _ in range(runs):
-        hit.seconds.append(run_timed(pull, env=python_env(work), sync=False)[0])
+        hit.seconds.append(run_timed(pull, sync=False)[0])
         bare.seconds.append(run_timed([sys.executable, "-c", "pass"], sync=False)[0])
     print(f"  warm hit (model in the store): median {1000 * hit.median:.0f} ms of {runs}; "
           f"the interpreter alone (python -c pass): {1000 * bare.median:.0f} ms")
@@ -523,7 +518,7 @@ def main() -> None:
         if os.geteuid() == 0:
             containerd = Containerd(work / "containerd")
             containerd.start()
-        _run(sys.executable, "-m", "modelcache", "--version", env=python_env(work))  # byte-compile, untimed
+        _run(sys.executable, "-m", "modelcache", "--version", env=PYTHON_ENV)  # byte-compile, untimed
         os.sync()
         for fmt in formats:
             compare(images[fmt], host=host, work=work, total=total, expected=expected, runs=runs,
@@ -534,7 +529,7 @@ def main() -> None:
             containerd.stop()
         registry.terminate()
         registry.wait()
-        for d in ("store", "skopeo", "registry", "packer", "umoci", "skopeo-tar", "skopeo-zstd", "pycache"):
+        for d in ("store", "skopeo", "registry", "packer", "umoci", "skopeo-tar", "skopeo-zstd"):
             rmtree(work / d)
         if not args.workdir:
             rmtree(work)

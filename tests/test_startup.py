@@ -81,3 +81,27 @@ def test_warm_pull_from_a_layout_and_ls_load_no_heavy_module(store: Path, tmp_pa
     listed, modules = modules_of(tmp_path, "ls", "--json", store=store)
     assert [row["path"] for row in json.loads(listed.stdout)] == [path]
     assert heavy_in(modules) == []
+
+
+_RUN = """
+import atexit, sys
+atexit.register(lambda: sys.stderr.write("torn down\\n"))
+sys.argv = ["modelcache", *sys.argv[1:]]
+from modelcache.cli import run
+run()
+"""
+
+
+def test_a_finished_command_exits_without_teardown_and_keeps_its_output(store: Path, tmp_path: Path) -> None:
+    """The command flushes what it printed and its exit code, then skips the interpreter's teardown."""
+    def command(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", _RUN, "--store", str(store), *args], capture_output=True,
+                              text=True, timeout=120, env=dict(os.environ))
+
+    listed = command("ls", "--json")  # stdout is a pipe here, so block-buffered: only a flush delivers it
+    assert (listed.returncode, json.loads(listed.stdout)) == (0, [])
+    assert "torn down" not in listed.stderr
+
+    missing = command("pull", "-q", str(tmp_path / "nowhere"))
+    assert missing.returncode == 3 and "no such directory" in missing.stderr
+    assert "torn down" not in missing.stderr

@@ -201,8 +201,12 @@ def overlay(layers: Sequence[Sequence[Node | tuple[str, str]]]) -> dict[str, Nod
 
     A layer is a sequence of nodes and of ``("whiteout", path)`` /
     ``("opaque", dir)`` markers, as recorded when the layer was unpacked.
+    Linear in the entries: what lies below a path is found through an index
+    of each directory's children, never by scanning the tree (a layer of ten
+    thousand files used to cost a hundred million prefix tests on every pull).
     """
     tree: dict[str, Node] = {}
+    below: dict[str, set[str]] = {}  # directory ("" the root) -> paths directly under it, present or once added
     for layer in layers:
         # Whiteouts hide what lower layers put there, never the layer's own entries.
         for item in layer:
@@ -210,21 +214,36 @@ def overlay(layers: Sequence[Sequence[Node | tuple[str, str]]]) -> dict[str, Nod
                 marker, path = item
                 if marker == "whiteout":
                     tree.pop(path, None)
-                _drop_below(tree, path)
+                _drop_below(tree, below, path)
         for item in layer:
             if isinstance(item, Node):
                 if item.kind != "dir":
-                    _drop_below(tree, item.path)  # a file replaces a directory
+                    _drop_below(tree, below, item.path)  # a file replaces a directory
                 parent = posixpath.dirname(item.path)
                 while parent:  # and a directory replaces a file (or link) in its way
                     if parent in tree and tree[parent].kind != "dir":
                         del tree[parent]
                     parent = posixpath.dirname(parent)
                 tree[item.path] = item
+                _register(below, item.path)
     return tree
 
 
-def _drop_below(tree: dict[str, Node], path: str) -> None:
-    prefix = path.rstrip("/") + "/" if path else ""
-    for key in [k for k in tree if k.startswith(prefix)]:
-        del tree[key]
+def _register(below: dict[str, set[str]], path: str) -> None:
+    """Record ``path`` under its parent, and each ancestor under its own, up to one already recorded."""
+    while path:
+        parent = posixpath.dirname(path)
+        children = below.setdefault(parent, set())
+        if path in children:
+            return
+        children.add(path)
+        path = parent
+
+
+def _drop_below(tree: dict[str, Node], below: dict[str, set[str]], path: str) -> None:
+    """Remove every entry under ``path`` (everything, for the root ``""``), not ``path`` itself."""
+    pending = [path.rstrip("/")]
+    while pending:
+        for child in below.pop(pending.pop(), ()):
+            tree.pop(child, None)
+            pending.append(child)

@@ -241,6 +241,68 @@ def test_overlay_opaque_root_and_later_layers() -> None:
     assert sorted(tree) == ["x", "y"]
 
 
+def _overlay_by_scanning(layers: list[list[Node | tuple[str, str]]]) -> dict[str, Node]:
+    """The overlay rules written the obvious way (every removal scans the whole tree): the reference."""
+    tree: dict[str, Node] = {}
+
+    def drop_below(path: str) -> None:
+        prefix = path + "/" if path else ""
+        for key in [k for k in tree if k.startswith(prefix)]:
+            del tree[key]
+
+    for layer in layers:
+        for item in layer:
+            if isinstance(item, tuple):
+                if item[0] == "whiteout":
+                    tree.pop(item[1], None)
+                drop_below(item[1])
+        for item in layer:
+            if isinstance(item, Node):
+                if item.kind != "dir":
+                    drop_below(item.path)
+                parent = posixpath.dirname(item.path)
+                while parent:
+                    if parent in tree and tree[parent].kind != "dir":
+                        del tree[parent]
+                    parent = posixpath.dirname(parent)
+                tree[item.path] = item
+    return tree
+
+
+_PATHS = st.sampled_from(["a", "b", "a/b", "a/c", "a/b/c", "a/b/d", "ab", "ab/c", "b/a", "b/a/c"])
+_ITEMS = st.one_of(
+    st.builds(lambda p, d: Node(p, "file", digest=d), _PATHS, st.sampled_from("12")),
+    st.builds(lambda p: Node(p, "dir"), _PATHS),
+    st.builds(lambda p: Node(p, "symlink", target="x"), _PATHS),
+    st.tuples(st.just("whiteout"), _PATHS),
+    st.tuples(st.just("opaque"), st.one_of(st.just(""), _PATHS)),
+)
+
+
+@given(st.lists(st.lists(_ITEMS, max_size=8), max_size=4))
+def test_overlay_matches_the_scanning_rules(layers: list[list[Node | tuple[str, str]]]) -> None:
+    """The indexed overlay gives the same tree, in the same order, as scanning for every removal."""
+    assert list(overlay(layers).items()) == list(_overlay_by_scanning(layers).items())
+
+
+def test_overlay_of_many_files_is_linear() -> None:
+    """20,000 files under 10,000 more overlay in a moment, not in minutes (it runs on every pull).
+
+    Scanning the tree for every file took 2.5 s for 3,000 files here and grows
+    with the square; the bound is generous for a shared machine.
+    """
+    import time
+
+    lower = [file(f"d{n // 100}/f{n}", "1") for n in range(20_000)]
+    upper = [file(f"d{n // 100}/f{n}", "2") for n in range(0, 20_000, 2)] + [("whiteout", "d7")]
+    started = time.monotonic()
+    tree = overlay([lower, upper])
+    assert time.monotonic() - started < 10
+    # The whiteout hides the lower layer's d7 (100 files), not the 50 its own layer puts there.
+    assert len(tree) == 20_000 - 50 and tree["d0/f0"].digest == "2" and tree["d0/f1"].digest == "1"
+    assert "d7/f700" in tree and "d7/f701" not in tree
+
+
 def test_filter_keys_never_collide() -> None:
     """Distinct filters have distinct keys (they name cached views and single-flight pull jobs)."""
     cases = [Filters.of(["a,b"]), Filters.of(["a", "b"]), Filters.of(["a;exc=b"]), Filters.of(["a"], ["b"]),

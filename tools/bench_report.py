@@ -36,6 +36,11 @@ ROOT = TOOLS.parent
 # name, script, arguments (full), arguments (--quick), needs root
 BENCHMARKS: list[tuple[str, str, list[str], list[str], bool]] = [
     ("registry pull", "bench_pull.py", [], ["--size", "0.5", "--runs", "2"], False),
+    ("layer formats: modelpack, image, tar, gzip, zstd", "bench_formats.py", [], ["--quick"], False),
+    # Issue 13's small model: 150 MB in three gzip layers, cold against containerd, then warm hits.
+    ("small model: cold pull and warm hits", "bench_formats.py",
+     ["--formats", "gzip", "--size", "0.14", "--files", "3", "--runs", "5", "--warm", "10"],
+     ["--formats", "gzip", "--size", "0.14", "--files", "3", "--runs", "2", "--warm", "5"], False),
     ("S3 and Hub pulls", "bench_sources.py", [], ["--size", "0.5", "--runs", "2"], False),
     ("package and push", "bench_package.py", [], ["--size", "0.5", "--runs", "2"], False),
     ("CSI publish", "bench_csi.py", [], ["--large", "1", "--runs", "2", "--calls", "20"], True),
@@ -80,6 +85,16 @@ def comparison_table(rows: list[dict]) -> list[str]:
                    f"**{ceiling['median'] / r['ours']['median']:.2f}** | {ceiling['name']}: "
                    f"{gb / ceiling['median']:.2f} GB/s | {peers} | {r['ours']['rss'] / (1 << 20):.0f} MiB |")
     return out
+
+
+def startup_table(rows: list[dict]) -> list[str]:
+    """Warm hits: the whole command, model already in the store, beside the bare interpreter."""
+    if not rows:
+        return []
+    out = ["| warm hit | median | the interpreter alone (`python -c pass`) |", "|---|---|---|"]
+    out += [f"| {r['title']} ({r['runs']} runs) | **{1000 * r['warm']:.0f} ms** | {1000 * r['interpreter']:.0f} ms |"
+            for r in rows]
+    return [*out, ""]
 
 
 def plots(records: list[dict], out_dir: Path) -> list[str]:
@@ -162,7 +177,8 @@ def main() -> None:
            "of runs alternating ours and the peer, measured side by side in one run; the ceiling is each",
            "resource alone on the same bytes (../shared/MEASURING.md), the slowest of them. Absolute",
            "times on a shared VM are noisy: read the ratios.", "", "## Machine", "", *machine(), "",
-           "## Summary", "", *comparison_table([r for r in records if r["kind"] == "comparison"]), ""]
+           "## Summary", "", *comparison_table([r for r in records if r["kind"] == "comparison"]), "",
+           *startup_table([r for r in records if r["kind"] == "startup"])]
     pictures = plots(records, out_dir)
     if pictures:
         doc += ["## Plots", "", *[line + "\n" for line in pictures]]

@@ -18,9 +18,11 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
-import aiohttp
+if TYPE_CHECKING:  # imported where a token is fetched: a pull that needs none never loads it
+    import aiohttp
 
 from ..errors import InvalidContent, Unauthorized, Unavailable
 from .proxy import aiohttp_options
@@ -129,6 +131,8 @@ class Authenticator:
             query["scope"] = wanted
         url = params["realm"] + ("&" if "?" in params["realm"] else "?") + urlencode(query)
         headers = {"Authorization": self._credentials.basic()} if self._credentials else {}
+        import aiohttp
+
         try:
             async with self._session.get(url, headers=headers,
                                          **aiohttp_options(url, headers, what=self._registry)) as resp:

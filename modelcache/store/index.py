@@ -33,6 +33,7 @@ run them in a thread.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -234,8 +235,9 @@ class Index:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                for sql, args in statements:
-                    self._db.execute(sql, args)
+                # A run of one statement (a row per blob of a model) goes in one executemany: half the cost.
+                for sql, run in itertools.groupby(statements, key=lambda statement: statement[0]):
+                    self._db.executemany(sql, (args for _, args in run))
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise

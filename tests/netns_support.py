@@ -218,6 +218,8 @@ def _delete(name: str) -> None:
 
 def start_registry(lab: Lab, n: int, root: Path) -> str:
     """docker-registry in node ``n``'s namespace on port 5000 (access log on); return its host:port there."""
+    if shutil.which("docker-registry") is None:
+        raise RuntimeError("docker-registry is not installed (apt-get install docker-registry)")
     root.mkdir(parents=True, exist_ok=True)
     config = root / "config.yml"
     config.write_text(

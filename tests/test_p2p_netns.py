@@ -32,7 +32,8 @@ def test_four_capped_nodes_at_once_finish_within_1_5x_one_node_alone(tmp_path: P
         for job in run.jobs:
             assert job["state"] == "done", job
             assert tree_digests(Path(job["path"])) == run.expected
-        assert run.origin_ratio <= 1.1, (run.origin_bytes, run.model_bytes)
+        # At least once (fresh stores: a log that counted nothing would pass a bare upper bound), about once.
+        assert run.model_bytes <= run.origin_bytes <= 1.1 * run.model_bytes, (run.origin_bytes, run.model_bytes)
         assert run.ratio <= 1.5, f"4 nodes took {run.makespan:.2f} s, one alone {run.solo_median:.2f} s"
     finally:
         for big in tmp_path.iterdir():  # about 1.2 GB of stores and registry: not kept for pytest's last 3 runs

@@ -235,3 +235,47 @@ def test_a_home_asked_while_resolving_waits_and_fetches_the_piece_once(content: 
 
     asyncio.run(go())
     assert_committed(content, data)
+
+
+class Stalled(MemorySource):
+    """Holds the reader of one offset until released: a worker waiting on another home."""
+
+    def __init__(self, *args, stall_at: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.stall_at = stall_at
+        self.stalled = False
+        self.release = asyncio.Event()
+
+    async def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes]:
+        if offset == self.stall_at:
+            self.stalled = True
+            await self.release.wait()
+        async for piece in super().read(blob, offset, length):
+            yield piece
+
+
+def test_a_piece_a_peer_asks_for_is_fetched_while_every_slot_waits_elsewhere(content: ContentStore) -> None:
+    """Our workers can hold every slot waiting on other homes, which wait on us for their pieces: what a
+    peer asks us for gets slots of its own, or the cluster stalls until the peers' waits time out."""
+    data = os.urandom(4 * PIECE_SIZE)
+    digest = blob_of(data).digest
+
+    async def go() -> None:
+        engine = Engine(content, config(concurrency=1))
+        origin = Stalled({digest: data}, name="origin", stall_at=3 * PIECE_SIZE)  # the one worker's first piece
+        try:
+            with engine.wanting([digest]):
+                fetching = asyncio.create_task(engine.fetch([blob_of(data)], Pieces(origin)))
+                for _ in range(500):
+                    if origin.stalled:
+                        break
+                    await asyncio.sleep(0.01)
+                assert origin.stalled
+                assert await engine.ensure_piece(digest, 0, wait=2)  # a peer asks us (its home) for piece 0
+                origin.release.set()
+                await fetching
+        finally:
+            engine.close()
+
+    asyncio.run(go())
+    assert_committed(content, data)

@@ -16,6 +16,7 @@ import binascii
 import json
 import os
 import re
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlencode
@@ -23,6 +24,7 @@ from urllib.parse import urlencode
 import aiohttp
 
 from ..errors import InvalidContent, Unauthorized, Unavailable
+from .http import connection_failure, same_origin
 
 _PARAM = re.compile(r'([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)')
 
@@ -109,6 +111,37 @@ class Authenticator:
     def header(self, scope: str) -> str | None:
         """The Authorization header to send for ``scope``, if one is known."""
         return self._headers.get(scope) or self._headers.get("*")
+
+    async def request(self, method: str, url: str, *, scope: str, home: str, what: str,
+                      headers: Mapping[str, str] | None = None,
+                      body: Callable[[], AsyncIterator[bytes] | bytes] | None = None) -> aiohttp.ClientResponse:
+        """One request, with a 401's challenge answered once; the response as it came (redirects too).
+
+        The one challenge loop of pulls and pushes. The registry's
+        ``Authorization`` goes only to its own origin (``home``, any URL of
+        the registry): an upload ``Location`` or a redirect may lead anywhere.
+        ``body`` makes the request body afresh for each attempt. A 401 after
+        the challenge was answered is returned for the caller to map.
+        """
+        mine = same_origin(url, home)
+        for answered in (False, True):
+            sent = dict(headers or {})
+            auth = self.header(scope) if mine else None
+            if auth:
+                sent["Authorization"] = auth
+            try:
+                resp = await self._session.request(method, url, headers=sent, data=body() if body else None,
+                                                   allow_redirects=False)
+            except (TimeoutError, aiohttp.ClientError) as e:
+                raise Unavailable(f"{what}: {method} failed: {connection_failure(e)}") from e
+            if resp.status != 401 or not mine or answered:
+                return resp
+            challenge = resp.headers.get("WWW-Authenticate", "")
+            resp.release()
+            if not challenge:
+                raise Unauthorized(f"{what}: registry answered 401 without a challenge")
+            await self.answer(challenge, scope)
+        raise AssertionError("unreachable: the second attempt returns")
 
     async def answer(self, challenge: str, scope: str) -> str:
         """Obtain an Authorization header for a 401's challenge; raise if impossible."""

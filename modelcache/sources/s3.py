@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import time
 from collections.abc import AsyncIterator
 
@@ -36,68 +35,23 @@ from ..errors import (
     InvalidContent,
     ModelCacheError,
     NotFound,
-    Unauthorized,
-    Unavailable,
 )
 from ..model import Blob, FileEntry, Model
 from ..refs import S3Ref
 from ..tree import safe_path
 from .base import SourceOptions
-from .credentials import SourceCredentials
-from .http import check_range_response, connection_failure, exact_range
 from .oci_manifest import (
-    INDEX_TYPES,
-    MANIFEST_TYPES,
     MAX_MANIFEST_BYTES,
+    Fetched,
+    choose_in_layout,
     media_type_of,
-    model_from_manifest,
     parse_json,
-    select_from_index,
+    resolve_image,
 )
 from .rawget import RawPool
+from .s3_client import client, map_error
 
-REF_NAME = "org.opencontainers.image.ref.name"
 _PRESIGN_SECONDS = 3600
-
-
-def client(concurrency: int = 16, credentials: SourceCredentials | None = None, *, unsigned: bool = False):
-    """A boto3 S3 client (path-style for custom endpoints).
-
-    Credentials: the standard chain when ``credentials`` is None, else only its
-    keys; ``unsigned`` (or ``credentials`` without keys) sends anonymous requests.
-    """
-    import boto3
-    from botocore import UNSIGNED
-    from botocore.config import Config
-
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    keys: dict[str, str | None] = {}
-    if credentials is not None and credentials.aws_access_key_id:
-        keys = {"aws_access_key_id": credentials.aws_access_key_id,
-                "aws_secret_access_key": credentials.aws_secret_access_key,
-                "aws_session_token": credentials.aws_session_token}
-    elif credentials is not None:
-        unsigned = True
-    extra = {"signature_version": UNSIGNED} if unsigned else {}
-    config = Config(s3={"addressing_style": "path"} if endpoint else {}, retries={"mode": "standard"},
-                    max_pool_connections=max(10, concurrency), **extra)
-    return boto3.client("s3", config=config, **keys)
-
-
-def map_error(e: Exception, what: str) -> ModelCacheError:
-    """A botocore error as one of ours."""
-    from botocore.exceptions import ClientError, NoCredentialsError
-
-    if isinstance(e, NoCredentialsError):
-        return Unauthorized(f"{what}: no AWS credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)")
-    if isinstance(e, ClientError):
-        code = str(e.response.get("Error", {}).get("Code", ""))
-        if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "InvalidToken"):
-            return Unauthorized(f"{what}: S3 refused our credentials ({code})")
-        if code in ("NoSuchBucket", "NoSuchKey", "404", "NotFound"):
-            return NotFound(f"{what}: {code}")
-        return ModelCacheError(f"{what}: S3 error {code}")
-    return Unavailable(f"{what}: {connection_failure(e)}")
 
 
 class S3Source:
@@ -194,22 +148,14 @@ class S3Source:
                 raise DigestMismatch(f"{self.name}: manifest {digest} does not match its digest")
             return body
 
+        async def fetch(blob: Blob | str) -> Fetched:
+            assert isinstance(blob, Blob)  # a layout names its manifests by descriptor
+            doc = parse_json(await self._call(verified, blob.digest), what=blob.digest)
+            return doc, media_type_of(doc, blob.media_type), blob.digest
+
         index = parse_json(await self._call(get, "index.json"), what=f"{self.name}/index.json")
-        entries = [m for m in index.get("manifests", []) if isinstance(m, dict)]
-        if self.ref.tag:
-            entries = [m for m in entries if (m.get("annotations") or {}).get(REF_NAME) == self.ref.tag]
-            if not entries:
-                raise NotFound(f"{self.name}: tag {self.ref.tag!r} not in the layout")
-        if len(entries) != 1:
-            raise InvalidContent(f"{self.name}: the layout holds {len(entries)} images; pick one with --tag")
-        digest = str(entries[0].get("digest"))
-        doc = parse_json(await self._call(verified, digest), what=digest)
-        if media_type_of(doc, entries[0].get("mediaType")) in INDEX_TYPES:
-            digest = select_from_index(doc, what=self.name).digest
-            doc = parse_json(await self._call(verified, digest), what=digest)
-        if media_type_of(doc) not in MANIFEST_TYPES:
-            raise InvalidContent(f"{self.name}: unsupported manifest type")
-        model = model_from_manifest(doc, ref=self.name, digest=digest)
+        root = choose_in_layout(index, tag=self.ref.tag, digest=None, what=self.name)
+        model = await resolve_image(root, fetch, name=self.name)
         for blob in model.blobs:
             key = keys.get(f"blobs/sha256/{blob.hex}")
             if key is None:
@@ -236,13 +182,10 @@ class S3Source:
         try:
             if resp.status == 412:
                 raise InvalidContent(f"{what} changed during the pull (its ETag is no longer {etag}); pull again")
-            if resp.content_length is None:
-                raise Unavailable(f"{what}: HTTP {resp.status} without a plain body")
-            skip = check_range_response(resp.status, resp.headers, offset, length, what, size=blob.size)
             got_etag = resp.headers.get("etag", "").strip('"')
-            if got_etag and got_etag != etag:
+            if got_etag and got_etag != etag and resp.status in (200, 206):
                 raise InvalidContent(f"{what} changed during the pull (ETag {got_etag}, listed {etag}); pull again")
-            async for piece in exact_range(resp.body(), offset, length, skip=skip, what=what):
+            async for piece in resp.ranged(offset, length, what=what, size=blob.size):
                 yield piece
         finally:
             resp.close()

@@ -174,15 +174,17 @@ def pull_via_boto3(store_dir: str) -> None:
     from modelcache.pull import pull
     from modelcache.sources import SourceOptions
     from modelcache.sources import s3 as s3_source
+    from modelcache.sources import s3_client
     from modelcache.store import Store
     from modelcache.transfer import Engine
 
     threads = ThreadPoolExecutor(16, thread_name_prefix="boto3")
+    s3 = s3_client.client(16)
 
     async def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes]:
         key, etag = self._objects[blob.digest]
         loop = asyncio.get_running_loop()
-        body = (await loop.run_in_executor(threads, lambda: self._s3.get_object(
+        body = (await loop.run_in_executor(threads, lambda: s3.get_object(
             Bucket=self.ref.bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}",
             IfMatch=f'"{etag}"')))["Body"]
         try:

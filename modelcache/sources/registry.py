@@ -99,7 +99,7 @@ class RegistrySource:
             return auth.request("GET", at, scope=self._scope, home=self._base, what=urlsplit(at).netloc,
                                 headers=headers)
 
-        _, resp = await follow_redirects(url, send, aiohttp.ClientResponse.release, what=self.name)
+        _, resp = await follow_redirects(url, send, lambda r: r.release(), what=self.name)
         return resp
 
     async def _get_manifest(self, reference: str, *, expect: str | None) -> tuple[dict, str, str]:

@@ -123,6 +123,9 @@ class Authenticator:
         ``body`` makes the request body afresh for each attempt. A 401 after
         the challenge was answered is returned for the caller to map.
         """
+        import aiohttp  # here, not at the top: a pull that meets no challenge need not load it
+
+        session = self._session() if callable(self._session) else self._session  # a session, or its factory
         mine = same_origin(url, home)
         for answered in (False, True):
             sent = dict(headers or {})
@@ -130,7 +133,7 @@ class Authenticator:
             if auth:
                 sent["Authorization"] = auth
             try:
-                resp = await self._session.request(method, url, headers=sent, data=body() if body else None,
+                resp = await session.request(method, url, headers=sent, data=body() if body else None,
                                                    allow_redirects=False)
             except (TimeoutError, aiohttp.ClientError) as e:
                 raise Unavailable(f"{what}: {method} failed: {connection_failure(e)}") from e

@@ -8,11 +8,15 @@ Endpoint and credentials come from the AWS chain (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``, profiles, IRSA), or only from the keys given with the
 request (a pod's secret; none given means anonymous); a custom endpoint gets
 path-style addressing. Objects read with credentials count as private unless
-an anonymous listing and HEAD of the first object prove them public. Listing (paginated) and signing run in threads through boto3;
-the bytes come through presigned URLs on the lean HTTP reader, in parallel
-ranges like every other source: boto3's ``get_object`` in threads pays a
-Python-level copy per read and holds a thread per stream, which the
-presigned path avoids (tools/bench_sources.py measures both).
+an anonymous listing and HEAD of the first object prove them public. The
+bucket is spoken to through :mod:`.s3_client`: at a custom endpoint (MinIO,
+SeaweedFS, Ceph, R2) listing pages and URLs are signed there with SigV4 and
+neither boto3 nor botocore's client is loaded; AWS itself goes through a
+boto3 client built once, on first use. The bytes come through presigned URLs
+on the lean HTTP reader, in parallel ranges like every other source: boto3's
+``get_object`` in threads pays a Python-level copy per read and holds a
+thread per stream, which the presigned path avoids (tools/bench_sources.py
+measures both).
 
 S3 objects carry no sha256, so a file is fetched as an unverified blob and
 stored under the sha256 computed on the way in; the (bucket, key, ETag) ->
@@ -49,7 +53,7 @@ from .oci_manifest import (
     resolve_image,
 )
 from .rawget import RawPool
-from .s3_client import client, map_error
+from .s3_client import map_error, open_bucket
 
 _PRESIGN_SECONDS = 3600
 
@@ -62,7 +66,8 @@ class S3Source:
         self.name = str(ref)
         self._options = options
         self._learned = learned or (lambda key: None)  # source key -> sha256 already known
-        self._s3 = client(options.connections, options.credentials)
+        self._bucket = open_bucket(ref.bucket, what=self.name, connections=options.connections,
+                                   credentials=options.credentials, timeout=options.connect_timeout + options.read_timeout)
         self._signed = options.credentials is None or bool(options.credentials.aws_access_key_id)
         self.needed_credentials = False  # set by resolve
         self._raw = RawPool(connect_timeout=options.connect_timeout, read_timeout=options.read_timeout,
@@ -70,6 +75,7 @@ class S3Source:
         self._objects: dict[str, tuple[str, str]] = {}  # blob digest -> (key, etag)
         self._urls: dict[str, tuple[float, str]] = {}  # key -> (signed at, presigned URL)
         self._prefix = ref.prefix.strip("/")
+        self._under = f"{self._prefix}/" if self._prefix else ""  # what listed keys start with
 
     async def _call(self, fn, *args, **kwargs):
         try:
@@ -80,29 +86,11 @@ class S3Source:
             raise map_error(e, self.name) from e
 
     def _list(self) -> list[dict]:
-        paginator = self._s3.get_paginator("list_objects_v2")
-        prefix = f"{self._prefix}/" if self._prefix else ""
-        objects = []
-        for page in paginator.paginate(Bucket=self.ref.bucket, Prefix=prefix):
-            objects += [o for o in page.get("Contents", []) if not o["Key"].endswith("/")]
-        return objects
-
-    def _public(self, key: str) -> bool:
-        """Whether anyone may list the prefix and read ``key`` (two anonymous requests)."""
-        anonymous = client(unsigned=True)
-        prefix = f"{self._prefix}/" if self._prefix else ""
-        try:
-            anonymous.list_objects_v2(Bucket=self.ref.bucket, Prefix=prefix, MaxKeys=1)
-            anonymous.head_object(Bucket=self.ref.bucket, Key=key)
-        except Exception:  # refused, or anything else: not proven public, so private
-            return False
-        return True
+        return [o for page in self._bucket.pages(self._under) for o in page if not o["Key"].endswith("/")]
 
     async def probe(self) -> None:
         """List one object under the prefix with our credentials (access check)."""
-        prefix = f"{self._prefix}/" if self._prefix else ""
-        page = await self._call(self._s3.list_objects_v2, Bucket=self.ref.bucket, Prefix=prefix, MaxKeys=1)
-        if not page.get("Contents"):
+        if await self._call(self._bucket.first, self._under) is None:
             raise NotFound(f"{self.name}: no objects under this prefix")
 
     async def resolve(self) -> Model:
@@ -110,9 +98,8 @@ class S3Source:
         if not objects:
             raise NotFound(f"{self.name}: no objects under this prefix")
         if self._signed:
-            self.needed_credentials = not await asyncio.to_thread(self._public, objects[0]["Key"])
-        prefix = f"{self._prefix}/" if self._prefix else ""
-        keys = {o["Key"][len(prefix):]: o for o in objects}
+            self.needed_credentials = not await self._call(self._bucket.public, self._under, objects[0]["Key"])
+        keys = {o["Key"][len(self._under):]: o for o in objects}
         if "oci-layout" in keys and "index.json" in keys:
             return await self._resolve_layout(keys)
         parts = []
@@ -133,11 +120,8 @@ class S3Source:
         return Model(ref=self.name, digest="sha256:" + hashlib.sha256(listing).hexdigest(), parts=tuple(parts))
 
     async def _resolve_layout(self, keys: dict[str, dict]) -> Model:
-        def get(rel: str, limit: int = MAX_MANIFEST_BYTES) -> bytes:
-            obj = self._s3.get_object(Bucket=self.ref.bucket, Key=keys[rel]["Key"])
-            if obj["ContentLength"] > limit:
-                raise InvalidContent(f"{self.name}: {rel} is over the 4 MiB limit")
-            return obj["Body"].read()
+        def get(rel: str) -> bytes:
+            return self._bucket.get(keys[rel]["Key"], MAX_MANIFEST_BYTES)
 
         def verified(digest: str) -> bytes:
             rel = f"blobs/sha256/{digest[7:]}"
@@ -167,8 +151,7 @@ class S3Source:
         """A GET URL for ``key``, signed once and reused while it has over half its life left."""
         signed = self._urls.get(key)
         if signed is None or time.monotonic() - signed[0] > _PRESIGN_SECONDS / 2:
-            url = await self._call(self._s3.generate_presigned_url, "get_object",
-                                   Params={"Bucket": self.ref.bucket, "Key": key}, ExpiresIn=_PRESIGN_SECONDS)
+            url = await self._call(self._bucket.url, key, _PRESIGN_SECONDS)
             signed = self._urls[key] = (time.monotonic(), url)
         return signed[1]
 

@@ -172,9 +172,8 @@ def pull_via_boto3(store_dir: str) -> None:
     """`modelcache pull s3://bench/model`, but each range read with boto3's get_object in a thread."""
     from modelcache.model import Blob
     from modelcache.pull import pull
-    from modelcache.sources import SourceOptions
+    from modelcache.sources import SourceOptions, s3_client
     from modelcache.sources import s3 as s3_source
-    from modelcache.sources import s3_client
     from modelcache.store import Store
     from modelcache.transfer import Engine
 

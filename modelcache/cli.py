@@ -289,6 +289,8 @@ def _peer_flags(p: argparse.ArgumentParser, *, serving: bool) -> None:
 
 
 def _peer_config(args: argparse.Namespace):
+    if not (args.peer_secret_file or args.peers or args.peers_dns):
+        return None  # peer sharing off: p2p (and its HTTP server and client) is not even imported
     from .p2p.node import from_flags
 
     limit = getattr(args, "peer_upload_limit", 0)

@@ -19,14 +19,11 @@ on first use, in a thread. Pushes (``package --to s3://``) use :func:`client`.
 
 from __future__ import annotations
 
-import configparser
-import http.client
 import os
 import threading
 from collections.abc import Iterator
 from typing import Any, Protocol
 from urllib.parse import urlsplit
-from xml.etree import ElementTree
 
 from ..errors import InvalidContent, ModelCacheError, NotFound, Unauthorized, Unavailable
 from .credentials import SourceCredentials
@@ -194,6 +191,8 @@ def region() -> str:
     found = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if found:
         return found
+    import configparser
+
     config = configparser.RawConfigParser()
     try:
         config.read(os.path.expanduser(os.environ.get("AWS_CONFIG_FILE") or "~/.aws/config"))
@@ -243,6 +242,8 @@ class LeanBucket:
 
     def _send(self, method: str, target: str) -> tuple[int, bytes]:
         """One request (no redirects followed); (status, body). Errors in the answer are the caller's."""
+        import http.client  # here: its imports (email's parser) cost start-up only when S3 is listed
+
         parts = urlsplit(target)
         kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         conn = kind(parts.netloc, timeout=self._timeout)
@@ -262,18 +263,23 @@ class LeanBucket:
             conn.close()
 
     def _checked(self, method: str, target: str) -> bytes:
+        from xml.etree import ElementTree
+
         status, body = self._send(method, target)
         if status == 200:
             return body
         code = ""
-        try:
-            code = ElementTree.fromstring(body).findtext("Code") or "" if body else ""
-        except ElementTree.ParseError:
-            pass
+        if body:
+            try:
+                code = ElementTree.fromstring(body).findtext("Code") or ""
+            except ElementTree.ParseError:
+                pass  # not S3's XML: the status says it
         raise error_for_code(code, status, self._what)
 
     def _list(self, prefix: str, *, token: str | None = None, limit: int | None = None,
               anonymous: bool = False) -> tuple[list[Listed], str | None]:
+        from xml.etree import ElementTree
+
         params = {"list-type": "2", "prefix": prefix}
         if limit is not None:
             params["max-keys"] = str(limit)

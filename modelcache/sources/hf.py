@@ -170,8 +170,11 @@ class HfSource:
         what = f"{self.name}/{path}"
         resp = await self._get(path, {"Range": f"bytes={offset}-{offset + length - 1}",
                                       "Accept-Encoding": "identity"})
-        async for piece in resp.ranged(offset, length, what=what, size=blob.size):
-            yield piece
+        try:
+            async for piece in resp.ranged(offset, length, what=what, size=blob.size):
+                yield piece
+        finally:
+            resp.close()  # at once, even when the caller stops early (ranged's own close waits for its finalizer)
 
     async def close(self) -> None:
         self._raw.close()

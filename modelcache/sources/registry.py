@@ -154,8 +154,11 @@ class RegistrySource:
         url = f"{self._base}/blobs/{blob.digest}"
         raw = await self._raw_get(url, headers)
         if raw is not None:
-            async for piece in raw.ranged(offset, length, what=what, size=blob.size):
-                yield piece
+            try:
+                async for piece in raw.ranged(offset, length, what=what, size=blob.size):
+                    yield piece
+            finally:
+                raw.close()  # at once, even when the caller stops early
             return
         resp = await self._send(url, headers)
         async with resp:

@@ -649,3 +649,37 @@ def test_cancel_while_waiting_to_retry_keeps_the_bytes_of_the_failed_try(content
     asyncio.run(go())
     assert len(source.requests) == 1
     assert read_partial(content.ingest_dir / blob.hex, len(data), CHUNK) == {0: 2 * PIECE}
+
+
+def test_the_next_chunk_is_fetched_while_the_last_one_is_made_durable(content: ContentStore, monkeypatch) -> None:
+    """A chunk's fdatasync runs beside the next range, not before it (on a busy disk it takes seconds):
+    with one stream, the first chunk's mark_done waits until the source has been asked for the next
+    chunk, which only a worker not blocked on that fdatasync can ask for."""
+    import threading
+
+    from modelcache.store.content import BlobIngest
+
+    data = os.urandom(4 * CHUNK)
+    blob = blob_of(data)
+    source = MemorySource.of(data)
+    next_asked = threading.Event()
+    original = MemorySource.read
+
+    def read(self, blob: Blob, offset: int, length: int):
+        if offset == CHUNK:
+            next_asked.set()
+        return original(self, blob, offset, length)
+
+    order: list[str] = []
+    mark_done = BlobIngest.mark_done
+
+    def slow_mark_done(self, index: int) -> None:
+        if index == 0:
+            order.append(f"chunk 0 durable: {'after' if next_asked.wait(10) else 'before'} chunk 1 was asked")
+        mark_done(self, index)
+
+    monkeypatch.setattr(MemorySource, "read", read)
+    monkeypatch.setattr(BlobIngest, "mark_done", slow_mark_done)
+    run(content, [blob], source, cfg=config(concurrency=1))
+    assert order == ["chunk 0 durable: after chunk 1 was asked"]
+    assert_committed(content, data)

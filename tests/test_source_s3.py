@@ -109,6 +109,7 @@ def test_layout_in_a_bucket(s3_server, tmp_path: Path) -> None:
     assert tree_digests(Path(proc.stdout.split()[-1])) == tree_digests(src)
     untagged = _pull(s3_server, tmp_path / "store", "s3://models-layout/llama", check=False)
     assert untagged.returncode == 5 and "--tag" in untagged.stderr
+    assert "(v1, v2)" in untagged.stderr  # the tags to choose from, as for a layout on disk
 
 
 def test_object_changed_during_a_pull_is_an_error(s3_server, tmp_path: Path, monkeypatch) -> None:

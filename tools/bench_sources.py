@@ -4,6 +4,7 @@
 One command::
 
     python tools/bench_sources.py            # 8 files, 2 GiB, 3 runs each
+    python tools/bench_sources.py --only s3 --quick --peers rclone   # 0.25 GiB, 5 runs, against rclone
 
 S3 (a SeaweedFS `weed mini` it starts on loopback): `modelcache pull s3://…`
 vs `aws s3 cp --recursive` and `rclone copy` (when installed); and the same
@@ -71,6 +72,13 @@ def _ceiling_timings() -> tuple[Timing, Timing, Timing]:
             Timing("ceiling: sha256 (hashlib, all cores)"))
 
 
+def _bytecode_cached(work: Path) -> dict[str, str]:
+    """Environment that lets Python cache bytecode (outside the tree), as a user's install has it:
+    some shells here set PYTHONDONTWRITEBYTECODE, which made every timed run compile every module."""
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    return {"PYTHONPYCACHEPREFIX": str(work / "pycache")}
+
+
 def _warm_up(urls: list[str], work: Path, total: int) -> None:
     """Untimed: on these VMs whoever first reads fresh uploads, or first fills fresh page cache,
     pays for it (seen: the first run 40% slower, whoever ran first); and the upload's own dirty
@@ -81,14 +89,15 @@ def _warm_up(urls: list[str], work: Path, total: int) -> None:
     os.sync()
 
 
-def bench_s3(work: Path, weights: list[Path], total: int, runs: int) -> None:
+def bench_s3(work: Path, weights: list[Path], total: int, runs: int,
+             peers: frozenset[str] = frozenset({"boto3", "aws", "rclone"})) -> None:
     server = start_seaweed(work / "seaweed")
     try:
         s3 = server.client()
         s3.create_bucket(Bucket="bench")
         for p in weights:
             s3.upload_file(str(p), "bench", f"model/{p.name}")
-        env = server.env()
+        env = {**server.env(), **_bytecode_cached(work)}
         os.environ.update(env)
         # Plain HTTP on loopback needs no CA bundle, and rclone's S3 backend fails on one set this way.
         os.environ.pop("AWS_CA_BUNDLE", None)
@@ -97,25 +106,29 @@ def bench_s3(work: Path, weights: list[Path], total: int, runs: int) -> None:
         ours, boto = Timing("modelcache pull s3://"), Timing("same, bytes via boto3 get_object")
         aws = Timing("aws s3 cp --recursive")
         net, disk, sha = _ceiling_timings()
-        rclone = Timing("rclone copy") if shutil.which("rclone") else None
+        rclone = Timing("rclone copy") if shutil.which("rclone") and "rclone" in peers else None
         rclone_env = {"RCLONE_CONFIG_BENCH_TYPE": "s3", "RCLONE_CONFIG_BENCH_PROVIDER": "Other",
                       "RCLONE_CONFIG_BENCH_ENDPOINT": server.endpoint,
                       "RCLONE_CONFIG_BENCH_ACCESS_KEY_ID": server.access_key,
                       "RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY": server.secret_key}
         pull = [sys.executable, "-m", "modelcache", "--store", str(work / "store"), "pull", "-q", "s3://bench/model"]
         _warm_up(urls, work, total)
+        run_timed(pull, env=env)  # untimed: compiles and caches our bytecode, as an installed package has it
         for run in range(runs):
             for timing, cmd in ((ours, pull), (boto, [sys.executable, __file__, "_pull_boto3", str(work / "store")])):
+                if timing is boto and "boto3" not in peers:
+                    continue
                 rmtree(work / "store")
                 seconds, rss, _ = run_timed(cmd, env=env)
                 timing.seconds.append(seconds)
                 timing.rss.append(rss)
-            rmtree(work / "aws")
-            seconds, rss, _ = run_timed(["aws", "s3", "cp", "--recursive", "--quiet", "--endpoint-url",
-                                         server.endpoint, "s3://bench/model", str(work / "aws")], env=env)
-            aws.seconds.append(seconds)
-            aws.rss.append(rss)
-            rmtree(work / "aws")
+            if "aws" in peers:
+                rmtree(work / "aws")
+                seconds, rss, _ = run_timed(["aws", "s3", "cp", "--recursive", "--quiet", "--endpoint-url",
+                                             server.endpoint, "s3://bench/model", str(work / "aws")], env=env)
+                aws.seconds.append(seconds)
+                aws.rss.append(rss)
+                rmtree(work / "aws")
             if rclone is not None:
                 rmtree(work / "rclone")
                 seconds, rss, _ = run_timed(["rclone", "copy", "bench:bench/model", str(work / "rclone")],
@@ -124,11 +137,12 @@ def bench_s3(work: Path, weights: list[Path], total: int, runs: int) -> None:
                 rclone.rss.append(rss)
                 rmtree(work / "rclone")
             _ceilings(urls, weights[0].stat().st_size, work, total, weights, net, disk, sha)
-            print(f"s3 run {run + 1}: ours {ours.seconds[-1]:.2f}s, via boto3 {boto.seconds[-1]:.2f}s, "
-                  f"aws {aws.seconds[-1]:.2f}s" + (f", rclone {rclone.seconds[-1]:.2f}s" if rclone else "")
+            others = [t for t in (boto, aws, rclone) if t is not None and t.seconds]
+            print(f"s3 run {run + 1}: ours {ours.seconds[-1]:.2f}s"
+                  + "".join(f", {t.name} {t.seconds[-1]:.2f}s" for t in others)
                   + f", GET {net.seconds[-1]:.2f}s, dd {disk.seconds[-1]:.2f}s, sha {sha.seconds[-1]:.2f}s",
                   flush=True)
-        report("pull from S3 (SeaweedFS)", total, ours, [boto, aws] + ([rclone] if rclone else []),
+        report("pull from S3 (SeaweedFS)", total, ours, [t for t in (boto, aws, rclone) if t is not None and t.seconds],
                {"net": net, "disk": disk, "sha": sha})
         if rclone is None:
             print("  rclone: not installed here (apt-get install rclone), not measured")
@@ -140,7 +154,8 @@ def bench_s3(work: Path, weights: list[Path], total: int, runs: int) -> None:
 def bench_hf(work: Path, weights: list[Path], total: int, runs: int) -> None:
     with FakeHub() as hub:
         hub.repo("bench/model").commit({p.name: p for p in weights})
-        env = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1"}
+        env = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1",
+               **_bytecode_cached(work)}
         # The fake hashes each file once, on the first listing: not part of any timed run.
         urllib.request.urlopen(f"{hub.endpoint}/api/models/bench/model/tree/main", timeout=300).read()
         urls = [f"{hub.endpoint}/bench/model/resolve/main/{p.name}" for p in weights]
@@ -172,17 +187,18 @@ def pull_via_boto3(store_dir: str) -> None:
     """`modelcache pull s3://bench/model`, but each range read with boto3's get_object in a thread."""
     from modelcache.model import Blob
     from modelcache.pull import pull
-    from modelcache.sources import SourceOptions
+    from modelcache.sources import SourceOptions, s3_client
     from modelcache.sources import s3 as s3_source
     from modelcache.store import Store
     from modelcache.transfer import Engine
 
     threads = ThreadPoolExecutor(16, thread_name_prefix="boto3")
+    s3 = s3_client.client(16)
 
     async def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes]:
         key, etag = self._objects[blob.digest]
         loop = asyncio.get_running_loop()
-        body = (await loop.run_in_executor(threads, lambda: self._s3.get_object(
+        body = (await loop.run_in_executor(threads, lambda: s3.get_object(
             Bucket=self.ref.bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}",
             IfMatch=f'"{etag}"')))["Body"]
         try:
@@ -211,14 +227,19 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=8)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--only", choices=("s3", "hf"), default=None)
+    parser.add_argument("--quick", action="store_true", help="0.25 GiB and 5 runs: a first look on a shared machine")
+    parser.add_argument("--peers", default="boto3,aws,rclone",
+                        help="the S3 peers to run, of boto3, aws, rclone (default all)")
     args = parser.parse_args()
+    if args.quick:
+        args.size, args.runs = 0.25, max(args.runs, 5)
     total = int(args.size * GiB) // args.files // MiB * MiB * args.files
     work = Path(tempfile.mkdtemp(prefix="mc-bench-src-", dir="/var/tmp"))
     started = time.monotonic()
     try:
         weights = make_weights(work / "weights", total, args.files)
         if args.only in (None, "s3"):
-            bench_s3(work, weights, total, args.runs)
+            bench_s3(work, weights, total, args.runs, frozenset(args.peers.split(",")))
         if args.only in (None, "hf"):
             bench_hf(work, weights, total, args.runs)
     finally:

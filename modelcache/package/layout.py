@@ -14,8 +14,21 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-REF_NAME = "org.opencontainers.image.ref.name"
+from ..sources.oci_manifest import OCI_INDEX, REF_NAME
+
 _BLOCK = 4 << 20
+OCI_LAYOUT = json.dumps({"imageLayoutVersion": "1.0.0"})  # the ``oci-layout`` file's content
+
+
+def tagged_index(index: dict[str, Any] | None, manifest: dict[str, Any], name: str) -> dict[str, Any]:
+    """``index.json`` (None: none yet) with ``name`` pointing at ``manifest``, an older ``name`` dropped.
+
+    The one way a tag is written, to a layout on disk or in a bucket.
+    """
+    index = index or {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+    kept = [m for m in index.get("manifests", []) if (m.get("annotations") or {}).get(REF_NAME) != name]
+    entry = {**manifest, "annotations": {**(manifest.get("annotations") or {}), REF_NAME: name}}
+    return {**index, "manifests": [*kept, entry]}
 
 
 def descriptor(media_type: str, digest: str, size: int, **extra: Any) -> dict[str, Any]:
@@ -37,7 +50,7 @@ class LayoutWriter:
         self.blobs.mkdir(parents=True, exist_ok=True)
         marker = root / "oci-layout"
         if not marker.exists():
-            marker.write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
+            marker.write_text(OCI_LAYOUT)
 
     def add_bytes(self, data: bytes) -> tuple[str, int]:
         """Store bytes as a blob; return (digest, size)."""
@@ -77,11 +90,8 @@ class LayoutWriter:
         try:
             index = json.loads(index_path.read_text())
         except FileNotFoundError:
-            index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": []}
-        kept = [m for m in index["manifests"] if (m.get("annotations") or {}).get(REF_NAME) != name]
-        entry = dict(manifest)
-        entry["annotations"] = {**(manifest.get("annotations") or {}), REF_NAME: name}
-        index["manifests"] = [*kept, entry]
+            index = None
+        index = tagged_index(index, manifest, name)
         tmp = self.root / f".index-{secrets.token_hex(8)}.json"
         tmp.write_text(json.dumps(index, indent=2))
         os.replace(tmp, index_path)

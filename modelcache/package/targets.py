@@ -30,12 +30,13 @@ import aiohttp
 
 from ..errors import DigestMismatch, InvalidContent, ModelCacheError, Unauthorized, Unavailable
 from ..refs import OciRef
+from ..sources import s3_client
 from ..sources.base import SourceOptions
-from ..sources.http import connection_failure, new_session, parse_retry_after, same_origin
+from ..sources.http import connection_failure, new_session, status_error
 from ..sources.registry_auth import Authenticator, load_credentials
 from .image import Document
 from .layers import Layer, Segment, read_segments
-from .layout import LayoutWriter
+from .layout import OCI_LAYOUT, LayoutWriter, tagged_index
 
 Progress = Callable[[int], None]
 _RETRIES = 5
@@ -154,35 +155,18 @@ class RegistryTarget:
         an upload ``Location`` may point anywhere (a storage front on another
         host or port), and what it is told is the session URL, not our login.
         """
-        home = same_origin(url, self._base)
-        for answered in (False, True):
-            sent = dict(headers or {})
-            auth = self._auth.header(self._scope) if home else None
-            if auth:
-                sent["Authorization"] = auth
-            try:
-                resp = await self._session.request(method, url, headers=sent, data=body() if body else None,
-                                                   allow_redirects=False)
-                await resp.read()
-            except (aiohttp.ClientError, TimeoutError) as e:
-                raise Unavailable(f"{self.name}: {method} failed: {connection_failure(e)}") from e
+        resp = await self._auth.request(method, url, scope=self._scope, home=self._base, what=self.name,
+                                        headers=headers, body=body)
+        try:
+            await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise Unavailable(f"{self.name}: {method} failed: {connection_failure(e)}") from e
+        finally:
             resp.release()
-            if resp.status == 401 and home and not answered:
-                challenge = resp.headers.get("WWW-Authenticate", "")
-                if not challenge:
-                    raise Unauthorized(f"{self.name}: registry answered 401 without a challenge")
-                await self._auth.answer(challenge, self._scope)
-                continue
-            if resp.status in ok:
-                return resp
-            if resp.status in (401, 403):
-                raise Unauthorized(f"{self.name}: push refused (HTTP {resp.status}); check your registry login")
-            if resp.status == 429 or resp.status >= 500:
-                raise Unavailable(f"{self.name}: {method} answered HTTP {resp.status}",
-                                  retry_after=parse_retry_after(resp.headers.get("Retry-After")))
-            detail = (await resp.text())[:200].strip() if resp.status < 500 else ""
-            raise ModelCacheError(f"{self.name}: registry refused {method} (HTTP {resp.status}) {detail}".rstrip())
-        raise Unauthorized(f"{self.name}: still unauthorized after answering the challenge")
+        if resp.status in ok:
+            return resp
+        detail = (await resp.text())[:200].strip() if resp.status < 500 else ""
+        raise status_error(resp, f"{self.name}: {method}", hint="check your registry login", detail=detail)
 
     async def has(self, digest: str, size: int) -> bool:
         resp = await self._request("HEAD", f"{self._base}/blobs/{digest}", ok=(200, 404))
@@ -310,35 +294,18 @@ class S3LayoutTarget:
     """
 
     def __init__(self, bucket: str, prefix: str, tag: str, *, concurrency: int = 4) -> None:
-        import boto3
-        from botocore.config import Config
-
         self.name = f"s3://{bucket}/{prefix}:{tag}".replace("//:", "/:")
         self.bucket, self.prefix, self.tag = bucket, prefix.strip("/"), tag
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        config = Config(s3={"addressing_style": "path"} if endpoint else {}, retries={"mode": "standard"},
-                        max_pool_connections=max(10, concurrency * 2))
-        self._s3 = boto3.client("s3", config=config)
+        self._s3 = s3_client.client(concurrency * 2)
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
 
     def _call(self, fn: Callable, *args: object, **kwargs: object) -> object:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         try:
             return fn(*args, **kwargs)
-        except ClientError as e:
-            code = e.response.get("Error", {}).get("Code", "")
-            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
-                raise Unauthorized(f"{self.name}: S3 refused our credentials ({code})") from e
-            if code in ("NoSuchBucket", "404", "NoSuchKey"):
-                from ..errors import NotFound
-
-                raise NotFound(f"{self.name}: {code}") from e
-            raise ModelCacheError(f"{self.name}: S3 error {code}: {e}") from e
-        except BotoCoreError as e:
-            raise Unavailable(f"{self.name}: {e}") from e
+        except Exception as e:  # botocore raises many kinds; s3_client maps them all
+            raise s3_client.map_error(e, self.name) from e
 
     async def has(self, digest: str, size: int) -> bool:
         def head() -> bool:
@@ -376,17 +343,12 @@ class S3LayoutTarget:
 
         from botocore.exceptions import ClientError
 
-        self._call(self._s3.put_object, Bucket=self.bucket, Key=self._key("oci-layout"),
-                   Body=json.dumps({"imageLayoutVersion": "1.0.0"}).encode())
+        self._call(self._s3.put_object, Bucket=self.bucket, Key=self._key("oci-layout"), Body=OCI_LAYOUT.encode())
         try:
-            body = self._s3.get_object(Bucket=self.bucket, Key=self._key("index.json"))["Body"].read()
-            index = json.loads(body)
+            index = json.loads(self._s3.get_object(Bucket=self.bucket, Key=self._key("index.json"))["Body"].read())
         except ClientError:
-            index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": []}
-        name = "org.opencontainers.image.ref.name"
-        kept = [m for m in index.get("manifests", []) if (m.get("annotations") or {}).get(name) != tag]
-        entry = {**doc.descriptor, "annotations": {**(doc.descriptor.get("annotations") or {}), name: tag}}
-        index["manifests"] = [*kept, entry]
+            index = None
+        index = tagged_index(index, doc.descriptor, tag)
         self._call(self._s3.put_object, Bucket=self.bucket, Key=self._key("index.json"),
                    Body=json.dumps(index, indent=2).encode(), ContentType="application/json")
 

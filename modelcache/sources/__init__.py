@@ -4,7 +4,8 @@ Every source implements :class:`Source`; :func:`open_source` picks one for a
 parsed reference.
 """
 
-from .base import ByteSource, Probe, Source, SourceOptions, open_source
+from .base import ByteSource, Probe, Source, SourceOptions
 from .credentials import SourceCredentials
+from .open import open_source
 
 __all__ = ["ByteSource", "Probe", "Source", "SourceCredentials", "SourceOptions", "open_source"]

@@ -1,13 +1,15 @@
-"""The two small interfaces every source implements, and the factory."""
+"""The two small interfaces every source implements, and the options they share.
+
+This module names no concrete source (they import it); :mod:`.open` picks one for a reference.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
 from ..model import Blob, Model
-from ..refs import DirRef, HfRef, LayoutRef, OciRef, Ref, S3Ref
 from .credentials import SourceCredentials
 
 
@@ -62,29 +64,3 @@ class SourceOptions:
     connections: int = 16
     # None: the daemon's own (Docker config, AWS chain, HF_TOKEN); set: only these (a pod's secret).
     credentials: SourceCredentials | None = None
-
-
-def open_source(ref: Ref, options: SourceOptions, *,
-                learned: Callable[[str], str | None] | None = None) -> Source:
-    """The source that serves ``ref``; ``learned`` maps an origin's key to a sha256 already known."""
-    if isinstance(ref, OciRef):
-        from .registry import RegistrySource
-
-        return RegistrySource(ref, options)
-    if isinstance(ref, LayoutRef):
-        from .layout import LayoutSource
-
-        return LayoutSource(ref)
-    if isinstance(ref, HfRef):
-        from .hf import HfSource
-
-        return HfSource(ref, options, learned=learned)
-    if isinstance(ref, S3Ref):
-        from .s3 import S3Source
-
-        return S3Source(ref, options, learned=learned)
-    if isinstance(ref, DirRef):
-        from .local import DirectorySource
-
-        return DirectorySource(ref)
-    raise TypeError(f"no source for {ref!r}")

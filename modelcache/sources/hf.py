@@ -26,23 +26,21 @@ import re
 from collections.abc import AsyncIterator, Callable
 from urllib.parse import quote
 
-from ..errors import InvalidContent, ModelCacheError, NotFound, Unauthorized, Unavailable
+from ..errors import ModelCacheError, NotFound, Unauthorized, Unavailable
 from ..model import Blob, FileEntry, Model, standin_digest
 from ..refs import HfRef
 from ..tree import safe_path
 from .base import SourceOptions
 from .http import (
-    check_range_response,
     connection_failure,
-    exact_range,
-    redirect_target,
+    error_for_status,
+    follow_redirects,
     same_origin,
 )
 from .proxy import refuse_plain
 from .rawget import RawPool, RawResponse
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
-_REDIRECTS = 5
 _GIT_OID = re.compile(r"[0-9a-f]{40}")
 
 
@@ -75,11 +73,9 @@ def map_hub_error(e: Exception, repo: str, revision: str | None = None) -> Model
         return NotFound(f"hf://{repo}: repository not found{hint}")
     if isinstance(e, errors.HfHubHTTPError):
         status = e.response.status_code if e.response is not None else 0
-        if status in (401, 403):
-            return Unauthorized(f"hf://{repo}: access denied (HTTP {status}); check HF_TOKEN")
-        if status == 429 or status >= 500:
-            return Unavailable(f"hf://{repo}: the Hub answered HTTP {status}")
-        return ModelCacheError(f"hf://{repo}: the Hub answered HTTP {status}")
+        retry_after = e.response.headers.get("Retry-After") if e.response is not None else None
+        return error_for_status(status, f"hf://{repo}: the Hub answered", retry_after=retry_after,
+                                hint="check HF_TOKEN")
     return Unavailable(f"hf://{repo}: cannot reach the Hub at {_endpoint()}: {connection_failure(e)}")
 
 
@@ -172,16 +168,10 @@ class HfSource:
 
     async def _resolve_and_get(self, path: str, headers: dict[str, str]) -> RawResponse:
         url = f"{_endpoint()}/{self.ref.repo}/resolve/{self._commit}/{quote(path)}"
-        for _ in range(_REDIRECTS + 1):
-            resp = await self._raw.get(url, _with_token(url, headers, self._token))
-            if resp.status in (301, 302, 303, 307, 308):
-                location = resp.headers.get("location")
-                resp.close()
-                url = redirect_target(url, location, what=f"{self.name}: {path}")
-                continue
-            self._located[path] = url
-            return resp
-        raise InvalidContent(f"{self.name}: too many redirects for {path}")
+        url, resp = await follow_redirects(url, lambda at: self._raw.get(at, _with_token(at, headers, self._token)),
+                                           RawResponse.close, what=f"{self.name}: {path}")
+        self._located[path] = url
+        return resp
 
     async def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes | memoryview]:
         path = self._paths[blob.digest]
@@ -189,13 +179,10 @@ class HfSource:
         resp = await self._get(path, {"Range": f"bytes={offset}-{offset + length - 1}",
                                       "Accept-Encoding": "identity"})
         try:
-            if resp.content_length is None:
-                raise Unavailable(f"{what}: HTTP {resp.status} without a plain body")
-            skip = check_range_response(resp.status, resp.headers, offset, length, what, size=blob.size)
-            async for piece in exact_range(resp.body(), offset, length, skip=skip, what=what):
+            async for piece in resp.ranged(offset, length, what=what, size=blob.size):
                 yield piece
         finally:
-            resp.close()
+            resp.close()  # at once, even when the caller stops early (ranged's own close waits for its finalizer)
 
     async def close(self) -> None:
         self._raw.close()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import email.utils
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextvars import ContextVar
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 if TYPE_CHECKING:  # imported where used: S3 and Hub pulls never need the general client (0.2 s to import)
@@ -26,6 +26,7 @@ READ_BUFSIZE = 1 << 20
 Buffer = bytes | memoryview
 # Set by a caller reading the rest of a blob as one stream: a 200 to its Range is expected, not news.
 STREAMING: ContextVar[bool] = ContextVar("modelcache_streaming", default=False)
+A = TypeVar("A", bound="Answer")
 
 
 def new_session(*, connections: int, connect_timeout: float, read_timeout: float) -> aiohttp.ClientSession:
@@ -70,6 +71,39 @@ def redirect_target(url: str, location: str | None, *, what: str) -> str:
     return target
 
 
+REDIRECTS = (301, 302, 303, 307, 308)
+MAX_REDIRECTS = 5
+
+
+class Answer(Protocol):
+    """What :func:`follow_redirects` reads of a response (aiohttp's and the lean reader's both have it)."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+
+async def follow_redirects(url: str, send: Callable[[str], Awaitable[A]], drop: Callable[[A], object], *,
+                           what: str) -> tuple[str, A]:
+    """``send(url)``, then again at each redirect's target; (the final URL, its response).
+
+    The one redirect loop of the sources: at most :data:`MAX_REDIRECTS` hops,
+    each checked by :func:`redirect_target`; ``drop`` releases a redirect's
+    response. Whether credentials go along is ``send``'s to decide per URL
+    (only to the origin that asked for them, see :func:`same_origin`).
+    """
+    for _ in range(MAX_REDIRECTS + 1):
+        resp = await send(url)
+        if resp.status not in REDIRECTS:
+            return url, resp
+        location = resp.headers.get("location")  # the lean reader's names are lower case; aiohttp's fold case
+        drop(resp)
+        url = redirect_target(url, location, what=what)
+    raise InvalidContent(f"{what}: too many redirects")
+
+
 def connection_failure(e: BaseException) -> str:
     """What went wrong on a connection, in words and without the client library's internals.
 
@@ -109,16 +143,45 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def status_error(resp: aiohttp.ClientResponse, what: str) -> ModelCacheError:
-    """The error for a failed response: retryable (Unavailable) or final."""
-    status = resp.status
+# Statuses worth asking again (RFC 9110 15): 408 (the server closed an idle request), 425 (RFC 8470:
+# resend, it is not early data any more), 429 (throttled, S3's SlowDown too when sent as 503), and the
+# 5xx family, where the server or a gateway failed on its side (CDNs in front of registries add their
+# own, Cloudflare's 520-530). Left out: the 5xx that name a permanent condition of the server or
+# the exchange, not of the moment: 501 Not Implemented, 505 HTTP Version Not Supported, 506 Variant
+# Also Negotiates, 508 Loop Detected, 510 Not Extended, 511 Network Authentication Required.
+_FINAL_5XX = frozenset({501, 505, 506, 508, 510, 511})
+
+
+def is_transient(status: int) -> bool:
+    """Whether a request that got ``status`` is worth sending again unchanged."""
+    return status in (408, 425, 429) or (500 <= status < 600 and status not in _FINAL_5XX)
+
+
+def error_for_status(status: int, what: str, *, retry_after: str | None = None, not_found: str | None = None,
+                     hint: str = "", detail: str = "") -> ModelCacheError:
+    """The one mapping of a failed HTTP status to our errors, for every source and target.
+
+    404 is :class:`NotFound` (``not_found`` replaces its message), 401 and 403
+    :class:`Unauthorized` (``hint`` says what to check), 416 a blob whose size
+    is not the one announced (:class:`InvalidContent`), the transient statuses
+    (:func:`is_transient`) :class:`Unavailable` with the server's
+    ``Retry-After``, and anything else a final :class:`ModelCacheError`.
+    ``detail`` (the server's own words) is appended to the final ones.
+    """
     if status == 404:
-        return NotFound(f"{what}: not found (HTTP 404)")
+        return NotFound(not_found or f"{what}: not found (HTTP 404)")
     if status in (401, 403):
-        return Unauthorized(f"{what}: access denied (HTTP {status})")
-    if status == 429 or status >= 500 or status == 408:
-        return Unavailable(f"{what}: HTTP {status}", retry_after=retry_after(resp))
-    return ModelCacheError(f"{what}: unexpected HTTP {status}")
+        return Unauthorized(f"{what}: access denied (HTTP {status})" + (f"; {hint}" if hint else ""))
+    if status == 416:
+        return InvalidContent(f"{what}: range not satisfiable (HTTP 416); the blob size differs from the manifest's")
+    if is_transient(status):
+        return Unavailable(f"{what}: HTTP {status}", retry_after=parse_retry_after(retry_after))
+    return ModelCacheError(f"{what}: unexpected HTTP {status}" + (f": {detail}" if detail else ""))
+
+
+def status_error(resp: aiohttp.ClientResponse, what: str, **kwargs: str) -> ModelCacheError:
+    """:func:`error_for_status` for an aiohttp response."""
+    return error_for_status(resp.status, what, retry_after=resp.headers.get("Retry-After"), **kwargs)
 
 
 async def body_pieces(resp: aiohttp.ClientResponse, offset: int, length: int, *, skip: int, what: str) -> AsyncIterator[Buffer]:
@@ -180,15 +243,7 @@ def check_range_response(status: int, headers: dict[str, str], offset: int, leng
         if size is not None and offset + length < size and not STREAMING.get():
             raise RangeIgnored(f"{what}: the server ignores byte ranges (HTTP 200 to a Range)")
         return offset  # Range ignored: the whole blob is coming
-    if status == 416:
-        raise InvalidContent(f"{what}: range {offset}+{length} not satisfiable; blob size differs from manifest")
-    if status == 404:
-        raise NotFound(f"{what}: not found")
-    if status in (401, 403):
-        raise Unauthorized(f"{what}: access denied (HTTP {status})")
-    if status in (408, 429) or status >= 500:
-        raise Unavailable(f"{what}: HTTP {status}", retry_after=parse_retry_after(headers.get("retry-after")))
-    raise ModelCacheError(f"{what}: unexpected HTTP {status}")
+    raise error_for_status(status, what, retry_after=headers.get("retry-after"))
 
 
 def content_range_start(value: str | None) -> int | None:

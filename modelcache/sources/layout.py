@@ -22,17 +22,13 @@ from ..model import Blob, Model
 from ..refs import LayoutRef, missing_directory
 from .files import open_within, read_file_range
 from .oci_manifest import (
-    INDEX_TYPES,
-    MANIFEST_TYPES,
     MAX_MANIFEST_BYTES,
-    descriptor,
+    Fetched,
+    choose_in_layout,
     media_type_of,
-    model_from_manifest,
     parse_json,
-    select_from_index,
+    resolve_image,
 )
-
-REF_NAME = "org.opencontainers.image.ref.name"
 
 
 class LayoutSource:
@@ -54,7 +50,9 @@ class LayoutSource:
     def _blob_path(self, digest: str) -> Path:
         return self.ref.path / "blobs" / "sha256" / digest.partition(":")[2]
 
-    def _read_verified(self, blob: Blob) -> dict:
+    def _manifest(self, blob: Blob | str) -> Fetched:
+        """A manifest or index of the layout, size-capped and verified against its digest."""
+        assert isinstance(blob, Blob)  # a layout names its manifests by descriptor, never by tag
         if blob.size > MAX_MANIFEST_BYTES:
             raise InvalidContent(f"{self.name}: manifest {blob.digest} is over the 4 MiB limit")
         try:
@@ -64,9 +62,10 @@ class LayoutSource:
         actual = "sha256:" + hashlib.sha256(body).hexdigest()
         if actual != blob.digest:
             raise DigestMismatch(f"{self.name}: manifest {blob.digest} has digest {actual}")
-        return parse_json(body, what=f"manifest {blob.digest}")
+        doc = parse_json(body, what=f"manifest {blob.digest}")
+        return doc, media_type_of(doc, blob.media_type), blob.digest
 
-    def _resolve(self) -> Model:
+    def _root_descriptor(self) -> Blob:
         if not self.ref.path.exists():
             raise missing_directory(self.ref.path)
         index_path = self.ref.path / "index.json"
@@ -74,39 +73,12 @@ class LayoutSource:
             index = parse_json(self._read_small(index_path, MAX_MANIFEST_BYTES), what=str(index_path))
         except NotFound as e:
             raise NotFound(f"{self.name}: no index.json (not an OCI image layout)") from e
-        manifests = index.get("manifests")
-        if not isinstance(manifests, list) or not manifests:
-            raise NotFound(f"{self.name}: the layout lists no images")
-        chosen = self._choose(manifests)
-        doc = self._read_verified(chosen)
-        media_type = media_type_of(doc, chosen.media_type)
-        if media_type in INDEX_TYPES:
-            chosen = select_from_index(doc, what=self.name)
-            doc = self._read_verified(chosen)
-            media_type = media_type_of(doc, chosen.media_type)
-        if media_type not in MANIFEST_TYPES:
-            raise InvalidContent(f"{self.name}: unsupported manifest media type {media_type!r}")
-        return model_from_manifest(doc, ref=self.name, digest=chosen.digest)
-
-    def _choose(self, manifests: list) -> Blob:
-        if self.ref.digest:
-            for m in manifests:
-                if isinstance(m, dict) and m.get("digest") == self.ref.digest:
-                    return descriptor(m, what=self.name)
-            raise NotFound(f"{self.name}: no manifest {self.ref.digest} in the layout")
-        if self.ref.tag:
-            for m in manifests:
-                if isinstance(m, dict) and (m.get("annotations") or {}).get(REF_NAME) == self.ref.tag:
-                    return descriptor(m, what=self.name)
-            raise NotFound(f"{self.name}: tag {self.ref.tag!r} not found in the layout")
-        if len(manifests) == 1:
-            return descriptor(manifests[0], what=self.name)
-        tags = sorted(str((m.get("annotations") or {}).get(REF_NAME)) for m in manifests if isinstance(m, dict))
-        raise InvalidContent(f"{self.name}: the layout holds {len(manifests)} images; name one with :TAG ({', '.join(tags)})")
+        return choose_in_layout(index, tag=self.ref.tag, digest=self.ref.digest, what=self.name)
 
     async def resolve(self) -> Model:
-        """Read index.json and the chosen manifest (in a thread)."""
-        return await asyncio.to_thread(self._resolve)
+        """Read index.json and the chosen manifest (files are read in threads)."""
+        root = await asyncio.to_thread(self._root_descriptor)
+        return await resolve_image(root, lambda blob: asyncio.to_thread(self._manifest, blob), name=self.name)
 
     def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes]:
         """Yield a range of a blob file of the layout."""

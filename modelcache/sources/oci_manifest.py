@@ -35,9 +35,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..errors import InvalidContent
+from ..errors import InvalidContent, NotFound
 from ..model import Archive, Blob, Compression, FileEntry, Model, PieceDigests
 from ..tree import safe_path
 
@@ -56,6 +57,7 @@ MODELPACK_ARTIFACT_TYPES = (
 )
 MODELPACK_FILEPATH = ("org.cncf.model.filepath", "org.cnai.model.filepath")
 TITLE = "org.opencontainers.image.title"
+REF_NAME = "org.opencontainers.image.ref.name"  # a tag in an image layout's index.json
 FILE_PATH = "io.modelcache.file.path"
 FILE_DIGEST = "io.modelcache.file.digest"
 FILE_SIZE = "io.modelcache.file.size"
@@ -134,6 +136,50 @@ def select_from_index(doc: dict[str, Any], *, what: str) -> Blob:
         for m in manifests if isinstance(m, dict)
     )
     raise InvalidContent(f"{what}: index has no ModelPack or linux/amd64 manifest (has {platforms})")
+
+
+def choose_in_layout(index: dict[str, Any], *, tag: str | None, digest: str | None, what: str) -> Blob:
+    """The image an OCI layout's ``index.json`` names: by digest, by tag, or the only one there is.
+
+    The one choice for every layout, on disk or in a bucket (image-layout
+    spec: the tag is the ``org.opencontainers.image.ref.name`` annotation).
+    """
+    manifests = index.get("manifests")
+    if not isinstance(manifests, list) or not manifests:
+        raise NotFound(f"{what}: the layout lists no images")
+    if digest:
+        for m in manifests:
+            if isinstance(m, dict) and m.get("digest") == digest:
+                return descriptor(m, what=what)
+        raise NotFound(f"{what}: no manifest {digest} in the layout")
+    if tag:
+        for m in manifests:
+            if isinstance(m, dict) and (m.get("annotations") or {}).get(REF_NAME) == tag:
+                return descriptor(m, what=what)
+        raise NotFound(f"{what}: tag {tag!r} not found in the layout")
+    if len(manifests) == 1:
+        return descriptor(manifests[0], what=what)
+    tags = sorted(str((m.get("annotations") or {}).get(REF_NAME)) for m in manifests if isinstance(m, dict))
+    raise InvalidContent(f"{what}: the layout holds {len(manifests)} images; "
+                         f"name one with :TAG or --tag ({', '.join(tags)})")
+
+
+Fetched = tuple[dict[str, Any], str, str]  # (document, media type, digest)
+
+
+async def resolve_image(first: Blob | str, fetch: Callable[[Blob | str], Awaitable[Fetched]], *, name: str) -> Model:
+    """The Model of an image: its manifest, reached through an index if ``first`` names one.
+
+    The one path from a root descriptor (or a registry tag) to a Model, for
+    registries and layouts alike: ``fetch`` reads and verifies one manifest
+    or index; the child of an index is chosen by :func:`select_from_index`.
+    """
+    doc, media_type, digest = await fetch(first)
+    if media_type in INDEX_TYPES:
+        doc, media_type, digest = await fetch(select_from_index(doc, what=name))
+    if media_type not in MANIFEST_TYPES:
+        raise InvalidContent(f"{name}: unsupported manifest media type {media_type!r}")
+    return model_from_manifest(doc, ref=name, digest=digest)
 
 
 def model_from_manifest(doc: dict[str, Any], *, ref: str, digest: str) -> Model:

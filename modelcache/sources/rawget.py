@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 from ..errors import ModelCacheError, Unauthorized, Unavailable
 from ..transfer.hangup import HANGUP
 from ..transfer.meter import RECEIVING, Cell, Meter
-from .http import connection_failure
+from .http import check_range_response, connection_failure, exact_range
 from .proxy import Proxy, check_request
 
 BUFFER = 4 << 20
@@ -124,6 +124,24 @@ class RawResponse:
                 hangup.discard(conn.abort)
             if ahead is not None and meter is not None:
                 meter.close(ahead[2])
+
+    async def ranged(self, offset: int, length: int, *, what: str,
+                     size: int | None) -> AsyncIterator[bytes | memoryview]:
+        """Exactly bytes ``[offset, offset + length)`` of a ranged GET's answer, then the connection closed.
+
+        The one reading of a range on this client, for every source: the
+        status and ``Content-Range`` checked by :func:`~.http.check_range_response`
+        (its errors, retryable or final), a body that ends early
+        :class:`Unavailable`, a 200 to a Range skipped up to ``offset``.
+        """
+        try:
+            if self.content_length is None:
+                raise Unavailable(f"{what}: HTTP {self.status} without a plain body")
+            skip = check_range_response(self.status, self.headers, offset, length, what, size=size)
+            async for piece in exact_range(self.body(), offset, length, skip=skip, what=what):
+                yield piece
+        finally:
+            self.close()
 
     def close(self) -> None:
         """Drop the connection without reading the body."""

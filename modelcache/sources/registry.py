@@ -11,20 +11,14 @@ redirect has its own signed URL).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:  # imported where used: a warm pull from a plain registry never needs it (0.2 s+ to import)
     import aiohttp
 
-from ..errors import (
-    DigestMismatch,
-    InvalidContent,
-    NotFound,
-    Unauthorized,
-    Unavailable,
-)
+from ..errors import DigestMismatch, InvalidContent, Unavailable
 from ..model import Blob, Model
 from ..refs import OciRef
 from .base import SourceOptions
@@ -32,27 +26,20 @@ from .http import (
     body_pieces,
     check_range_response,
     connection_failure,
-    exact_range,
+    follow_redirects,
     new_session,
-    redirect_target,
-    same_origin,
     status_error,
 )
 from .oci_manifest import (
     ACCEPT,
-    INDEX_TYPES,
-    MANIFEST_TYPES,
     MAX_MANIFEST_BYTES,
+    Fetched,
     media_type_of,
-    model_from_manifest,
     parse_json,
-    select_from_index,
+    resolve_image,
 )
-from .proxy import aiohttp_options
 from .rawget import RawPool, RawResponse
 from .registry_auth import Authenticator, credentials_in, load_credentials
-
-_MAX_REDIRECTS = 5
 
 
 class RegistrySource:
@@ -106,38 +93,16 @@ class RegistrySource:
 
     async def _send(self, url: str, headers: Mapping[str, str]) -> aiohttp.ClientResponse:
         """GET with auth challenges answered and redirects followed safely."""
-        import aiohttp
+        self.session  # noqa: B018 - creates the authenticator on first use
+        auth = self._auth
+        assert auth is not None
 
-        session = self.session
-        assert self._auth is not None
-        first = url
-        answered = False
-        for _ in range(_MAX_REDIRECTS + 1):
-            sent = dict(headers)
-            home = same_origin(url, first)
-            auth = self._auth.header(self._scope) if home else None
-            if auth:
-                sent["Authorization"] = auth
-            try:
-                resp = await session.get(url, headers=sent, allow_redirects=False,
-                                         **aiohttp_options(url, sent, what=self.name))
-            except (TimeoutError, aiohttp.ClientError) as e:
-                raise Unavailable(f"{urlsplit(url).netloc}: cannot connect: {connection_failure(e)}") from e
-            if resp.status == 401 and home and not answered:
-                challenge = resp.headers.get("WWW-Authenticate", "")
-                resp.release()
-                if not challenge:
-                    raise Unauthorized(f"{self.name}: registry answered 401 without a challenge")
-                await self._auth.answer(challenge, self._scope)
-                answered = True
-                continue
-            if resp.status in (301, 302, 303, 307, 308):
-                location = resp.headers.get("Location")
-                resp.release()
-                url = redirect_target(url, location, what=self.name)
-                continue
-            return resp
-        raise InvalidContent(f"{self.name}: too many redirects")
+        def send(at: str) -> Awaitable[aiohttp.ClientResponse]:
+            return auth.request("GET", at, scope=self._scope, home=self._base, what=urlsplit(at).netloc,
+                                headers=headers)
+
+        _, resp = await follow_redirects(url, send, lambda r: r.release(), what=self.name)
+        return resp
 
     async def _get_manifest(self, reference: str, *, expect: str | None) -> tuple[dict, str, str]:
         """(document, media type, digest) of a manifest, size-capped and verified."""
@@ -183,13 +148,11 @@ class RegistrySource:
 
         resp = await self._send(url, {"Accept": ACCEPT})
         async with resp:
-            if resp.status == 404:
-                kind = "manifest" if expect else f"tag {reference!r}"
-                raise NotFound(f"{kind} not found in {self.ref.host}/{self.ref.repository}")
-            if resp.status in (401, 403):
-                raise Unauthorized(f"{self.name}: access denied (HTTP {resp.status}); check your registry login")
             if resp.status != 200:
-                raise status_error(resp, what)
+                kind = "manifest" if expect else f"tag {reference!r}"
+                raise status_error(resp, self.name if resp.status in (401, 403) else what,
+                                   not_found=f"{kind} not found in {self.ref.host}/{self.ref.repository}",
+                                   hint="check your registry login")
             if (resp.content_length or 0) > MAX_MANIFEST_BYTES:
                 raise InvalidContent(f"{what}: manifest of {resp.content_length} bytes is over the 4 MiB limit")
             try:
@@ -211,13 +174,12 @@ class RegistrySource:
 
     async def resolve(self) -> Model:
         """Fetch the manifest (through an index if need be) and build the Model."""
-        doc, media_type, digest = await self._get_manifest(self.ref.reference, expect=self.ref.digest)
-        if media_type in INDEX_TYPES:
-            chosen = select_from_index(doc, what=self.name)
-            doc, media_type, digest = await self._get_manifest(chosen.digest, expect=chosen.digest)
-        if media_type not in MANIFEST_TYPES:
-            raise InvalidContent(f"{self.name}: unsupported manifest media type {media_type!r}")
-        return model_from_manifest(doc, ref=self.name, digest=digest)
+        def fetch(at: Blob | str) -> Awaitable[Fetched]:
+            if isinstance(at, Blob):
+                return self._get_manifest(at.digest, expect=at.digest)
+            return self._get_manifest(at, expect=self.ref.digest)
+
+        return await resolve_image(self.ref.reference, fetch, name=self.name)
 
     async def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes | memoryview]:
         """Yield bytes ``[offset, offset+length)`` of a blob, by HTTP range."""
@@ -229,18 +191,15 @@ class RegistrySource:
         raw = await self._raw_get(url, headers)
         if raw is not None:
             try:
-                skip = check_range_response(raw.status, raw.headers, offset, length, what, size=blob.size)
-                pieces = exact_range(raw.body(), offset, length, skip=skip, what=what)
-                async for piece in pieces:
+                async for piece in raw.ranged(offset, length, what=what, size=blob.size):
                     yield piece
             finally:
-                raw.close()
+                raw.close()  # at once, even when the caller stops early
             return
         resp = await self._send(url, headers)
         async with resp:
             if resp.status not in (200, 206, 416):
-                err = status_error(resp, what)
-                raise NotFound(f"{what}: blob not found in the registry") if isinstance(err, NotFound) else err
+                raise status_error(resp, what, not_found=f"{what}: blob not found in the registry")
             skip = check_range_response(resp.status, {k.lower(): v for k, v in resp.headers.items()},
                                         offset, length, what, size=blob.size)
             async for piece in body_pieces(resp, offset, length, skip=skip, what=what):

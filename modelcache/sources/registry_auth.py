@@ -16,6 +16,7 @@ import binascii
 import json
 import os
 import re
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +26,7 @@ if TYPE_CHECKING:  # imported where a token is fetched: a pull that needs none n
     import aiohttp
 
 from ..errors import InvalidContent, Unauthorized, Unavailable
+from .http import connection_failure, same_origin
 from .proxy import aiohttp_options
 
 _PARAM = re.compile(r'([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)')
@@ -112,6 +114,41 @@ class Authenticator:
     def header(self, scope: str) -> str | None:
         """The Authorization header to send for ``scope``, if one is known."""
         return self._headers.get(scope) or self._headers.get("*")
+
+    async def request(self, method: str, url: str, *, scope: str, home: str, what: str,
+                      headers: Mapping[str, str] | None = None,
+                      body: Callable[[], AsyncIterator[bytes] | bytes] | None = None) -> aiohttp.ClientResponse:
+        """One request, with a 401's challenge answered once; the response as it came (redirects too).
+
+        The one challenge loop of pulls and pushes. The registry's
+        ``Authorization`` goes only to its own origin (``home``, any URL of
+        the registry): an upload ``Location`` or a redirect may lead anywhere.
+        ``body`` makes the request body afresh for each attempt. A 401 after
+        the challenge was answered is returned for the caller to map.
+        """
+        import aiohttp  # here, not at the top: a pull that meets no challenge need not load it
+
+        session = self._session() if callable(self._session) else self._session  # a session, or its factory
+        mine = same_origin(url, home)
+        for answered in (False, True):
+            sent = dict(headers or {})
+            auth = self.header(scope) if mine else None
+            if auth:
+                sent["Authorization"] = auth
+            try:
+                # HTTPS_PROXY and friends apply here (modelcache.sources.proxy), checked before anything is sent.
+                resp = await session.request(method, url, headers=sent, data=body() if body else None,
+                                             allow_redirects=False, **aiohttp_options(url, sent, what=what))
+            except (TimeoutError, aiohttp.ClientError) as e:
+                raise Unavailable(f"{what}: {method} failed: {connection_failure(e)}") from e
+            if resp.status != 401 or not mine or answered:
+                return resp
+            challenge = resp.headers.get("WWW-Authenticate", "")
+            resp.release()
+            if not challenge:
+                raise Unauthorized(f"{what}: registry answered 401 without a challenge")
+            await self.answer(challenge, scope)
+        raise AssertionError("unreachable: the second attempt returns")
 
     async def answer(self, challenge: str, scope: str) -> str:
         """Obtain an Authorization header for a 401's challenge; raise if impossible."""

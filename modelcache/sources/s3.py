@@ -8,11 +8,15 @@ Endpoint and credentials come from the AWS chain (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``, profiles, IRSA), or only from the keys given with the
 request (a pod's secret; none given means anonymous); a custom endpoint gets
 path-style addressing. Objects read with credentials count as private unless
-an anonymous listing and HEAD of the first object prove them public. Listing (paginated) and signing run in threads through boto3;
-the bytes come through presigned URLs on the lean HTTP reader, in parallel
-ranges like every other source: boto3's ``get_object`` in threads pays a
-Python-level copy per read and holds a thread per stream, which the
-presigned path avoids (tools/bench_sources.py measures both).
+an anonymous listing and HEAD of the first object prove them public. The
+bucket is spoken to through :mod:`.s3_client`: at a custom endpoint (MinIO,
+SeaweedFS, Ceph, R2) listing pages and URLs are signed there with SigV4 and
+neither boto3 nor botocore's client is loaded; AWS itself goes through a
+boto3 client built once, on first use. The bytes come through presigned URLs
+on the lean HTTP reader, in parallel ranges like every other source: boto3's
+``get_object`` in threads pays a Python-level copy per read and holds a
+thread per stream, which the presigned path avoids (tools/bench_sources.py
+measures both).
 
 S3 objects carry no sha256, so a file is fetched as an unverified blob and
 stored under the sha256 computed on the way in; the (bucket, key, ETag) ->
@@ -29,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import time
 from collections.abc import AsyncIterator
 
@@ -38,69 +41,23 @@ from ..errors import (
     InvalidContent,
     ModelCacheError,
     NotFound,
-    Unauthorized,
-    Unavailable,
 )
 from ..model import Blob, FileEntry, Model, standin_digest
 from ..refs import S3Ref
 from ..tree import safe_path
 from .base import SourceOptions
-from .credentials import SourceCredentials
-from .http import check_range_response, connection_failure, exact_range
 from .oci_manifest import (
-    INDEX_TYPES,
-    MANIFEST_TYPES,
     MAX_MANIFEST_BYTES,
+    Fetched,
+    choose_in_layout,
     media_type_of,
-    model_from_manifest,
     parse_json,
-    select_from_index,
+    resolve_image,
 )
-from .proxy import refuse_plain
 from .rawget import RawPool
+from .s3_client import map_error, open_bucket
 
-REF_NAME = "org.opencontainers.image.ref.name"
 _PRESIGN_SECONDS = 3600
-
-
-def client(concurrency: int = 16, credentials: SourceCredentials | None = None, *, unsigned: bool = False):
-    """A boto3 S3 client (path-style for custom endpoints).
-
-    Credentials: the standard chain when ``credentials`` is None, else only its
-    keys; ``unsigned`` (or ``credentials`` without keys) sends anonymous requests.
-    """
-    import boto3
-    from botocore import UNSIGNED
-    from botocore.config import Config
-
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    keys: dict[str, str | None] = {}
-    if credentials is not None and credentials.aws_access_key_id:
-        keys = {"aws_access_key_id": credentials.aws_access_key_id,
-                "aws_secret_access_key": credentials.aws_secret_access_key,
-                "aws_session_token": credentials.aws_session_token}
-    elif credentials is not None:
-        unsigned = True
-    extra = {"signature_version": UNSIGNED} if unsigned else {}
-    config = Config(s3={"addressing_style": "path"} if endpoint else {}, retries={"mode": "standard"},
-                    max_pool_connections=max(10, concurrency), **extra)
-    return boto3.client("s3", config=config, **keys)
-
-
-def map_error(e: Exception, what: str) -> ModelCacheError:
-    """A botocore error as one of ours."""
-    from botocore.exceptions import ClientError, NoCredentialsError
-
-    if isinstance(e, NoCredentialsError):
-        return Unauthorized(f"{what}: no AWS credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)")
-    if isinstance(e, ClientError):
-        code = str(e.response.get("Error", {}).get("Code", ""))
-        if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "InvalidToken"):
-            return Unauthorized(f"{what}: S3 refused our credentials ({code})")
-        if code in ("NoSuchBucket", "NoSuchKey", "404", "NotFound"):
-            return NotFound(f"{what}: {code}")
-        return ModelCacheError(f"{what}: S3 error {code}")
-    return Unavailable(f"{what}: {connection_failure(e)}")
 
 
 class S3Source:
@@ -111,7 +68,8 @@ class S3Source:
         self.name = str(ref)
         self._options = options
         self._learned = learned or (lambda key: None)  # source key -> sha256 already known
-        self._s3 = client(options.connections, options.credentials)
+        self._bucket = open_bucket(ref.bucket, what=self.name, connections=options.connections,
+                                   credentials=options.credentials, timeout=options.connect_timeout + options.read_timeout)
         self._signed = options.credentials is None or bool(options.credentials.aws_access_key_id)
         self.needed_credentials = False  # set by resolve
         self._raw = RawPool(connect_timeout=options.connect_timeout, read_timeout=options.read_timeout,
@@ -119,10 +77,9 @@ class S3Source:
         self._objects: dict[str, tuple[str, str]] = {}  # blob digest -> (key, etag)
         self._urls: dict[str, tuple[float, str]] = {}  # key -> (signed at, presigned URL)
         self._prefix = ref.prefix.strip("/")
+        self._under = f"{self._prefix}/" if self._prefix else ""  # what listed keys start with
 
     async def _call(self, fn, *args, **kwargs):
-        # boto3 takes HTTP(S)_PROXY by itself: never let it sign requests to an http:// endpoint through one.
-        refuse_plain(self._s3.meta.endpoint_url, what=self.name, credentials=self._signed)
         try:
             return await asyncio.to_thread(fn, *args, **kwargs)
         except ModelCacheError:
@@ -131,29 +88,11 @@ class S3Source:
             raise map_error(e, self.name) from e
 
     def _list(self) -> list[dict]:
-        paginator = self._s3.get_paginator("list_objects_v2")
-        prefix = f"{self._prefix}/" if self._prefix else ""
-        objects = []
-        for page in paginator.paginate(Bucket=self.ref.bucket, Prefix=prefix):
-            objects += [o for o in page.get("Contents", []) if not o["Key"].endswith("/")]
-        return objects
-
-    def _public(self, key: str) -> bool:
-        """Whether anyone may list the prefix and read ``key`` (two anonymous requests)."""
-        anonymous = client(unsigned=True)
-        prefix = f"{self._prefix}/" if self._prefix else ""
-        try:
-            anonymous.list_objects_v2(Bucket=self.ref.bucket, Prefix=prefix, MaxKeys=1)
-            anonymous.head_object(Bucket=self.ref.bucket, Key=key)
-        except Exception:  # refused, or anything else: not proven public, so private
-            return False
-        return True
+        return [o for page in self._bucket.pages(self._under) for o in page if not o["Key"].endswith("/")]
 
     async def probe(self) -> None:
         """List one object under the prefix with our credentials (access check)."""
-        prefix = f"{self._prefix}/" if self._prefix else ""
-        page = await self._call(self._s3.list_objects_v2, Bucket=self.ref.bucket, Prefix=prefix, MaxKeys=1)
-        if not page.get("Contents"):
+        if await self._call(self._bucket.first, self._under) is None:
             raise NotFound(f"{self.name}: no objects under this prefix")
 
     async def resolve(self) -> Model:
@@ -161,9 +100,8 @@ class S3Source:
         if not objects:
             raise NotFound(f"{self.name}: no objects under this prefix")
         if self._signed:
-            self.needed_credentials = not await asyncio.to_thread(self._public, objects[0]["Key"])
-        prefix = f"{self._prefix}/" if self._prefix else ""
-        keys = {o["Key"][len(prefix):]: o for o in objects}
+            self.needed_credentials = not await self._call(self._bucket.public, self._under, objects[0]["Key"])
+        keys = {o["Key"][len(self._under):]: o for o in objects}
         if "oci-layout" in keys and "index.json" in keys:
             return await self._resolve_layout(keys)
         etags = {o["Key"]: str(o["ETag"]).strip('"') for o in objects}
@@ -198,22 +136,20 @@ class S3Source:
             return None
         n = int(count)
         try:
-            first = self._s3.head_object(Bucket=self.ref.bucket, Key=key, PartNumber=1, IfMatch=f'"{etag}"')
-            last = first if n == 1 else \
-                self._s3.head_object(Bucket=self.ref.bucket, Key=key, PartNumber=n, IfMatch=f'"{etag}"')
-            part, tail = int(first["ContentLength"]), int(last["ContentLength"])
-        except Exception:  # not supported, refused, changed: no check, so the origin alone serves it
+            first = self._bucket.head_part(key, 1, etag)
+            last = first if n == 1 else self._bucket.head_part(key, n, etag)
+        except ModelCacheError:  # refused, unreachable: no check, so the origin alone serves it
             return None
-        if first.get("PartsCount") != n or not 0 < tail <= part or (n - 1) * part + tail != size:
+        if first is None or last is None:
+            return None
+        (part, parts), tail = first, last[0]
+        if parts != n or not 0 < tail <= part or (n - 1) * part + tail != size:
             return None
         return part
 
     async def _resolve_layout(self, keys: dict[str, dict]) -> Model:
-        def get(rel: str, limit: int = MAX_MANIFEST_BYTES) -> bytes:
-            obj = self._s3.get_object(Bucket=self.ref.bucket, Key=keys[rel]["Key"])
-            if obj["ContentLength"] > limit:
-                raise InvalidContent(f"{self.name}: {rel} is over the 4 MiB limit")
-            return obj["Body"].read()
+        def get(rel: str) -> bytes:
+            return self._bucket.get(keys[rel]["Key"], MAX_MANIFEST_BYTES)
 
         def verified(digest: str) -> bytes:
             rel = f"blobs/sha256/{digest[7:]}"
@@ -224,22 +160,14 @@ class S3Source:
                 raise DigestMismatch(f"{self.name}: manifest {digest} does not match its digest")
             return body
 
+        async def fetch(blob: Blob | str) -> Fetched:
+            assert isinstance(blob, Blob)  # a layout names its manifests by descriptor
+            doc = parse_json(await self._call(verified, blob.digest), what=blob.digest)
+            return doc, media_type_of(doc, blob.media_type), blob.digest
+
         index = parse_json(await self._call(get, "index.json"), what=f"{self.name}/index.json")
-        entries = [m for m in index.get("manifests", []) if isinstance(m, dict)]
-        if self.ref.tag:
-            entries = [m for m in entries if (m.get("annotations") or {}).get(REF_NAME) == self.ref.tag]
-            if not entries:
-                raise NotFound(f"{self.name}: tag {self.ref.tag!r} not in the layout")
-        if len(entries) != 1:
-            raise InvalidContent(f"{self.name}: the layout holds {len(entries)} images; pick one with --tag")
-        digest = str(entries[0].get("digest"))
-        doc = parse_json(await self._call(verified, digest), what=digest)
-        if media_type_of(doc, entries[0].get("mediaType")) in INDEX_TYPES:
-            digest = select_from_index(doc, what=self.name).digest
-            doc = parse_json(await self._call(verified, digest), what=digest)
-        if media_type_of(doc) not in MANIFEST_TYPES:
-            raise InvalidContent(f"{self.name}: unsupported manifest type")
-        model = model_from_manifest(doc, ref=self.name, digest=digest)
+        root = choose_in_layout(index, tag=self.ref.tag, digest=None, what=self.name)
+        model = await resolve_image(root, fetch, name=self.name)
         for blob in model.blobs:
             key = keys.get(f"blobs/sha256/{blob.hex}")
             if key is None:
@@ -251,8 +179,7 @@ class S3Source:
         """A GET URL for ``key``, signed once and reused while it has over half its life left."""
         signed = self._urls.get(key)
         if signed is None or time.monotonic() - signed[0] > _PRESIGN_SECONDS / 2:
-            url = await self._call(self._s3.generate_presigned_url, "get_object",
-                                   Params={"Bucket": self.ref.bucket, "Key": key}, ExpiresIn=_PRESIGN_SECONDS)
+            url = await self._call(self._bucket.url, key, _PRESIGN_SECONDS)
             signed = self._urls[key] = (time.monotonic(), url)
         return signed[1]
 
@@ -266,13 +193,10 @@ class S3Source:
         try:
             if resp.status == 412:
                 raise InvalidContent(f"{what} changed during the pull (its ETag is no longer {etag}); pull again")
-            if resp.content_length is None:
-                raise Unavailable(f"{what}: HTTP {resp.status} without a plain body")
-            skip = check_range_response(resp.status, resp.headers, offset, length, what, size=blob.size)
             got_etag = resp.headers.get("etag", "").strip('"')
-            if got_etag and got_etag != etag:
+            if got_etag and got_etag != etag and resp.status in (200, 206):
                 raise InvalidContent(f"{what} changed during the pull (ETag {got_etag}, listed {etag}); pull again")
-            async for piece in exact_range(resp.body(), offset, length, skip=skip, what=what):
+            async for piece in resp.ranged(offset, length, what=what, size=blob.size):
                 yield piece
         finally:
             resp.close()

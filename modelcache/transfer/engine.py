@@ -42,7 +42,10 @@ Guarantees:
   waiting on it: one caller leaving (and closing its source) never fails
   another's pull; the fetch stops only when no caller is left.
 - Hashing, writes and fsync run in a thread pool: the event loop only moves
-  bytes between sockets and threads.
+  bytes between sockets and threads. A chunk's fdatasync runs beside the
+  next range's download, not before it (at most ``concurrency`` at once);
+  the chunk counts as done only once it returned, and the blob is committed
+  only when every chunk has.
 - Open files are bounded by the concurrency, not by the number of blobs:
   at most ``2 x concurrency`` ingests (three descriptors each) are open at
   once, so a model of ten thousand files pulls under a small ``ulimit -n``.
@@ -149,6 +152,10 @@ class Engine:
         # cluster stall until those waits time out (seen in the namespace test: 2.5 s with no byte moving).
         self._peer_slots = asyncio.Semaphore(self.config.concurrency)
         self._pool = ThreadPoolExecutor(max_workers=self.config.concurrency + 4, thread_name_prefix="mc-io")
+        # Chunks being made durable (fdatasync, then recorded) while their workers fetch the next ones;
+        # at most ``concurrency`` at once, so writes always find an I/O thread.
+        self._syncing: dict[str, set[asyncio.Task[None]]] = {}
+        self._sync_slots = asyncio.Semaphore(self.config.concurrency)
 
     def close(self) -> None:
         """Stop the I/O threads."""
@@ -372,10 +379,12 @@ class Engine:
                     await asyncio.gather(*list(extra), return_exceptions=True)
                     if not todo:
                         break
+                await self._synced(blob.digest)
             except BaseException:
-                await _stop([*workers, *extra])
+                await _stop([*workers, *extra, *self._syncing.get(blob.digest, ())])
                 raise
             finally:
+                self._syncing.pop(blob.digest, None)
                 self._for_peers.pop(blob.digest, None)
                 self._open_ingests.pop(blob.digest, None)
                 self._opened.pop(blob.digest, None)
@@ -438,12 +447,31 @@ class Engine:
                 except BaseException as e:
                     self._settle(ingest.blob.digest, index, e)
                     raise
-            try:
-                await self._io(ingest.mark_done, index)
-            except BaseException as e:
-                self._settle(ingest.blob.digest, index, e)
-                raise
-            self._settle(ingest.blob.digest, index, None)
+            # Made durable beside the next fetch, not before it: on a busy disk an fdatasync takes
+            # seconds, and the network would sit idle meanwhile (issue 13: S3 against rclone).
+            await self._sync_slots.acquire()
+            syncing = self._syncing.setdefault(ingest.blob.digest, set())
+            task = asyncio.create_task(self._durable(ingest, index))
+            syncing.add(task)
+            task.add_done_callback(syncing.discard)
+            task.add_done_callback(lambda _: self._sync_slots.release())  # even if cancelled before it ran
+
+    async def _durable(self, ingest: Ingest, index: int) -> None:
+        """Make chunk ``index`` durable and recorded (it is done only then); tell whoever waits on it."""
+        try:
+            await self._io(ingest.mark_done, index)
+        except BaseException as e:
+            self._settle(ingest.blob.digest, index, e)
+            raise
+        self._settle(ingest.blob.digest, index, None)
+
+    async def _synced(self, digest: str) -> None:
+        """Wait until every chunk of ``digest`` handed to :meth:`_durable` is durable; raise its first failure."""
+        pending = list(self._syncing.get(digest, ()))
+        results = await asyncio.gather(*pending, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     def _settle(self, digest: str, index: int, error: BaseException | None) -> None:
         future = self._pieces.pop((digest, index), None)

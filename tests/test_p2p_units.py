@@ -151,14 +151,23 @@ def test_blobs_of_unknown_sha256_come_from_the_origin_alone() -> None:
 
 
 def test_a_home_sends_later_requesters_to_holders_in_turn(tmp_path) -> None:
-    """After serving a piece whole to peers, the home hands every other request for it to one of them."""
+    """The home hands a piece's requesters to its holders in sweeps: a broadcast tree, not a star."""
     from modelcache.p2p.holders import Holders
 
     holders = Holders()
     key = ("sha256:" + "ab" * 32, 0)
-    assert holders.next_holder(key, "http://a") is None  # nobody holds it yet: the home serves
-    holders.served(key, "http://a")
-    holders.served(key, "http://b")
-    answers = [holders.next_holder(key, "http://c") for _ in range(6)]
-    assert answers.count(None) == 2 and answers.count("http://a") == 2 and answers.count("http://b") == 2
-    assert all(holders.next_holder(key, "http://a") != "http://a" for _ in range(4))  # never to itself
+    answers = []
+    for n in range(1, 32):
+        requester = f"http://r{n}"
+        answer = holders.next_holder(key, requester)
+        answers.append(answer)
+        if answer is None:
+            holders.served(key, requester)  # the home served it whole
+        else:
+            assert answer != requester and answer in holders.held(key)[:-1]  # an earlier holder, never itself
+    assert answers[:8] == [None, None, "http://r1", None, "http://r1", "http://r2", "http://r3", None]
+    assert answers.count(None) <= 6  # the home serves about log2(N) of N requesters, not most of them
+    sent = [a for a in answers if a is not None]
+    assert max(sent.count(h) for h in set(sent)) <= 5  # and no holder serves everyone either
+    assert holders.held(key) == [f"http://r{n}" for n in range(1, 32)]  # every requester holds it now
+    assert all(holders.next_holder(key, "http://r1") != "http://r1" for _ in range(40))  # never to itself

@@ -5,6 +5,8 @@ One command::
 
     python tools/sim_p2p.py            # 10, 100, 1000, 5000 nodes, a 100 GB model (a few minutes, 1 core)
     python tools/sim_p2p.py --quick    # 10 and 100 nodes, a 10 GB model (seconds)
+    python tools/sim_p2p.py --nodes 5000 --scenario "all at once" --save r.jsonl   # one part of the run
+    python tools/sim_p2p.py --load r*.jsonl                                         # the table and plot of parts
 
 Three scenarios per node count: every node starts at once; the same with
 10% of the nodes leaving at half the solo pull time; nodes arriving in four
@@ -48,7 +50,9 @@ together. Not modelled: request latency, disk, CPU, piece digest checks.
 from __future__ import annotations
 
 import argparse
+import gc
 import heapq
+import json
 import math
 import random
 import sys
@@ -74,6 +78,12 @@ from modelcache.p2p.server import UPLOADS  # noqa: E402
 from modelcache.rendezvous import rank, score  # noqa: E402
 from modelcache.transfer.engine import TransferConfig  # noqa: E402
 
+try:
+    from benchlib import record  # tools/ is on the path when this runs as a script
+except ImportError:  # imported from elsewhere (the tests)
+    def record(kind: str, **fields: object) -> None:
+        """No report to write to."""
+
 GB = 10**9
 DIGEST = "sha256:" + "5e" * 32
 ORIGIN = -1
@@ -97,7 +107,7 @@ class Config:
     waves: int = 1  # nodes arrive in this many equal waves, ``wave_gap`` x solo time apart
     wave_gap: float = 0.25
     seed: int = 1
-    quantum: float = 0.1  # events closer than this fraction of one piece's time at the node cap are handled together
+    quantum: float = 0.5  # events closer than this fraction of one piece's time at the node cap are handled together
 
     def solo(self) -> float:
         """One node alone pulling the model from the origin at the same caps."""
@@ -188,6 +198,7 @@ class Sim:
         self.index = {u: i for i, u in enumerate(self.urls)}
         self.ranking = ranking if ranking is not None and ranking.urls == self.urls else Ranking(self.urls, self.P)
         self.now = 0.0
+        self.plans: dict[int, list[tuple[int, str]]] = {}  # piece -> the plan of a node not among its first candidates
         # per node: 0 = to fetch, 1 = being fetched, 2 = held
         self.state = [bytearray(self.P) for _ in range(n)]
         self.held = [0] * n
@@ -202,6 +213,7 @@ class Sim:
         self.queue: list[deque[Req]] = [deque() for _ in range(n)]
         self.uploaded = [0] * n
         self.alive = np.zeros(n, dtype=bool)
+        self.member = [False] * n  # the same as a list (fast to index one at a time)
         self.arrived = [math.inf] * n
         self.done = [math.inf] * n
         self.gone = [False] * n
@@ -240,8 +252,10 @@ class Sim:
     def arrive(self, batch: list[int]) -> None:
         for n in batch:
             self.alive[n] = True
+            self.member[n] = True
             self.arrived[n] = self.now
         self.ranking.update(self.alive)
+        self.plans.clear()
         top = self.ranking.top
         for n in batch:
             # The real walk: our home pieces first, then the rest from our own offset.
@@ -253,8 +267,10 @@ class Sim:
     def depart(self, leavers: list[int]) -> None:
         for n in leavers:
             self.alive[n] = False
+            self.member[n] = False
             self.gone[n] = True
         self.ranking.update(self.alive)
+        self.plans.clear()
         gone = set(leavers)
         # Flows to or from a leaver stop: a requester that was receiving resumes at the byte reached.
         cut = [k for k in range(self.nf) if int(self.f_src[k]) in gone or int(self.f_dst[k]) in gone]
@@ -318,8 +334,19 @@ class Sim:
             if len(top) < PROBES + 1 and len(self.ranking.top[i]) >= TOP:
                 live = [u for u, a in zip(self.urls, self.alive, strict=True) if a and bench.get(self.index[u], 0.0) <= now]
                 top = [self.index[u] for u in rank(piece_key(DIGEST, i), live)[:PROBES + 1]]
+        else:
+            # Every node outside a piece's first candidates gets the same plan: computed once per membership.
+            first = top[:PROBES + 1]
+            if n not in first:
+                cached = self.plans.get(i)
+                if cached is None:
+                    cached = self.plans[i] = self.plan(first, n)
+                return cached
+        return self.plan(top[:PROBES + 1], n)
+
+    def plan(self, first: list[int], n: int) -> list[tuple[int, str]]:
         urls = self.urls
-        return [(self.index[u], mode) for u, mode in plan([urls[m] for m in top[:PROBES + 1]], urls[n])]
+        return [(self.index[u], mode) for u, mode in plan([urls[m] for m in first], urls[n])]
 
     def start(self, n: int, i: int, *, defer: bool, for_peer: bool) -> None:
         req = Req(n, i, self.sources(n, i), defer, for_peer)
@@ -340,7 +367,7 @@ class Sim:
                 self.flow(ORIGIN, req)
                 return
             req.sent = self.now
-            if not self.alive[t]:
+            if not self.member[t]:
                 self.bench[req.node][t] = self.now + FAILED_PAUSE  # refused: benched, next source at once
                 req.targets = []
                 continue
@@ -495,12 +522,8 @@ class Sim:
             self.uploaded[src] += moved
             self.from_peers += moved
 
-    def finished(self, k: int) -> None:
-        req = self.f_req[k]
-        assert req is not None
-        src = int(self.f_src[k])
-        self.account(src, int(self.f_len[k]))
-        self.remove_flow(k)
+    def finished(self, req: Req, src: int, length: int) -> None:
+        self.account(src, length)
         n, i = req.node, req.piece
         if src != self.cfg.nodes:
             self.uploading[src] -= 1
@@ -527,7 +550,7 @@ class Sim:
         up, down = self.capu.copy(), self.capd.copy()
         rate = np.zeros(nf)
         live = np.ones(nf, dtype=bool)
-        for _ in range(4):
+        for _ in range(3):
             s, d = src[live], dst[live]
             nu = np.bincount(s, minlength=m)
             nd = np.bincount(d, minlength=m)
@@ -543,6 +566,13 @@ class Sim:
 
     def run(self) -> Result:
         started = time.monotonic()
+        gc.disable()  # millions of small objects and no cycles that matter: the collector's scans cost half the time
+        try:
+            return self._run(started)
+        finally:
+            gc.enable()
+
+    def _run(self, started: float) -> Result:
         q = self.cfg.quantum * self.piece / self.cfg.down
         while True:
             while self.timers and self.timers[0][0] <= self.now:
@@ -563,10 +593,17 @@ class Sim:
                 step = min(step, max(0.0, self.timers[0][0] - self.now))
             self.now += step
             rem -= rate * step
-            ended = np.flatnonzero(rem <= 1e-3 * self.piece).tolist()
-            for k in sorted(ended, reverse=True):
-                self.finished(k)
-                self.events += 1
+            ended = np.flatnonzero(rem <= 1e-3 * self.piece)
+            if ended.size:
+                srcs, lengths = self.f_src[ended].tolist(), self.f_len[ended].tolist()
+                keys = ended.tolist()
+                reqs = [self.f_req[k] for k in keys]
+                for k in reversed(keys):
+                    self.remove_flow(k)
+                for req, src, length in zip(reqs, srcs, lengths, strict=True):
+                    assert req is not None
+                    self.finished(req, src, int(length))
+                self.events += len(keys)
         members = [n for n in range(self.cfg.nodes) if not self.gone[n]]
         missing = [n for n in members if self.done[n] == math.inf]
         if missing:
@@ -589,17 +626,21 @@ SCENARIOS: dict[str, dict[str, float]] = {
 }
 
 
-def table(results: list[tuple[str, Result]]) -> list[str]:
-    rows = [f"{'scenario':<20} {'nodes':>5}  {'origin/model':>12}  {'slowest/solo':>12}  {'p50':>5}  {'p99':>5}  "
-            f"{'max/mean upload':>15}  {'sim s':>6}"]
-    for name, r in results:
-        f = r.ratios()
-        rows.append(f"{name:<20} {r.config.nodes:>5}  {f['origin']:>12.3f}  {f['slowest']:>12.2f}  {f['p50']:>5.2f}  "
-                    f"{f['p99']:>5.2f}  {f['upload']:>15.2f}  {r.wall:>6.1f}")
-    return rows
+def row(name: str, r: Result) -> dict[str, object]:
+    """One line of the table: the scenario, the node count, the figures and how long the simulation took."""
+    return {"scenario": name, "nodes": r.config.nodes, "model": r.config.model, **r.ratios(), "wall": r.wall}
 
 
-def plot(results: list[tuple[str, Result]], path: Path, title: str) -> bool:
+def table(rows: list[dict]) -> list[str]:
+    out = [f"{'scenario':<20} {'nodes':>5}  {'origin/model':>12}  {'slowest/solo':>12}  {'p50':>5}  {'p99':>5}  "
+           f"{'max/mean upload':>15}  {'sim s':>6}"]
+    for f in rows:
+        out.append(f"{f['scenario']:<20} {f['nodes']:>5}  {f['origin']:>12.3f}  {f['slowest']:>12.2f}  "
+                   f"{f['p50']:>5.2f}  {f['p99']:>5.2f}  {f['upload']:>15.2f}  {f['wall']:>6.1f}")
+    return out
+
+
+def plot(rows: list[dict], path: Path, title: str) -> bool:
     try:
         import matplotlib
 
@@ -613,9 +654,14 @@ def plot(results: list[tuple[str, Result]], path: Path, title: str) -> bool:
               ("upload", "largest upload / mean upload", None))
     for ax, (key, label, goal) in zip(axes, panels, strict=True):
         for name in SCENARIOS:
-            points = [(r.config.nodes, r.ratios()[key]) for s, r in results if s == name]
+            points = sorted((f["nodes"], f[key]) for f in rows if f["scenario"] == name)
             if points:
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        if key == "slowest":
+            ax.plot([f["nodes"] for f in rows if f["scenario"] == "all at once"],
+                    [f["p50"] for f in rows if f["scenario"] == "all at once"], linestyle=":", marker=".",
+                    label="all at once, p50")
+            ax.axhline(1.8, linestyle="-.", color="lightgrey", label="Kraken's published 1.8")
         if goal:
             ax.axhline(goal, linestyle="--", color="grey", label=f"goal {goal}")
         ax.set_xscale("log")
@@ -640,6 +686,8 @@ def main() -> None:
     parser.add_argument("--origin-gbit", type=float, default=40.0, help="the origin's cap")
     parser.add_argument("--scenario", action="append", choices=list(SCENARIOS), help="only these (repeatable)")
     parser.add_argument("--plot", type=Path, default=ROOT / "benchmarks" / "sim-p2p.png")
+    parser.add_argument("--save", type=Path, help="append each result to this file (JSON lines) as it comes")
+    parser.add_argument("--load", type=Path, nargs="+", help="print and plot results saved with --save instead")
     args = parser.parse_args()
 
     nodes = args.nodes or ([10, 100] if args.quick else [10, 100, 1000, 5000])
@@ -651,21 +699,30 @@ def main() -> None:
           f"{args.node_gbit:g} Gbit/s up and down, origin {args.origin_gbit:g} Gbit/s; solo pull "
           f"{model / min(node_cap, origin_cap):.1f} s; {TransferConfig().concurrency} fetches and {UPLOADS} uploads "
           f"per node at once", flush=True)
-    results: list[tuple[str, Result]] = []
-    for n in nodes:
+    rows: list[dict] = []
+    if args.load:
+        rows = [json.loads(line) for path in args.load for line in path.read_text().splitlines() if line.strip()]
+    for n in [] if args.load else nodes:
         ranking = None
         for name in chosen:
             cfg = Config(n, model=model, up=node_cap, down=node_cap, origin=origin_cap, **SCENARIOS[name])  # type: ignore[arg-type]
             sim = Sim(cfg, ranking)
             ranking = sim.ranking
-            result = sim.run()
-            results.append((name, result))
-            print(table([(name, result)])[-1], flush=True)
+            rows.append(row(name, sim.run()))
+            print(table(rows[-1:])[-1], flush=True)
+            if args.save:
+                with args.save.open("a") as f:
+                    f.write(json.dumps(rows[-1]) + "\n")
+    rows.sort(key=lambda f: (f["nodes"], list(SCENARIOS).index(f["scenario"])))
     print()
-    print("\n".join(table(results)))
-    if plot(results, args.plot, f"{model / GB:g} GB to N nodes through peers (nodes {args.node_gbit:g} Gbit/s, "
-                                f"origin {args.origin_gbit:g} Gbit/s)"):
+    print("\n".join(table(rows)))
+    model = int(rows[0]["model"]) if rows else model
+    drawn = plot(rows, args.plot, f"{model / GB:g} GB to N nodes through peers (nodes {args.node_gbit:g} Gbit/s, "
+                                  f"origin {args.origin_gbit:g} Gbit/s)")
+    if drawn:
         print(f"wrote {args.plot}")
+    for f in rows:  # for tools/bench_report.py
+        record("sim", **f, plot=str(args.plot) if drawn else "")
 
 
 if __name__ == "__main__":

@@ -28,13 +28,18 @@ class Holders:
 
     def __init__(self) -> None:
         self._held: dict[Key, list[str]] = {}  # piece -> holders, in the order they became holders
+        self._known: dict[Key, set[str]] = {}  # the same as sets (a piece can have thousands of holders)
         self._sweep: dict[Key, tuple[int, int]] = {}  # piece -> (next slot, slots in this sweep)
 
     def served(self, key: Key, requester: str) -> None:
         """``requester`` got the piece ``key`` whole from us: it holds it now."""
-        holders = self._held.setdefault(key, [])
-        if requester not in holders:
-            holders.append(requester)
+        self._add(key, requester)
+
+    def _add(self, key: Key, holder: str) -> None:
+        known = self._known.setdefault(key, set())
+        if holder not in known:
+            known.add(holder)
+            self._held.setdefault(key, []).append(holder)
 
     def held(self, key: Key) -> list[str]:
         """The holders we know of for ``key``, in the order they became holders."""
@@ -53,6 +58,7 @@ class Holders:
         self._sweep[key] = (at, end)
         if slot == 0:
             return None
-        if requester and requester not in holders:
-            holders.append(requester)
-        return holders[slot - 1]
+        holder = holders[slot - 1]
+        if requester:
+            self._add(key, requester)
+        return holder

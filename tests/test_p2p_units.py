@@ -127,8 +127,7 @@ def test_router_asks_the_home_then_probes_candidates_then_the_origin() -> None:
             assert [p.mode for p in peers] == ["have"] * len(peers)
         else:
             assert (peers[0].url, peers[0].mode) == (ranked[0], "home")
-            # the fallback (unless it is us) is asked as a home too: it is the home once the home is gone
-            assert [p.mode for p in peers[1:]] == ["home" if ranked[1] != me else "have"] + ["have"] * (len(peers) - 2)
+            assert all(p.mode == "have" for p in peers[1:])
         assert [p.url for p in peers] == [u for u in ranked[:4] if u != me]
     order = router.order(blob, list(range(10)))
     mine = [i for i in range(10) if rank(piece_key(blob.digest, i), urls)[0] == me]
@@ -151,23 +150,14 @@ def test_blobs_of_unknown_sha256_come_from_the_origin_alone() -> None:
 
 
 def test_a_home_sends_later_requesters_to_holders_in_turn(tmp_path) -> None:
-    """The home hands a piece's requesters to its holders in sweeps: a broadcast tree, not a star."""
+    """After serving a piece whole to peers, the home hands every other request for it to one of them."""
     from modelcache.p2p.holders import Holders
 
     holders = Holders()
     key = ("sha256:" + "ab" * 32, 0)
-    answers = []
-    for n in range(1, 32):
-        requester = f"http://r{n}"
-        answer = holders.next_holder(key, requester)
-        answers.append(answer)
-        if answer is None:
-            holders.served(key, requester)  # the home served it whole
-        else:
-            assert answer != requester and answer in holders.held(key)[:-1]  # an earlier holder, never itself
-    assert answers[:8] == [None, None, "http://r1", None, "http://r1", "http://r2", "http://r3", None]
-    assert answers.count(None) <= 6  # the home serves about log2(N) of N requesters, not most of them
-    sent = [a for a in answers if a is not None]
-    assert max(sent.count(h) for h in set(sent)) <= 5  # and no holder serves everyone either
-    assert holders.held(key) == [f"http://r{n}" for n in range(1, 32)]  # every requester holds it now
-    assert all(holders.next_holder(key, "http://r1") != "http://r1" for _ in range(40))  # never to itself
+    assert holders.next_holder(key, "http://a") is None  # nobody holds it yet: the home serves
+    holders.served(key, "http://a")
+    holders.served(key, "http://b")
+    answers = [holders.next_holder(key, "http://c") for _ in range(6)]
+    assert answers.count(None) == 2 and answers.count("http://a") == 2 and answers.count("http://b") == 2
+    assert all(holders.next_holder(key, "http://a") != "http://a" for _ in range(4))  # never to itself

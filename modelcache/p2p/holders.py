@@ -13,52 +13,29 @@ Key = tuple[str, int]
 
 
 class Holders:
-    """The holders of each piece, and a sweep over them that hands out the next requesters.
-
-    Requests for a piece are handed out in sweeps: each sweep sends one
-    requester to each holder known when the sweep began (and the home serves
-    one itself), in the order they became holders. A requester sent to a
-    holder counts as a holder from then on (it gets the piece from that
-    holder, or from the home in ``held`` mode if the holder lacks it), but
-    only from the next sweep, so it has a sweep's time to receive it. The
-    holders double with every sweep, a broadcast tree: a home serves about
-    log2(N) of a piece's N requesters instead of most of them, and each
-    holder a few, so no node serves everyone.
-    """
+    """Requesters served each piece whole, and the turn of the next redirect."""
 
     def __init__(self) -> None:
-        self._held: dict[Key, list[str]] = {}  # piece -> holders, in the order they became holders
+        self._held: dict[Key, list[str]] = {}  # piece -> requesters served whole, in order
         self._known: dict[Key, set[str]] = {}  # the same as sets (a piece can have thousands of holders)
-        self._sweep: dict[Key, tuple[int, int]] = {}  # piece -> (next slot, slots in this sweep)
+        self._turn: dict[Key, int] = {}
 
     def served(self, key: Key, requester: str) -> None:
         """``requester`` got the piece ``key`` whole from us: it holds it now."""
-        self._add(key, requester)
-
-    def _add(self, key: Key, holder: str) -> None:
         known = self._known.setdefault(key, set())
-        if holder not in known:
-            known.add(holder)
-            self._held.setdefault(key, []).append(holder)
+        if requester not in known:
+            known.add(requester)
+            self._held.setdefault(key, []).append(requester)
 
     def held(self, key: Key) -> list[str]:
         """The holders we know of for ``key``, in the order they became holders."""
         return list(self._held.get(key, ()))
 
     def next_holder(self, key: Key, requester: str | None) -> str | None:
-        """The holder to send ``requester`` to (it then counts as one), or None: we serve it ourselves."""
-        holders = self._held.get(key, [])
-        at, end = self._sweep.get(key, (0, 0))
-        while True:
-            if at > end:  # a new sweep over every holder known now, the home first
-                at, end = 0, len(holders)
-            slot, at = at, at + 1
-            if slot == 0 or holders[slot - 1] != requester:
-                break
-        self._sweep[key] = (at, end)
-        if slot == 0:
+        """Every other request for a piece goes to a holder we served before, in turn; the rest we serve."""
+        holders = [h for h in self._held.get(key, []) if h != requester]
+        if not holders:
             return None
-        holder = holders[slot - 1]
-        if requester:
-            self._add(key, requester)
-        return holder
+        turn = self._turn[key] = self._turn.get(key, 0) + 1
+        slot = turn % (len(holders) + 1)
+        return None if slot == 0 else holders[slot - 1]

@@ -4,8 +4,7 @@ For piece ``i`` of a blob the candidates are the live members ranked by
 rendezvous hashing of (blob digest, ``i``) (:mod:`.ring`):
 
 - if another node is the home, it is asked in ``home`` mode (it fetches the
-  piece from the origin once however many ask, or sends us to a holder),
-  and so is the fallback after it (the piece's home once the home is gone);
+  piece from the origin once however many ask, or sends us to a holder);
 - the next candidates, up to :data:`PROBES`, are asked in ``have`` mode
   (they hold it or say no at once): after a membership change they include
   the piece's earlier homes, so a node that joins never goes to the origin
@@ -35,17 +34,9 @@ PROBES = 3  # candidates after the home asked whether they hold a piece
 
 
 def plan(ranked: Sequence[str], me: str | None) -> list[tuple[str, str]]:
-    """The peers to ask for a piece ranked ``ranked``, as (url, mode), the origin coming after them.
-
-    Unless we are the piece's home, its home and then its fallback (the next candidate, unless that is us)
-    are asked in ``home`` mode: when the home dies or leaves, every requester it failed converges on the
-    fallback, which is the piece's new home, and it fetches the piece once for all of them instead of each
-    going to the origin. The rest, up to :data:`PROBES` after the home, are asked in ``have`` mode (a home
-    asks them all that way: asking in ``home`` mode a peer that is itself waiting on us would stall both).
-    """
-    fallback = bool(ranked) and ranked[0] != me
-    return [(url, "home" if n == 0 or (n == 1 and fallback) else "have")
-            for n, url in enumerate(ranked[:PROBES + 1]) if url != me]
+    """The peers to ask for a piece ranked ``ranked``, as (url, mode): its home (unless it is us) in ``home``
+    mode, then the next :data:`PROBES` candidates in ``have`` mode; the origin comes after them."""
+    return [(url, "home" if n == 0 else "have") for n, url in enumerate(ranked[:PROBES + 1]) if url != me]
 
 
 def walk(indexes: list[int], mine: Callable[[int], bool], seed: int) -> list[int]:

@@ -155,14 +155,13 @@ def test_blobs_of_unknown_sha256_go_through_peers_only_with_a_check_from_the_ori
 
 def test_a_home_sends_later_requesters_to_holders_in_turn(tmp_path) -> None:
     """After serving a piece whole to peers, the home hands every other request for it to one of them."""
-    from modelcache.p2p.limit import RateLimit
-    from modelcache.p2p.server import PeerServer
+    from modelcache.p2p.holders import Holders
 
-    server = PeerServer(None, None, b"k" * 16, "home", minimum=64 << 10,  # type: ignore[arg-type]
-                        limit=RateLimit(0), home_wait=1.0)
+    holders = Holders()
     key = ("sha256:" + "ab" * 32, 0)
-    assert server._next_holder(*key, "http://a") is None  # nobody holds it yet: the home serves
-    server._holders[key] = ["http://a", "http://b"]
-    answers = [server._next_holder(*key, "http://c") for _ in range(6)]
+    assert holders.next_holder(key, "http://a") is None  # nobody holds it yet: the home serves
+    holders.served(key, "http://a")
+    holders.served(key, "http://b")
+    answers = [holders.next_holder(key, "http://c") for _ in range(6)]
     assert answers.count(None) == 2 and answers.count("http://a") == 2 and answers.count("http://b") == 2
-    assert all(server._next_holder(*key, "http://a") != "http://a" for _ in range(4))  # never to itself
+    assert all(holders.next_holder(key, "http://a") != "http://a" for _ in range(4))  # never to itself

@@ -45,6 +45,7 @@ BENCHMARKS: list[tuple[str, str, list[str], list[str], bool]] = [
     ("package and push", "bench_package.py", [], ["--size", "0.5", "--runs", "2"], False),
     ("CSI publish", "bench_csi.py", [], ["--large", "1", "--runs", "2", "--calls", "20"], True),
     ("sweeps and resume", "bench_sweep.py", [], ["--size", "0.25", "--runs", "1"], False),
+    ("peers in a cluster, simulated", "sim_p2p.py", [], ["--quick"], False),
 ]
 
 
@@ -140,6 +141,9 @@ def plots(records: list[dict], out_dir: Path) -> list[str]:
         fig.savefig(out_dir / "bench-resume.png", dpi=100)
         plt.close(fig)
         lines.append("![resume waste against the point of interruption](benchmarks/bench-resume.png)")
+    plotted = {r["plot"] for r in records if r["kind"] == "sim" and r.get("plot")}
+    for path in sorted(plotted):  # tools/sim_p2p.py draws its own figure
+        lines.append(f"![peers in a simulated cluster against node count](benchmarks/{Path(path).name})")
     return lines
 
 

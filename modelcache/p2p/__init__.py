@@ -9,6 +9,7 @@ One job per module:
 - :mod:`.signing`: the HMAC that authenticates every peer request;
 - :mod:`.client`: a peer as a byte source (short connect timeout, read timeout, one attempt);
 - :mod:`.router`: the :class:`~modelcache.transfer.routing.PieceRouter` a pull uses with peers;
+- :mod:`.holders`: a home's record of who holds each piece, and whom it sends the next requester to;
 - :mod:`.server`: the ``/v1/peer/...`` routes a daemon serves pieces on (with :mod:`.limit`);
 - :mod:`.node`: the one object that wires them for a daemon or a CLI pull.
 """

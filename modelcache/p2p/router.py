@@ -39,6 +39,24 @@ from .ring import piece_key, rank, score
 PROBES = 3  # candidates after the home asked whether they hold a piece
 
 
+def plan(ranked: Sequence[str], me: str | None) -> list[tuple[str, str]]:
+    """The peers to ask for a piece ranked ``ranked``, as (url, mode): its home (unless it is us) in ``home``
+    mode, then the next :data:`PROBES` candidates in ``have`` mode; the origin comes after them."""
+    return [(url, "home" if n == 0 else "have") for n, url in enumerate(ranked[:PROBES + 1]) if url != me]
+
+
+def walk(indexes: list[int], mine: Callable[[int], bool], seed: int) -> list[int]:
+    """A node's order over ``indexes``: those ``mine`` says it is home for first, then the rest starting at
+    an offset given by ``seed`` (each node's own), so homes are loaded evenly and not in lockstep."""
+    if not indexes:
+        return indexes
+    first = [i for i in indexes if mine(i)]
+    taken = set(first)
+    rest = [i for i in indexes if i not in taken]
+    shift = seed % len(rest) if rest else 0
+    return first + rest[shift:] + rest[:shift]
+
+
 class PeerRouter:
     """Routes each piece through peers before ``origin``."""
 
@@ -61,24 +79,14 @@ class PeerRouter:
             # No sha256 nor any other whole-blob check from the origin (an object in parts the server
             # would not describe): nothing could catch a peer's wrong bytes, so the origin alone.
             return [self.origin]
-        ranked = self.candidates(blob, chunk)
-        out: list[ByteSource] = []
-        for n, url in enumerate(ranked[:PROBES + 1]):
-            if url == self.members.me:
-                continue
-            out.append(self.client.source(url, "home" if n == 0 else "have"))
-        out.append(self.origin)
-        return out
+        asks = plan(self.candidates(blob, chunk), self.members.me)
+        return [*(self.client.source(url, mode) for url, mode in asks), self.origin]
 
     def order(self, blob: Blob, indexes: list[int]) -> list[int]:
         """Our home pieces first, then the rest from an offset of our own."""
         me = self.members.me
-        if not indexes:
-            return indexes
-        mine = [i for i in indexes if me is not None and self.candidates(blob, i)[:1] == [me]]
-        rest = [i for i in indexes if i not in set(mine)]
-        shift = score(blob.digest, me or self.client.node_id) % len(rest) if rest else 0
-        return mine + rest[shift:] + rest[:shift]
+        return walk(indexes, lambda i: me is not None and self.candidates(blob, i)[:1] == [me],
+                    score(blob.digest, me or self.client.node_id))
 
     async def piece_digests(self, blob: Blob) -> list[str] | None:
         """The origin's piece list when its manifest gave one cut as ours, else the first candidate's of

@@ -41,6 +41,7 @@ from ..store import Store, liveness
 from ..transfer import Engine
 from . import signing
 from .client import HOLDER_HEADER, NODE_HEADER, URL_HEADER
+from .holders import Holders
 from .limit import RateLimit
 from .pieces import digest_list, piece_size
 
@@ -60,8 +61,7 @@ class PeerServer:
         self.minimum, self.limit, self.home_wait, self._on_served = minimum, limit, home_wait, on_served
         self._uploads = asyncio.Semaphore(UPLOADS)
         self._digests: dict[str, list[str]] = {}
-        self._holders: dict[tuple[str, int], list[str]] = {}  # (blob, piece start) -> requesters served whole
-        self._turn: dict[tuple[str, int], int] = {}
+        self._holders = Holders()  # who holds each piece we served, and whom to send the next requester to
         self._standins: dict[str, str] = {}  # stand-in digest -> sha256 learnt in an earlier run
         self._standins_at = -STANDIN_REFRESH
 
@@ -155,14 +155,12 @@ class PeerServer:
         if not held:
             return _not_found(f"bytes {start}-{end} of {digest} are not held here", self.node_id)
         if mode == "home":
-            holder = self._next_holder(digest, start, requester)
+            holder = self._holders.next_holder((digest, start), requester)
             if holder is not None:
                 return web.Response(status=307, headers={HOLDER_HEADER: holder, NODE_HEADER: self.node_id})
         served = await self._send(request, stored, digest, start, end)
         if served == end - start + 1 and requester:
-            holders = self._holders.setdefault((digest, start), [])
-            if requester not in holders:
-                holders.append(requester)
+            self._holders.served((digest, start), requester)
         return served_response(request)
 
     def _holds(self, stored: str, digest: str, start: int, end: int) -> bool:
@@ -174,15 +172,6 @@ class PeerServer:
         except (NotFound, InvalidContent, OSError):
             return False
         return True
-
-    def _next_holder(self, digest: str, start: int, requester: str | None) -> str | None:
-        """Every other request for a piece goes to a holder we served before, in turn; the rest we serve."""
-        holders = [h for h in self._holders.get((digest, start), []) if h != requester]
-        if not holders:
-            return None
-        turn = self._turn[(digest, start)] = self._turn.get((digest, start), 0) + 1
-        slot = turn % (len(holders) + 1)
-        return None if slot == 0 else holders[slot - 1]
 
     def _under_lease(self, stored: str, work: Callable[[], Any]) -> Any:
         """Run ``work`` holding an ``upload`` lease on the blob (blocks; in a thread)."""

@@ -1,0 +1,41 @@
+"""A piece's home remembers who holds each piece it served, and decides whom to send the next requester to.
+
+Pure bookkeeping, no I/O: the peer server (:mod:`.server`) keeps one
+:class:`Holders` and asks it, for every ``home``-mode request of a piece it
+holds, whether to serve the bytes itself (None) or answer 307 with a
+holder's URL; the cluster simulator (``tools/sim_p2p.py``) drives the same
+object. Keys are ``(blob digest, piece start offset)``.
+"""
+
+from __future__ import annotations
+
+Key = tuple[str, int]
+
+
+class Holders:
+    """Requesters served each piece whole, and the turn of the next redirect."""
+
+    def __init__(self) -> None:
+        self._held: dict[Key, list[str]] = {}  # piece -> requesters served whole, in order
+        self._known: dict[Key, set[str]] = {}  # the same as sets (a piece can have thousands of holders)
+        self._turn: dict[Key, int] = {}
+
+    def served(self, key: Key, requester: str) -> None:
+        """``requester`` got the piece ``key`` whole from us: it holds it now."""
+        known = self._known.setdefault(key, set())
+        if requester not in known:
+            known.add(requester)
+            self._held.setdefault(key, []).append(requester)
+
+    def held(self, key: Key) -> list[str]:
+        """The holders we know of for ``key``, in the order they became holders."""
+        return list(self._held.get(key, ()))
+
+    def next_holder(self, key: Key, requester: str | None) -> str | None:
+        """Every other request for a piece goes to a holder we served before, in turn; the rest we serve."""
+        holders = [h for h in self._held.get(key, []) if h != requester]
+        if not holders:
+            return None
+        turn = self._turn[key] = self._turn.get(key, 0) + 1
+        slot = turn % (len(holders) + 1)
+        return None if slot == 0 else holders[slot - 1]

@@ -1,0 +1,729 @@
+#!/usr/bin/env python3
+"""Simulate one model pulled by a whole cluster through modelcache's peers (issue 11), with the real code.
+
+One command::
+
+    python tools/sim_p2p.py            # 10, 100, 1000, 5000 nodes, a 100 GB model (a few minutes, 1 core)
+    python tools/sim_p2p.py --quick    # 10 and 100 nodes, a 10 GB model (seconds)
+    python tools/sim_p2p.py --nodes 5000 --scenario "all at once" --save r.jsonl   # one part of the run
+    python tools/sim_p2p.py --load r*.jsonl                                         # the table and plot of parts
+
+Three scenarios per node count: every node starts at once; the same with
+10% of the nodes leaving at half the solo pull time; nodes arriving in four
+waves a quarter of the solo time apart. Printed per scenario and node count,
+and plotted against node count (``benchmarks/sim-p2p.png``): origin egress
+as a multiple of the model size, the slowest node's pull time (and p50, p99)
+as a multiple of one node's solo pull at the same caps, and the largest
+node's upload over the mean.
+
+What is the real code, imported and called, not reimplemented:
+
+- the piece size and count (:mod:`modelcache.p2p.pieces`);
+- the rendezvous weights (:func:`modelcache.rendezvous.score` of
+  :func:`modelcache.p2p.ring.piece_key`) ranking every piece's candidates;
+  the top of each ranking is taken with numpy from a matrix of those weights
+  and checked against :func:`~modelcache.rendezvous.rank` on a sample at
+  every membership change;
+- which peers a node asks for a piece and in which mode
+  (:func:`modelcache.p2p.router.plan`) and the order it walks its pieces in
+  (:func:`modelcache.p2p.router.walk`);
+- each home's holder bookkeeping and redirect decision
+  (:class:`modelcache.p2p.holders.Holders`), one per node as each daemon's
+  peer server keeps one.
+
+What is modelled (after ``transfer/engine.py``, ``p2p/client.py`` and
+``p2p/server.py``): each node fetches with ``concurrency`` slots; a peer
+asked as a piece's home that is fetching it (or will) fetches it now, once,
+and makes requesters wait up to ``home_wait`` (else 404: the requester
+defers the piece once to the end of its queue, then asks the next
+candidates and the origin); a 307 sends a requester to a holder (``have``,
+then the home again in ``held`` mode); a node uploads at most ``UPLOADS``
+pieces at once and a request waiting longer than the read timeout for its
+turn fails (the peer is benched for 10 s and the next source is asked); a
+piece cut short (a peer left) resumes at the byte reached from the next
+source. Bytes move as fluid flows sharing each node's upload and download
+cap and the origin's cap, max-min fair by progressive filling, recomputed at
+every event; events closer together than ``--quantum`` seconds are handled
+together. Not modelled: request latency, disk, CPU, piece digest checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import heapq
+import json
+import math
+import random
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from modelcache.p2p.client import PeerClient  # noqa: E402  (the client's default timeouts)
+from modelcache.p2p.holders import Holders  # noqa: E402
+from modelcache.p2p.members import FAILED_PAUSE  # noqa: E402
+from modelcache.p2p.pieces import piece_count, piece_size  # noqa: E402
+from modelcache.p2p.ring import piece_key  # noqa: E402
+from modelcache.p2p.router import PROBES, plan, walk  # noqa: E402
+from modelcache.p2p.server import UPLOADS  # noqa: E402
+from modelcache.rendezvous import rank, score  # noqa: E402
+from modelcache.transfer.engine import TransferConfig  # noqa: E402
+
+try:
+    from benchlib import record  # tools/ is on the path when this runs as a script
+except ImportError:  # imported from elsewhere (the tests)
+    def record(kind: str, **fields: object) -> None:
+        """No report to write to."""
+
+GB = 10**9
+DIGEST = "sha256:" + "5e" * 32
+ORIGIN = -1
+TOP = 12  # candidates kept per piece (more than PROBES + 1, for peers a node has benched)
+READ_TIMEOUT = PeerClient(b"", "").read_timeout  # a request silent this long fails
+HOME_WAIT = max(0.5, READ_TIMEOUT * 0.8)  # as p2p/node.py gives the peer server
+
+
+@dataclass
+class Config:
+    """One simulated pull."""
+
+    nodes: int
+    model: int = 100 * GB
+    up: float = 1.25 * GB  # bytes/s each node uploads at most (10 Gbit/s)
+    down: float = 1.25 * GB
+    origin: float = 5 * GB
+    concurrency: int = TransferConfig().concurrency
+    leave: float = 0.0  # fraction of nodes leaving at ``leave_at`` x solo time
+    leave_at: float = 0.5
+    waves: int = 1  # nodes arrive in this many equal waves, ``wave_gap`` x solo time apart
+    wave_gap: float = 0.25
+    seed: int = 1
+    quantum: float = 0.5  # events closer than this fraction of one piece's time at the node cap are handled together
+
+    def solo(self) -> float:
+        """One node alone pulling the model from the origin at the same caps."""
+        return self.model / min(self.down, self.origin)
+
+
+@dataclass
+class Result:
+    """What one simulated pull measured."""
+
+    config: Config
+    origin_bytes: int
+    durations: list[float]  # each node that finished: done - arrived
+    uploads: list[int]  # bytes each node uploaded (every node that took part)
+    makespan: float
+    events: int
+    wall: float
+    from_peers: int = 0
+    timeouts: int = 0
+    redirects: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def ratios(self) -> dict[str, float]:
+        """The figures the issue asks for."""
+        solo = self.config.solo()
+        d = sorted(self.durations)
+        mean_up = sum(self.uploads) / max(1, len(self.uploads))
+        return {"origin": self.origin_bytes / self.config.model,
+                "slowest": d[-1] / solo if d else math.inf,
+                "p50": _pct(d, 0.50) / solo, "p99": _pct(d, 0.99) / solo,
+                "upload": max(self.uploads) / mean_up if mean_up else 0.0}
+
+
+def _pct(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, int(q * len(values)))] if values else math.inf
+
+
+class Ranking:
+    """Every piece's candidates under the live membership: the real weights, the top taken with numpy."""
+
+    def __init__(self, urls: list[str], pieces: int) -> None:
+        self.urls = urls
+        weights = np.empty((pieces, len(urls)), dtype=np.uint64)
+        for i in range(pieces):
+            key = piece_key(DIGEST, i)
+            weights[i] = [score(key, u) for u in urls]
+        self.weights = weights
+        self.top: list[list[int]] = []
+
+    def update(self, alive: np.ndarray, check: int = 3) -> None:
+        """Recompute every piece's top candidates among ``alive`` members, checked against the real rank()."""
+        masked = np.where(alive[None, :], self.weights, np.uint64(0))
+        k = min(TOP, int(alive.sum()))
+        part = np.argpartition(masked, masked.shape[1] - k, axis=1)[:, -k:]
+        order = np.argsort(np.take_along_axis(masked, part, axis=1), axis=1)[:, ::-1]
+        self.top = np.take_along_axis(part, order, axis=1).tolist()
+        live = [u for u, a in zip(self.urls, alive, strict=True) if a]
+        for i in range(0, len(self.top), max(1, len(self.top) // check)):
+            assert [self.urls[n] for n in self.top[i]] == rank(piece_key(DIGEST, i), live)[:k], "ranking differs"
+
+
+class Req:
+    """One node's fetch of one piece: its sources in turn, a redirect's targets, the bytes it has."""
+
+    __slots__ = ("node", "piece", "sources", "pos", "targets", "got", "defer", "token", "sent", "for_peer", "live")
+
+    def __init__(self, node: int, piece: int, sources: list[tuple[int, str]], defer: bool, for_peer: bool) -> None:
+        self.node, self.piece, self.sources, self.defer, self.for_peer = node, piece, sources, defer, for_peer
+        self.pos = 0
+        self.targets: list[tuple[int, str]] = []
+        self.got = 0
+        self.token = 0  # bumped whenever a wait ends, so stale timers are ignored
+        self.sent = 0.0
+        self.live = True
+
+
+class Sim:
+    """The event loop over one :class:`Config`."""
+
+    def __init__(self, cfg: Config, ranking: Ranking | None = None) -> None:
+        self.cfg = cfg
+        rng = random.Random(cfg.seed)
+        n = cfg.nodes
+        self.piece = piece_size(cfg.model)
+        self.P = piece_count(cfg.model, self.piece)
+        self.lengths = [min(self.piece, cfg.model - i * self.piece) for i in range(self.P)]
+        self.urls = [f"http://10.{i >> 16}.{(i >> 8) & 255}.{i & 255}:8470" for i in range(n)]
+        self.index = {u: i for i, u in enumerate(self.urls)}
+        self.ranking = ranking if ranking is not None and ranking.urls == self.urls else Ranking(self.urls, self.P)
+        self.now = 0.0
+        self.plans: dict[int, list[tuple[int, str]]] = {}  # piece -> the plan of a node not among its first candidates
+        # per node: 0 = to fetch, 1 = being fetched, 2 = held
+        self.state = [bytearray(self.P) for _ in range(n)]
+        self.held = [0] * n
+        self.todo: list[deque[int]] = [deque() for _ in range(n)]
+        self.deferred: list[set[int]] = [set() for _ in range(n)]
+        self.jobs: list[deque[int]] = [deque() for _ in range(n)]  # pieces peers asked us to fetch now
+        self.free = [0] * n
+        self.waiters: list[dict[int, list[Req]]] = [{} for _ in range(n)]  # piece -> requests waiting on us
+        self.holders = [Holders() for _ in range(n)]
+        self.bench: list[dict[int, float]] = [{} for _ in range(n)]
+        self.uploading = [0] * n
+        self.queue: list[deque[Req]] = [deque() for _ in range(n)]
+        self.uploaded = [0] * n
+        self.alive = np.zeros(n, dtype=bool)
+        self.member = [False] * n  # the same as a list (fast to index one at a time)
+        self.arrived = [math.inf] * n
+        self.done = [math.inf] * n
+        self.gone = [False] * n
+        self.origin_bytes = self.from_peers = self.timeouts = self.redirects = self.events = 0
+        self.timers: list[tuple[float, int, int, Callable[[], None]]] = []
+        self._seq = 0
+        # flows: parallel numpy arrays (swap-remove) plus the requests they serve
+        cap = max(64, n * cfg.concurrency * 2)
+        self.f_src = np.zeros(cap, dtype=np.int64)
+        self.f_dst = np.zeros(cap, dtype=np.int64)
+        self.f_rem = np.zeros(cap, dtype=np.float64)
+        self.f_len = np.zeros(cap, dtype=np.float64)
+        self.f_req: list[Req | None] = [None] * cap
+        self.nf = 0
+        self.capu = np.array([cfg.up] * n + [cfg.origin])
+        self.capd = np.array([cfg.down] * n + [math.inf])
+        # arrivals and departures
+        order = list(range(n))
+        rng.shuffle(order)
+        waves = max(1, cfg.waves)
+        for w in range(waves):
+            batch = order[w * n // waves:(w + 1) * n // waves]
+            self.at(w * cfg.wave_gap * cfg.solo(), lambda b=batch: self.arrive(b))
+        if cfg.leave > 0:
+            leavers = rng.sample(range(n), max(1, round(cfg.leave * n)))
+            self.at(cfg.leave_at * cfg.solo(), lambda: self.depart(leavers))
+
+    # ---- timers -------------------------------------------------------------------------------------------
+
+    def at(self, when: float, call: Callable[[], None]) -> None:
+        self._seq += 1
+        heapq.heappush(self.timers, (when, self._seq, 0, call))
+
+    # ---- membership ---------------------------------------------------------------------------------------
+
+    def arrive(self, batch: list[int]) -> None:
+        for n in batch:
+            self.alive[n] = True
+            self.member[n] = True
+            self.arrived[n] = self.now
+        self.ranking.update(self.alive)
+        self.plans.clear()
+        top = self.ranking.top
+        for n in batch:
+            # The real walk: our home pieces first, then the rest from our own offset.
+            self.todo[n] = deque(walk(list(range(self.P)), lambda i, n=n: top[i][0] == n,
+                                      score(DIGEST, self.urls[n])))
+            self.free[n] = self.cfg.concurrency
+            self.fill(n)
+
+    def depart(self, leavers: list[int]) -> None:
+        for n in leavers:
+            self.alive[n] = False
+            self.member[n] = False
+            self.gone[n] = True
+        self.ranking.update(self.alive)
+        self.plans.clear()
+        gone = set(leavers)
+        # Flows to or from a leaver stop: a requester that was receiving resumes at the byte reached.
+        cut = [k for k in range(self.nf) if int(self.f_src[k]) in gone or int(self.f_dst[k]) in gone]
+        for k in sorted(cut, reverse=True):
+            req, src = self.f_req[k], int(self.f_src[k])
+            assert req is not None
+            moved = int(self.f_len[k] - max(0.0, self.f_rem[k]))
+            self.account(src, moved)
+            self.remove_flow(k)
+            if src != self.cfg.nodes and src not in gone:
+                self.uploading[src] -= 1
+                self.pump(src)
+            if req.node in gone:
+                req.live = False
+                continue
+            req.got += moved
+            self.failed(req, src)
+        for n in leavers:
+            for reqs in self.waiters[n].values():
+                for req in reqs:
+                    if self.waiting(req):
+                        req.token += 1
+                        self.failed(req, n)
+            self.waiters[n].clear()
+            for req in self.queue[n]:
+                if self.waiting(req):
+                    req.token += 1
+                    self.failed(req, n)
+            self.queue[n].clear()
+            self.jobs[n].clear()
+            self.todo[n].clear()
+
+    # ---- one node's slots ---------------------------------------------------------------------------------
+
+    def fill(self, n: int) -> None:
+        """Give node ``n``'s free slots work: pieces peers asked it for first, then its own queue."""
+        state = self.state[n]
+        while self.free[n] > 0:
+            if self.jobs[n]:
+                i = self.jobs[n].popleft()
+                self.free[n] -= 1
+                self.start(n, i, defer=False, for_peer=True)
+                continue
+            todo = self.todo[n]
+            while todo and state[todo[0]] != 0:
+                todo.popleft()  # taken meanwhile for a peer that asked us as its home
+            if not todo:
+                return
+            i = todo.popleft()
+            state[i] = 1
+            self.free[n] -= 1
+            self.start(n, i, defer=bool(todo) and i not in self.deferred[n], for_peer=False)
+
+    def sources(self, n: int, i: int) -> list[tuple[int, str]]:
+        """The real plan() over this node's view of the piece's candidates (benched peers left out)."""
+        top = self.ranking.top[i]
+        bench = self.bench[n]
+        if bench:
+            now = self.now
+            top = [m for m in top if bench.get(m, 0.0) <= now]
+            if len(top) < PROBES + 1 and len(self.ranking.top[i]) >= TOP:
+                live = [u for u, a in zip(self.urls, self.alive, strict=True) if a and bench.get(self.index[u], 0.0) <= now]
+                top = [self.index[u] for u in rank(piece_key(DIGEST, i), live)[:PROBES + 1]]
+        else:
+            # Every node outside a piece's first candidates gets the same plan: computed once per membership.
+            first = top[:PROBES + 1]
+            if n not in first:
+                cached = self.plans.get(i)
+                if cached is None:
+                    cached = self.plans[i] = self.plan(first, n)
+                return cached
+        return self.plan(top[:PROBES + 1], n)
+
+    def plan(self, first: list[int], n: int) -> list[tuple[int, str]]:
+        urls = self.urls
+        return [(self.index[u], mode) for u, mode in plan([urls[m] for m in first], urls[n])]
+
+    def start(self, n: int, i: int, *, defer: bool, for_peer: bool) -> None:
+        req = Req(n, i, self.sources(n, i), defer, for_peer)
+        self.ask(req)
+
+    # ---- one request through its sources ------------------------------------------------------------------
+
+    def ask(self, req: Req) -> None:
+        """Try the request's next target or source until bytes flow, it waits, or it is deferred."""
+        i = req.piece
+        while True:
+            if req.targets:
+                t, mode = req.targets.pop(0)
+            elif req.pos < len(req.sources):
+                t, mode = req.sources[req.pos]
+                req.pos += 1
+            else:
+                self.flow(ORIGIN, req)
+                return
+            req.sent = self.now
+            if not self.member[t]:
+                self.bench[req.node][t] = self.now + FAILED_PAUSE  # refused: benched, next source at once
+                req.targets = []
+                continue
+            holds = self.state[t][i] == 2
+            if mode == "home":
+                if holds:
+                    if self.decide(t, req):
+                        return
+                    continue
+                if self.pulling(t):
+                    self.ensure(t, req)
+                    return
+                if self.not_yet(req):
+                    return
+                continue
+            if holds:  # have, held
+                self.upload(t, req)
+                return
+            # a miss: the next target (after a redirect, the home in ``held`` mode), else the next source
+
+    def decide(self, home: int, req: Req) -> bool:
+        """The home holds the piece: serve it (True) or send the requester to a holder (False, targets set)."""
+        key = (DIGEST, req.piece * self.piece)
+        holder = self.holders[home].next_holder(key, self.urls[req.node])
+        if holder is None:
+            self.upload(home, req)
+            return True
+        self.redirects += 1
+        req.targets = [(self.index[holder], "have"), (home, "held")]
+        return False
+
+    def pulling(self, t: int) -> bool:
+        return self.done[t] == math.inf and self.arrived[t] <= self.now
+
+    def not_yet(self, req: Req) -> bool:
+        """The home does not hold it and is not fetching it in time: defer once (True), else the next source."""
+        if req.defer and req.pos == 1 and req.got == 0 and not req.targets:
+            self.deferred[req.node].add(req.piece)
+            self.release(req, deferred=True)
+            return True
+        return False
+
+    def ensure(self, home: int, req: Req) -> None:
+        """``Engine.ensure_piece`` at the home: fetch the piece now (once) and make the requester wait for it."""
+        i = req.piece
+        state = self.state[home]
+        if state[i] == 0:
+            state[i] = 1
+            self.jobs[home].append(i)
+        self.waiters[home].setdefault(i, []).append(req)
+        req.token += 1
+        token = req.token
+        self.at(self.now + HOME_WAIT, lambda: self.home_timeout(home, req, token))
+        if self.free[home] > 0:
+            self.fill(home)
+
+    def waiting(self, req: Req) -> bool:
+        """The request still wants its piece (its node did not leave)."""
+        return req.live and not self.gone[req.node]
+
+    def home_timeout(self, home: int, req: Req, token: int) -> None:
+        if not self.waiting(req) or req.token != token:
+            return
+        req.token += 1
+        self.timeouts += 1
+        waiting = self.waiters[home].get(req.piece)
+        if waiting and req in waiting:
+            waiting.remove(req)
+        if not self.not_yet(req):
+            self.ask(req)
+
+    def upload(self, src: int, req: Req) -> None:
+        """Bytes from peer ``src`` once it has an upload slot; a request that waits past the read timeout fails."""
+        if self.uploading[src] < UPLOADS:
+            self.uploading[src] += 1
+            self.flow(src, req)
+            return
+        req.token += 1
+        token = req.token
+        self.queue[src].append(req)
+        self.at(req.sent + READ_TIMEOUT, lambda: self.upload_timeout(src, req, token))
+
+    def upload_timeout(self, src: int, req: Req, token: int) -> None:
+        if not self.waiting(req) or req.token != token:
+            return
+        req.token += 1
+        self.timeouts += 1
+        self.failed(req, src)
+
+    def pump(self, src: int) -> None:
+        """An upload slot of ``src`` came free: the next queued request still waiting gets it."""
+        queue = self.queue[src]
+        while queue and self.uploading[src] < UPLOADS:
+            req = queue.popleft()
+            if not self.waiting(req) or self.now > req.sent + READ_TIMEOUT:
+                continue
+            req.token += 1
+            self.uploading[src] += 1
+            self.flow(src, req)
+
+    def failed(self, req: Req, peer: int) -> None:
+        """A peer failed (left, or silent past the timeout): benched, and the next source asked at once."""
+        self.bench[req.node][peer] = self.now + FAILED_PAUSE
+        req.targets = []
+        self.ask(req)
+
+    def release(self, req: Req, *, deferred: bool) -> None:
+        """The request is over without the piece (deferred): the slot takes other work."""
+        n, i = req.node, req.piece
+        req.live = False
+        self.state[n][i] = 0
+        self.todo[n].append(i)
+        self.fail_waiters(n, i)
+        self.free[n] += 1
+        self.fill(n)
+
+    def fail_waiters(self, n: int, i: int) -> None:
+        for w in self.waiters[n].pop(i, []):
+            if self.waiting(w):
+                w.token += 1
+                if not self.not_yet(w):
+                    self.ask(w)
+
+    # ---- flows --------------------------------------------------------------------------------------------
+
+    def flow(self, src: int, req: Req) -> None:
+        k = self.nf
+        if k == len(self.f_req):
+            for name in ("f_src", "f_dst", "f_rem", "f_len"):
+                setattr(self, name, np.concatenate([getattr(self, name), np.zeros_like(getattr(self, name))]))
+            self.f_req.extend([None] * len(self.f_req))
+        left = self.lengths[req.piece] - req.got
+        self.f_src[k] = src if src != ORIGIN else self.cfg.nodes
+        self.f_dst[k] = req.node
+        self.f_rem[k] = self.f_len[k] = left
+        self.f_req[k] = req
+        self.nf += 1
+
+    def remove_flow(self, k: int) -> None:
+        last = self.nf - 1
+        if k != last:
+            self.f_src[k], self.f_dst[k] = self.f_src[last], self.f_dst[last]
+            self.f_rem[k], self.f_len[k] = self.f_rem[last], self.f_len[last]
+            self.f_req[k] = self.f_req[last]
+        self.f_req[last] = None
+        self.nf = last
+
+    def account(self, src: int, moved: int) -> None:
+        if src == self.cfg.nodes or src == ORIGIN:
+            self.origin_bytes += moved
+        else:
+            self.uploaded[src] += moved
+            self.from_peers += moved
+
+    def finished(self, req: Req, src: int, length: int) -> None:
+        self.account(src, length)
+        n, i = req.node, req.piece
+        if src != self.cfg.nodes:
+            self.uploading[src] -= 1
+            self.holders[src].served((DIGEST, i * self.piece), self.urls[n])
+            self.pump(src)
+        req.live = False
+        self.state[n][i] = 2
+        self.held[n] += 1
+        if self.held[n] == self.P:
+            self.done[n] = self.now
+        for w in self.waiters[n].pop(i, []):  # peers that asked us as the piece's home
+            if self.waiting(w):
+                w.token += 1
+                if not self.decide(n, w):
+                    self.ask(w)
+        self.free[n] += 1
+        self.fill(n)
+
+    def rates(self) -> np.ndarray:
+        """Max-min fair rates by progressive filling over the flows' upload and download caps."""
+        nf = self.nf
+        src, dst = self.f_src[:nf], self.f_dst[:nf]
+        m = self.cfg.nodes + 1
+        up, down = self.capu.copy(), self.capd.copy()
+        rate = np.zeros(nf)
+        live = np.ones(nf, dtype=bool)
+        for _ in range(3):
+            s, d = src[live], dst[live]
+            nu = np.bincount(s, minlength=m)
+            nd = np.bincount(d, minlength=m)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                share = np.minimum(up[s] / nu[s], down[d] / nd[d])
+            rate[live] += share
+            up -= np.bincount(s, weights=share, minlength=m)
+            down -= np.bincount(d, weights=share, minlength=m)
+            live &= (up[src] > 1e-6 * self.cfg.up) & (down[dst] > 1e-6 * self.cfg.down)
+            if not live.any():
+                break
+        return rate
+
+    def run(self) -> Result:
+        started = time.monotonic()
+        gc.disable()  # millions of small objects and no cycles that matter: the collector's scans cost half the time
+        try:
+            return self._run(started)
+        finally:
+            gc.enable()
+
+    def _run(self, started: float) -> Result:
+        q = self.cfg.quantum * self.piece / self.cfg.down
+        while True:
+            while self.timers and self.timers[0][0] <= self.now:
+                _, _, _, call = heapq.heappop(self.timers)
+                call()
+                self.events += 1
+            if self.nf == 0:
+                if not self.timers:
+                    break
+                self.now = self.timers[0][0]
+                continue
+            rate = self.rates()
+            rem = self.f_rem[:self.nf]
+            with np.errstate(divide="ignore"):
+                eta = float(np.min(rem / rate))
+            step = max(eta, q)
+            if self.timers:
+                step = min(step, max(0.0, self.timers[0][0] - self.now))
+            self.now += step
+            rem -= rate * step
+            ended = np.flatnonzero(rem <= 1e-3 * self.piece)
+            if ended.size:
+                srcs, lengths = self.f_src[ended].tolist(), self.f_len[ended].tolist()
+                keys = ended.tolist()
+                reqs = [self.f_req[k] for k in keys]
+                for k in reversed(keys):
+                    self.remove_flow(k)
+                for req, src, length in zip(reqs, srcs, lengths, strict=True):
+                    assert req is not None
+                    self.finished(req, src, int(length))
+                self.events += len(keys)
+        members = [n for n in range(self.cfg.nodes) if not self.gone[n]]
+        missing = [n for n in members if self.done[n] == math.inf]
+        if missing:
+            raise RuntimeError(f"{len(missing)} nodes never finished")
+        durations = [self.done[n] - self.arrived[n] for n in members]
+        return Result(self.cfg, self.origin_bytes, durations, list(self.uploaded),
+                      max(self.done[n] for n in members), self.events, time.monotonic() - started,
+                      from_peers=self.from_peers, timeouts=self.timeouts, redirects=self.redirects)
+
+
+def simulate(cfg: Config, ranking: Ranking | None = None) -> Result:
+    """Run one pull (``ranking`` may be shared between runs over the same nodes and model)."""
+    return Sim(cfg, ranking).run()
+
+
+SCENARIOS: dict[str, dict[str, float]] = {
+    "all at once": {},
+    "10% leave mid-pull": {"leave": 0.10},
+    "arrive in 4 waves": {"waves": 4},
+}
+
+
+def row(name: str, r: Result) -> dict[str, object]:
+    """One line of the table: the scenario, the node count, the figures and how long the simulation took."""
+    return {"scenario": name, "nodes": r.config.nodes, "model": r.config.model, **r.ratios(), "wall": r.wall}
+
+
+def table(rows: list[dict]) -> list[str]:
+    out = [f"{'scenario':<20} {'nodes':>5}  {'origin/model':>12}  {'slowest/solo':>12}  {'p50':>5}  {'p99':>5}  "
+           f"{'max/mean upload':>15}  {'sim s':>6}"]
+    for f in rows:
+        out.append(f"{f['scenario']:<20} {f['nodes']:>5}  {f['origin']:>12.3f}  {f['slowest']:>12.2f}  "
+                   f"{f['p50']:>5.2f}  {f['p99']:>5.2f}  {f['upload']:>15.2f}  {f['wall']:>6.1f}")
+    return out
+
+
+def plot(rows: list[dict], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(plot skipped: matplotlib is not installed; pip install -e '.[bench]')")
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    panels = (("origin", "origin egress / model size", 1.05), ("slowest", "slowest node's pull / solo pull", 1.5),
+              ("upload", "largest upload / mean upload", None))
+    for ax, (key, label, goal) in zip(axes, panels, strict=True):
+        for name in SCENARIOS:
+            points = sorted((f["nodes"], f[key]) for f in rows if f["scenario"] == name)
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        if key == "slowest":
+            ax.plot([f["nodes"] for f in rows if f["scenario"] == "all at once"],
+                    [f["p50"] for f in rows if f["scenario"] == "all at once"], linestyle=":", marker=".",
+                    label="all at once, p50")
+            ax.axhline(1.8, linestyle="-.", color="lightgrey", label="Kraken's published 1.8")
+        if goal:
+            ax.axhline(goal, linestyle="--", color="grey", label=f"goal {goal}")
+        ax.set_xscale("log")
+        ax.set_xlabel("nodes")
+        ax.set_ylabel(label)
+        ax.set_ylim(0, max(ax.get_ylim()[1], 2.0 if key != "origin" else 1.3))
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="10 and 100 nodes, a 10 GB model")
+    parser.add_argument("--nodes", type=int, nargs="*", help="node counts (default 10 100 1000 5000)")
+    parser.add_argument("--model-gb", type=float, help="model size in GB (default 100, --quick 10)")
+    parser.add_argument("--node-gbit", type=float, default=10.0, help="each node's upload and download cap")
+    parser.add_argument("--origin-gbit", type=float, default=40.0, help="the origin's cap")
+    parser.add_argument("--scenario", action="append", choices=list(SCENARIOS), help="only these (repeatable)")
+    parser.add_argument("--plot", type=Path, default=ROOT / "benchmarks" / "sim-p2p.png")
+    parser.add_argument("--save", type=Path, help="append each result to this file (JSON lines) as it comes")
+    parser.add_argument("--load", type=Path, nargs="+", help="print and plot results saved with --save instead")
+    args = parser.parse_args()
+
+    nodes = args.nodes or ([10, 100] if args.quick else [10, 100, 1000, 5000])
+    model = int((args.model_gb or (10 if args.quick else 100)) * GB)
+    node_cap, origin_cap = args.node_gbit * GB / 8, args.origin_gbit * GB / 8
+    chosen = args.scenario or list(SCENARIOS)
+    piece = piece_size(model)
+    print(f"model {model / GB:g} GB in {piece_count(model, piece)} pieces of {piece >> 20} MiB; nodes "
+          f"{args.node_gbit:g} Gbit/s up and down, origin {args.origin_gbit:g} Gbit/s; solo pull "
+          f"{model / min(node_cap, origin_cap):.1f} s; {TransferConfig().concurrency} fetches and {UPLOADS} uploads "
+          f"per node at once", flush=True)
+    rows: list[dict] = []
+    if args.load:
+        rows = [json.loads(line) for path in args.load for line in path.read_text().splitlines() if line.strip()]
+    for n in [] if args.load else nodes:
+        ranking = None
+        for name in chosen:
+            cfg = Config(n, model=model, up=node_cap, down=node_cap, origin=origin_cap, **SCENARIOS[name])  # type: ignore[arg-type]
+            sim = Sim(cfg, ranking)
+            ranking = sim.ranking
+            rows.append(row(name, sim.run()))
+            print(table(rows[-1:])[-1], flush=True)
+            if args.save:
+                with args.save.open("a") as f:
+                    f.write(json.dumps(rows[-1]) + "\n")
+    rows.sort(key=lambda f: (f["nodes"], list(SCENARIOS).index(f["scenario"])))
+    print()
+    print("\n".join(table(rows)))
+    model = int(rows[0]["model"]) if rows else model
+    drawn = plot(rows, args.plot, f"{model / GB:g} GB to N nodes through peers (nodes {args.node_gbit:g} Gbit/s, "
+                                  f"origin {args.origin_gbit:g} Gbit/s)")
+    if drawn:
+        print(f"wrote {args.plot}")
+    for f in rows:  # for tools/bench_report.py
+        record("sim", **f, plot=str(args.plot) if drawn else "")
+
+
+if __name__ == "__main__":
+    main()

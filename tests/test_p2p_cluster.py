@@ -131,6 +131,26 @@ def test_four_nodes_share_one_origin_fetch_and_a_late_node_fetches_nothing(regis
             stop_all(daemons)
 
 
+def test_homes_that_do_not_pull_the_model_still_keep_it_to_one_origin_fetch(registry, tmp_path, secret) -> None:
+    """2 of 4 nodes pull: the pieces homed on the 2 that do not (they have no access of their own to
+    fetch them) are fetched once, by the requester their home elects, and the other takes them from it."""
+    files = model_files(5)
+    size = sum(len(d) for d in files.values())
+    push(registry, "p2p/some", files)
+    ports = [free_port() for _ in range(4)]
+    with FaultProxy(registry.host) as proxy:
+        daemons = start_peers(tmp_path, secret, ports)
+        try:
+            jobs = pull_all(daemons[:2], f"oci://{proxy.host}/p2p/some:v1")
+            for job in jobs:
+                assert_exact(job, files)
+            origin = sum(e.bytes for e in proxy.blob_gets())
+            assert origin <= 1.1 * size, (origin, size)
+            assert sum(served(d) for d in daemons[2:]) == 0  # the bystanders hold nothing and served nothing
+        finally:
+            stop_all(daemons)
+
+
 class Liar:
     """A fake peer that signs nothing and checks nothing: it answers every range with flipped bytes."""
 

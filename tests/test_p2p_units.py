@@ -165,3 +165,20 @@ def test_a_home_sends_later_requesters_to_holders_in_turn(tmp_path) -> None:
     answers = [holders.next_holder(key, "http://c") for _ in range(6)]
     assert answers.count(None) == 2 and answers.count("http://a") == 2 and answers.count("http://b") == 2
     assert all(holders.next_holder(key, "http://a") != "http://a" for _ in range(4))  # never to itself
+
+
+def test_a_home_that_does_not_fetch_a_blob_elects_one_requester_per_piece() -> None:
+    """A home with no pull of the blob cannot reach the origin: the first requester fetches the piece, the
+    others are sent to it, until the election lapses (a requester that died stops drawing others)."""
+    from modelcache.p2p.holders import ELECTION_SECONDS, Holders
+
+    holders = Holders()
+    key, other = ("sha256:" + "cd" * 32, 0), ("sha256:" + "cd" * 32, 65536)
+    assert holders.elect(key, "http://a", now=100.0) is None  # the first asks: it fetches
+    assert holders.elect(key, "http://b", now=100.5) == "http://a"
+    assert holders.elect(key, "http://c", now=101.0) == "http://a"
+    assert holders.elect(key, "http://a", now=101.0) is None  # asked again, still its own to fetch
+    assert holders.elect(other, "http://b", now=101.0) is None  # each piece its own election
+    later = 100.0 + ELECTION_SECONDS + 1
+    assert holders.elect(key, "http://c", now=later) is None  # lapsed: c fetches it now
+    assert holders.elect(key, "http://b", now=later) == "http://c"

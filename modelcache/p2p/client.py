@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 NODE_HEADER = "X-Modelcache-Node"
 URL_HEADER = "X-Modelcache-Peer-Url"
 HOLDER_HEADER = "X-Modelcache-Holder"
+MODE_HEADER = "X-Modelcache-Mode"  # with a 307: ask the holder in this mode; with a 404 from a home: "origin"
 BLOCK = 256 << 10
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 
@@ -129,12 +130,16 @@ class PeerSource:
                         raise NotFound(f"{url} is this daemon")
                     holder = r.headers.get(HOLDER_HEADER)
                     if r.status == 307 and holder and mode == "home":
-                        targets = [(holder, "have"), (url, "held")]  # another holder, else the home itself
+                        if r.headers.get(MODE_HEADER) == "home":  # the requester elected to fetch it: wait on it
+                            targets = [(holder, "home")]
+                        else:
+                            targets = [(holder, "have"), (url, "held")]  # another holder, else the home itself
                         continue
                     if r.status == 404:
                         if targets:
                             continue
-                        if mode == "home":  # the home is not fetching it (yet): other pieces first, then on
+                        if mode == "home" and r.headers.get(MODE_HEADER) != "origin":
+                            # the home is not fetching it yet: other pieces first, then on
                             raise NotYet(f"{self.name} does not hold {range_} of {blob.digest[:19]} yet")
                         raise NotFound(f"{self.name} does not hold {range_} of {blob.digest[:19]}")
                     if r.status != 206:

@@ -2,7 +2,9 @@
 
     GET /v1/peer/hello                 200, this daemon's node id in X-Modelcache-Node
     GET /v1/peer/blobs/{digest}?mode=  206 with the Range asked for (home | have | held), 404 if not held,
-                                       307 + X-Modelcache-Holder: ask that holder instead
+                                       307 + X-Modelcache-Holder: ask that holder instead (as its
+                                       home when X-Modelcache-Mode says so); a 404 with
+                                       X-Modelcache-Mode: origin elects the requester to fetch it
     GET /v1/peer/pieces/{digest}       the sha256 of each piece of a committed blob (JSON list)
 
 Every request must carry a fresh HMAC signature (:mod:`.signing`): without
@@ -40,7 +42,7 @@ from ..model import standin_digest
 from ..store import Store, liveness
 from ..transfer import Engine
 from . import signing
-from .client import HOLDER_HEADER, NODE_HEADER, URL_HEADER
+from .client import HOLDER_HEADER, MODE_HEADER, NODE_HEADER, URL_HEADER
 from .holders import Holders
 from .limit import RateLimit
 from .pieces import digest_list, piece_size
@@ -152,6 +154,14 @@ class PeerServer:
         if not held and mode == "home":
             held = await self.engine.ensure_piece(digest, start, wait=self.home_wait) and \
                 self._holds(stored, digest, start, end)
+            if not held and requester and not self.engine.fetches(digest):
+                # We cannot fetch it (no pull of ours wants it): one requester does, the others wait on it.
+                elected = self._holders.elect((digest, start), requester, time.monotonic())
+                headers = {NODE_HEADER: self.node_id}
+                if elected is not None:
+                    return web.Response(status=307, headers={**headers, HOLDER_HEADER: elected, MODE_HEADER: "home"})
+                return web.json_response({"code": "NotFound", "message": f"{digest} is not fetched here: fetch it"},
+                                         status=404, headers={**headers, MODE_HEADER: "origin"})
         if not held:
             return _not_found(f"bytes {start}-{end} of {digest} are not held here", self.node_id)
         if mode == "home":

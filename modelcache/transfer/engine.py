@@ -482,6 +482,10 @@ class Engine:
                 future.set_exception(Unavailable(f"piece {index} of {digest[:19]} failed: {error}"))
                 future.exception()
 
+    def fetches(self, digest: str) -> bool:
+        """Whether this engine is fetching ``digest``, or is about to (a pull wants it, or is resolving)."""
+        return digest in self._inflight or bool(self._resolving) or digest in self._wanted
+
     async def ensure_piece(self, digest: str, offset: int, *, wait: float) -> bool:
         """Make the piece of ``digest`` holding byte ``offset`` durable here now, if this engine fetches it.
 
@@ -494,7 +498,7 @@ class Engine:
         the same moment must not all fall back to the origin). False when
         this node is not fetching the blob, or the piece could not be had in time.
         """
-        if digest not in self._inflight and not self._resolving and digest not in self._wanted:
+        if not self.fetches(digest):
             return False
         try:
             async with asyncio.timeout(wait):

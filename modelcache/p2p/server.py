@@ -102,13 +102,10 @@ class PeerServer:
 
     async def pieces(self, request: web.Request) -> web.Response:
         """The piece digest list of a committed blob, computed once (in a thread) and kept."""
-        refused = self._refuse(request)
-        if refused:
-            return refused
-        digest = request.match_info["digest"]
-        stored = self._bad_digest(digest)
-        if isinstance(stored, web.Response):
-            return stored
+        asked = self._asked(request)
+        if isinstance(asked, web.Response):
+            return asked
+        digest, stored = asked
         size = self.store.content.size(stored)
         if size is None and stored == digest and await self._learnt_standin(digest):
             stored = self._stored(digest)
@@ -126,21 +123,23 @@ class PeerServer:
             found = self._digests[digest] = computed
         return web.json_response(found, headers={NODE_HEADER: self.node_id})
 
-    def _bad_digest(self, digest: str) -> str | web.Response:
+    def _asked(self, request: web.Request) -> tuple[str, str] | web.Response:
+        """(digest asked for, digest stored under) of a signed request, or the refusal to send."""
+        refused = self._refuse(request)
+        if refused:
+            return refused
+        digest = request.match_info["digest"]
         try:
-            return self._stored(digest)
+            return digest, self._stored(digest)
         except InvalidContent as e:
             return web.json_response({"code": "InvalidContent", "message": str(e)}, status=400)
 
     async def blob(self, request: web.Request) -> web.StreamResponse:
         """A byte range of a blob we hold (see the module docstring)."""
-        refused = self._refuse(request)
-        if refused:
-            return refused
-        digest = request.match_info["digest"]
-        stored = self._bad_digest(digest)
-        if isinstance(stored, web.Response):
-            return stored
+        asked = self._asked(request)
+        if isinstance(asked, web.Response):
+            return asked
+        digest, stored = asked
         span = _range(request.headers.get("Range", ""))
         if span is None:
             return web.json_response({"code": "InvalidRange", "message": "expected Range: bytes=A-B"}, status=416)

@@ -484,14 +484,18 @@ class BlobIngest:
                 _punch_hole(self.fd, start + kept, length - kept)
         return self.store.no_space(f"blob {self.blob.digest[:19]}", self.blob.size - self.bytes_done)
 
-    def mark_done(self, index: int) -> None:
-        """Make chunk ``index`` durable and record it; then extend the hash."""
+    def _sync(self) -> None:
+        """fdatasync the data file; a full disk is named as :meth:`_out_of_space` says."""
         try:
             os.fdatasync(self.fd)
         except OSError as e:
             if e.errno in _NO_SPACE:
                 raise self._out_of_space() from e
             raise
+
+    def mark_done(self, index: int) -> None:
+        """Make chunk ``index`` durable and record it; then extend the hash."""
+        self._sync()
         os.pwrite(self._record_fd, b"\x01", _RECORD_HEADER.size + index)
         self.done[index] = 1
         self.kept.pop(index, None)  # the done flag says more; a stale entry in ``partial`` is ignored
@@ -513,12 +517,7 @@ class BlobIngest:
             return
         if self.done[index] or length <= self.kept.get(index, 0):
             return
-        try:
-            os.fdatasync(self.fd)
-        except OSError as e:
-            if e.errno in _NO_SPACE:
-                raise self._out_of_space() from e
-            raise
+        self._sync()
         with self._partial_lock:
             self.kept[index] = length
             entries = sorted((i, n) for i, n in self.kept.items() if not self.done[i])

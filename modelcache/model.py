@@ -42,7 +42,10 @@ class Blob:
     checked too, as is ``git_sha1``, the git blob id the Hub lists for a
     file kept in git (sha1 of ``"blob <size>\\0"`` and the bytes), and
     ``md5_parts``, an S3 multipart ETag with the part size that cuts it
-    (:mod:`modelcache.store.etag`). Each is a check of the whole blob given
+    (:mod:`modelcache.store.etag`), and ``crc32``, S3's CRC32 checksum of the
+    object (whole, or composite over parts of the size given; an S3 source
+    takes it instead of the ETag where the origin has one: it costs a
+    quarter of an MD5). Each is a check of the whole blob given
     by the origin: with one, an unverified blob may be taken from peers too
     (:attr:`origin_checked`).
 
@@ -59,6 +62,7 @@ class Blob:
     md5: str | None = None
     git_sha1: str | None = None
     md5_parts: tuple[int, str] | None = None  # (part size, multipart ETag "<hex>-<parts>")
+    crc32: tuple[int, str] | None = None  # (part size, 0 for whole; S3's x-amz-checksum-crc32, "-<parts>" if composite)
     pieces: PieceDigests | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -68,8 +72,8 @@ class Blob:
 
     @property
     def origin_checked(self) -> bool:
-        """True when the origin gave a check of the whole blob: its sha256, else an MD5, ETag or git blob id."""
-        return self.verified or bool(self.md5 or self.git_sha1 or self.md5_parts)
+        """True when the origin gave a check of the whole blob: its sha256, else an MD5, ETag, CRC32 or git blob id."""
+        return self.verified or bool(self.md5 or self.git_sha1 or self.md5_parts or self.crc32)
 
 
 def standin_digest(source_key: str) -> str:

@@ -19,9 +19,9 @@ import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from .errors import NotFound
 from .model import Archive, FileEntry, Model
@@ -55,6 +55,28 @@ class PullResult:
     seconds: float
 
 
+@dataclass(slots=True)
+class EarlyStart:
+    """Blobs handed to the engine while the listing was still coming in (issue 13), and their fetches."""
+
+    stats: TransferStats = field(default_factory=TransferStats)
+    digests: set[str] = field(default_factory=set)
+    tasks: list[asyncio.Future[TransferStats]] = field(default_factory=list)
+    reserved: int = 0  # bytes reserved for them so far (the budget's reservation grows page by page)
+
+    async def stop(self) -> None:
+        """Cancel the fetches still running (each keeps what arrived) and wait for them."""
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+class _Lister(Protocol):
+    """A source whose resolve hands over the files of each listing page as it arrives (S3)."""
+
+    async def resolve(self, *, early: Callable[[list[FileEntry]], Awaitable[None]] | None = None) -> Model: ...
+
+
 async def pull(store: Store, engine: Engine, ref_text: str, *, filters: Filters | None = None,
                options: SourceOptions | None = None, progress: Progress | None = None,
                tag: str | None = None, owner: str = "cli", budget: Budget | None = None,
@@ -74,33 +96,68 @@ async def pull(store: Store, engine: Engine, ref_text: str, *, filters: Filters 
     source = open_source(ref, options or SourceOptions(), learned=store.index.learned_digest)
     lease = f"pull:{owner}:{secrets.token_hex(8)}"
     await asyncio.to_thread(store.index.add_lease, lease, kind="pull", owner=owner, process=liveness.me())
+    chosen = filters or Filters()
+    resolve: Callable[[], Awaitable[Model]] = source.resolve
+    early: EarlyStart | None = None
+    router: ChunkRouter | None = None
+    if isinstance(ref, S3Ref):
+        # A bucket's listing comes a page (1000 keys) at a time: each page's files start fetching
+        # at once, instead of after the last page (issue 13). The router is the origin's, as below.
+        router = routing(source) if routing is not None else OriginOnly(source)
+        early = EarlyStart()
+        start = functools.partial(_fetch_early, store, engine, early, router, chosen, lease, budget, progress)
+        lister: _Lister = source  # type: ignore[assignment]  # S3Source, opened for an S3Ref
+        resolve = functools.partial(lister.resolve, early=start)
     try:
         crash_point("pull-leased")
         with engine.resolving():  # peers asking us for its pieces wait a moment instead of being sent away
-            model = await engine.retry(f"resolving {ref}", source.resolve)
+            model = await engine.retry(f"resolving {ref}", resolve)
         crash_point("resolved")
         spans = {p.blob.digest: (p.origin, p.offset) for p in model.parts
                  if isinstance(p, FileEntry) and p.origin is not None}
-        origin = WithinOrigin(source, spans) if spans else source
-        router = routing(origin) if routing is not None else OriginOnly(origin)
-        chosen = filters or Filters()
+        if router is None or spans:
+            origin = WithinOrigin(source, spans) if spans else source
+            router = routing(origin) if routing is not None else OriginOnly(origin)
         with engine.wanting(p.blob.digest for p in model.parts if isinstance(p, Archive) or chosen.match(p.path)):
-            result = await materialize(store, engine, model, router, filters=filters or Filters(),
-                                       progress=progress, started=started, lease=lease, budget=budget)
+            result = await materialize(store, engine, model, router, filters=chosen,
+                                       progress=progress, started=started, lease=lease, budget=budget, early=early)
         # Private or not, as this pull found it (KEP-2535: warm mounts of private models are checked).
         needed = bool(getattr(source, "needed_credentials", False))
         await asyncio.to_thread(store.index.record_origin_access, model.ref, needed)
         return result
     finally:
+        if early is not None:
+            await early.stop()  # after a failure (done ones are untouched): what arrived is kept
         await asyncio.to_thread(store.index.drop_lease, lease)
         await source.close()
+
+
+async def _fetch_early(store: Store, engine: Engine, early: EarlyStart, router: ChunkRouter, filters: Filters,
+                       lease: str, budget: Budget | None, progress: Progress | None, entries: list[FileEntry]) -> None:
+    """Start fetching the files of one listing page that ``filters`` keep, as :func:`materialize` would
+    (sizes checked, held by ``lease``, space reserved), in ``early``'s stats."""
+    blobs = {e.blob.digest: e.blob for e in entries if filters.match(e.path) and e.blob.digest not in early.digests}
+    if not blobs:
+        return
+    for blob in {max(blobs.values(), key=lambda b: b.size), min(blobs.values(), key=lambda b: b.size)}:
+        store.content.check_size(blob)
+    await asyncio.to_thread(store.index.hold, lease, blobs=list(blobs))
+    if budget is not None:
+        early.reserved += sum(b.size for b in blobs.values() if not store.content.has(b.digest))
+        await asyncio.to_thread(reserve, store, budget, lease, early.reserved)
+    early.digests.update(blobs)
+    early.tasks.append(asyncio.ensure_future(
+        engine.fetch(list(blobs.values()), router, stats=early.stats, progress=progress, leases=(lease,))))
 
 
 async def materialize(store: Store, engine: Engine, model: Model, router: ChunkRouter, *,
                       filters: Filters, progress: Progress | None = None,
                       started: float | None = None, lease: str | None = None,
-                      budget: Budget | None = None) -> PullResult:
-    """Fetch what ``model`` needs through ``router`` and build its view, holding all of it by ``lease``."""
+                      budget: Budget | None = None, early: EarlyStart | None = None) -> PullResult:
+    """Fetch what ``model`` needs through ``router`` and build its view, holding all of it by ``lease``.
+
+    ``early``: blobs whose fetch started while the model was resolving; waited for here, not fetched again.
+    """
     started = time.monotonic() if started is None else started
     leases = (lease,) if lease else ()
     files = [p for p in model.parts if isinstance(p, FileEntry) and filters.match(p.path)]
@@ -124,11 +181,15 @@ async def materialize(store: Store, engine: Engine, model: Model, router: ChunkR
     # From the origin alone, layers stream into their files as they download (issue 13); with peers they
     # are fetched whole through the router first (pieces from peers), then unpacked.
     origin = router.sources(archives[0].blob, 0)[0] if archives and isinstance(router, OriginOnly) else None
-    stats = TransferStats()
+    stats = early.stats if early is not None else TransferStats()
+    started_early = early.digests if early is not None else set()
     # Plain tar layers of big files are not fetched whole either: their files come by range (tarplace).
     later = {d for d, a in pending.items() if origin is not None or by_range(a)}
-    fetching = engine.fetch([b for b in needed if b.digest not in later], router,
-                            stats=stats, progress=progress, leases=leases)
+    fetching: Awaitable[object] = engine.fetch(
+        [b for b in needed if b.digest not in later and b.digest not in started_early], router,
+        stats=stats, progress=progress, leases=leases)
+    if early is not None and early.tasks:
+        fetching = _all(fetching, early.tasks)
     # Bounded like the engine's open ingests: each unpack holds a lock and two files open.
     gate = asyncio.Semaphore(engine.config.concurrency)
 

@@ -16,21 +16,24 @@ from modelcache.sources import s3_client
 from modelcache.sources.s3_sigv4 import Keys, presign, query, url
 
 
-@pytest.mark.parametrize("path,params,token", [
-    ("/bucket/model/w.bin", "", None),
-    ("/b/a key+x/é?#%.bin", query(**{"list-type": 2, "prefix": "a b/"}), "session/token+="),
-    ("/b", query(**{"list-type": 2, "prefix": "", "continuation-token": "1/abc=="}), None),
-], ids=["plain", "odd-key-and-token", "continuation"])
-def test_signature_is_botocores(path: str, params: str, token: str | None) -> None:
-    """Same canonical request, same signature as botocore's S3 query signer, for any key and query."""
+@pytest.mark.parametrize("path,params,token,headers", [
+    ("/bucket/model/w.bin", "", None, {}),
+    ("/b/a key+x/é?#%.bin", query(**{"list-type": 2, "prefix": "a b/"}), "session/token+=", {}),
+    ("/b", query(**{"list-type": 2, "prefix": "", "continuation-token": "1/abc=="}), None, {}),
+    ("/b/w.bin", "", None, {"x-amz-checksum-mode": "ENABLED"}),
+], ids=["plain", "odd-key-and-token", "continuation", "signed-header"])
+def test_signature_is_botocores(path: str, params: str, token: str | None, headers: dict[str, str]) -> None:
+    """Same canonical request, same signature as botocore's S3 query signer, for any key, query and
+    x-amz header signed beside host."""
     import botocore.auth
     import botocore.awsrequest
     import botocore.credentials
 
     now = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
     mine = presign("GET", "https://s3.example.com:8443", path, Keys("AKID", "SECRET", token),
-                   region="eu-west-1", query=params, now=now)
-    request = botocore.awsrequest.AWSRequest(method="GET", url=url("https://s3.example.com:8443", path, params))
+                   region="eu-west-1", query=params, now=now, headers=headers)
+    request = botocore.awsrequest.AWSRequest(method="GET", url=url("https://s3.example.com:8443", path, params),
+                                             headers=headers)
     with mock.patch("botocore.auth.get_current_datetime", return_value=now.replace(tzinfo=None)):
         botocore.auth.S3SigV4QueryAuth(botocore.credentials.Credentials("AKID", "SECRET", token), "s3", "eu-west-1",
                                        expires=3600).add_auth(request)

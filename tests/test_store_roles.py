@@ -8,9 +8,11 @@ which depends only on the Ingester role, must fill either.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import hashlib
 import os
+import zlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -160,17 +162,23 @@ def test_unverified_blob_learns_its_digest(store: Any) -> None:
     assert store.read(ing.committed_as, 0, 100) == b"from s3"
 
 
-@pytest.mark.parametrize("check", ["md5", "git_sha1", "md5_parts"])
+@pytest.mark.parametrize("check", ["md5", "git_sha1", "md5_parts", "crc32", "crc32_parts"])
 def test_the_origins_whole_blob_check_refuses_other_bytes(store: Any, check: str) -> None:
     """An unverified blob with the origin's MD5 (plain S3 ETag), multipart ETag (MD5 of the parts' MD5s,
-    5-byte parts here) or git blob id (a Hub file kept in git): bytes that do not match it are refused at
-    commit, as a sha256 mismatch is; matching bytes commit."""
+    5-byte parts here), S3 CRC32 checksum (whole, or composite: CRC32 of the parts' big-endian CRCs) or
+    git blob id (a Hub file kept in git): bytes that do not match it are refused at commit, as a sha256
+    mismatch is; matching bytes commit."""
     good = b"the origin's bytes"
     parts = hashlib.md5(b"".join(hashlib.md5(good[i:i + 5]).digest() for i in range(0, len(good), 5)))
+    crcs = b"".join(zlib.crc32(good[i:i + 5]).to_bytes(4, "big") for i in range(0, len(good), 5))
     right: object = {"md5": hashlib.md5(good).hexdigest(),
                      "git_sha1": hashlib.sha1(b"blob %d\0" % len(good) + good).hexdigest(),
-                     "md5_parts": (5, parts.hexdigest() + "-4")}[check]
-    blob = dataclasses.replace(blob_of(good, verified=False), **{check: right})
+                     "md5_parts": (5, parts.hexdigest() + "-4"),
+                     "crc32": (0, base64.b64encode(zlib.crc32(good).to_bytes(4, "big")).decode()),
+                     "crc32_parts": (5, base64.b64encode(zlib.crc32(crcs).to_bytes(4, "big")).decode() + "-4"),
+                     }[check]
+    field = "crc32" if check == "crc32_parts" else check
+    blob = dataclasses.replace(blob_of(good, verified=False), **{field: right})
     bad = b"the origin's bytez"
     ing = open_ingest(store, blob)
     write(ing, bad, [0])

@@ -324,9 +324,11 @@ class Engine:
                                 blob.digest[:19])
                 else:
                     log.info("%s; fetching it again", e)
-                # A multipart ETag assumes one part size (see store/etag.py): it gates peers' bytes, but
-                # never fails bytes from the origin alone.
-                again_blob = dataclasses.replace(blob, md5_parts=None) if blob.md5_parts else blob
+                # A multipart ETag or composite CRC32 assumes one part size (see store/etag.py): it gates
+                # peers' bytes, but never fails bytes from the origin alone.
+                whole_crc = blob.crc32 if blob.crc32 and not blob.crc32[0] else None
+                again_blob = dataclasses.replace(blob, md5_parts=None, crc32=whole_crc) \
+                    if blob.md5_parts or blob.crc32 != whole_crc else blob
                 try:
                     await self._fetch_open(again_blob, stats, progress, trusted_only=peers)
                 except DigestMismatch as again:

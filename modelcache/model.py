@@ -42,12 +42,13 @@ class Blob:
     checked too, as is ``git_sha1``, the git blob id the Hub lists for a
     file kept in git (sha1 of ``"blob <size>\\0"`` and the bytes), and
     ``md5_parts``, an S3 multipart ETag with the part size that cuts it
-    (:mod:`modelcache.store.etag`), and ``crc32``, S3's CRC32 checksum of the
-    object (whole, or composite over parts of the size given; an S3 source
-    takes it instead of the ETag where the origin has one: it costs a
-    quarter of an MD5). Each is a check of the whole blob given
+    (:mod:`modelcache.store.etag`). Each is a check of the whole blob given
     by the origin: with one, an unverified blob may be taken from peers too
-    (:attr:`origin_checked`).
+    (:attr:`origin_checked`). ``crc32``, S3's CRC32 checksum of the object
+    (whole, or composite over parts of the size given), is a cheaper check
+    of bytes from the origin alone (a quarter of an MD5's cost), taken
+    instead of the MD5s there; anyone can forge bytes to a CRC, so it never
+    admits a peer's (:func:`modelcache.store.etag.checks_for`).
 
     ``pieces``, when the origin's manifest lists them (``modelcache
     package`` records them), is the sha256 of each piece peers exchange
@@ -72,8 +73,9 @@ class Blob:
 
     @property
     def origin_checked(self) -> bool:
-        """True when the origin gave a check of the whole blob: its sha256, else an MD5, ETag, CRC32 or git blob id."""
-        return self.verified or bool(self.md5 or self.git_sha1 or self.md5_parts or self.crc32)
+        """True when the origin gave a check of the whole blob that a forger cannot meet: its sha256, else an
+        MD5, ETag or git blob id (a CRC32 is not one)."""
+        return self.verified or bool(self.md5 or self.git_sha1 or self.md5_parts)
 
 
 def standin_digest(source_key: str) -> str:

@@ -156,10 +156,11 @@ class S3Source:
 
         Its blob, best first: the sha256 learnt from an earlier pull, or the one S3 keeps
         (``x-amz-checksum-sha256`` of the whole object: the blob is then verified, and found in
-        the store before a byte is fetched); else unverified, checked at commit by S3's CRC32 of
-        it (whole or composite), else by its ETag (MD5, or multipart). CRC32 is taken over the
-        ETag where both are there: zlib's CRC32 costs a quarter of an MD5 (issue 13). The
-        checksums cost a HEAD, asked only for objects big enough that it is cheaper than the MD5.
+        the store before a byte is fetched); else unverified, with its ETag (MD5, or multipart)
+        and S3's CRC32 of it (whole or composite) when S3 keeps one: bytes from the bucket alone
+        are checked by the CRC, which costs a quarter of an MD5 (issue 13), a peer's by the ETag
+        (:func:`~modelcache.store.etag.checks_for`). The checksums cost a HEAD, asked only for
+        objects big enough that it is cheaper than their MD5.
         """
         key, size = obj["Key"], int(obj["Size"])
         etag = str(obj["ETag"]).strip('"')
@@ -174,15 +175,15 @@ class S3Source:
         digest = _hex_of(sha, 32) if sums.get("type", "FULL_OBJECT").upper() == "FULL_OBJECT" else None
         if digest:
             return FileEntry(path=path, blob=Blob("sha256:" + digest, size), source_key=source_key)
-        standin = standin_digest(source_key)
         part = self._part_size(key, etag, size) if "-" in etag else None
+        crc32 = None
         if crc and "-" not in crc and _hex_of(crc, 4):
-            blob = Blob(standin, size, verified=False, crc32=(0, crc))
+            crc32 = (0, crc)
         elif crc and part and crc.rpartition("-")[2] == etag.rpartition("-")[2] and _hex_of(crc.partition("-")[0], 4):
-            blob = Blob(standin, size, verified=False, crc32=(part, crc))
-        else:
-            md5 = etag if len(etag) == 32 and "-" not in etag else None
-            blob = Blob(standin, size, verified=False, md5=md5, md5_parts=(part, etag) if part else None)
+            crc32 = (part, crc)
+        md5 = etag if len(etag) == 32 and "-" not in etag else None
+        blob = Blob(standin_digest(source_key), size, verified=False, md5=md5,
+                    md5_parts=(part, etag) if part else None, crc32=crc32)
         return FileEntry(path=path, blob=blob, source_key=source_key)
 
     def _part_size(self, key: str, etag: str, size: int) -> int | None:

@@ -6,7 +6,9 @@
   the big-endian CRC): of the whole object, or, for one uploaded in parts
   (``COMPOSITE``), CRC32 of the parts' CRCs, then ``-<parts>``. zlib's CRC32
   costs about a quarter of an MD5 per byte, so where the origin has one it
-  is the check taken instead of the ETag's MD5 (issue 13: S3 against rclone).
+  is the check taken instead of the ETag's MD5 for bytes from the origin
+  alone (issue 13: S3 against rclone); never for a peer's, since anyone can
+  make bytes to a given CRC (:func:`checks_for`).
 
 Parts are cut at a known size (the first part's; every part but the last
 has it when the uploader used one part size, as the AWS CLI, boto3, rclone
@@ -17,8 +19,11 @@ it, without the object's sha256.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import zlib
+
+from ..model import Blob
 
 
 class _Parts:
@@ -97,3 +102,15 @@ class S3Crc32(_Parts):
         whole = zlib.crc32(b"".join(parts)).to_bytes(4, "big")
         return base64.b64encode(whole).decode() + f"-{len(parts)}"
 
+
+def checks_for(blob: Blob, *, peers: bool) -> Blob:
+    """``blob`` with the origin's checks the store is to apply to it: with peers' bytes possible, those a
+    forger cannot meet (MD5, ETag; the CRC32 dropped when one of those is there); from the origin alone,
+    the cheapest (the CRC32, the MD5s dropped): an accident, not a forger, is what it guards against there."""
+    if not blob.crc32:
+        return blob
+    if not peers:
+        return dataclasses.replace(blob, md5=None, md5_parts=None)
+    if blob.md5 or blob.md5_parts:
+        return dataclasses.replace(blob, crc32=None)
+    return blob  # not origin_checked: no peer is asked for it, and the CRC still checks the origin's bytes

@@ -74,6 +74,7 @@ from ..errors import DigestMismatch, ModelCacheError, RangeIgnored, Unavailable
 from ..model import Blob
 from ..sources.base import ByteSource
 from ..sources.http import STREAMING
+from ..store.etag import checks_for
 from ..store.roles import Ingest, Ingester
 from .hangup import HANGUP, Hangup
 from .meter import RECEIVING, Meter
@@ -340,6 +341,7 @@ class Engine:
                           trusted_only: bool = False) -> None:
         router = self._router(blob.digest)
         pieces = isinstance(router, PieceRouter)
+        blob = checks_for(blob, peers=pieces and not trusted_only)  # an S3 CRC32 only where no peer gives bytes
         chunk_size = router.piece_size(blob) if isinstance(router, PieceRouter) else self.config.chunk_size
         ingest = await self.content.open_ingest(blob, chunk_size)
         if ingest is None:  # another process committed it meanwhile

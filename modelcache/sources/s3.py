@@ -18,15 +18,23 @@ on the lean HTTP reader, in parallel ranges like every other source: boto3's
 thread per stream, which the presigned path avoids (tools/bench_sources.py
 measures both).
 
-S3 objects carry no sha256, so a file is fetched as an unverified blob and
-stored under the sha256 computed on the way in; the (bucket, key, ETag) ->
-sha256 mapping is kept in the index, so a second pull of the same objects,
+Most S3 objects carry no sha256, so a file is fetched as an unverified blob
+and stored under the sha256 computed on the way in; the (bucket, key, ETag)
+-> sha256 mapping is kept in the index, so a second pull of the same objects,
 or of the same bytes from any source, fetches nothing. Every range is asked
 with ``If-Match: ETag``: an object that changes during a pull is an error,
 not a silent mix of old and new bytes. A plain (non-multipart) ETag is the
 object's MD5 and is checked as well; a multipart ETag (MD5 of the parts'
 MD5s) is checked when the first and last parts (a HEAD each with
 ``partNumber``) show one part size, which lets peers serve the object too.
+Objects big enough get one more HEAD for the checksums S3 keeps (issue 13):
+a whole-object sha256 makes the blob verified; a CRC32 checks the bytes
+from the bucket alone in place of the MD5, at a quarter of its CPU
+(:func:`~modelcache.store.etag.checks_for`).
+
+The listing is read a page at a time, and a caller may take each page's
+files as it arrives (``resolve(early=…)``) to start fetching them before the
+last page is in.
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ import functools
 import hashlib
 import io
 import logging
+import mmap
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -53,9 +54,10 @@ from .sources.base import ByteSource
 from .sources.tarindex import Entry, TarIndex, Unwalkable, walk
 from .store import Store
 from .store.crash import crash_point
+from .store.direct import pread_into
 from .store.store import UNPACK_FLOOR, UNPACK_RATIO
 from .store.unpack import Listing, Row
-from .transfer import ChunkRouter, Engine, TransferStats
+from .transfer import ChunkRouter, Engine, OriginOnly, TransferStats
 from .transfer.engine import Progress
 
 log = logging.getLogger(__name__)
@@ -205,33 +207,44 @@ async def _follow(store: Store, layer: Blob, index: TarIndex, fetching: dict[int
 
 
 def _hash_durable(store: Store, blob: Blob, position: int, h: Any, x: Any) -> int:
-    """Hash the durable bytes of ``blob``'s ingest from ``position`` (up to 64 MiB); return how many."""
+    """Hash the durable bytes of ``blob``'s ingest from ``position`` (up to 64 MiB); return how many.
+
+    Read past the page cache where the filesystem allows: the engine wrote them past it."""
+    buffer = mmap.mmap(-1, _READ_BLOCK)
+    view = memoryview(buffer)
     done = 0
-    while done < _FOLLOW_STEP and position + done < blob.size:
-        n = min(_READ_BLOCK, blob.size - position - done)
-        try:
-            data = store.content.read_durable(blob.digest, position + done, n)
-        except (NotFound, OSError):  # not durable yet, or just committed (the ingest is gone)
-            break
-        if len(data) != n:
-            break
-        h.update(data)
-        x.update(data)
-        done += n
+    try:
+        while done < _FOLLOW_STEP and position + done < blob.size:
+            n = min(_READ_BLOCK, blob.size - position - done)
+            try:
+                got = store.content.read_durable_into(blob.digest, position + done, n, buffer)
+            except (NotFound, OSError):  # not durable yet, or just committed (the ingest is gone)
+                break
+            if got != n:
+                break
+            h.update(view[:n])
+            x.update(view[:n])
+            done += n
+    finally:
+        view.release()
+        buffer.close()
     return done
 
 
 def _hash_blob(store: Store, digest: str, position: int, h: Any, x: Any) -> int:
-    """Hash a committed blob from ``position`` to its end; return how many bytes."""
-    buffer = bytearray(_READ_BLOCK)
+    """Hash a committed blob from ``position`` to its end; return how many bytes (read as above)."""
+    buffer = mmap.mmap(-1, _READ_BLOCK)
     view = memoryview(buffer)
+    path = store.content.path(digest)
     done = 0
-    with open(store.content.path(digest), "rb", buffering=0) as f:
-        f.seek(position)
-        while n := f.readinto(buffer):
+    try:
+        while n := pread_into(path, position + done, buffer, _READ_BLOCK):
             h.update(view[:n])
             x.update(view[:n])
             done += n
+    finally:
+        view.release()
+        buffer.close()
     return done
 
 
@@ -276,6 +289,8 @@ class WithinLayer:
     def __init__(self, router: ChunkRouter) -> None:
         self._router = router
         self._spans: dict[str, tuple[Blob, int]] = {}
+        # From the origin alone, the files may go past the page cache: the follower reads them back past it too.
+        self.bypass_cache = isinstance(router, OriginOnly)
 
     def add(self, blob: Blob, layer: Blob, offset: int) -> None:
         """``blob``'s bytes start at ``offset`` in ``layer``."""

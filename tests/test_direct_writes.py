@@ -7,7 +7,6 @@ the kernel holds, not what the code says it did.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import hashlib
 import mmap
@@ -16,12 +15,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from support import resident
 
 from modelcache.model import Blob
 from modelcache.store import content as content_module
 from modelcache.store.ahead import Ahead
 from modelcache.store.content import ContentStore
-from modelcache.store.direct import ALIGN, DirectWriter
+from modelcache.store.direct import ALIGN, DirectWriter, pread_into
 from modelcache.transfer import Engine, OriginOnly, TransferConfig
 
 CHUNK = 256 << 10
@@ -45,29 +45,6 @@ def content(tmp_path: Path) -> ContentStore:
     if not _o_direct_works(tmp_path):
         pytest.skip("the test directory's filesystem refuses O_DIRECT")
     return ContentStore(tmp_path / "store")
-
-
-def resident(path: Path) -> float:
-    """The fraction of ``path``'s pages in the page cache (mincore(2))."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    size = path.stat().st_size
-    pages = -(-size // mmap.PAGESIZE)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        assert addr not in (None, ctypes.c_void_p(-1).value)
-        try:
-            vec = (ctypes.c_ubyte * pages)()
-            assert libc.mincore(ctypes.c_void_p(addr), size, vec) == 0, ctypes.get_errno()
-            return sum(v & 1 for v in vec) / pages
-        finally:
-            libc.munmap(ctypes.c_void_p(addr), size)
-    finally:
-        os.close(fd)
 
 
 def aligned(data: bytes) -> memoryview:
@@ -136,6 +113,24 @@ def test_direct_writer_writes_only_the_aligned_head(tmp_path: Path) -> None:
         assert path.read_bytes() == data[: 3 * ALIGN]
     finally:
         writer.close()
+
+
+def test_pread_into_reads_past_the_cache_where_aligned_and_ordinarily_elsewhere(tmp_path: Path) -> None:
+    if not _o_direct_works(tmp_path):
+        pytest.skip("no O_DIRECT here")
+    path = tmp_path / "f"
+    data = os.urandom(2 * ALIGN + 300)
+    path.write_bytes(data)
+    os.sync()
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # out of the page cache, so a read would bring it back
+    os.close(fd)
+    buffer = mmap.mmap(-1, 4 * ALIGN)
+    assert pread_into(path, ALIGN, buffer, 4 * ALIGN) == ALIGN + 300  # cut at the end of the file
+    assert buffer[:ALIGN + 300] == data[ALIGN:]
+    assert resident(path) == 0  # read past the cache
+    assert pread_into(path, 7, buffer, 100) == 100  # unaligned: an ordinary read
+    assert buffer[:100] == data[7:107]
 
 
 # -- the ingest -------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ import errno
 import fcntl
 import functools
 import hashlib
+import mmap
 import os
 import secrets
 import struct
@@ -48,7 +49,7 @@ from ..model import Blob
 from . import liveness
 from .ahead import Ahead
 from .crash import crash_point
-from .direct import DirectWriter
+from .direct import DirectWriter, pread_into
 from .etag import MultipartEtag
 from .roles import IngestStatus
 
@@ -135,6 +136,19 @@ class ContentStore:
 
     def read_durable(self, digest: str, offset: int, length: int) -> bytes:
         """Bytes of an ingest in progress, only from chunks already durable; NotFound otherwise."""
+        end = self._durable_end(digest, offset, length)
+        with open(self.ingest_dir / self.path(digest).name / "data", "rb") as f:
+            return os.pread(f.fileno(), end - offset, offset)
+
+    def read_durable_into(self, digest: str, offset: int, length: int, buffer: mmap.mmap) -> int:
+        """:meth:`read_durable` into ``buffer`` (page-aligned, reused), read past the page cache where it can
+        be (:func:`.direct.pread_into`): for bytes an ingest wrote past it. Returns how many bytes."""
+        end = self._durable_end(digest, offset, length)
+        return pread_into(self.ingest_dir / self.path(digest).name / "data", offset, buffer, end - offset)
+
+    def _durable_end(self, digest: str, offset: int, length: int) -> int:
+        """Where ``[offset, offset + length)`` of an ingest in progress ends (cut at the blob's size);
+        NotFound unless every chunk it touches is durable."""
         hex_ = self.path(digest).name
         record = self._record(hex_)
         if record is None:
@@ -143,8 +157,7 @@ class ContentStore:
         end = min(offset + length, size)
         if offset < 0 or any(flags[i] != 1 for i in range(offset // chunk_size, -(-end // chunk_size))):
             raise NotFound(f"bytes {offset}-{end} of {digest} are not durable yet")
-        with open(self.ingest_dir / hex_ / "data", "rb") as f:
-            return os.pread(f.fileno(), end - offset, offset)
+        return end
 
     # -- IngestManager --------------------------------------------------------------
 

@@ -24,6 +24,7 @@ Guarantees:
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 from collections.abc import Sequence
 
@@ -78,3 +79,33 @@ class DirectWriter:
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
+
+
+def pread_into(path: os.PathLike[str] | str, offset: int, buffer: mmap.mmap | memoryview, n: int) -> int:
+    """Read up to ``n`` bytes of ``path`` at ``offset`` into the start of ``buffer``; return how many.
+
+    Past the page cache when the offset is aligned and ``buffer`` (page-aligned memory, a multiple of
+    :data:`ALIGN` long, at least ``n`` rounded up) allows: bytes written past the cache are read from the
+    disk with no copy through it; else an ordinary read.
+    """
+    view = memoryview(buffer)
+    whole = -(-n // ALIGN) * ALIGN
+    if hasattr(os, "O_DIRECT") and not offset % ALIGN and whole <= len(view):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+        else:
+            try:
+                return min(n, os.preadv(fd, [view[:whole]], offset))
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+            finally:
+                os.close(fd)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.preadv(fd, [view[:n]], offset)
+    finally:
+        os.close(fd)

@@ -347,8 +347,8 @@ class Engine:
             stats.bytes_reused += blob.size
             return
         bypass = getattr(ingest, "bypass_cache", None)  # optional: a store may always write through its cache
-        if bypass is not None and isinstance(router, OriginOnly):
-            bypass()  # no peer reads this blob's chunks back while it arrives (nor does a tar layer's follower)
+        if bypass is not None and getattr(router, "bypass_cache", isinstance(router, OriginOnly)):
+            bypass()  # no peer reads this blob's chunks back from the page cache while it arrives
         try:
             resumed = ingest.bytes_done
             stats.bytes_done += resumed

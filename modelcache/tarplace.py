@@ -42,7 +42,6 @@ import functools
 import hashlib
 import io
 import logging
-import mmap
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -51,6 +50,7 @@ import xxhash
 from .errors import DigestMismatch, NotFound, RangeIgnored
 from .model import Archive, Blob, Compression
 from .sources.base import ByteSource
+from .sources.rawget import anonymous_buffer
 from .sources.tarindex import Entry, TarIndex, Unwalkable, walk
 from .store import Store
 from .store.crash import crash_point
@@ -210,7 +210,7 @@ def _hash_durable(store: Store, blob: Blob, position: int, h: Any, x: Any) -> in
     """Hash the durable bytes of ``blob``'s ingest from ``position`` (up to 64 MiB); return how many.
 
     Read past the page cache where the filesystem allows: the engine wrote them past it."""
-    buffer = mmap.mmap(-1, _READ_BLOCK)
+    buffer = anonymous_buffer(_READ_BLOCK)
     view = memoryview(buffer)
     done = 0
     try:
@@ -233,7 +233,7 @@ def _hash_durable(store: Store, blob: Blob, position: int, h: Any, x: Any) -> in
 
 def _hash_blob(store: Store, digest: str, position: int, h: Any, x: Any) -> int:
     """Hash a committed blob from ``position`` to its end; return how many bytes (read as above)."""
-    buffer = mmap.mmap(-1, _READ_BLOCK)
+    buffer = anonymous_buffer(_READ_BLOCK)
     view = memoryview(buffer)
     path = store.content.path(digest)
     done = 0

@@ -296,3 +296,31 @@ def test_an_interrupted_direct_fetch_resumes_to_the_right_digest(content: Conten
     _fetch(content, blob, OriginOnly(again))
     assert again.served == len(data) - kept
     assert content.path(blob.digest).read_bytes() == data
+
+
+def test_receive_buffers_are_private_and_ask_for_huge_pages() -> None:
+    """The lean reader's buffers, handed to O_DIRECT as they are: private (not shmem) and advised huge
+    pages, so pinning them per write costs a few huge pages instead of a thousand small ones."""
+    import ctypes
+
+    from modelcache.sources.rawget import RawPool
+
+    pool = RawPool(connect_timeout=1, read_timeout=1, threads=1)
+    try:
+        buf = pool.buffer()
+        start = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        flags = None
+        mapping = None
+        for line in Path("/proc/self/smaps").read_text().splitlines():
+            if "-" in line.split(" ")[0] and not line.startswith("VmFlags"):
+                low, high = (int(x, 16) for x in line.split(" ")[0].split("-"))
+                mapping = low <= start < high
+            elif line.startswith("VmFlags") and mapping:
+                flags = line.split()[1:]
+                break
+        assert flags is not None
+        assert "sh" not in flags  # not shared
+        if Path("/sys/kernel/mm/transparent_hugepage/enabled").exists():
+            assert "hg" in flags  # MADV_HUGEPAGE
+    finally:
+        pool.close()

@@ -108,7 +108,8 @@ async def place(store: Store, engine: Engine, archive: Archive, router: ChunkRou
         committed[offset].set()
 
     tasks = [asyncio.create_task(fetch(offset, blob)) for offset, blob in todo]
-    follower = asyncio.create_task(_follow(store, layer, index, dict(todo), digests, committed))
+    follower = asyncio.create_task(_follow(store, layer, index, dict(todo), digests, committed,
+                                           direct=files.bypass_cache))
     try:
         await asyncio.gather(*tasks)
         actual = await follower
@@ -171,12 +172,13 @@ def _already_here(store: Store, keys: dict[int, str], leases: Sequence[str]) -> 
 
 
 async def _follow(store: Store, layer: Blob, index: TarIndex, fetching: dict[int, Blob],
-                  digests: dict[int, str], committed: dict[int, asyncio.Event]) -> str | None:
+                  digests: dict[int, str], committed: dict[int, asyncio.Event], *, direct: bool = False) -> str | None:
     """The layer's sha256 taken in order while its files arrive, so it costs no time after the last one.
 
-    Each file's bytes are read (page cache, in a thread) from its ingest's
-    chunks as they become durable (:meth:`ContentStore.read_durable`), the
-    rest from its blob once committed. The xxh3 of the bytes read must then
+    Each file's bytes are read (in a thread) from its ingest's chunks as they
+    become durable (:meth:`ContentStore.read_durable_into`), the rest from its
+    blob once committed: past the page cache with ``direct`` (the engine wrote
+    them past it), else through it. The xxh3 of the bytes read must then
     be the one its blob was committed with, or the result is None (a fetch
     that started over, say) and the caller reads the layer back whole.
     """
@@ -190,9 +192,9 @@ async def _follow(store: Store, layer: Blob, index: TarIndex, fetching: dict[int
         while position < size:
             digest = digests.get(piece.offset)
             if digest is not None:  # committed (or here before): the rest from its blob
-                position += await asyncio.to_thread(_hash_blob, store, digest, position, h, x)
+                position += await asyncio.to_thread(_hash_blob, store, digest, position, h, x, direct)
                 break
-            got = await asyncio.to_thread(_hash_durable, store, fetching[piece.offset], position, h, x)
+            got = await asyncio.to_thread(_hash_durable, store, fetching[piece.offset], position, h, x, direct)
             position += got
             if not got:
                 with contextlib.suppress(TimeoutError):
@@ -206,10 +208,8 @@ async def _follow(store: Store, layer: Blob, index: TarIndex, fetching: dict[int
     return "sha256:" + h.hexdigest()
 
 
-def _hash_durable(store: Store, blob: Blob, position: int, h: Any, x: Any) -> int:
-    """Hash the durable bytes of ``blob``'s ingest from ``position`` (up to 64 MiB); return how many.
-
-    Read past the page cache where the filesystem allows: the engine wrote them past it."""
+def _hash_durable(store: Store, blob: Blob, position: int, h: Any, x: Any, direct: bool) -> int:
+    """Hash the durable bytes of ``blob``'s ingest from ``position`` (up to 64 MiB); return how many."""
     buffer = anonymous_buffer(_READ_BLOCK)
     view = memoryview(buffer)
     done = 0
@@ -217,7 +217,7 @@ def _hash_durable(store: Store, blob: Blob, position: int, h: Any, x: Any) -> in
         while done < _FOLLOW_STEP and position + done < blob.size:
             n = min(_READ_BLOCK, blob.size - position - done)
             try:
-                got = store.content.read_durable_into(blob.digest, position + done, n, buffer)
+                got = store.content.read_durable_into(blob.digest, position + done, n, buffer, direct=direct)
             except (NotFound, OSError):  # not durable yet, or just committed (the ingest is gone)
                 break
             if got != n:
@@ -231,14 +231,14 @@ def _hash_durable(store: Store, blob: Blob, position: int, h: Any, x: Any) -> in
     return done
 
 
-def _hash_blob(store: Store, digest: str, position: int, h: Any, x: Any) -> int:
-    """Hash a committed blob from ``position`` to its end; return how many bytes (read as above)."""
+def _hash_blob(store: Store, digest: str, position: int, h: Any, x: Any, direct: bool) -> int:
+    """Hash a committed blob from ``position`` to its end; return how many bytes."""
     buffer = anonymous_buffer(_READ_BLOCK)
     view = memoryview(buffer)
     path = store.content.path(digest)
     done = 0
     try:
-        while n := pread_into(path, position + done, buffer, _READ_BLOCK):
+        while n := pread_into(path, position + done, buffer, _READ_BLOCK, direct=direct):
             h.update(view[:n])
             x.update(view[:n])
             done += n

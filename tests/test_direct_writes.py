@@ -131,6 +131,8 @@ def test_pread_into_reads_past_the_cache_where_aligned_and_ordinarily_elsewhere(
     assert resident(path) == 0  # read past the cache
     assert pread_into(path, 7, buffer, 100) == 100  # unaligned: an ordinary read
     assert buffer[:100] == data[7:107]
+    assert pread_into(path, 0, buffer, 2 * ALIGN, direct=False) == 2 * ALIGN  # asked through the cache
+    assert buffer[:2 * ALIGN] == data[:2 * ALIGN] and resident(path) > 0
 
 
 # -- the ingest -------------------------------------------------------------------------------------

@@ -140,11 +140,13 @@ class ContentStore:
         with open(self.ingest_dir / self.path(digest).name / "data", "rb") as f:
             return os.pread(f.fileno(), end - offset, offset)
 
-    def read_durable_into(self, digest: str, offset: int, length: int, buffer: mmap.mmap) -> int:
-        """:meth:`read_durable` into ``buffer`` (page-aligned, reused), read past the page cache where it can
-        be (:func:`.direct.pread_into`): for bytes an ingest wrote past it. Returns how many bytes."""
+    def read_durable_into(self, digest: str, offset: int, length: int, buffer: mmap.mmap, *,
+                          direct: bool = False) -> int:
+        """:meth:`read_durable` into ``buffer`` (page-aligned, reused); with ``direct``, past the page cache
+        where it can be (:func:`.direct.pread_into`: for bytes an ingest wrote past it). Returns how many."""
         end = self._durable_end(digest, offset, length)
-        return pread_into(self.ingest_dir / self.path(digest).name / "data", offset, buffer, end - offset)
+        return pread_into(self.ingest_dir / self.path(digest).name / "data", offset, buffer, end - offset,
+                          direct=direct)
 
     def _durable_end(self, digest: str, offset: int, length: int) -> int:
         """Where ``[offset, offset + length)`` of an ingest in progress ends (cut at the blob's size);

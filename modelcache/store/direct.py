@@ -81,16 +81,17 @@ class DirectWriter:
             os.close(fd)
 
 
-def pread_into(path: os.PathLike[str] | str, offset: int, buffer: mmap.mmap | memoryview, n: int) -> int:
+def pread_into(path: os.PathLike[str] | str, offset: int, buffer: mmap.mmap | memoryview, n: int, *,
+               direct: bool = True) -> int:
     """Read up to ``n`` bytes of ``path`` at ``offset`` into the start of ``buffer``; return how many.
 
-    Past the page cache when the offset is aligned and ``buffer`` (page-aligned memory, a multiple of
-    :data:`ALIGN` long, at least ``n`` rounded up) allows: bytes written past the cache are read from the
-    disk with no copy through it; else an ordinary read.
+    With ``direct``, past the page cache when the offset is aligned and ``buffer`` (page-aligned memory, a
+    multiple of :data:`ALIGN` long, at least ``n`` rounded up) allows: bytes written past the cache are
+    read from the disk with no copy through it; else (and for bytes in the cache) an ordinary read.
     """
     view = memoryview(buffer)
     whole = -(-n // ALIGN) * ALIGN
-    if hasattr(os, "O_DIRECT") and not offset % ALIGN and whole <= len(view):
+    if direct and hasattr(os, "O_DIRECT") and not offset % ALIGN and whole <= len(view):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
         except OSError as e:

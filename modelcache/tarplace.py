@@ -50,12 +50,14 @@ import xxhash
 from .errors import DigestMismatch, NotFound, RangeIgnored
 from .model import Archive, Blob, Compression
 from .sources.base import ByteSource
+from .sources.rawget import anonymous_buffer
 from .sources.tarindex import Entry, TarIndex, Unwalkable, walk
 from .store import Store
 from .store.crash import crash_point
+from .store.direct import pread_into
 from .store.store import UNPACK_FLOOR, UNPACK_RATIO
 from .store.unpack import Listing, Row
-from .transfer import ChunkRouter, Engine, TransferStats
+from .transfer import ChunkRouter, Engine, OriginOnly, TransferStats
 from .transfer.engine import Progress
 
 log = logging.getLogger(__name__)
@@ -106,7 +108,8 @@ async def place(store: Store, engine: Engine, archive: Archive, router: ChunkRou
         committed[offset].set()
 
     tasks = [asyncio.create_task(fetch(offset, blob)) for offset, blob in todo]
-    follower = asyncio.create_task(_follow(store, layer, index, dict(todo), digests, committed))
+    follower = asyncio.create_task(_follow(store, layer, index, dict(todo), digests, committed,
+                                           direct=files.bypass_cache))
     try:
         await asyncio.gather(*tasks)
         actual = await follower
@@ -169,12 +172,13 @@ def _already_here(store: Store, keys: dict[int, str], leases: Sequence[str]) -> 
 
 
 async def _follow(store: Store, layer: Blob, index: TarIndex, fetching: dict[int, Blob],
-                  digests: dict[int, str], committed: dict[int, asyncio.Event]) -> str | None:
+                  digests: dict[int, str], committed: dict[int, asyncio.Event], *, direct: bool = False) -> str | None:
     """The layer's sha256 taken in order while its files arrive, so it costs no time after the last one.
 
-    Each file's bytes are read (page cache, in a thread) from its ingest's
-    chunks as they become durable (:meth:`ContentStore.read_durable`), the
-    rest from its blob once committed. The xxh3 of the bytes read must then
+    Each file's bytes are read (in a thread) from its ingest's chunks as they
+    become durable (:meth:`ContentStore.read_durable_into`), the rest from its
+    blob once committed: past the page cache with ``direct`` (the engine wrote
+    them past it), else through it. The xxh3 of the bytes read must then
     be the one its blob was committed with, or the result is None (a fetch
     that started over, say) and the caller reads the layer back whole.
     """
@@ -188,9 +192,9 @@ async def _follow(store: Store, layer: Blob, index: TarIndex, fetching: dict[int
         while position < size:
             digest = digests.get(piece.offset)
             if digest is not None:  # committed (or here before): the rest from its blob
-                position += await asyncio.to_thread(_hash_blob, store, digest, position, h, x)
+                position += await asyncio.to_thread(_hash_blob, store, digest, position, h, x, direct)
                 break
-            got = await asyncio.to_thread(_hash_durable, store, fetching[piece.offset], position, h, x)
+            got = await asyncio.to_thread(_hash_durable, store, fetching[piece.offset], position, h, x, direct)
             position += got
             if not got:
                 with contextlib.suppress(TimeoutError):
@@ -204,34 +208,43 @@ async def _follow(store: Store, layer: Blob, index: TarIndex, fetching: dict[int
     return "sha256:" + h.hexdigest()
 
 
-def _hash_durable(store: Store, blob: Blob, position: int, h: Any, x: Any) -> int:
+def _hash_durable(store: Store, blob: Blob, position: int, h: Any, x: Any, direct: bool) -> int:
     """Hash the durable bytes of ``blob``'s ingest from ``position`` (up to 64 MiB); return how many."""
-    done = 0
-    while done < _FOLLOW_STEP and position + done < blob.size:
-        n = min(_READ_BLOCK, blob.size - position - done)
-        try:
-            data = store.content.read_durable(blob.digest, position + done, n)
-        except (NotFound, OSError):  # not durable yet, or just committed (the ingest is gone)
-            break
-        if len(data) != n:
-            break
-        h.update(data)
-        x.update(data)
-        done += n
-    return done
-
-
-def _hash_blob(store: Store, digest: str, position: int, h: Any, x: Any) -> int:
-    """Hash a committed blob from ``position`` to its end; return how many bytes."""
-    buffer = bytearray(_READ_BLOCK)
+    buffer = anonymous_buffer(_READ_BLOCK)
     view = memoryview(buffer)
     done = 0
-    with open(store.content.path(digest), "rb", buffering=0) as f:
-        f.seek(position)
-        while n := f.readinto(buffer):
+    try:
+        while done < _FOLLOW_STEP and position + done < blob.size:
+            n = min(_READ_BLOCK, blob.size - position - done)
+            try:
+                got = store.content.read_durable_into(blob.digest, position + done, n, buffer, direct=direct)
+            except (NotFound, OSError):  # not durable yet, or just committed (the ingest is gone)
+                break
+            if got != n:
+                break
             h.update(view[:n])
             x.update(view[:n])
             done += n
+    finally:
+        view.release()
+        buffer.close()
+    return done
+
+
+def _hash_blob(store: Store, digest: str, position: int, h: Any, x: Any, direct: bool) -> int:
+    """Hash a committed blob from ``position`` to its end; return how many bytes."""
+    buffer = anonymous_buffer(_READ_BLOCK)
+    view = memoryview(buffer)
+    path = store.content.path(digest)
+    done = 0
+    try:
+        while n := pread_into(path, position + done, buffer, _READ_BLOCK, direct=direct):
+            h.update(view[:n])
+            x.update(view[:n])
+            done += n
+    finally:
+        view.release()
+        buffer.close()
     return done
 
 
@@ -276,6 +289,8 @@ class WithinLayer:
     def __init__(self, router: ChunkRouter) -> None:
         self._router = router
         self._spans: dict[str, tuple[Blob, int]] = {}
+        # From the origin alone, the files may go past the page cache: the follower reads them back past it too.
+        self.bypass_cache = isinstance(router, OriginOnly)
 
     def add(self, blob: Blob, layer: Blob, offset: int) -> None:
         """``blob``'s bytes start at ``offset`` in ``layer``."""

@@ -321,7 +321,7 @@ class RawPool:
         out earlier is free again once its only references are this list and
         the call's argument; that refcount test is CPython's, and safe: with
         no other reference, nobody can still read or write it. New buffers
-        are anonymous mappings, whose pages are faulted in by the first
+        are anonymous mappings (:func:`anonymous_buffer`), whose pages are faulted in by the first
         ``recv_into``, in a reader thread, rather than zero-filled here on the
         event loop with the GIL held (measured: 0.35 s of a 2 GiB pull).
         Called on the event loop thread only.
@@ -329,7 +329,7 @@ class RawPool:
         for buf in self._spares:
             if sys.getrefcount(buf) == 3:  # the list, the loop variable, getrefcount's argument
                 return buf
-        buf = mmap.mmap(-1, BUFFER)
+        buf = anonymous_buffer(BUFFER)
         if len(self._spares) < _SPARES:
             self._spares.append(buf)
         return buf
@@ -428,6 +428,22 @@ class RawPool:
                 conn.abort()
         self._idle.clear()
         self.threads.shutdown(wait=False)
+
+
+def anonymous_buffer(size: int) -> mmap.mmap:
+    """A private anonymous mapping of ``size`` bytes, in huge pages where the kernel gives them.
+
+    Why: these buffers are handed to the disk as they are (``O_DIRECT``), which pins their pages for
+    each write; with 4 KiB pages that pinning, and the first faults, cost more kernel time than the
+    write itself (measured: 0.12 s against 0.04 s per GiB). Private, not shared: nothing else maps them.
+    """
+    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # a kernel without transparent huge pages: 4 KiB pages do
+            pass
+    return buf
 
 
 def _tunnel(sock: socket.socket, host: str, port: int, proxy: Proxy) -> None:

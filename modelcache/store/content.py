@@ -31,6 +31,7 @@ import errno
 import fcntl
 import functools
 import hashlib
+import mmap
 import os
 import secrets
 import struct
@@ -46,7 +47,9 @@ import xxhash
 from ..errors import Conflict, DigestMismatch, InvalidContent, NoSpace, NotFound
 from ..model import Blob
 from . import liveness
+from .ahead import Ahead
 from .crash import crash_point
+from .direct import DirectWriter, pread_into
 from .etag import MultipartEtag, S3Crc32
 from .roles import IngestStatus
 
@@ -133,6 +136,21 @@ class ContentStore:
 
     def read_durable(self, digest: str, offset: int, length: int) -> bytes:
         """Bytes of an ingest in progress, only from chunks already durable; NotFound otherwise."""
+        end = self._durable_end(digest, offset, length)
+        with open(self.ingest_dir / self.path(digest).name / "data", "rb") as f:
+            return os.pread(f.fileno(), end - offset, offset)
+
+    def read_durable_into(self, digest: str, offset: int, length: int, buffer: mmap.mmap, *,
+                          direct: bool = False) -> int:
+        """:meth:`read_durable` into ``buffer`` (page-aligned, reused); with ``direct``, past the page cache
+        where it can be (:func:`.direct.pread_into`: for bytes an ingest wrote past it). Returns how many."""
+        end = self._durable_end(digest, offset, length)
+        return pread_into(self.ingest_dir / self.path(digest).name / "data", offset, buffer, end - offset,
+                          direct=direct)
+
+    def _durable_end(self, digest: str, offset: int, length: int) -> int:
+        """Where ``[offset, offset + length)`` of an ingest in progress ends (cut at the blob's size);
+        NotFound unless every chunk it touches is durable."""
         hex_ = self.path(digest).name
         record = self._record(hex_)
         if record is None:
@@ -141,8 +159,7 @@ class ContentStore:
         end = min(offset + length, size)
         if offset < 0 or any(flags[i] != 1 for i in range(offset // chunk_size, -(-end // chunk_size))):
             raise NotFound(f"bytes {offset}-{end} of {digest} are not durable yet")
-        with open(self.ingest_dir / hex_ / "data", "rb") as f:
-            return os.pread(f.fileno(), end - offset, offset)
+        return end
 
     # -- IngestManager --------------------------------------------------------------
 
@@ -362,7 +379,9 @@ class BlobIngest:
     next one resumes inside the chunk instead of at its start (issue 10). The sha256 is computed
     over the prefix as it grows: from memory for bytes written right where the
     hash stands (a blob fetched in order), by reading back from the page cache
-    for bytes written ahead of it; no chunk is ever held in memory whole.
+    for bytes written ahead of it, unless they went past the page cache
+    (:meth:`bypass_cache`), held meanwhile by :mod:`.ahead` (a bounded amount,
+    never a whole file).
     Each byte is written once per ingest (retries resume after what was
     written), so hashing bytes not yet durable is safe: the hash dies with
     the process, and a new one starts from the durable chunks.
@@ -395,6 +414,8 @@ class BlobIngest:
         # Per chunk: bytes written contiguously from its start (all of a done chunk, the kept part of another).
         self._written = [self.chunk_range(i)[1] if d else self.kept.get(i, 0) for i, d in enumerate(self.done)]
         self._hash_lock = threading.Lock()
+        self._direct: DirectWriter | None = None  # see bypass_cache
+        self._ahead = Ahead()  # with _direct: bytes written ahead of the hash, held for it
         self._closed = False
 
     def _load_record(self) -> bytearray:
@@ -437,19 +458,34 @@ class BlobIngest:
         Then the hash moves on: over bytes written earlier (read back from the
         page cache) up to this write, and over this write's own bytes from
         memory when it lands right where the hash stands, which is the usual
-        case for a blob fetched in order.
+        case for a blob fetched in order. After :meth:`bypass_cache`, bytes
+        hashed from memory go past the page cache, and so do bytes ahead of
+        the hash as long as :mod:`.ahead` can hold them until the hash gets there.
         """
         buffers = [memoryview(data)] if isinstance(data, bytes | bytearray | memoryview) else \
             [memoryview(b) for b in data]
+        size = sum(len(b) for b in buffers)
+        in_order = held = False
+        if self._direct is not None:
+            with self._hash_lock:
+                in_order = offset == self._hashed
+                held = offset > self._hashed and self._ahead.reserve(size)
         try:
-            self._write_all(offset, list(buffers))
-        except OSError as e:
-            if e.errno in _NO_SPACE:
+            # Bytes hashed from memory (now, or once the hash reaches them) are never read back.
+            direct = self._direct.write(offset, buffers) if self._direct is not None and (in_order or held) else 0
+            self._write_all(offset + direct, _skip(buffers, direct))
+        except BaseException as e:
+            if held:
+                with self._hash_lock:
+                    self._ahead.release(size)
+            if isinstance(e, OSError) and e.errno in _NO_SPACE:
                 raise self._out_of_space() from e
             raise
         with self._hash_lock:
+            if held:
+                self._ahead.put(offset, buffers)
             # Contiguous with what its chunk holds: extend it (across chunk ends, for a sequential stream).
-            position, n = offset, sum(len(b) for b in buffers)
+            position, n = offset, size
             while n and position < self.blob.size:
                 index = position // self.chunk_size
                 start, length = self.chunk_range(index)
@@ -461,8 +497,16 @@ class BlobIngest:
                 n -= step
             self._catch_up(until=offset)
             if offset == self._hashed:
+                if held:
+                    self._ahead.take(offset, size)
                 for buffer in buffers:
                     self._feed(buffer[: max(0, self.blob.size - self._hashed)])
+
+    def bypass_cache(self) -> None:
+        """From now on, write bytes hashed from memory past the page cache (:mod:`.direct`): for a blob
+        whose bytes nobody reads while it arrives (no peer served from it, no follower of its chunks)."""
+        if self._direct is None:
+            self._direct = DirectWriter(self.data_path)
 
     def _write_all(self, offset: int, buffers: list[memoryview]) -> None:
         while buffers:
@@ -540,9 +584,10 @@ class BlobIngest:
         up again from the page cache over what is written (only after a peer
         lied, so the cost of reading the prefix back is rare).
         """
-        start, _ = self.chunk_range(index)
+        start, length = self.chunk_range(index)
         with self._hash_lock:
             self._written[index] = 0
+            self._ahead.drop(start, start + length)
             if self._hashed > start:
                 self._hash = hashlib.sha256()
                 self._xxh3 = xxhash.xxh3_128()
@@ -575,7 +620,13 @@ class BlobIngest:
             start, length = self.chunk_range(index)
             end = min(start + self._written[index], limit)
             while self._hashed < end:
-                block = os.pread(self.fd, min(_HASH_BLOCK, end - self._hashed), self._hashed)
+                held = self._ahead.take(self._hashed, end - self._hashed)
+                if held is not None:  # written ahead and held: from memory
+                    for buffer in held:
+                        self._feed(buffer)
+                    continue
+                stop = self._ahead.next_after(self._hashed) or end  # a read back stops at what is held
+                block = os.pread(self.fd, min(_HASH_BLOCK, min(end, stop) - self._hashed), self._hashed)
                 if not block:
                     raise InvalidContent(f"{self.blob.digest}: ingest data shorter than its record")
                 self._feed(block)
@@ -644,11 +695,26 @@ class BlobIngest:
         if self._closed:
             return
         self._closed = True
+        self._ahead.clear()
+        if self._direct is not None:
+            with contextlib.suppress(OSError):
+                self._direct.close()
         for fd in (self.fd, self._record_fd, self._lock_fd):
             try:
                 os.close(fd)
             except OSError:
                 pass
+
+
+def _skip(buffers: list[memoryview], n: int) -> list[memoryview]:
+    """``buffers`` without their first ``n`` bytes."""
+    out = list(buffers)
+    while n and out:
+        if n >= len(out[0]):
+            n -= len(out.pop(0))
+        else:
+            out[0], n = out[0][n:], 0
+    return out
 
 
 def read_partial(ingest: Path, size: int, chunk_size: int) -> dict[int, int]:

@@ -47,13 +47,15 @@ Guarantees:
   the chunk counts as done only once it returned, and the blob is committed
   only when every chunk has.
 - Open files are bounded by the concurrency, not by the number of blobs:
-  at most ``2 x concurrency`` ingests (three descriptors each) are open at
+  at most ``2 x concurrency`` ingests (four descriptors each) are open at
   once, so a model of ten thousand files pulls under a small ``ulimit -n``.
 - A committed blob is held, from the moment it is linked, by the lease of
   every pull that asked for it (single flight joins their leases).
 - Slots are shared fairly between blobs (:mod:`.slots`): with several blobs
   each gets its own stream, in order, so its sha256 is computed from the
-  bytes in memory as they are written instead of read back from disk.
+  bytes in memory as they are written instead of read back from disk; from
+  the origin alone (no peer reads chunks back), those bytes go to the disk
+  past the page cache (``Ingest.bypass_cache``, :mod:`..store.direct`).
 """
 
 from __future__ import annotations
@@ -348,6 +350,9 @@ class Engine:
             stats.bytes_done += blob.size
             stats.bytes_reused += blob.size
             return
+        bypass = getattr(ingest, "bypass_cache", None)  # optional: a store may always write through its cache
+        if bypass is not None and getattr(router, "bypass_cache", isinstance(router, OriginOnly)):
+            bypass()  # no peer reads this blob's chunks back from the page cache while it arrives
         try:
             resumed = ingest.bytes_done
             stats.bytes_done += resumed

@@ -4,8 +4,9 @@ This is the one place that strings sources, the transfer engine and the store
 together; the CLI and the daemon both call :func:`pull`.
 
 A pull holds a lease (kind ``pull``, tied to this process) from before it
-resolves until its view is recorded: the blobs it needs are held before it
-looks whether they are present, blobs it commits or unpacks are held from
+first looks in the store for the model's content until its view is recorded
+(a warm hit, found and marked used in one transaction, needs none): the
+blobs it needs are held before it looks whether they are present, blobs it commits or unpacks are held from
 the moment they are linked, and its view is held before its tree is built,
 so no gc, budget or ``verify --delete`` beside it can take them.
 """
@@ -21,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from .errors import NotFound
 from .model import Archive, FileEntry, Model
@@ -29,15 +30,15 @@ from .refs import S3Ref, parse
 from .sources import SourceOptions, open_source
 from .sources.base import ByteSource
 from .store import Store, liveness
-from .store.budget import Budget, reserve
 from .store.crash import crash_point
-from .store.streamunpack import stream_layer
-from .store.unpack import Row, rows_to_layer
-from .tarplace import by_range, place
 from .transfer import ChunkRouter, Engine, OriginOnly, TransferStats
 from .transfer.engine import Progress
 from .transfer.routing import WithinOrigin
 from .tree import Filters, Node, overlay
+
+if TYPE_CHECKING:  # the rest is imported where a pull fetches or unpacks: a warm hit needs none of it
+    from .store.budget import Budget
+    from .store.unpack import Row
 
 T = TypeVar("T")
 
@@ -66,33 +67,48 @@ async def pull(store: Store, engine: Engine, ref_text: str, *, filters: Filters 
     ``routing`` wraps the origin in a router (peers first); default: the origin only.
     The manifest is always resolved at the origin first, with this pull's own
     credentials: peers are asked only for blobs of a model we were given.
+
+    A warm hit (issue 13) ends there: when this reference and filters were
+    last recorded as a view of this very manifest (the model digest just
+    resolved) and the view's tree is in place, that view is marked used and
+    returned; nothing is fetched, held or rebuilt (:meth:`Index.use_view`).
     """
     started = time.monotonic()
     ref = parse(ref_text)
     if tag and isinstance(ref, S3Ref):
         ref = dataclasses.replace(ref, tag=tag)
     source = open_source(ref, options or SourceOptions(), learned=store.index.learned_digest)
-    lease = f"pull:{owner}:{secrets.token_hex(8)}"
-    await asyncio.to_thread(store.index.add_lease, lease, kind="pull", owner=owner, process=liveness.me())
     try:
-        crash_point("pull-leased")
         with engine.resolving():  # peers asking us for its pieces wait a moment instead of being sent away
             model = await engine.retry(f"resolving {ref}", source.resolve)
         crash_point("resolved")
-        spans = {p.blob.digest: (p.origin, p.offset) for p in model.parts
-                 if isinstance(p, FileEntry) and p.origin is not None}
-        origin = WithinOrigin(source, spans) if spans else source
-        router = routing(origin) if routing is not None else OriginOnly(origin)
-        chosen = filters or Filters()
-        with engine.wanting(p.blob.digest for p in model.parts if isinstance(p, Archive) or chosen.match(p.path)):
-            result = await materialize(store, engine, model, router, filters=filters or Filters(),
-                                       progress=progress, started=started, lease=lease, budget=budget)
         # Private or not, as this pull found it (KEP-2535: warm mounts of private models are checked).
         needed = bool(getattr(source, "needed_credentials", False))
-        await asyncio.to_thread(store.index.record_origin_access, model.ref, needed)
-        return result
+        chosen = filters or Filters()
+        hit = await asyncio.to_thread(store.index.use_view, model.ref, chosen.key(),
+                                      lambda view: store.view_path(view).is_dir(), model_digest=model.digest,
+                                      needed_credentials=needed)
+        if hit is not None:
+            view, size, files = hit
+            return PullResult(ref=model.ref, model_digest=model.digest, path=store.view_path(view), files=files,
+                              size=size, stats=TransferStats(), seconds=time.monotonic() - started)
+        lease = f"pull:{owner}:{secrets.token_hex(8)}"
+        await asyncio.to_thread(store.index.add_lease, lease, kind="pull", owner=owner, process=liveness.me())
+        try:
+            crash_point("pull-leased")
+            spans = {p.blob.digest: (p.origin, p.offset) for p in model.parts
+                     if isinstance(p, FileEntry) and p.origin is not None}
+            origin = WithinOrigin(source, spans) if spans else source
+            router = routing(origin) if routing is not None else OriginOnly(origin)
+            with engine.wanting(p.blob.digest for p in model.parts
+                                if isinstance(p, Archive) or chosen.match(p.path)):
+                result = await materialize(store, engine, model, router, filters=chosen,
+                                           progress=progress, started=started, lease=lease, budget=budget)
+            await asyncio.to_thread(store.index.record_origin_access, model.ref, needed)
+            return result
+        finally:
+            await asyncio.to_thread(store.index.drop_lease, lease)
     finally:
-        await asyncio.to_thread(store.index.drop_lease, lease)
         await source.close()
 
 
@@ -101,6 +117,9 @@ async def materialize(store: Store, engine: Engine, model: Model, router: ChunkR
                       started: float | None = None, lease: str | None = None,
                       budget: Budget | None = None) -> PullResult:
     """Fetch what ``model`` needs through ``router`` and build its view, holding all of it by ``lease``."""
+    from .store.budget import reserve
+    from .store.unpack import rows_to_layer
+    from .tarplace import by_range
     started = time.monotonic() if started is None else started
     leases = (lease,) if lease else ()
     files = [p for p in model.parts if isinstance(p, FileEntry) and filters.match(p.path)]
@@ -193,6 +212,9 @@ async def _unpack(store: Store, engine: Engine, archive: Archive, router: ChunkR
     With ``origin``, the layer streams from it into its files (:mod:`.store.streamunpack`);
     without, it is fetched whole through ``router`` first.
     """
+    from .store.streamunpack import stream_layer
+    from .tarplace import by_range, place
+
     digest = archive.blob.digest
     lock = store.content.ingest_dir / f"{archive.blob.hex}.unpack.lock"
     fd = await store.content.lock(lock)

@@ -540,7 +540,7 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     from .tree import Filters
 
     filters = Filters.of(args.include, args.exclude)
-    found = _recorded(args, filters)
+    found = _from_store(args, filters)
     if found is not None:
         return found
     _configure_logging(args)
@@ -549,33 +549,57 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     return asyncio.run(_pull(args, args.ref, filters, tag=args.tag))
 
 
-def _recorded(args: argparse.Namespace, filters) -> int | None:
-    """A pull answered from the store alone, with no source and no event loop (issue 13), or None.
+def _from_store(args: argparse.Namespace, filters) -> int | None:
+    """A warm hit answered with the index alone: no source, no event loop, no transfer engine (issue 13).
 
-    Only where the origin has nothing to add: the reference names its
-    content by digest (:func:`~.refs.pinned`), or ``--offline`` says not to
-    ask. The answer is the view that reference and filters were last
-    recorded as, if its row and tree are there (:meth:`Index.use_view`);
-    otherwise None, and the pull goes to the origin (``--offline``: NotFound).
+    The answer is the view the reference and filters were last recorded as,
+    if its row and tree are there (:meth:`Index.use_view`), and only where
+    the origin has nothing to add:
+
+    - the reference names its content by digest (:func:`~.refs.pinned`) and
+      needed no credentials at its origin when it was pulled: no network at
+      all (a private model is asked at its origin, as a mount of it is);
+    - a registry tag: the registry is asked what the tag names now, with one
+      blocking GET (:func:`~.sources.tagdigest.tag_digest`), and the view is
+      used only if it was recorded from that very manifest;
+    - ``--offline``: any reference, without asking.
+
+    Otherwise None, and the pull takes its full path (``--offline``: NotFound).
     """
     import dataclasses
 
-    from .refs import S3Ref, parse, pinned
+    from .refs import OciRef, S3Ref, parse, pinned
 
     ref = parse(str(args.ref))
     if args.tag and isinstance(ref, S3Ref):
         ref = dataclasses.replace(ref, tag=args.tag)
-    if not (args.offline or pinned(ref)):
+    if not (args.offline or pinned(ref) or isinstance(ref, OciRef)):
         return None
     root = _store_path(args).absolute()
     views = root / "views"
+    key = (str(ref), filters.key())
+
+    def present(view: str) -> bool:
+        return (views / view.partition(":")[2]).is_dir()
+
     found = None
     if (root / "index.sqlite").is_file():  # a miss never creates a store here: the pull does, or --offline fails
         from .store.index import Index
 
         index = Index(root / "index.sqlite")
         try:
-            found = index.use_view(str(ref), filters.key(), lambda view: (views / view.partition(":")[2]).is_dir())
+            if args.offline:
+                found = index.use_view(*key, present)
+            elif pinned(ref):
+                if index.origin_needed_credentials(key[0]) is False:
+                    found = index.use_view(*key, present)
+            elif isinstance(ref, OciRef) and index.lookup(*key) is not None:  # a cold pull asks only once
+                from .sources.tagdigest import tag_digest
+
+                digest = tag_digest(ref, plain_http=bool(args.plain_http), read_timeout=float(args.read_timeout))
+                if digest is not None:
+                    # Answered anonymously: it needs no credentials now (as the full path would record).
+                    found = index.use_view(*key, present, model_digest=digest, needed_credentials=False)
         finally:
             index.close()
     if found is None:

@@ -4,9 +4,8 @@ This is the one place that strings sources, the transfer engine and the store
 together; the CLI and the daemon both call :func:`pull`.
 
 A pull holds a lease (kind ``pull``, tied to this process) from before it
-first looks in the store for the model's content until its view is recorded
-(a warm hit, found and marked used in one transaction, needs none): the
-blobs it needs are held before it looks whether they are present, blobs it commits or unpacks are held from
+resolves until its view is recorded: the blobs it needs are held before it
+looks whether they are present, blobs it commits or unpacks are held from
 the moment they are linked, and its view is held before its tree is built,
 so no gc, budget or ``verify --delete`` beside it can take them.
 """
@@ -78,37 +77,36 @@ async def pull(store: Store, engine: Engine, ref_text: str, *, filters: Filters 
     if tag and isinstance(ref, S3Ref):
         ref = dataclasses.replace(ref, tag=tag)
     source = open_source(ref, options or SourceOptions(), learned=store.index.learned_digest)
+    lease = f"pull:{owner}:{secrets.token_hex(8)}"
+    await asyncio.to_thread(store.index.add_lease, lease, kind="pull", owner=owner, process=liveness.me())
     try:
+        crash_point("pull-leased")
+        chosen = filters or Filters()
         with engine.resolving():  # peers asking us for its pieces wait a moment instead of being sent away
             model = await engine.retry(f"resolving {ref}", source.resolve)
-        crash_point("resolved")
-        # Private or not, as this pull found it (KEP-2535: warm mounts of private models are checked).
-        needed = bool(getattr(source, "needed_credentials", False))
-        chosen = filters or Filters()
-        hit = await asyncio.to_thread(store.index.use_view, model.ref, chosen.key(),
-                                      lambda view: store.view_path(view).is_dir(), model_digest=model.digest,
-                                      needed_credentials=needed)
+            crash_point("resolved")
+            # Private or not, as this pull found it (KEP-2535: warm mounts of private models are checked).
+            needed = bool(getattr(source, "needed_credentials", False))
+            # Looked up while still resolving(): past it nothing awaits until wanting() below, so a peer
+            # asking for this model's pieces is never sent away in between.
+            hit = await asyncio.to_thread(store.index.use_view, model.ref, chosen.key(),
+                                          lambda view: store.view_path(view).is_dir(), model_digest=model.digest,
+                                          needed_credentials=needed)
         if hit is not None:
             view, size, files = hit
             return PullResult(ref=model.ref, model_digest=model.digest, path=store.view_path(view), files=files,
                               size=size, stats=TransferStats(), seconds=time.monotonic() - started)
-        lease = f"pull:{owner}:{secrets.token_hex(8)}"
-        await asyncio.to_thread(store.index.add_lease, lease, kind="pull", owner=owner, process=liveness.me())
-        try:
-            crash_point("pull-leased")
-            spans = {p.blob.digest: (p.origin, p.offset) for p in model.parts
-                     if isinstance(p, FileEntry) and p.origin is not None}
-            origin = WithinOrigin(source, spans) if spans else source
-            router = routing(origin) if routing is not None else OriginOnly(origin)
-            with engine.wanting(p.blob.digest for p in model.parts
-                                if isinstance(p, Archive) or chosen.match(p.path)):
-                result = await materialize(store, engine, model, router, filters=chosen,
-                                           progress=progress, started=started, lease=lease, budget=budget)
-            await asyncio.to_thread(store.index.record_origin_access, model.ref, needed)
-            return result
-        finally:
-            await asyncio.to_thread(store.index.drop_lease, lease)
+        spans = {p.blob.digest: (p.origin, p.offset) for p in model.parts
+                 if isinstance(p, FileEntry) and p.origin is not None}
+        origin = WithinOrigin(source, spans) if spans else source
+        router = routing(origin) if routing is not None else OriginOnly(origin)
+        with engine.wanting(p.blob.digest for p in model.parts if isinstance(p, Archive) or chosen.match(p.path)):
+            result = await materialize(store, engine, model, router, filters=chosen,
+                                       progress=progress, started=started, lease=lease, budget=budget)
+        await asyncio.to_thread(store.index.record_origin_access, model.ref, needed)
+        return result
     finally:
+        await asyncio.to_thread(store.index.drop_lease, lease)
         await source.close()
 
 

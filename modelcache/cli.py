@@ -9,10 +9,8 @@ results go to stdout, with the path of a pulled model as the last line.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
-import logging
 import math
 import os
 import signal
@@ -22,7 +20,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from . import __version__
-from .errors import InvalidReference, ModelCacheError
+from .errors import InvalidReference, ModelCacheError, NotFound
 from .progress import ProgressReporter, human
 
 DEFAULT_STORE = "~/.cache/modelcache"
@@ -132,11 +130,19 @@ def _global_flags(p: argparse.ArgumentParser, *, top: bool = False) -> None:
             pass
 
 
-def build_parser() -> argparse.ArgumentParser:
+# The commands whose flags cli.py defines itself (prewarm's come from prewarmctl).
+_OWN_COMMANDS = ("pull", "ls", "verify", "gc", "package", "serve", "demo")
+
+
+def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     """The argument parser (defaults read from ``MODELCACHE_*``).
 
     Defaults from the environment are strings that argparse passes through
     each flag's ``type``, so a bad value is a usage error (exit 2) like a bad flag.
+    With ``chosen`` (one of :data:`_OWN_COMMANDS`, as the command line
+    names it), what only other commands need is left out: the ``prewarm``
+    command (its module is not loaded for a parse that cannot choose it) and
+    serve's log flags (issue 13).
     """
     # The module docstring's first line, without its reStructuredText quotes.
     parser = argparse.ArgumentParser(prog="modelcache", description=__doc__.split("\n")[0].replace("``", ""))
@@ -148,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("ref", help="oci://HOST/REPO[:TAG|@DIGEST], oci-layout:///DIR[:TAG], s3://BUCKET/PREFIX, "
                                   "hf://ORG/NAME[@REVISION], file:///DIR or a path")
     pull.add_argument("--tag", default=_env("tag"), help="the image to pull from an OCI layout in an S3 prefix")
+    pull.add_argument("--offline", action="store_true", default=_env_bool("offline"),
+                      help="answer from the store alone: the model this reference (with these filters) was last "
+                           "pulled as, without asking the origin whether a tag moved; fails if it was never pulled")
     _transfer_flags(pull)
     _peer_flags(pull, serving=False)
 
@@ -261,12 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", default=_env("dir"), help="where to write the layout (default: a temp dir)")
     _transfer_flags(demo, with_filters=False)
 
-    from .prewarmctl import add_parser as add_prewarm
+    if chosen not in _OWN_COMMANDS:
+        from .prewarmctl import add_parser as add_prewarm
 
-    add_prewarm(sub, _env, _env_list, _env_bool, _positive, _seconds)
+        add_prewarm(sub, _env, _env_list, _env_bool, _positive, _seconds)
     for command in sub.choices.values():
         _global_flags(command)
-    _log_flags(sub.choices["serve"])
+    if chosen in (None, "serve"):  # its module loads logging, which a warm pull need not
+        _log_flags(sub.choices["serve"])
     return parser
 
 
@@ -338,21 +349,46 @@ def _transfer_flags(p: argparse.ArgumentParser, *, with_filters: bool = True, qu
         p.add_argument("--quiet", "-q", action="store_true", default=_env_bool("quiet"), help="no progress output")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; return the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The command word of a command line: the first word that is neither an option nor the value of
+    ``--store`` (the one global option that takes a value); None if there is none."""
+    value_next = False
+    for word in argv:
+        if value_next:
+            value_next = False
+        elif word == "--store":
+            value_next = True
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    """Logs to stderr. Done once a command goes past the store (a warm hit logs nothing, nor loads logging)."""
+    import logging
+
     from .logs import configure
 
     # The daemon's routine events (serving, progress of pulls) are INFO: shown by default there.
     configure(level=logging.INFO if args.verbose or args.command == "serve" else logging.WARNING,
               fmt=str(getattr(args, "log_format", "text")))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; return the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_in(argv))
+    args = parser.parse_args(argv)
+    if args.command != "pull":  # pull configures it after looking in the store (_cmd_pull)
+        _configure_logging(args)
     try:
         if args.command == "pull":
-            return asyncio.run(_cmd_pull(args))
+            return _cmd_pull(args)
         if args.command == "ls":
             return _cmd_ls(args)
         if args.command == "verify":
+            import asyncio
+
             return asyncio.run(_cmd_verify(args))
         if args.command == "package":
             return _cmd_package(args)
@@ -361,6 +397,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "gc":
             return _cmd_gc(args)
         if args.command == "demo":
+            import asyncio
+
             return asyncio.run(_cmd_demo(args))
         if args.command == "prewarm":
             from .prewarmctl import run as prewarm
@@ -394,7 +432,9 @@ def run() -> None:
     usual way.
     """
     code = main()
-    logging.shutdown()
+    logging = sys.modules.get("logging")
+    if logging is not None:  # loaded by a command that could log (a warm pull does not)
+        logging.shutdown()
     try:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -419,6 +459,8 @@ def _open_store(args: argparse.Namespace):
 
 async def _pull(args: argparse.Namespace, ref: str, filters, *, quiet_path: bool = False,
                 tag: str | None = None) -> int:
+    import asyncio
+
     from .pull import pull
     from .transfer import Engine
 
@@ -470,6 +512,8 @@ class _Terminated(Exception):
 async def _terminate_as_interrupt() -> AsyncIterator[None]:
     """SIGTERM cancels the body as Ctrl-C does, so a pull keeps every byte it received (issue 10);
     the command then ends with exit 143."""
+    import asyncio
+
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
@@ -492,10 +536,82 @@ async def _terminate_as_interrupt() -> AsyncIterator[None]:
         loop.remove_signal_handler(signal.SIGTERM)
 
 
-async def _cmd_pull(args: argparse.Namespace) -> int:
+def _cmd_pull(args: argparse.Namespace) -> int:
     from .tree import Filters
 
-    return await _pull(args, args.ref, Filters.of(args.include, args.exclude), tag=args.tag)
+    filters = Filters.of(args.include, args.exclude)
+    found = _from_store(args, filters)
+    if found is not None:
+        return found
+    _configure_logging(args)
+    import asyncio
+
+    return asyncio.run(_pull(args, args.ref, filters, tag=args.tag))
+
+
+def _from_store(args: argparse.Namespace, filters) -> int | None:
+    """A warm hit answered with the index alone: no source, no event loop, no transfer engine (issue 13).
+
+    The answer is the view the reference and filters were last recorded as,
+    if its row and tree are there (:meth:`Index.use_view`), and only where
+    the origin has nothing to add:
+
+    - the reference names its content by digest (:func:`~.refs.pinned`) and
+      needed no credentials at its origin when it was pulled: no network at
+      all (a private model is asked at its origin, as a mount of it is);
+    - a registry tag: the registry is asked what the tag names now, with one
+      blocking GET (:func:`~.sources.tagdigest.tag_digest`), and the view is
+      used only if it was recorded from that very manifest;
+    - ``--offline``: any reference, without asking.
+
+    Otherwise None, and the pull takes its full path (``--offline``: NotFound).
+    """
+    import dataclasses
+
+    from .refs import OciRef, S3Ref, parse, pinned
+
+    ref = parse(str(args.ref))
+    if args.tag and isinstance(ref, S3Ref):
+        ref = dataclasses.replace(ref, tag=args.tag)
+    if not (args.offline or pinned(ref) or isinstance(ref, OciRef)):
+        return None
+    root = _store_path(args).absolute()
+    views = root / "views"
+    key = (str(ref), filters.key())
+
+    def present(view: str) -> bool:
+        return (views / view.partition(":")[2]).is_dir()
+
+    found = None
+    if (root / "index.sqlite").is_file():  # a miss never creates a store here: the pull does, or --offline fails
+        from .store.index import Index
+
+        index = Index(root / "index.sqlite")
+        try:
+            if args.offline:
+                found = index.use_view(*key, present)
+            elif pinned(ref):
+                if index.origin_needed_credentials(key[0]) is False:
+                    found = index.use_view(*key, present)
+            elif isinstance(ref, OciRef) and index.lookup(*key) is not None:  # a cold pull asks only once
+                from .sources.tagdigest import tag_digest
+
+                digest = tag_digest(ref, plain_http=bool(args.plain_http), read_timeout=float(args.read_timeout))
+                if digest is not None:
+                    # Answered anonymously: it needs no credentials now (as the full path would record).
+                    found = index.use_view(*key, present, model_digest=digest, needed_credentials=False)
+        finally:
+            index.close()
+    if found is None:
+        if args.offline:
+            with_filters = f" with {filters.key()}" if filters.key() else ""
+            raise NotFound(f"{ref}{with_filters} is not in the store (--offline: the origin was not asked)")
+        return None
+    view, size, files = found
+    if not args.quiet:
+        print(f"{ref}: {files} files, {human(size)}; in the store, nothing fetched", file=sys.stderr)
+    print(views / view.partition(":")[2])
+    return 0
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
@@ -532,6 +648,8 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 async def _cmd_verify(args: argparse.Namespace) -> int:
+    import asyncio
+
     from .store.scrub import verify
 
     store = _open_store(args)
@@ -610,6 +728,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                           scrub_interval=_seconds_or_zero(str(args.scrub_interval)),
                           allow_local=tuple(Path(p).expanduser() for p in args.allow_local), prewarm=prewarm,
                           peers=_peer_config(args))
+    import asyncio
+
     asyncio.run(run(config))
     return 0
 
@@ -650,6 +770,8 @@ def _package_target(text: str):
 
 
 def _cmd_package(args: argparse.Namespace) -> int:
+    import asyncio
+
     from .refs import lower_scheme
 
     source_is_dir = Path(str(args.source)).is_dir() and "://" not in lower_scheme(str(args.source))
@@ -742,6 +864,7 @@ def _cmd_gc(args: argparse.Namespace) -> int:
 
 
 async def _cmd_demo(args: argparse.Namespace) -> int:
+    import asyncio
     import shutil
     import tempfile
 

@@ -23,9 +23,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from .transfer import TransferStats
+if TYPE_CHECKING:  # annotations only: showing progress loads no transfer engine (issue 13)
+    from .transfer import TransferStats
 
 LINE_INTERVAL = 2.0   # seconds between progress lines off a terminal
 BAR_INTERVAL = 0.5    # seconds between bar redraws

@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from .errors import NotFound
 from .model import Archive, FileEntry, Model
@@ -29,15 +29,15 @@ from .refs import S3Ref, parse
 from .sources import SourceOptions, open_source
 from .sources.base import ByteSource
 from .store import Store, liveness
-from .store.budget import Budget, reserve
 from .store.crash import crash_point
-from .store.streamunpack import stream_layer
-from .store.unpack import Row, rows_to_layer
-from .tarplace import by_range, place
 from .transfer import ChunkRouter, Engine, OriginOnly, TransferStats
 from .transfer.engine import Progress
 from .transfer.routing import WithinOrigin
 from .tree import Filters, Node, overlay
+
+if TYPE_CHECKING:  # the rest is imported where a pull fetches or unpacks: a warm hit needs none of it
+    from .store.budget import Budget
+    from .store.unpack import Row
 
 T = TypeVar("T")
 
@@ -88,6 +88,11 @@ async def pull(store: Store, engine: Engine, ref_text: str, *, filters: Filters 
     ``routing`` wraps the origin in a router (peers first); default: the origin only.
     The manifest is always resolved at the origin first, with this pull's own
     credentials: peers are asked only for blobs of a model we were given.
+
+    A warm hit (issue 13) ends there: when this reference and filters were
+    last recorded as a view of this very manifest (the model digest just
+    resolved) and the view's tree is in place, that view is marked used and
+    returned; nothing is fetched, held or rebuilt (:meth:`Index.use_view`).
     """
     started = time.monotonic()
     ref = parse(ref_text)
@@ -112,7 +117,18 @@ async def pull(store: Store, engine: Engine, ref_text: str, *, filters: Filters 
         crash_point("pull-leased")
         with engine.resolving():  # peers asking us for its pieces wait a moment instead of being sent away
             model = await engine.retry(f"resolving {ref}", resolve)
-        crash_point("resolved")
+            crash_point("resolved")
+            # Private or not, as this pull found it (KEP-2535: warm mounts of private models are checked).
+            needed = bool(getattr(source, "needed_credentials", False))
+            # Looked up while still resolving(): past it nothing awaits until wanting() below, so a peer
+            # asking for this model's pieces is never sent away in between.
+            hit = await asyncio.to_thread(store.index.use_view, model.ref, chosen.key(),
+                                          lambda view: store.view_path(view).is_dir(), model_digest=model.digest,
+                                          needed_credentials=needed)
+        if hit is not None:
+            view, size, files = hit
+            return PullResult(ref=model.ref, model_digest=model.digest, path=store.view_path(view), files=files,
+                              size=size, stats=TransferStats(), seconds=time.monotonic() - started)
         spans = {p.blob.digest: (p.origin, p.offset) for p in model.parts
                  if isinstance(p, FileEntry) and p.origin is not None}
         if router is None or spans:
@@ -121,8 +137,6 @@ async def pull(store: Store, engine: Engine, ref_text: str, *, filters: Filters 
         with engine.wanting(p.blob.digest for p in model.parts if isinstance(p, Archive) or chosen.match(p.path)):
             result = await materialize(store, engine, model, router, filters=chosen,
                                        progress=progress, started=started, lease=lease, budget=budget, early=early)
-        # Private or not, as this pull found it (KEP-2535: warm mounts of private models are checked).
-        needed = bool(getattr(source, "needed_credentials", False))
         await asyncio.to_thread(store.index.record_origin_access, model.ref, needed)
         return result
     finally:
@@ -136,6 +150,7 @@ async def _fetch_early(store: Store, engine: Engine, early: EarlyStart, router: 
                        lease: str, budget: Budget | None, progress: Progress | None, entries: list[FileEntry]) -> None:
     """Start fetching the files of one listing page that ``filters`` keep, as :func:`materialize` would
     (sizes checked, held by ``lease``, space reserved), in ``early``'s stats."""
+    from .store.budget import reserve
     blobs = {e.blob.digest: e.blob for e in entries if filters.match(e.path) and e.blob.digest not in early.digests}
     if not blobs:
         return
@@ -158,6 +173,9 @@ async def materialize(store: Store, engine: Engine, model: Model, router: ChunkR
 
     ``early``: blobs whose fetch started while the model was resolving; waited for here, not fetched again.
     """
+    from .store.budget import reserve
+    from .store.unpack import rows_to_layer
+    from .tarplace import by_range
     started = time.monotonic() if started is None else started
     leases = (lease,) if lease else ()
     files = [p for p in model.parts if isinstance(p, FileEntry) and filters.match(p.path)]
@@ -254,6 +272,9 @@ async def _unpack(store: Store, engine: Engine, archive: Archive, router: ChunkR
     With ``origin``, the layer streams from it into its files (:mod:`.store.streamunpack`);
     without, it is fetched whole through ``router`` first.
     """
+    from .store.streamunpack import stream_layer
+    from .tarplace import by_range, place
+
     digest = archive.blob.digest
     lock = store.content.ingest_dir / f"{archive.blob.hex}.unpack.lock"
     fd = await store.content.lock(lock)

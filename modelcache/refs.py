@@ -119,6 +119,12 @@ class HfRef:
 Ref = OciRef | LayoutRef | DirRef | S3Ref | HfRef
 
 
+def pinned(ref: Ref) -> bool:
+    """Whether ``ref`` names its content by digest, so what it resolves to can never change
+    (``oci://HOST/REPO@sha256:...``, ``oci-layout://DIR@sha256:...``)."""
+    return isinstance(ref, OciRef | LayoutRef) and ref.digest is not None
+
+
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 

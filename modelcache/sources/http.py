@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import email.utils
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -136,6 +135,8 @@ def parse_retry_after(value: str | None) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         pass
+    import email.utils  # here: a date in Retry-After is rare, and the email package costs every start-up
+
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -254,3 +255,32 @@ def content_range_start(value: str | None) -> int | None:
         return int(value[6:].split("-", 1)[0])
     except ValueError:
         return None
+
+
+def parse_head(head: bytes) -> tuple[int, dict[str, str]]:
+    """Status and headers of an HTTP/1.x response head, without its blank line (RFC 9112 4, 5.2).
+
+    Header names come lower-cased; a repeated field is joined with ", ". Raises ValueError if malformed.
+    """
+    lines = head.decode("latin-1").split("\r\n")
+    version, _, rest = lines[0].partition(" ")
+    if not version.startswith("HTTP/1."):
+        raise ValueError(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
+    status = int(rest[:3])
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise ValueError(f"bad header line {line[:80]!r}")
+        name = name.strip().lower()
+        value = value.strip()
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return status, headers
+
+
+def content_length(headers: Mapping[str, str]) -> int | None:
+    """The ``Content-Length`` of parsed headers (:func:`parse_head`), or None when absent or not a number."""
+    value = headers.get("content-length")
+    if value is None or not value.isdigit():
+        return None
+    return int(value)

@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 from ..errors import ModelCacheError, Unauthorized, Unavailable
 from ..transfer.hangup import HANGUP
 from ..transfer.meter import RECEIVING, Cell, Meter
-from .http import check_range_response, connection_failure, exact_range
+from .http import check_range_response, connection_failure, content_length, exact_range, parse_head
 from .proxy import Proxy, check_request
 
 BUFFER = 4 << 20
@@ -187,11 +187,11 @@ class _Connection:
                 # Nothing came back: a kept-alive connection the server had already closed.
                 raise _Stale(f"server closed the connection before answering ({e})") from e
         try:
-            status, fields = _parse_head(bytes(head[:end]))
+            status, fields = parse_head(bytes(head[:end]))
         except ValueError as e:
             raise Unavailable(f"malformed HTTP response: {e}") from e
         extra = bytes(head[end + 4:])
-        length = _content_length(fields)
+        length = content_length(fields)
         if fields.get("connection", "").lower() == "close":
             self.reusable = False
         if status < 200 or length is None or fields.get("transfer-encoding"):
@@ -369,7 +369,7 @@ class RawPool:
         except BaseException:
             conn.abort()
             raise
-        if conn.remaining or _content_length(fields) == 0 and conn.reusable:
+        if conn.remaining or content_length(fields) == 0 and conn.reusable:
             return RawResponse(status, fields, conn.remaining, conn)
         conn.abort()  # no body of ours: the caller uses another client for this one
         return RawResponse(status, fields, None)
@@ -463,35 +463,10 @@ def _tunnel(sock: socket.socket, host: str, port: int, proxy: Proxy) -> None:
     if end + 4 != len(head):
         raise Unavailable(f"proxy {proxy.url}: bytes after its CONNECT answer")
     try:
-        status, _ = _parse_head(bytes(head[:end]))
+        status, _ = parse_head(bytes(head[:end]))
     except ValueError as e:
         raise Unavailable(f"proxy {proxy.url}: malformed CONNECT answer: {e}") from e
     if status == 407:
         raise Unauthorized(f"proxy {proxy.url} wants a login (HTTP 407): put USER:PASSWORD@ in HTTPS_PROXY")
     if not 200 <= status < 300:
         raise Unavailable(f"proxy {proxy.url}: CONNECT {authority} answered HTTP {status}")
-
-
-def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
-    lines = head.decode("latin-1").split("\r\n")
-    version, _, rest = lines[0].partition(" ")
-    if not version.startswith("HTTP/1."):
-        raise ValueError(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
-    status = int(rest[:3])
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep:
-            raise ValueError(f"bad header line {line[:80]!r}")
-        name = name.strip().lower()
-        value = value.strip()
-        headers[name] = f"{headers[name]}, {value}" if name in headers else value
-    return status, headers
-
-
-def _content_length(headers: Mapping[str, str]) -> int | None:
-    value = headers.get("content-length")
-    if value is None or not value.isdigit():
-        return None
-    return int(value)
-

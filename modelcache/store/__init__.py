@@ -55,9 +55,19 @@ Who holds what (issue 10):
   aside to ``views/.corrupt-*``, never deleted under its pod.
 """
 
-from .content import BlobIngest, ContentStore
-from .index import Index, ViewRecord
-from .store import Store
-from .views import ViewEntry, view_digest
+from typing import TYPE_CHECKING
+
+from ..lazy import exports
+
+if TYPE_CHECKING:
+    from .content import BlobIngest, ContentStore
+    from .index import Index, ViewRecord
+    from .store import Store
+    from .views import ViewEntry, view_digest
+
+# Each loaded when first asked for: a warm pull reads the index and loads none of the unpacker (issue 13).
+__getattr__ = exports(globals(), {"BlobIngest": "content", "ContentStore": "content", "Index": "index",
+                                 "ViewRecord": "index", "Store": "store", "ViewEntry": "views",
+                                 "view_digest": "views"})
 
 __all__ = ["BlobIngest", "ContentStore", "Index", "Store", "ViewEntry", "ViewRecord", "view_digest"]

@@ -199,6 +199,9 @@ class Index:
 
     def _migrate(self, root: Path) -> None:
         """Run the steps this index lacks, each version in one transaction (so a crash redoes it whole)."""
+        # An index already current (every open but the first) is only read: no write lock taken.
+        if self._db.execute("PRAGMA user_version").fetchone()[0] == VERSION:
+            return
         while True:
             with self._lock:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -297,6 +300,33 @@ class Index:
         """(view, model digest) last recorded for a ref, or None."""
         rows = self._query("SELECT view, model_digest FROM refs WHERE ref = ? AND filters = ?", (ref, filters))
         return (rows[0][0], rows[0][1]) if rows else None
+
+    def use_view(self, ref: str, filters: str, present: Callable[[str], bool], *, model_digest: str | None = None,
+                 needed_credentials: bool | None = None) -> tuple[str, int, int] | None:
+        """A warm hit: the view ``ref`` (with ``filters``) was last recorded as, marked used now; or None.
+
+        Found only if it was recorded from ``model_digest`` (when given: the
+        manifest just resolved at the origin), its row is there and
+        ``present(view)`` finds its tree. The lookup, the check of the tree and
+        the mark are one write transaction, the lock under which gc and
+        ``verify --delete`` take views away, so the view is whole when it is
+        returned. ``needed_credentials`` (the origin was asked) is recorded as
+        :meth:`record_origin_access` does. Returns (view, bytes, files).
+        """
+        def body(db: sqlite3.Connection) -> tuple[str, int, int] | None:
+            row = db.execute("SELECT r.view, r.model_digest, v.size, v.files FROM refs r "
+                             "JOIN views v ON v.digest = r.view WHERE r.ref = ? AND r.filters = ?",
+                             (ref, filters)).fetchone()
+            if row is None or (model_digest is not None and row[1] != model_digest) or not present(row[0]):
+                return None
+            now = time.time()
+            db.execute("UPDATE views SET last_used = ? WHERE digest = ?", (now, row[0]))
+            db.execute("UPDATE refs SET updated = ? WHERE ref = ? AND filters = ?", (now, ref, filters))
+            if needed_credentials is not None:
+                db.execute("INSERT OR REPLACE INTO origin_access (ref, needed_credentials, updated) VALUES (?, ?, ?)",
+                           (ref, int(needed_credentials), now))
+            return str(row[0]), int(row[2]), int(row[3])
+        return self._atomic(body)
 
     def touch(self, view: str) -> None:
         """Mark a view as used now."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import InvalidContent
 from ..model import Archive
@@ -11,8 +12,10 @@ from ..tree import Node
 from .content import ContentStore
 from .crash import crash_point
 from .index import Index
-from .unpack import Row, unpack_layer
 from .views import ViewEntry, build_view, detach, move_aside, remove_tree, view_digest
+
+if TYPE_CHECKING:  # the unpacker (tarfile, zstd, ISA-L) is loaded by the first unpack, not by a warm pull
+    from .unpack import Row
 
 # Unpacked size is bounded (issue 10: a 96 KiB zstd layer must not inflate to
 # 3 GiB): a layer may unpack to this many times its own size, and always to
@@ -65,6 +68,8 @@ class Store:
         from the moment each is linked), and the listing lets a later pull of
         the same layer skip it entirely.
         """
+        from .unpack import unpack_layer
+
         rows = unpack_layer(
             self.content, self.content.path(archive.blob.digest), archive.compression,
             name=archive.blob.digest, leases=leases, limit=unpack_limit(archive),

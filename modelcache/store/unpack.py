@@ -30,7 +30,7 @@ from __future__ import annotations
 import io
 import posixpath
 import tarfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, cast
 
@@ -38,7 +38,7 @@ from ..errors import InvalidContent, UnsafePath
 from ..model import Compression
 from ..tree import OPAQUE_WHITEOUT, WHITEOUT_PREFIX, Node, safe_link_target, safe_path
 from .content import ContentStore, Staged
-from .inflate import DECODE_ERRORS, inflated
+from .inflate import DECODE_ERRORS, file_chunks, inflated
 
 Row = list
 _NOT_A_TAR: tuple[type[BaseException], ...] = (tarfile.TarError, *DECODE_ERRORS)
@@ -54,16 +54,16 @@ def unpack_layer(content: ContentStore, layer: Path, compression: Compression, *
     they may hold at most ``limit`` bytes.
     """
     with open(layer, "rb") as raw:
-        return unpack_stream(content, raw, compression, name=name, leases=leases, limit=limit)
+        return unpack_stream(content, file_chunks(raw), compression, name=name, leases=leases, limit=limit)
 
 
-def unpack_stream(content: ContentStore, raw: IO[bytes], compression: Compression, *, name: str,
-                  leases: Sequence[str] = (), limit: int | None = None) -> list[Row]:
-    """Unpack the layer read from ``raw`` (its bytes as stored, in order) into ``content``; return its listing.
+def unpack_stream(content: ContentStore, chunks: Iterable[bytes | memoryview], compression: Compression, *,
+                  name: str, leases: Sequence[str] = (), limit: int | None = None) -> list[Row]:
+    """Unpack the layer given as ``chunks`` (its bytes as stored, in order) into ``content``; return its listing.
 
-    ``raw`` is read once, front to back, and only as far as the tar goes: it
-    may be a file still being written (:mod:`.streamunpack`). Checks and
-    holds as :func:`unpack_layer`.
+    ``chunks`` are taken once, front to back, and only as far as the tar
+    goes: they may come from a layer still arriving (:mod:`.streamunpack`).
+    Checks and holds as :func:`unpack_layer`.
     """
     listing = Listing(name, limit)
     batch: list[Staged] = []  # small files written, not yet durable: made so together (see commit_staged)
@@ -73,7 +73,7 @@ def unpack_stream(content: ContentStore, raw: IO[bytes], compression: Compressio
         batch.clear()
 
     try:
-        stream = _Forward(inflated(raw, compression))
+        stream = _Forward(inflated(chunks, compression))
         with tarfile.TarFile(fileobj=cast(IO[bytes], stream), mode="r") as tar:
             while True:
                 try:
@@ -121,7 +121,7 @@ class _Forward:
     caller's checks (a truncated header, a file's size) see it.
     """
 
-    def __init__(self, blocks: Iterator[bytes]) -> None:
+    def __init__(self, blocks: Iterator[bytes | memoryview]) -> None:
         self._blocks = blocks
         self._view = memoryview(b"")  # the rest of the current block
         self._at = 0  # stream offset of the view's first byte

@@ -281,3 +281,50 @@ def test_tar_headers_parse_through_the_forward_stream_as_through_a_file() -> Non
     assert tar.next() is None
     with pytest.raises(io.UnsupportedOperation):
         stream.seek(0)
+
+
+def test_a_big_files_commit_runs_beside_the_next_files_unpacking(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fsync and link of one big file happen in another thread while the next file is written; every
+    file is a blob before the listing is returned."""
+    files = {"a.bin": bytes(range(256)) * 8193, "b.bin": bytes(range(255, -1, -1)) * 8191 + b"\x01", "c": b"small"}
+    content = ContentStore(tmp_path)
+    commits: list[tuple[str, list[str]]] = []
+    staging: list[str] = []
+    real_commit, real_stage = content.commit_staged, content.stage_blocks
+
+    def commit(staged, **kwargs):
+        time.sleep(0.2)  # a slow disk: the next file is being written meanwhile
+        commits.append((threading.current_thread().name, [s.digest for s in staged]))
+        real_commit(staged, **kwargs)
+
+    def stage(blocks, **kwargs):
+        staging.append(f"{len(commits)} committed when file {len(staging) + 1} was staged")
+        return real_stage(blocks, **kwargs)
+
+    monkeypatch.setattr(content, "commit_staged", commit)
+    monkeypatch.setattr(content, "stage_blocks", stage)
+    rows = unpack_stream(content, [gzip.compress(_tar(files), mtime=0)], Compression.GZIP, name="layer")
+    assert _stored(tmp_path, rows) == files
+    assert all(name.startswith("mc-commit") for name, _ in commits)
+    assert staging[1] == "0 committed when file 2 was staged"  # a.bin's commit had not ended yet
+    assert sorted(d for _, ds in commits for d in ds) == sorted(r[2] for r in rows)
+
+
+def test_a_failed_commit_refuses_the_layer_and_leaves_no_temp_file(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    files = {"a.bin": bytes(2 * MiB), "b.bin": bytes(2 * MiB + 1)}
+    content = ContentStore(tmp_path)
+    real_commit = content.commit_staged
+
+    def commit(staged, **kwargs):
+        if staged[0].size == 2 * MiB:
+            for one in staged:
+                one.tmp.unlink()
+            raise OSError(5, "I/O error")
+        real_commit(staged, **kwargs)
+
+    monkeypatch.setattr(content, "commit_staged", commit)
+    with pytest.raises(OSError, match="I/O error"):
+        unpack_stream(content, [_tar(files)], Compression.NONE, name="layer")
+    assert not [p for p in content.ingest_dir.iterdir() if p.name.startswith("tmp-")]

@@ -143,8 +143,8 @@ class _Committer:
             running.result()
 
     def close(self) -> None:
-        """Wait for the batch in flight (an error of the unpacking's own stands: its is dropped); end the thread.
-        A batch that failed removed its temp files itself."""
+        """Wait for the batch in flight, then end the thread. Its error is dropped here: this runs after the
+        unpacking's own error, which stands. A batch that failed removed its temp files itself."""
         if self._running is not None:
             wait([self._running])
             self._running = None

@@ -12,7 +12,6 @@ from __future__ import annotations
 import array
 import asyncio
 import functools
-import gzip
 import os
 import random
 import signal
@@ -21,6 +20,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -232,7 +232,7 @@ def test_sigkill_midway_through_a_gzip_layer_resumes_after_the_durable_bytes(reg
 def test_gzip_inflates_with_isal_or_falls_back_to_zlib(registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                      isal: bool) -> None:
     """With isal off (as where its wheel is missing), the standard library's zlib inflates the same bytes."""
-    from isal import igzip
+    from isal import isal_zlib
 
     from modelcache.pull import pull
     from modelcache.store import Store, inflate
@@ -240,19 +240,15 @@ def test_gzip_inflates_with_isal_or_falls_back_to_zlib(registry, tmp_path: Path,
 
     used: list[str] = []
 
-    class SpyGzip(gzip.GzipFile):
-        def __init__(self, *args, **kwargs) -> None:
-            used.append("zlib")
-            super().__init__(*args, **kwargs)
-
-    class SpyIgzip(igzip.GzipFile):
-        def __init__(self, *args, **kwargs) -> None:
-            used.append("isal")
-            super().__init__(*args, **kwargs)
+    def spy(name: str, make):
+        def decompressobj(*args, **kwargs):
+            used.append(name)
+            return make(*args, **kwargs)
+        return decompressobj
 
     monkeypatch.setattr(inflate, "ISAL", isal)
-    monkeypatch.setattr(inflate.gzip, "GzipFile", SpyGzip)
-    monkeypatch.setattr(inflate._igzip, "GzipFile", SpyIgzip)
+    monkeypatch.setattr(inflate.zlib, "decompressobj", spy("zlib", zlib.decompressobj))
+    monkeypatch.setattr(inflate._isal_zlib, "decompressobj", spy("isal", isal_zlib.decompressobj))
     files = {"a.bin": bf16_like(MiB + 17, seed=31 + isal), "b/c.json": b"{}"}
     layer = compress(_tar_of(files), "gzip")
     registry.push_image(f"stream/inflate-{int(isal)}", "v1", [(layer, LAYER_GZIP, None)])
@@ -269,7 +265,7 @@ def test_gzip_inflates_with_isal_or_falls_back_to_zlib(registry, tmp_path: Path,
         view = asyncio.run(go())
     finally:
         store.close()
-    assert used == ["isal" if isal else "zlib"]
+    assert set(used) == {"isal" if isal else "zlib"}  # one inflater per gzip member
     assert inflate.inflater() == ("isal" if isal else "zlib")
     assert tree_digests(view) == {p: sha256(d) for p, d in files.items()}
 

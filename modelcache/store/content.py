@@ -36,7 +36,7 @@ import os
 import secrets
 import struct
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,15 +296,16 @@ class ContentStore:
         :meth:`commit_staged` makes it a blob; until then (or if never) the
         temp file is named for this process, so gc removes it once we are gone.
         """
+        return self.stage_blocks(iter(lambda: source.read(_HASH_BLOCK), b""), expected_size=expected_size)
+
+    def stage_blocks(self, blocks: Iterable[bytes | memoryview], *, expected_size: int | None = None) -> Staged:
+        """:meth:`stage` from blocks of bytes, in order (views are hashed and written as they are, no copy)."""
         tmp = self.ingest_dir / f"tmp-{liveness.tmp_prefix()}{secrets.token_hex(8)}"
         h, x = hashlib.sha256(), xxhash.xxh3_128()
         size = 0
         try:
             with open(tmp, "wb") as out:
-                while True:
-                    block = source.read(_HASH_BLOCK)
-                    if not block:
-                        break
+                for block in blocks:
                     h.update(block)
                     x.update(block)
                     out.write(block)

@@ -157,6 +157,7 @@ class PeerSource:
         self.client, self.url, self.mode, self.patient = client, url, mode, patient
         self.round = round_ or Round()
         self.slow = False  # our last ask timed out (the router tells members: a strike, not a verdict)
+        self.failed_at = url  # the peer that failed us last: the home, or a holder it sent us to
         self.name = "peer://" + url.partition("://")[2]
 
     async def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes]:
@@ -181,10 +182,12 @@ class PeerSource:
                 await asyncio.sleep(0.05)  # the home waited for it already: ask again at once
             except Unavailable:
                 if mode == "home" and self.mode == "home":
-                    if self.slow and not patient:
+                    # A holder the home sent us to failed, or the home timed out once: the patient ask goes
+                    # back to the home. Else the home itself failed: the fallback stands in.
+                    if not patient and (self.slow or self.failed_at != self.url):
                         self.round.late = True
                     else:
-                        self.round.home_failed = True
+                        self.round.home_failed = self.failed_at == self.url or self.round.home_failed
                 raise
 
     async def _ask(self, blob: Blob, mode: str, range_: str) -> AsyncIterator[bytes]:
@@ -193,6 +196,7 @@ class PeerSource:
         while targets:
             url, mode = targets.pop(0)
             path = f"/v1/peer/blobs/{blob.digest}?mode={mode}"
+            started = False
             try:
                 async with self.client.session().get(url + path, headers=self.client.headers("GET", path, range_),
                                                      allow_redirects=False) as r:
@@ -222,12 +226,17 @@ class PeerSource:
                             raise NotYet(f"{self.name} does not hold {range_} of {blob.digest[:19]} yet")
                         raise NotFound(f"{self.name} does not hold {range_} of {blob.digest[:19]}")
                     if r.status != 206:
+                        self.failed_at = url
                         raise Unavailable(f"{self.name}: HTTP {r.status} for {blob.digest[:19]}")
                     async for block in r.content.iter_chunked(BLOCK):
+                        started = True
                         yield block
                     return
             except (aiohttp.ClientError, TimeoutError) as e:
+                if targets and not started:
+                    continue  # a holder we were sent to is gone or silent: back to the home, in held mode
                 self.slow = isinstance(e, TimeoutError)  # aiohttp's connect and read timeouts are TimeoutErrors
+                self.failed_at = url
                 raise Unavailable(f"{self.name}: {type(e).__name__}: {e}".rstrip(": ")) from e
 
 

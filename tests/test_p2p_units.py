@@ -198,11 +198,6 @@ def test_a_home_sends_later_requesters_to_holders_in_sweeps(tmp_path) -> None:
     assert max(sent.count(h) for h in set(sent)) <= 5  # and no holder serves everyone either
     assert holders.held(key) == [f"http://r{n}" for n in range(1, 32)]  # every requester holds it now
     assert all(holders.next_holder(key, "http://r1") != "http://r1" for _ in range(40))  # never to itself
-    # Every upload slot of the home busy: a holder serves, never the home, however the sweep stands.
-    assert all(holders.next_holder(key, "http://late", busy=True) is not None for _ in range(40))
-    alone = ("sha256:" + "ab" * 32, 1)
-    holders.served(alone, "http://r1")
-    assert holders.next_holder(alone, "http://r1", busy=True) is None  # nobody else holds it: the home serves
 
 
 def test_a_home_that_does_not_fetch_a_blob_elects_one_requester_per_piece() -> None:

@@ -402,7 +402,7 @@ class Sim:
     def decide(self, home: int, req: Req) -> bool:
         """The home holds the piece: serve it (True) or send the requester to a holder (False, targets set)."""
         key = (DIGEST, req.piece * self.piece)
-        holder = self.holders[home].next_holder(key, self.urls[req.node], busy=self.uploading[home] >= UPLOADS)
+        holder = self.holders[home].next_holder(key, self.urls[req.node])
         if holder is None:
             self.upload(home, req, home=home)
             return True

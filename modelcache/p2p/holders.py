@@ -36,8 +36,7 @@ class Holders:
     only from the next sweep, so it has a sweep's time to receive it. The
     holders double with every sweep, a broadcast tree: a home serves about
     log2(N) of a piece's N requesters instead of most of them, and each
-    holder a few, so no node serves everyone. A home whose upload slots are
-    all busy skips its own turn (the requester would only queue there). A requester sent to a holder
+    holder a few, so no node serves everyone. A requester sent to a holder
     that lacks the piece costs one quick miss, never an origin fetch: the
     home serves it in ``held`` mode.
     """
@@ -62,18 +61,14 @@ class Holders:
         """The holders we know of for ``key``, in the order they became holders."""
         return list(self._held.get(key, ()))
 
-    def next_holder(self, key: Key, requester: str | None, *, busy: bool = False) -> str | None:
-        """The holder to send ``requester`` to (it then counts as one), or None: we serve it ourselves.
-        ``busy`` (every upload slot of ours taken): a holder serves it if there is one but the requester."""
+    def next_holder(self, key: Key, requester: str | None) -> str | None:
+        """The holder to send ``requester`` to (it then counts as one), or None: we serve it ourselves."""
         holders = self._held.get(key, [])
-        others = len(holders) - (requester in self._known.get(key, ()))
         at, end = self._sweep.get(key, (0, 0))
         while True:
             if at > end:  # a new sweep over every holder known now, the home first
                 at, end = 0, len(holders)
             slot, at = at, at + 1
-            if slot == 0 and busy and others > 0:
-                continue
             if slot == 0 or holders[slot - 1] != requester:
                 break
         self._sweep[key] = (at, end)

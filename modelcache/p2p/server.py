@@ -176,7 +176,7 @@ class PeerServer:
         if not held:
             return _not_found(f"bytes {start}-{end} of {digest} are not held here", self.node_id)
         if mode == "home":
-            holder = self._holders.next_holder((digest, start), requester, busy=self._uploads.locked())
+            holder = self._holders.next_holder((digest, start), requester)
             if holder is not None:
                 return web.Response(status=307, headers={HOLDER_HEADER: holder, NODE_HEADER: self.node_id})
         # Asked as a home (or back at the home after a redirect), every upload slot busy: say so in time (the

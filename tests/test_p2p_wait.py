@@ -18,7 +18,7 @@ from test_engine import MemorySource, assert_committed, blob_of, config
 
 from modelcache.errors import NotFound
 from modelcache.model import Blob
-from modelcache.p2p.client import MODE_HEADER, PeerClient, PeerSource
+from modelcache.p2p.client import HOLDER_HEADER, MODE_HEADER, PeerClient, PeerSource
 from modelcache.p2p.router import plan
 from modelcache.store.content import ContentStore
 from modelcache.transfer import Engine
@@ -36,8 +36,9 @@ class FakePeer:
     the bytes if ``holds``, else 404; ``answer`` overrides every home ask (e.g. elected: 404 origin)."""
 
     def __init__(self, data: bytes, *, waits: int = 0, holds: bool = True, answer: str | None = None,
-                 late: float = 0.0) -> None:
+                 late: float = 0.0, redirect: str | None = None) -> None:
         self.data, self.waits, self.holds, self.answer, self.late = data, waits, holds, answer, late
+        self.redirect = redirect  # home asks are sent to this holder (307)
         self.asked: Counter[tuple[str, str]] = Counter()  # (mode, range) -> times
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -45,6 +46,8 @@ class FakePeer:
         self.asked[(mode, range_)] += 1
         if self.late and self.asked[(mode, range_)] == 1:
             await asyncio.sleep(self.late)  # its first answer comes past the requester's read timeout
+        if mode == "home" and self.redirect:
+            return web.Response(status=307, headers={HOLDER_HEADER: self.redirect})
         if mode == "home" and self.answer:
             return web.Response(status=404, headers={MODE_HEADER: self.answer})
         if mode == "home" and self.asked[(mode, range_)] <= self.waits:
@@ -152,6 +155,19 @@ def test_a_home_late_once_is_asked_again_not_replaced(content: ContentStore) -> 
     assert fallback.modes() <= {"have"}
     home_url = next(url for url, mode in router.asks if mode == "home")
     assert (home_url, "failed") in router.reports  # the late answer failed once (a strike), the retry served
+
+
+def test_a_holder_the_home_sends_us_to_that_is_gone_hands_back_to_the_home(content: ContentStore) -> None:
+    """The home sends us to a holder that has left (connection refused): we ask the home again in held mode
+    and it serves; the home is not counted as failed, nor the fallback asked as a home, nor the origin."""
+    data = os.urandom(2 * PIECE)
+    home = FakePeer(data, redirect=f"http://127.0.0.1:{free_port()}")
+    fallback = FakePeer(data, holds=False)
+    origin, router = pull(content, data, {"home": home, "fallback": fallback})
+    assert_committed(content, data)
+    assert origin.requested() == 0
+    assert {mode for mode, _ in home.asked} == {"home", "held"}
+    assert fallback.modes() <= {"have"} and all(o != "failed" for _, o in router.reports)
 
 
 def test_a_home_that_elected_us_sends_us_on_without_waiting(content: ContentStore) -> None:

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 NODE_HEADER = "X-Modelcache-Node"
 URL_HEADER = "X-Modelcache-Peer-Url"
 HOLDER_HEADER = "X-Modelcache-Holder"
-MODE_HEADER = "X-Modelcache-Mode"  # with a 307: ask the holder in this mode; with a 404 from a home: "origin"
+MODE_HEADER = "X-Modelcache-Mode"  # with a 307: ask the holder in this mode; with a 404 from a home: origin | wait
 BLOCK = 256 << 10
 _SMALL = 64 << 10  # a 404 or 307 body this short is read to the end, keeping the connection
 PATIENCE = 30.0  # seconds a patient ask re-asks a home that keeps answering that it fetches the piece
@@ -203,7 +203,7 @@ class PeerSource:
                     if r.headers.get(NODE_HEADER) == self.client.node_id:
                         self.client._found_self(url)
                         raise NotFound(f"{url} is this daemon")
-                    if r.status != 206 and (r.content_length or 0) <= _SMALL:
+                    if r.status != 206 and r.content_length is not None and r.content_length <= _SMALL:
                         # Read the short answer (a 307, a 404), so the connection goes back to the pool: a
                         # patient ask re-asks a home every few hundred ms, and a new connection each time
                         # overflows a busy home's accept backlog (connect timeouts under load).

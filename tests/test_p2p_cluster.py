@@ -151,6 +151,41 @@ def test_homes_that_do_not_pull_the_model_still_keep_it_to_one_origin_fetch(regi
             stop_all(daemons)
 
 
+def test_a_home_asked_before_its_own_pull_began_does_not_fetch_its_pieces_again(registry, tmp_path,
+                                                                                 secret) -> None:
+    """3 nodes pull, and the 4th only after they asked it as a home (on a loaded machine a pull request can
+    reach a daemon well after its peers' first asks). Not pulling yet, the 4th elected requesters to fetch
+    its pieces; its own pull then asks them first instead of the origin, so origin bytes stay <= 1.1x.
+    The origin holds every blob GET until all four have asked, so every piece is still in flight."""
+    rng = random.Random(6)
+    files = {"a.bin": rng.randbytes(512 << 10), "b.bin": rng.randbytes((512 << 10) - 999)}  # 16 pieces
+    size = sum(len(d) for d in files.values())
+    push(registry, "p2p/late-home", files)
+    ports = [free_port() for _ in range(4)]
+    with FaultProxy(registry.host) as proxy:
+        ref = f"oci://{proxy.host}/p2p/late-home:v1"
+        # A slot for every piece: the early nodes reach the 4th's pieces while theirs are held.
+        daemons = start_peers(tmp_path, secret, ports, extra=("--concurrency", "16"))
+        try:
+            proxy.hold()
+            early = [d.call("POST", "/v1/pulls", {"ref": ref})[1]["id"] for d in daemons[:3]]
+            late = daemons[3]
+            deadline = time.monotonic() + 30
+            while late.log.read_text().count("mode=home") < 4 and time.monotonic() < deadline:
+                time.sleep(0.1)  # the 4th answers (elects) without pulling
+            late_id = late.call("POST", "/v1/pulls", {"ref": ref})[1]["id"]
+            time.sleep(2.0)  # its own pull starts, and asks for its home pieces
+            proxy.hold(False)
+            jobs = [d.wait_pull(i, 90) for d, i in zip(daemons, [*early, late_id], strict=True)]
+            for job in jobs:
+                assert_exact(job, files)
+            origin = sum(e.bytes for e in proxy.blob_gets())
+            assert origin <= 1.1 * size, (origin, size)
+        finally:
+            proxy.hold(False)
+            stop_all(daemons)
+
+
 class Liar:
     """A fake peer that signs nothing and checks nothing: it answers every range with flipped bytes."""
 

@@ -102,6 +102,23 @@ def test_a_node_never_counts_itself_and_benches_bad_peers() -> None:
     assert members.peers() == ["http://127.0.0.1:5"]
 
 
+def test_a_peer_that_times_out_is_benched_only_at_its_third_strike_in_a_row() -> None:
+    """A timeout may be a loaded machine's lag, not a dead peer: benching it at once would make us the home
+    of its pieces (and send us to the origin); three in a row with no answer between bench it."""
+    from modelcache.p2p.members import SLOW_STRIKES
+
+    url = "http://127.0.0.1:7"
+    members = Members(StaticPeers([url]), "me")
+    for _ in range(SLOW_STRIKES - 1):
+        members.report(url, "slow")
+    members.report(url, "miss")  # it answered: the strikes start over
+    for _ in range(SLOW_STRIKES - 1):
+        members.report(url, "slow")
+    assert members.peers() == [url]
+    members.report(url, "slow")
+    assert members.peers() == []
+
+
 class Origin:
     name = "oci://origin"
 
@@ -125,10 +142,17 @@ def test_router_asks_the_home_then_probes_candidates_then_the_origin() -> None:
         assert all(p.url != me for p in peers)  # never ourselves
         if ranked[0] == me:  # we are the home: nobody else is asked to fetch it, only whether they hold it
             assert [p.mode for p in peers] == ["have"] * len(peers)
+            assert [p.url for p in peers] == ranked[1:4]
         else:
-            assert (peers[0].url, peers[0].mode) == (ranked[0], "home")
-            assert all(p.mode == "have" for p in peers[1:])
-        assert [p.url for p in peers] == [u for u in ranked[:4] if u != me]
+            # the home, then the home again as a patient ask (it waits while the home fetches the piece)
+            assert [(p.url, p.mode, p.patient) for p in peers[:2]] == [(ranked[0], "home", False),
+                                                                       (ranked[0], "home", True)]
+            # the fallback (unless it is us) stands in as the home if the home fails; the rest are probed
+            rest = [u for u in ranked[1:4] if u != me]
+            assert [p.url for p in peers[2:]] == rest
+            assert [p.mode for p in peers[2:]] == ["fallback" if ranked[1] != me else "have"] + \
+                ["have"] * (len(rest) - 1)
+            assert len({id(p.round) for p in peers}) == 1  # the asks of one piece share what they learn
     order = router.order(blob, list(range(10)))
     mine = [i for i in range(10) if rank(piece_key(blob.digest, i), urls)[0] == me]
     assert sorted(order) == list(range(10))
@@ -150,21 +174,30 @@ def test_blobs_of_unknown_sha256_go_through_peers_only_with_a_check_from_the_ori
     for checked in (Blob("sha256:" + "ef" * 32, 1 << 20, verified=False, md5="0" * 32),
                     Blob("sha256:" + "ef" * 32, 1 << 20, verified=False, git_sha1="0" * 40),
                     Blob("sha256:" + "ef" * 32, 1 << 20)):
-        assert len(router.sources(checked, 0)) == 4
+        assert len(router.sources(checked, 0)) == 5  # home, home again (patient), fallback, probe, origin
 
 
-def test_a_home_sends_later_requesters_to_holders_in_turn(tmp_path) -> None:
-    """After serving a piece whole to peers, the home hands every other request for it to one of them."""
+def test_a_home_sends_later_requesters_to_holders_in_sweeps(tmp_path) -> None:
+    """The home hands a piece's requesters to its holders in sweeps: a broadcast tree, not a star."""
     from modelcache.p2p.holders import Holders
 
     holders = Holders()
     key = ("sha256:" + "ab" * 32, 0)
-    assert holders.next_holder(key, "http://a") is None  # nobody holds it yet: the home serves
-    holders.served(key, "http://a")
-    holders.served(key, "http://b")
-    answers = [holders.next_holder(key, "http://c") for _ in range(6)]
-    assert answers.count(None) == 2 and answers.count("http://a") == 2 and answers.count("http://b") == 2
-    assert all(holders.next_holder(key, "http://a") != "http://a" for _ in range(4))  # never to itself
+    answers = []
+    for n in range(1, 32):
+        requester = f"http://r{n}"
+        answer = holders.next_holder(key, requester)
+        answers.append(answer)
+        if answer is None:
+            holders.served(key, requester)  # the home served it whole
+        else:
+            assert answer != requester and answer in holders.held(key)[:-1]  # an earlier holder, never itself
+    assert answers[:8] == [None, None, "http://r1", None, "http://r1", "http://r2", "http://r3", None]
+    assert answers.count(None) <= 6  # the home serves about log2(N) of N requesters, not most of them
+    sent = [a for a in answers if a is not None]
+    assert max(sent.count(h) for h in set(sent)) <= 5  # and no holder serves everyone either
+    assert holders.held(key) == [f"http://r{n}" for n in range(1, 32)]  # every requester holds it now
+    assert all(holders.next_holder(key, "http://r1") != "http://r1" for _ in range(40))  # never to itself
 
 
 def test_a_home_that_does_not_fetch_a_blob_elects_one_requester_per_piece() -> None:
@@ -179,6 +212,26 @@ def test_a_home_that_does_not_fetch_a_blob_elects_one_requester_per_piece() -> N
     assert holders.elect(key, "http://c", now=101.0) == "http://a"
     assert holders.elect(key, "http://a", now=101.0) is None  # asked again, still its own to fetch
     assert holders.elect(other, "http://b", now=101.0) is None  # each piece its own election
+    assert holders.elected(key, now=101.0) == "http://a"  # the home's own pull asks a first, not the origin
+    assert holders.elected(other, now=101.0) == "http://b" and holders.elected(("x", 0), now=101.0) is None
     later = 100.0 + ELECTION_SECONDS + 1
+    assert holders.elected(key, now=later) is None
     assert holders.elect(key, "http://c", now=later) is None  # lapsed: c fetches it now
     assert holders.elect(key, "http://b", now=later) == "http://c"
+
+
+def test_a_home_that_elected_a_requester_asks_it_first_when_it_pulls_the_blob_itself() -> None:
+    """Asked as a piece's home before its own pull began, a node elected a requester to fetch the piece;
+    when it then pulls the blob, that requester comes first, as the piece's home (not the origin)."""
+    urls = [f"http://127.0.0.1:{p}" for p in range(1001, 1007)]
+    blob = Blob("sha256:" + "cd" * 32, 40 * (64 << 10))
+    index = next(i for i in range(40) if rank(piece_key(blob.digest, i), urls)[0] == urls[0])
+    offset = index * (64 << 10)
+    elected = {(blob.digest, offset): urls[5]}
+    router = PeerRouter(Origin(), Members(StaticPeers(urls), "me", me=urls[0]), PeerClient(b"k" * 16, "me"),
+                        minimum=64 << 10, elected=lambda digest, at: elected.get((digest, at)))
+    peers = [s for s in router.sources(blob, index) if isinstance(s, PeerSource)]
+    assert [(p.url, p.mode) for p in peers[:2]] == [(urls[5], "home")] * 2
+    assert urls[5] not in [p.url for p in peers[2:]] and all(p.mode == "have" for p in peers[2:])
+    other = next(i for i in range(40) if rank(piece_key(blob.digest, i), urls)[0] == urls[0] and i != index)
+    assert all(p.mode == "have" for p in router.sources(blob, other) if isinstance(p, PeerSource))

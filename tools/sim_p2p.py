@@ -68,9 +68,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from modelcache.p2p.client import PeerClient  # noqa: E402  (the client's default timeouts)
+from modelcache.p2p.client import PATIENCE, PeerClient  # noqa: E402  (the client's default timeouts)
 from modelcache.p2p.holders import Holders  # noqa: E402
 from modelcache.p2p.members import FAILED_PAUSE  # noqa: E402
+from modelcache.p2p.node import home_wait  # noqa: E402
 from modelcache.p2p.pieces import piece_count, piece_size  # noqa: E402
 from modelcache.p2p.ring import piece_key  # noqa: E402
 from modelcache.p2p.router import PROBES, plan, walk  # noqa: E402
@@ -89,7 +90,7 @@ DIGEST = "sha256:" + "5e" * 32
 ORIGIN = -1
 TOP = 12  # candidates kept per piece (more than PROBES + 1, for peers a node has benched)
 READ_TIMEOUT = PeerClient(b"", "").read_timeout  # a request silent this long fails
-HOME_WAIT = max(0.5, READ_TIMEOUT * 0.8)  # as p2p/node.py gives the peer server
+HOME_WAIT = home_wait(READ_TIMEOUT)  # as p2p/node.py gives the peer server
 
 
 @dataclass
@@ -172,10 +173,14 @@ class Ranking:
 class Req:
     """One node's fetch of one piece: its sources in turn, a redirect's targets, the bytes it has."""
 
-    __slots__ = ("node", "piece", "sources", "pos", "targets", "got", "defer", "token", "sent", "for_peer", "live")
+    __slots__ = ("node", "piece", "sources", "pos", "targets", "got", "defer", "token", "sent", "for_peer", "live",
+                 "home", "home_failed", "since")
 
     def __init__(self, node: int, piece: int, sources: list[tuple[int, str]], defer: bool, for_peer: bool) -> None:
         self.node, self.piece, self.sources, self.defer, self.for_peer = node, piece, sources, defer, for_peer
+        self.home = sources[0][0] if sources and sources[0][1] == "home" else -2
+        self.home_failed = False  # the client's Round: the home is gone, so the fallback is asked as the home
+        self.since = math.inf  # when it began waiting on a home that fetches the piece (the client's patience)
         self.pos = 0
         self.targets: list[tuple[int, str]] = []
         self.got = 0
@@ -210,7 +215,7 @@ class Sim:
         self.holders = [Holders() for _ in range(n)]
         self.bench: list[dict[int, float]] = [{} for _ in range(n)]
         self.uploading = [0] * n
-        self.queue: list[deque[Req]] = [deque() for _ in range(n)]
+        self.queue: list[deque[tuple[Req, int]]] = [deque() for _ in range(n)]  # (request, its token when queued)
         self.uploaded = [0] * n
         self.alive = np.zeros(n, dtype=bool)
         self.member = [False] * n  # the same as a list (fast to index one at a time)
@@ -295,8 +300,8 @@ class Sim:
                         req.token += 1
                         self.failed(req, n)
             self.waiters[n].clear()
-            for req in self.queue[n]:
-                if self.waiting(req):
+            for req, token in self.queue[n]:
+                if self.waiting(req) and req.token == token:
                     req.token += 1
                     self.failed(req, n)
             self.queue[n].clear()
@@ -358,6 +363,7 @@ class Sim:
         """Try the request's next target or source until bytes flow, it waits, or it is deferred."""
         i = req.piece
         while True:
+            redirected = bool(req.targets)
             if req.targets:
                 t, mode = req.targets.pop(0)
             elif req.pos < len(req.sources):
@@ -367,9 +373,14 @@ class Sim:
                 self.flow(ORIGIN, req)
                 return
             req.sent = self.now
+            if mode == "fallback":  # the client's Round: the home's stand-in once the home failed
+                mode = "home" if req.home_failed else "have"
             if not self.member[t]:
                 self.bench[req.node][t] = self.now + FAILED_PAUSE  # refused: benched, next source at once
-                req.targets = []
+                if not (redirected and req.targets):  # a holder we were sent to is gone: back to the home
+                    req.targets = []
+                if t == req.home:
+                    req.home_failed = True
                 continue
             holds = self.state[t][i] == 2
             if mode == "home":
@@ -384,7 +395,7 @@ class Sim:
                     return
                 continue
             if holds:  # have, held
-                self.upload(t, req)
+                self.upload(t, req, home=t if mode == "held" else -1)
                 return
             # a miss: the next target (after a redirect, the home in ``held`` mode), else the next source
 
@@ -393,7 +404,7 @@ class Sim:
         key = (DIGEST, req.piece * self.piece)
         holder = self.holders[home].next_holder(key, self.urls[req.node])
         if holder is None:
-            self.upload(home, req)
+            self.upload(home, req, home=home)
             return True
         self.redirects += 1
         req.targets = [(self.index[holder], "have"), (home, "held")]
@@ -418,6 +429,7 @@ class Sim:
             state[i] = 1
             self.jobs[home].append(i)
         self.waiters[home].setdefault(i, []).append(req)
+        req.since = min(req.since, self.now)
         req.token += 1
         token = req.token
         self.at(self.now + HOME_WAIT, lambda: self.home_timeout(home, req, token))
@@ -429,49 +441,73 @@ class Sim:
         return req.live and not self.gone[req.node]
 
     def home_timeout(self, home: int, req: Req, token: int) -> None:
+        """The home answers ``wait``: the first time the piece is deferred if it can be; after that the client's
+        patient ask asks again (it stays a waiter) until its patience runs out, then the next source."""
         if not self.waiting(req) or req.token != token:
             return
         req.token += 1
         self.timeouts += 1
         waiting = self.waiters[home].get(req.piece)
+        if self.now - req.since < PATIENCE and not (req.defer and req.pos == 1 and req.got == 0 and not req.targets):
+            token = req.token
+            self.at(self.now + HOME_WAIT, lambda: self.home_timeout(home, req, token))
+            return
         if waiting and req in waiting:
             waiting.remove(req)
         if not self.not_yet(req):
             self.ask(req)
 
-    def upload(self, src: int, req: Req) -> None:
-        """Bytes from peer ``src`` once it has an upload slot; a request that waits past the read timeout fails."""
+    def upload(self, src: int, req: Req, *, home: int = -1) -> None:
+        """Bytes from peer ``src`` once it has an upload slot. Asked as a home (or the home in ``held`` mode),
+        every slot busy, it answers ``wait`` within its wait and the requester asks the home again (which may
+        send it to another holder now); any other request that waits past the read timeout fails."""
         if self.uploading[src] < UPLOADS:
             self.uploading[src] += 1
             self.flow(src, req)
             return
         req.token += 1
         token = req.token
-        self.queue[src].append(req)
-        self.at(req.sent + READ_TIMEOUT, lambda: self.upload_timeout(src, req, token))
+        self.queue[src].append((req, token))
+        if home >= 0:
+            self.at(self.now + HOME_WAIT, lambda: self.ask_again(home, req, token))
+        else:
+            self.at(req.sent + READ_TIMEOUT, lambda: self.upload_timeout(src, req, token))
+
+    def ask_again(self, home: int, req: Req, token: int) -> None:
+        if not self.waiting(req) or req.token != token:
+            return
+        req.token += 1  # its place in the queue lapses
+        req.targets = [(home, "home")]
+        self.ask(req)
 
     def upload_timeout(self, src: int, req: Req, token: int) -> None:
         if not self.waiting(req) or req.token != token:
             return
         req.token += 1
         self.timeouts += 1
-        self.failed(req, src)
+        self.failed(req, src, bench=False)  # a timeout is a strike, not a verdict (p2p/members.py)
 
     def pump(self, src: int) -> None:
         """An upload slot of ``src`` came free: the next queued request still waiting gets it."""
         queue = self.queue[src]
         while queue and self.uploading[src] < UPLOADS:
-            req = queue.popleft()
-            if not self.waiting(req) or self.now > req.sent + READ_TIMEOUT:
+            req, token = queue.popleft()
+            if not self.waiting(req) or req.token != token or self.now > req.sent + READ_TIMEOUT:
                 continue
             req.token += 1
             self.uploading[src] += 1
             self.flow(src, req)
 
-    def failed(self, req: Req, peer: int) -> None:
-        """A peer failed (left, or silent past the timeout): benched, and the next source asked at once."""
-        self.bench[req.node][peer] = self.now + FAILED_PAUSE
-        req.targets = []
+    def failed(self, req: Req, peer: int, *, bench: bool = True) -> None:
+        """A peer failed (left, or silent past the timeout): benched if it left, the next source asked at once
+        (the fallback as the home if it was the home)."""
+        if bench:
+            self.bench[req.node][peer] = self.now + FAILED_PAUSE
+        if peer == req.home:
+            req.home_failed = True
+        home = req.home
+        # A holder the home sent us to failed: back to the home (the client's patient ask), which holds it.
+        req.targets = [(home, "home")] if home >= 0 and not req.home_failed and self.member[home] else []
         self.ask(req)
 
     def release(self, req: Req, *, deferred: bool) -> None:

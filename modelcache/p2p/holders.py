@@ -12,7 +12,10 @@ origin: it has no access of its own to the model. It still keeps the piece
 to one origin fetch: the first requester is elected to fetch it
 (:meth:`Holders.elect`), and the requesters after it are sent to that one
 as their home, until the election lapses (:data:`ELECTION_SECONDS`, after
-which a requester that died or left no longer draws others).
+which a requester that died or left no longer draws others). When the home
+then pulls the blob itself (it was asked before its own pull began: a race
+under load), its router asks the elected requester first
+(:meth:`Holders.elected`), not the origin.
 """
 
 from __future__ import annotations
@@ -23,33 +26,58 @@ _ELECTIONS = 100_000  # kept at most; past it, lapsed ones are dropped
 
 
 class Holders:
-    """Requesters served each piece whole, and the turn of the next redirect."""
+    """The holders of each piece, a sweep over them that hands out the next requesters, and elections.
+
+    Requests for a piece are handed out in sweeps: each sweep sends one
+    requester to each holder known when the sweep began (and the home serves
+    one itself), in the order they became holders. A requester sent to a
+    holder counts as a holder from then on (it gets the piece from that
+    holder, or from the home in ``held`` mode if the holder lacks it), but
+    only from the next sweep, so it has a sweep's time to receive it. The
+    holders double with every sweep, a broadcast tree: a home serves about
+    log2(N) of a piece's N requesters instead of most of them, and each
+    holder a few, so no node serves everyone. A requester sent to a holder
+    that lacks the piece costs one quick miss, never an origin fetch: the
+    home serves it in ``held`` mode.
+    """
 
     def __init__(self) -> None:
-        self._held: dict[Key, list[str]] = {}  # piece -> requesters served whole, in order
+        self._held: dict[Key, list[str]] = {}  # piece -> holders, in the order they became holders
         self._known: dict[Key, set[str]] = {}  # the same as sets (a piece can have thousands of holders)
-        self._turn: dict[Key, int] = {}
+        self._sweep: dict[Key, tuple[int, int]] = {}  # piece -> (next slot, slots in this sweep)
         self._elected: dict[Key, tuple[str, float]] = {}  # piece -> (requester fetching it, when elected)
 
     def served(self, key: Key, requester: str) -> None:
         """``requester`` got the piece ``key`` whole from us: it holds it now."""
+        self._add(key, requester)
+
+    def _add(self, key: Key, holder: str) -> None:
         known = self._known.setdefault(key, set())
-        if requester not in known:
-            known.add(requester)
-            self._held.setdefault(key, []).append(requester)
+        if holder not in known:
+            known.add(holder)
+            self._held.setdefault(key, []).append(holder)
 
     def held(self, key: Key) -> list[str]:
         """The holders we know of for ``key``, in the order they became holders."""
         return list(self._held.get(key, ()))
 
     def next_holder(self, key: Key, requester: str | None) -> str | None:
-        """Every other request for a piece goes to a holder we served before, in turn; the rest we serve."""
-        holders = [h for h in self._held.get(key, []) if h != requester]
-        if not holders:
+        """The holder to send ``requester`` to (it then counts as one), or None: we serve it ourselves."""
+        holders = self._held.get(key, [])
+        at, end = self._sweep.get(key, (0, 0))
+        while True:
+            if at > end:  # a new sweep over every holder known now, the home first
+                at, end = 0, len(holders)
+            slot, at = at, at + 1
+            if slot == 0 or holders[slot - 1] != requester:
+                break
+        self._sweep[key] = (at, end)
+        if slot == 0:
             return None
-        turn = self._turn[key] = self._turn.get(key, 0) + 1
-        slot = turn % (len(holders) + 1)
-        return None if slot == 0 else holders[slot - 1]
+        holder = holders[slot - 1]
+        if requester:
+            self._add(key, requester)
+        return holder
 
     def elect(self, key: Key, requester: str, now: float) -> str | None:
         """For a piece nobody here fetches: None when ``requester`` is to fetch it from the origin (it asked
@@ -62,3 +90,8 @@ class Holders:
         if chosen is None or chosen[0] != requester:
             self._elected[key] = (requester, now)
         return None
+
+    def elected(self, key: Key, now: float) -> str | None:
+        """The requester elected to fetch ``key``, while its election lasts."""
+        chosen = self._elected.get(key)
+        return chosen[0] if chosen is not None and now - chosen[1] < ELECTION_SECONDS else None

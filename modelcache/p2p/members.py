@@ -3,9 +3,11 @@
 A daemon never counts itself: its own URL is known when it matches
 ``--listen``, or learnt when a peer answers with this daemon's own node id
 (``X-Modelcache-Node``; DNS returns our own address too). A peer that failed
-(dead, stalled, refused) is benched for :data:`FAILED_PAUSE` seconds, one
-that served bytes failing their check for :data:`LIED_PAUSE`: a benched peer
-drops out of the ranking, so the next candidate becomes the piece's home.
+(dead, refused) is benched for :data:`FAILED_PAUSE` seconds, one that
+served bytes failing their check for :data:`LIED_PAUSE`: a benched peer
+drops out of the ranking, so the next candidate becomes the piece's home. A
+peer that timed out (``slow``: stalled, or only late on a loaded machine)
+is benched at its :data:`SLOW_STRIKES`-th timeout with no answer between.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from .discovery import Discovery
 
 FAILED_PAUSE = 10.0
 LIED_PAUSE = 300.0
+SLOW_STRIKES = 3
 
 
 class Members:
@@ -27,6 +30,7 @@ class Members:
         self.me = me  # this daemon's URL as peers name it, once known
         self._selves: set[str] = {me} if me else set()
         self._benched: dict[str, float] = {}
+        self._strikes: dict[str, int] = {}  # timeouts since the peer's last answer
 
     def found_self(self, url: str) -> None:
         """``url`` answered with our own node id: it is us."""
@@ -53,8 +57,16 @@ class Members:
         self._benched[url] = max(self._benched.get(url, 0.0), time.monotonic() + seconds)
 
     def report(self, url: str, outcome: str) -> None:
-        """How a peer did: ``failed`` and ``lied`` bench it; ``ok`` and ``miss`` change nothing."""
-        if outcome == "failed":
+        """How a peer did: ``failed`` and ``lied`` bench it, ``slow`` at the :data:`SLOW_STRIKES`-th time in a
+        row; ``ok`` and ``miss`` (it answered) clear its strikes."""
+        if outcome == "slow":
+            self._strikes[url] = strikes = self._strikes.get(url, 0) + 1
+            if strikes >= SLOW_STRIKES:
+                self._strikes.pop(url, None)
+                self.bench(url, FAILED_PAUSE)
+        elif outcome == "failed":
             self.bench(url, FAILED_PAUSE)
         elif outcome == "lied":
             self.bench(url, LIED_PAUSE)
+        else:
+            self._strikes.pop(url, None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from ..store import Store
 from ..transfer import Engine
 from .client import PeerClient
 from .discovery import Discovery, DnsPeers, StaticPeers, normalize, parse_dns
+from .holders import Holders
 from .limit import RateLimit
 from .members import Members
 from .pieces import piece_minimum
@@ -99,18 +101,23 @@ class PeerNode:
                                  read_timeout=config.read_timeout, me=lambda: self.members.me,
                                  found_self=self.members.found_self)
         self.limit = RateLimit(config.upload_limit)
+        self.holders = Holders()  # the peer server's, read by our routers (the requester a home elected)
         self._on_report = on_report
         self._greeted: set[str] = set()
 
     def router(self, origin: ByteSource) -> PeerRouter:
         """The router for one pull from ``origin``."""
         return PeerRouter(origin, self.members, self.client, minimum=self.config.piece_min,
-                          on_report=self._on_report)
+                          on_report=self._on_report,
+                          elected=lambda digest, offset: self.holders.elected((digest, offset), time.monotonic()))
 
     def server(self, store: Store, engine: Engine, on_served: Callable[[int], None]) -> PeerServer:
         """The ``/v1/peer/`` handlers over this daemon's store and engine."""
+        # The home's wait leaves half the requester's read timeout for the answer to arrive: on a loaded
+        # machine the event loop lags, and an answer past the timeout fails the home (and benches it).
         return PeerServer(store, engine, self.config.secret, self.node_id, minimum=self.config.piece_min,
-                          limit=self.limit, home_wait=max(0.5, self.config.read_timeout * 0.8), on_served=on_served)
+                          limit=self.limit, home_wait=home_wait(self.config.read_timeout), on_served=on_served,
+                          holders=self.holders)
 
     async def greet(self) -> None:
         """Say hello to members not greeted yet (learning which one is us)."""
@@ -149,6 +156,11 @@ class PeerNode:
     async def close(self) -> None:
         """Close the HTTP session."""
         await self.client.close()
+
+
+def home_wait(read_timeout: float) -> float:
+    """How long a home waits for a piece before answering ``wait``: half the requester's read timeout."""
+    return read_timeout * 0.5
 
 
 def _discovery(config: PeerConfig) -> Discovery:

@@ -4,7 +4,8 @@
     GET /v1/peer/blobs/{digest}?mode=  206 with the Range asked for (home | have | held), 404 if not held,
                                        307 + X-Modelcache-Holder: ask that holder instead (as its
                                        home when X-Modelcache-Mode says so); a 404 with
-                                       X-Modelcache-Mode: origin elects the requester to fetch it
+                                       X-Modelcache-Mode: origin elects the requester to fetch it,
+                                       with X-Modelcache-Mode: wait says we fetch it: ask again
     GET /v1/peer/pieces/{digest}       the sha256 of each piece of a committed blob (JSON list)
 
 Every request must carry a fresh HMAC signature (:mod:`.signing`): without
@@ -16,8 +17,11 @@ ingests still in progress, each read under an ``upload`` lease so gc never
 takes them mid-read. Asked as a piece's home (``mode=home``) for a piece it
 does not hold yet but is fetching, it fetches that piece now (single flight
 with its own pull and every other requester, :meth:`Engine.ensure_piece`)
-and then serves it. It remembers who it served whole pieces to, and sends
-later requesters to those holders in turn, so no node serves everyone.
+and then serves it; not done within ``home_wait`` (well inside the
+requester's read timeout, so a loaded node still answers in time), it says
+``wait``, and the requester asks again rather than going to the origin. It
+remembers who it served whole pieces to, and sends later requesters to
+those holders (:mod:`.holders`), so no node serves everyone.
 Uploads share a byte-rate limit (``--peer-upload-limit``) and a bound on
 concurrent uploads.
 
@@ -30,9 +34,10 @@ downloads, then as the sha256 learnt for it, in this run or an earlier one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
@@ -58,12 +63,14 @@ class PeerServer:
     """The handlers of the peer routes over one store and engine."""
 
     def __init__(self, store: Store, engine: Engine, secret: bytes, node_id: str, *, minimum: int,
-                 limit: RateLimit, home_wait: float, on_served: Callable[[int], None] = lambda n: None) -> None:
+                 limit: RateLimit, home_wait: float, on_served: Callable[[int], None] = lambda n: None,
+                 holders: Holders | None = None) -> None:
         self.store, self.engine, self.secret, self.node_id = store, engine, secret, node_id
         self.minimum, self.limit, self.home_wait, self._on_served = minimum, limit, home_wait, on_served
         self._uploads = asyncio.Semaphore(UPLOADS)
         self._digests: dict[str, list[str]] = {}
-        self._holders = Holders()  # who holds each piece we served, and whom to send the next requester to
+        # who holds each piece we served, whom to send the next requester to, whom we elected (our router reads it)
+        self._holders = holders or Holders()
         self._standins: dict[str, str] = {}  # stand-in digest -> sha256 learnt in an earlier run
         self._standins_at = -STANDIN_REFRESH
 
@@ -139,6 +146,7 @@ class PeerServer:
         asked = self._asked(request)
         if isinstance(asked, web.Response):
             return asked
+        began = time.monotonic()
         digest, stored = asked
         span = _range(request.headers.get("Range", ""))
         if span is None:
@@ -151,9 +159,13 @@ class PeerServer:
             stored = self._stored(digest)
             held = self._holds(stored, digest, start, end)
         if not held and mode == "home":
-            held = await self.engine.ensure_piece(digest, start, wait=self.home_wait) and \
-                self._holds(stored, digest, start, end)
-            if not held and requester and not self.engine.fetches(digest):
+            await self.engine.ensure_piece(digest, start, wait=self.home_wait)
+            held = self._holds(stored, digest, start, end)  # also when the whole blob was committed meanwhile
+            if not held and self.engine.fetches(digest):
+                # We fetch it (or are about to: resolving, queued) but not in time: the requester asks again.
+                # Never "not here" for this: it would send the requester to the origin for a piece we fetch.
+                return _wait(f"{digest}: fetching it, ask again", self.node_id)
+            if not held and requester:
                 # We cannot fetch it (no pull of ours wants it): one requester does, the others wait on it.
                 elected = self._holders.elect((digest, start), requester, time.monotonic())
                 headers = {NODE_HEADER: self.node_id}
@@ -167,7 +179,14 @@ class PeerServer:
             holder = self._holders.next_holder((digest, start), requester)
             if holder is not None:
                 return web.Response(status=307, headers={HOLDER_HEADER: holder, NODE_HEADER: self.node_id})
-        served = await self._send(request, stored, digest, start, end)
+        # Asked as a home (or back at the home after a redirect), every upload slot busy: say so in time (the
+        # requester asks again) rather than keep it past its read timeout, which fails us for it and sends
+        # it to our fallback or the origin.
+        left = max(0.05, self.home_wait - (time.monotonic() - began))  # one wait in all, inside the read timeout
+        served = await self._send(request, stored, digest, start, end,
+                                  wait=left if mode in ("home", "held") else None)
+        if served < 0:
+            return _wait(f"{digest}: every upload slot is busy, ask again", self.node_id)
         if served == end - start + 1 and requester:
             self._holders.served((digest, start), requester)
         return served_response(request)
@@ -191,9 +210,26 @@ class PeerServer:
         finally:
             self.store.index.drop_lease(lease)
 
-    async def _send(self, request: web.Request, stored: str, digest: str, start: int, end: int) -> int:
-        """Stream bytes ``start..end`` (inclusive), rate limited; return how many went out."""
-        async with self._uploads:
+    @contextlib.asynccontextmanager
+    async def _upload_slot(self, wait: float | None) -> AsyncIterator[bool]:
+        """Hold an upload slot (True), or False when none came free within ``wait`` seconds (None: no limit)."""
+        try:
+            await asyncio.wait_for(self._uploads.acquire(), wait)
+        except TimeoutError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            self._uploads.release()
+
+    async def _send(self, request: web.Request, stored: str, digest: str, start: int, end: int, *,
+                    wait: float | None = None) -> int:
+        """Stream bytes ``start..end`` (inclusive), rate limited; return how many went out, or -1 when no
+        upload slot came free within ``wait`` seconds."""
+        async with self._upload_slot(wait) as slot:
+            if not slot:
+                return -1
             response = web.StreamResponse(status=206, headers={
                 NODE_HEADER: self.node_id, "Content-Length": str(end - start + 1),
                 "Content-Range": f"bytes {start}-{end}/*", "Content-Type": "application/octet-stream"})
@@ -231,6 +267,12 @@ class PeerServer:
 def served_response(request: web.Request) -> web.StreamResponse:
     """The response already streamed for ``request``."""
     return request["peer_response"]
+
+
+def _wait(message: str, node_id: str) -> web.Response:
+    """404 with ``X-Modelcache-Mode: wait``: we fetch the piece or hold it but cannot serve it yet."""
+    return web.json_response({"code": "NotFound", "message": message}, status=404,
+                             headers={NODE_HEADER: node_id, MODE_HEADER: "wait"})
 
 
 def _not_found(message: str, node_id: str) -> web.Response:

@@ -11,6 +11,7 @@ from modelcache.model import Blob
 from modelcache.p2p import signing
 from modelcache.p2p.client import PeerClient, PeerSource
 from modelcache.p2p.discovery import DnsPeers, StaticPeers, parse_dns
+from modelcache.p2p.gate import Gate, share
 from modelcache.p2p.members import Members
 from modelcache.p2p.pieces import piece_size
 from modelcache.p2p.ring import piece_key, rank
@@ -129,12 +130,21 @@ def test_router_asks_the_home_then_probes_candidates_then_the_origin() -> None:
             assert (peers[0].url, peers[0].mode) == (ranked[0], "home")
             assert all(p.mode == "have" for p in peers[1:])
         assert [p.url for p in peers] == [u for u in ranked[:4] if u != me]
-    order = router.order(blob, list(range(10)))
-    mine = [i for i in range(10) if rank(piece_key(blob.digest, i), urls)[0] == me]
-    assert sorted(order) == list(range(10))
-    assert order[:len(mine)] == mine  # our home pieces first
+    order = router.order(blob, list(range(40)))
+    homes = {i: rank(piece_key(blob.digest, i), urls)[0] for i in range(40)}
+    mine = [i for i in range(40) if homes[i] == me]
+    assert sorted(order) == list(range(40))
+    # In step with the homes: each home's pieces in index order, and the k-th piece of any home before
+    # the k+1-th of any other (a home is asked for the piece it fetches just then).
+    position = {i: [j for j in range(40) if homes[j] == homes[i]].index(i) for i in range(40)}
+    assert [position[i] for i in order] == sorted(position[i] for i in order)
+    for url in urls:
+        assert [i for i in order if homes[i] == url] == [i for i in range(40) if homes[i] == url]
+    assert router.ahead(blob, list(range(40))) == mine  # fetched ahead, in index order
     other = PeerRouter(origin, Members(StaticPeers(urls), "x", me=urls[1]), client, minimum=64 << 10)
-    assert other.order(blob, list(range(10))) != order  # each node walks its own order
+    assert other.order(blob, list(range(40))) != order  # each node walks its own order within a round
+    alone = PeerRouter(origin, Members(StaticPeers([me]), "me", me=me), client, minimum=64 << 10)
+    assert alone.ahead(blob, list(range(40))) == []  # no peers: nothing to fetch ahead of the workers
     router.report(PeerSource(client, urls[2], "home"), blob, 0, "lied")
     assert urls[2] not in members.ranking()  # a liar drops out: the next candidate becomes the home
 
@@ -182,3 +192,41 @@ def test_a_home_that_does_not_fetch_a_blob_elects_one_requester_per_piece() -> N
     later = 100.0 + ELECTION_SECONDS + 1
     assert holders.elect(key, "http://c", now=later) is None  # lapsed: c fetches it now
     assert holders.elect(key, "http://b", now=later) == "http://c"
+
+
+def test_the_origin_gate_shares_the_clusters_streams_and_lets_the_lowest_position_in_first() -> None:
+    """Each of n nodes fetches its home pieces on 8 // n origin streams (one alone keeps 8); waiters go in by
+    position (the k-th piece of every blob before any k+1-th), the limit is read again as members change,
+    and a waiter cancelled in the queue or just let in never keeps a place."""
+    assert [share(n) for n in (1, 2, 4, 8, 50)] == [8, 4, 2, 1, 1]
+
+    async def go() -> None:
+        limit = [2]
+        gate = Gate(lambda: limit[0])
+        inside: list[str] = []
+        release = {name: asyncio.Event() for name in ("a0", "b0", "a1", "b1", "a2", "b2", "x")}
+
+        async def piece(name: str, position: int) -> None:
+            async with gate.turn(position):
+                inside.append(name)
+                await release[name].wait()
+
+        tasks = [asyncio.create_task(piece(n, int(n[1]))) for n in ("a0", "a1", "a2", "b0", "b1", "b2")]
+        await asyncio.sleep(0.01)
+        assert inside == ["a0", "a1"] and gate.inside == 2  # first come while there is room
+        doomed = asyncio.create_task(piece("x", 0))
+        await asyncio.sleep(0.01)
+        doomed.cancel()  # cancelled while queued: skipped, its place not kept
+        release["a0"].set()
+        await asyncio.sleep(0.01)
+        assert inside == ["a0", "a1", "b0"]  # position 0 of blob b before position 2 of blob a
+        limit[0] = 4  # a member left: more room, used at the next exit
+        release["a1"].set()
+        await asyncio.sleep(0.01)
+        assert inside == ["a0", "a1", "b0", "b1", "a2", "b2"] and gate.inside == 4
+        for event in release.values():
+            event.set()
+        await asyncio.gather(*tasks, doomed, return_exceptions=True)
+        assert gate.inside == 0
+
+    asyncio.run(go())

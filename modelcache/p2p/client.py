@@ -26,7 +26,7 @@ import aiohttp
 from ..errors import NotFound, Unavailable
 from ..model import Blob
 from ..transfer.routing import NotYet
-from . import signing
+from . import signing, trace
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +144,14 @@ class PeerSource:
                         raise NotFound(f"{self.name} does not hold {range_} of {blob.digest[:19]}")
                     if r.status != 206:
                         raise Unavailable(f"{self.name}: HTTP {r.status} for {blob.digest[:19]}")
-                    async for block in r.content.iter_chunked(BLOCK):
-                        yield block
+                    trace.event("get-start", blob.digest, offset, length, url)
+                    got = 0
+                    try:
+                        async for block in r.content.iter_chunked(BLOCK):
+                            got += len(block)
+                            yield block
+                    finally:
+                        trace.event("get-end", blob.digest, offset, got, url)
                     return
             except (aiohttp.ClientError, TimeoutError) as e:
                 raise Unavailable(f"{self.name}: {type(e).__name__}: {e}".rstrip(": ")) from e

@@ -23,12 +23,15 @@ from ..store import Store
 from ..transfer import Engine
 from .client import PeerClient
 from .discovery import Discovery, DnsPeers, StaticPeers, normalize, parse_dns
+from .gate import Gate, share
 from .limit import RateLimit
 from .members import Members
 from .pieces import piece_minimum
 from .router import PeerRouter
 from .server import PeerServer
 from .slices import K8sPeers, parse_service
+from .trace import ON as TRACING
+from .trace import TracedOrigin
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +102,17 @@ class PeerNode:
                                  read_timeout=config.read_timeout, me=lambda: self.members.me,
                                  found_self=self.members.found_self)
         self.limit = RateLimit(config.upload_limit)
+        # The cluster opens about as many origin streams for home pieces as one node would (see .gate).
+        self.gate = Gate(lambda: share(len(self.members.peers()) + 1))
         self._on_report = on_report
         self._greeted: set[str] = set()
 
     def router(self, origin: ByteSource) -> PeerRouter:
         """The router for one pull from ``origin``."""
+        if TRACING:
+            origin = TracedOrigin(origin)
         return PeerRouter(origin, self.members, self.client, minimum=self.config.piece_min,
-                          on_report=self._on_report)
+                          on_report=self._on_report, gate=self.gate)
 
     def server(self, store: Store, engine: Engine, on_served: Callable[[int], None]) -> PeerServer:
         """The ``/v1/peer/`` handlers over this daemon's store and engine."""

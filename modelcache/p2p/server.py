@@ -41,7 +41,7 @@ from ..errors import InvalidContent, NotFound
 from ..model import standin_digest
 from ..store import Store, liveness
 from ..transfer import Engine
-from . import signing
+from . import signing, trace
 from .client import HOLDER_HEADER, MODE_HEADER, NODE_HEADER, URL_HEADER
 from .holders import Holders
 from .limit import RateLimit
@@ -151,8 +151,10 @@ class PeerServer:
             stored = self._stored(digest)
             held = self._holds(stored, digest, start, end)
         if not held and mode == "home":
+            waited = time.monotonic()
             held = await self.engine.ensure_piece(digest, start, wait=self.home_wait) and \
                 self._holds(stored, digest, start, end)
+            trace.event("home-wait", digest, start, int((time.monotonic() - waited) * 1000), requester or "-")
             if not held and requester and not self.engine.fetches(digest):
                 # We cannot fetch it (no pull of ours wants it): one requester does, the others wait on it.
                 elected = self._holders.elect((digest, start), requester, time.monotonic())
@@ -205,6 +207,8 @@ class PeerServer:
                 return self.store.content.read_durable(digest, offset, length)
 
             sent = 0
+            who = request.headers.get(URL_HEADER) or "-"
+            trace.event("serve-start", digest, start, end - start + 1, who)
             lease = f"upload:peer:{secrets.token_hex(6)}"
             await asyncio.to_thread(self.store.index.add_lease, lease, kind="upload", owner="peer",
                                     blobs=[stored], process=liveness.me())
@@ -224,6 +228,7 @@ class PeerServer:
             except (NotFound, OSError, ConnectionError):
                 pass  # the ingest went away or the peer hung up: it resumes elsewhere
             finally:
+                trace.event("serve-end", digest, start, sent, who)
                 await asyncio.to_thread(self.store.index.drop_lease, lease)
             return sent
 

@@ -228,5 +228,73 @@ def test_the_origin_gate_shares_the_clusters_streams_and_lets_the_lowest_positio
             event.set()
         await asyncio.gather(*tasks, doomed, return_exceptions=True)
         assert gate.inside == 0
+        # While a blob's home pieces pass, the limit follows our part of its pieces, not the head count.
+        gate.plan("blob", list(range(3, 48, 3)), 48)
+        assert gate.limit() == 3  # 8 x 15/48 = 2.5 streams, rounded
+        assert gate.position("blob", 9) == 2 and gate.position("blob", 10) is None
+        for _ in range(15):
+            gate.passed("blob")
+        assert gate.limit() == 4 and gate.position("blob", 9) is None  # all passed: the share by members
+
+    asyncio.run(go())
+
+
+def test_a_home_piece_is_relayed_to_readers_while_it_arrives_from_the_origin() -> None:
+    """A reader of a relayed piece gets its first bytes before the origin sent the last (not once it is whole);
+    a read that breaks off wakes the readers with Broken; pieces past the budget are not relayed."""
+    from modelcache.p2p.relay import Broken, Relay, RelayedOrigin
+
+    blob = Blob("sha256:" + "ab" * 32, 3 << 20)
+    data = bytes(range(256)) * (4 << 12)  # 1 MiB
+
+    class Slow:
+        name = "oci://origin"
+
+        def __init__(self, fail: bool = False) -> None:
+            self.fail, self.sent = fail, 0
+
+        async def read(self, blob: Blob, offset: int, length: int):
+            for n in range(4):
+                await asyncio.sleep(0.05)
+                if self.fail and n == 2:
+                    raise OSError("reset")
+                self.sent += length // 4
+                yield data[:length // 4]
+
+    async def go() -> None:
+        relay = Relay(budget=2 << 20)
+        origin = Slow()
+        relayed = RelayedOrigin(origin, relay, lambda b, o, n: True)
+
+        async def consume(source, offset: int) -> int:
+            return sum([len(b) async for b in source.read(blob, offset, 1 << 20)])
+
+        engine = asyncio.create_task(consume(relayed, 0))
+        live = await asyncio.wait_for(relay.started(blob.digest, 5), 1)  # any byte of the piece finds it
+        first = await live.read(0, 1 << 20)
+        assert len(first) == 256 << 10 and origin.sent < 1 << 20  # before the origin sent it all
+        assert first == data[:256 << 10]
+        assert await live.read(768 << 10, 1 << 20) == data[:256 << 10]  # waits for the last quarter
+        assert await engine == 1 << 20 and live.whole
+        assert relay.find(blob.digest, 0) is live  # kept a moment after it is whole (KEEP)
+        # Beyond the budget (2 MiB: this one plus the next fill it): read through, not relayed.
+        await consume(RelayedOrigin(Slow(), relay, lambda b, o, n: True), 1 << 20)
+        assert await consume(RelayedOrigin(Slow(), relay, lambda b, o, n: True), 2 << 20) == 1 << 20
+        assert relay.find(blob.digest, 2 << 20) is None
+        # A read that breaks off: its reader is told, and the piece is dropped.
+        broken = Relay()
+        reader = RelayedOrigin(Slow(fail=True), broken, lambda b, o, n: True)
+        failing = asyncio.create_task(consume(reader, 0))
+        piece = await asyncio.wait_for(broken.started(blob.digest, 0), 1)
+        try:
+            await piece.read(900 << 10, 1024)
+            raise AssertionError("a broken piece was read past its end")
+        except Broken:
+            pass
+        assert broken.find(blob.digest, 0) is None
+        try:
+            await failing
+        except OSError:
+            pass
 
     asyncio.run(go())

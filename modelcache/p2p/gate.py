@@ -18,6 +18,16 @@ pieces): a piece a node fetches from the origin because its home elected it
 (the home does not pull the model) or because peers missed it is fetched on
 the engine's own slots, so a node pulling a model no peer pulls keeps all
 its streams. A node with no live peers has no home pieces to fetch ahead.
+Rendezvous hashing gives homes uneven shares (in the namespace test 10 to
+15 of 48 pieces), and the home with the most finishes last while its peers
+wait on its last pieces. So while a node fetches home pieces ahead, its
+share follows its part of the work: ``ORIGIN_STREAMS`` times the fraction of
+those blobs' pieces it is home for, rounded (15 of 48: 3 streams, 10 of 48: 2).
+The gate holds only the origin read itself. Before it, a home piece asks
+the piece's other candidates whether they hold it (after a membership
+change an earlier home may): on links full of bulk transfers such a small
+request can take a second, so the next pieces ask while the current ones
+are read, :data:`LOOKAHEAD` per origin stream (a second gate, the engine's ``pace``).
 Waiters go in by priority (a piece's position among the node's home pieces
 of its blob), then by arrival, so with several blobs the homes fetch the
 ``k``-th piece of each before the ``k+1``-th, as requesters walk them.
@@ -29,9 +39,21 @@ import asyncio
 import heapq
 import itertools
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+
+from ..model import Blob
+from ..sources.base import ByteSource
 
 ORIGIN_STREAMS = 8  # the cluster's origin streams for home pieces: one node's default --concurrency
+LOOKAHEAD = 2  # home pieces under way per origin stream: the next asks its other candidates meanwhile
+
+
+@dataclass
+class _Plan:
+    left: int  # pieces still to pass
+    total: int  # the blob's pieces
+    positions: dict[int, int]  # piece index -> its place among ours
 
 
 def share(members: int, streams: int = ORIGIN_STREAMS) -> int:
@@ -44,10 +66,42 @@ class Gate:
     waiters go in lowest priority first, then first come."""
 
     def __init__(self, limit: Callable[[], int]) -> None:
-        self._limit = limit
+        self._default = limit
         self._inside = 0
         self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
+        self._work: dict[str, _Plan] = {}  # blob -> its home pieces fetched ahead
+
+    def plan(self, key: str, pieces: list[int], total: int) -> None:
+        """``pieces`` (indexes) of the ``total`` of blob ``key`` are fetched ahead, each to :meth:`passed` once:
+        until they have, the limit follows our part of the work (see the module docstring)."""
+        if pieces and total > 0:
+            self._work[key] = _Plan(left=len(pieces), total=total, positions={i: n for n, i in enumerate(pieces)})
+
+    def position(self, key: str, index: int) -> int | None:
+        """Piece ``index`` of blob ``key``'s place among the pieces fetched ahead, if it is one."""
+        plan = self._work.get(key)
+        return plan.positions.get(index) if plan is not None else None
+
+    def passed(self, key: str) -> None:
+        """One planned piece of blob ``key`` passed (from the origin or a peer, or given up)."""
+        plan = self._work.get(key)
+        if plan is not None:
+            plan.left -= 1
+            if plan.left <= 0:
+                del self._work[key]
+                self._wake()
+
+    def limit(self) -> int:
+        """How many may be inside now."""
+        return self._limit()
+
+    def _limit(self) -> int:
+        if not self._work:
+            return self._default()
+        mine = sum(len(w.positions) for w in self._work.values())
+        total = sum(w.total for w in self._work.values())
+        return max(1, int(ORIGIN_STREAMS * mine / total + 0.5))
 
     @property
     def inside(self) -> int:
@@ -87,3 +141,33 @@ class Gate:
             if not waiter.done():
                 self._inside += 1
                 waiter.set_result(None)
+
+
+class GatedOrigin:
+    """The origin as a byte source whose reads pass ``gated(blob, offset)`` (a place in the gate, or none)."""
+
+    def __init__(self, origin: ByteSource, gated: Callable[[Blob, int], AbstractAsyncContextManager[None]]) -> None:
+        self.name = origin.name
+        self._origin, self._gated = origin, gated
+        for attr in ("trusted", "attempts"):
+            if hasattr(origin, attr):
+                setattr(self, attr, getattr(origin, attr))
+
+    async def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes | memoryview]:
+        """The range from the origin, inside its place in the gate (left before the last bytes are handed
+        on: a reader that stops at the range's end never resumes us, and the place must not wait for our
+        finalizer)."""
+        place = self._gated(blob, offset)
+        await place.__aenter__()
+        inside = True
+        try:
+            got = 0
+            async for block in self._origin.read(blob, offset, length):
+                got += len(block)
+                if got >= length and inside:
+                    inside = False
+                    await place.__aexit__(None, None, None)
+                yield block
+        finally:
+            if inside:
+                await place.__aexit__(None, None, None)

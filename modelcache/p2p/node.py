@@ -23,10 +23,11 @@ from ..store import Store
 from ..transfer import Engine
 from .client import PeerClient
 from .discovery import Discovery, DnsPeers, StaticPeers, normalize, parse_dns
-from .gate import Gate, share
+from .gate import LOOKAHEAD, Gate, GatedOrigin, share
 from .limit import RateLimit
 from .members import Members
 from .pieces import piece_minimum
+from .relay import Relay, RelayedOrigin
 from .router import PeerRouter
 from .server import PeerServer
 from .slices import K8sPeers, parse_service
@@ -104,6 +105,8 @@ class PeerNode:
         self.limit = RateLimit(config.upload_limit)
         # The cluster opens about as many origin streams for home pieces as one node would (see .gate).
         self.gate = Gate(lambda: share(len(self.members.peers()) + 1))
+        self.lookahead = Gate(lambda: LOOKAHEAD * self.gate.limit())
+        self.relay = Relay()  # home pieces streamed to peers as they arrive from the origin
         self._on_report = on_report
         self._greeted: set[str] = set()
 
@@ -111,13 +114,17 @@ class PeerNode:
         """The router for one pull from ``origin``."""
         if TRACING:
             origin = TracedOrigin(origin)
-        return PeerRouter(origin, self.members, self.client, minimum=self.config.piece_min,
-                          on_report=self._on_report, gate=self.gate)
+        router = PeerRouter(origin, self.members, self.client, minimum=self.config.piece_min,
+                            on_report=self._on_report, gate=self.gate, lookahead=self.lookahead)
+        # Inside the gate the relay: a piece is live for peers only once its origin read has begun.
+        router.origin = GatedOrigin(RelayedOrigin(router.origin, self.relay, router.relays), router.gated)
+        return router
 
     def server(self, store: Store, engine: Engine, on_served: Callable[[int], None]) -> PeerServer:
         """The ``/v1/peer/`` handlers over this daemon's store and engine."""
         return PeerServer(store, engine, self.config.secret, self.node_id, minimum=self.config.piece_min,
-                          limit=self.limit, home_wait=max(0.5, self.config.read_timeout * 0.8), on_served=on_served)
+                          limit=self.limit, home_wait=max(0.5, self.config.read_timeout * 0.8), on_served=on_served,
+                          relay=self.relay)
 
     async def greet(self) -> None:
         """Say hello to members not greeted yet (learning which one is us)."""

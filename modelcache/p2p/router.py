@@ -33,8 +33,8 @@ exchange overlaps the origin phase instead of following it).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import AbstractAsyncContextManager, nullcontext
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 
 from ..model import Blob
 from ..sources.base import ByteSource
@@ -82,10 +82,11 @@ class PeerRouter:
     """Routes each piece through peers before ``origin``."""
 
     def __init__(self, origin: ByteSource, members: Members, client: PeerClient, *, minimum: int,
-                 on_report: Callable[[str, str], None] = lambda url, outcome: None, gate: Gate | None = None) -> None:
+                 on_report: Callable[[str, str], None] = lambda url, outcome: None, gate: Gate | None = None,
+                 lookahead: Gate | None = None) -> None:
         self.origin, self.members, self.client, self.minimum = origin, members, client, minimum
         self._on_report = on_report
-        self._gate = gate
+        self._gate, self._lookahead = gate, lookahead
 
     def piece_size(self, blob: Blob) -> int:
         """A function of the blob's size alone (see :mod:`.pieces`)."""
@@ -117,11 +118,36 @@ class PeerRouter:
         me = self.members.me
         if not blob.origin_checked or me is None or not self.members.peers():
             return []
-        return [i for i in indexes if self.candidates(blob, i)[:1] == [me]]
+        mine = [i for i in indexes if self.candidates(blob, i)[:1] == [me]]
+        if self._gate is not None:
+            self._gate.plan(blob.digest, mine, piece_count(blob.size, self.piece_size(blob)))
+        return mine
 
-    def pace(self, blob: Blob, position: int) -> AbstractAsyncContextManager[None]:
-        """Held while the ``position``-th piece of :meth:`ahead` is fetched: a place in the node's origin gate."""
-        return self._gate.turn(position) if self._gate is not None else nullcontext()
+    def relays(self, blob: Blob, offset: int, length: int) -> bool:
+        """Whether an origin read is a whole piece we are home for, with live peers: one to relay (:mod:`.relay`)."""
+        piece = self.piece_size(blob)
+        me = self.members.me
+        return blob.origin_checked and me is not None and offset % piece == 0 \
+            and length == min(piece, blob.size - offset) and bool(self.members.peers()) \
+            and self.candidates(blob, offset // piece)[:1] == [me]
+
+    @asynccontextmanager
+    async def pace(self, blob: Blob, position: int) -> AsyncIterator[None]:
+        """Held while the ``position``-th piece of :meth:`ahead` is fetched (candidates asked, then the origin
+        read in :meth:`gated`): a place among the pieces under way (:data:`~.gate.LOOKAHEAD` per stream)."""
+        try:
+            async with self._lookahead.turn(position) if self._lookahead is not None else nullcontext():
+                yield
+        finally:
+            if self._gate is not None:
+                self._gate.passed(blob.digest)
+
+    def gated(self, blob: Blob, offset: int) -> AbstractAsyncContextManager[None]:
+        """Around an origin read at ``offset``: a place in the node's origin gate if it is a piece fetched ahead."""
+        position = self._gate.position(blob.digest, offset // self.piece_size(blob)) if self._gate else None
+        if position is None or self._gate is None:
+            return nullcontext()
+        return self._gate.turn(position)
 
     async def piece_digests(self, blob: Blob) -> list[str] | None:
         """The origin's piece list when its manifest gave one cut as ours, else the first candidate's of

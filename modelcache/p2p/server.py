@@ -18,6 +18,8 @@ does not hold yet but is fetching, it fetches that piece now (single flight
 with its own pull and every other requester, :meth:`Engine.ensure_piece`)
 and then serves it. It remembers who it served whole pieces to, and sends
 later requesters to those holders in turn, so no node serves everyone.
+A piece it fetches from the origin as their home is streamed to the
+requesters waiting on it while it arrives (:mod:`.relay`), not after.
 Uploads share a byte-rate limit (``--peer-upload-limit``) and a bound on
 concurrent uploads.
 
@@ -46,6 +48,7 @@ from .client import HOLDER_HEADER, MODE_HEADER, NODE_HEADER, URL_HEADER
 from .holders import Holders
 from .limit import RateLimit
 from .pieces import digest_list, piece_size
+from .relay import Broken, LivePiece, Relay
 
 PREFIX = "/v1/peer/"
 BLOCK = 1 << 20
@@ -58,8 +61,10 @@ class PeerServer:
     """The handlers of the peer routes over one store and engine."""
 
     def __init__(self, store: Store, engine: Engine, secret: bytes, node_id: str, *, minimum: int,
-                 limit: RateLimit, home_wait: float, on_served: Callable[[int], None] = lambda n: None) -> None:
+                 limit: RateLimit, home_wait: float, on_served: Callable[[int], None] = lambda n: None,
+                 relay: Relay | None = None) -> None:
         self.store, self.engine, self.secret, self.node_id = store, engine, secret, node_id
+        self.relay = relay
         self.minimum, self.limit, self.home_wait, self._on_served = minimum, limit, home_wait, on_served
         self._uploads = asyncio.Semaphore(UPLOADS)
         self._digests: dict[str, list[str]] = {}
@@ -152,9 +157,13 @@ class PeerServer:
             held = self._holds(stored, digest, start, end)
         if not held and mode == "home":
             waited = time.monotonic()
-            held = await self.engine.ensure_piece(digest, start, wait=self.home_wait) and \
-                self._holds(stored, digest, start, end)
+            live, held = await self._await_piece(stored, digest, start, end)
             trace.event("home-wait", digest, start, int((time.monotonic() - waited) * 1000), requester or "-")
+            if live is not None:
+                served = await self._send_live(request, live, digest, start, end)
+                if served == end - start + 1 and requester:
+                    self._holders.served((digest, start), requester)
+                return served_response(request)
             if not held and requester and not self.engine.fetches(digest):
                 # We cannot fetch it (no pull of ours wants it): one requester does, the others wait on it.
                 elected = self._holders.elect((digest, start), requester, time.monotonic())
@@ -173,6 +182,59 @@ class PeerServer:
         if served == end - start + 1 and requester:
             self._holders.served((digest, start), requester)
         return served_response(request)
+
+    async def _await_piece(self, stored: str, digest: str, start: int, end: int) -> tuple[LivePiece | None, bool]:
+        """As its home, for a piece not held here yet: its live bytes if it is relayed now or its origin read
+        starts within the wait (:mod:`.relay`), else whether it is held once :meth:`Engine.ensure_piece` returns."""
+        live = self.relay.find(digest, start) if self.relay is not None else None
+        if live is not None and end < live.start + live.length:
+            return live, False
+        ensure = asyncio.ensure_future(self.engine.ensure_piece(digest, start, wait=self.home_wait))
+        began = asyncio.ensure_future(asyncio.wait_for(self.relay.started(digest, start), self.home_wait)) \
+            if self.relay is not None and self.engine.fetches(digest) else None
+        try:
+            if began is not None:
+                await asyncio.wait([ensure, began], return_when=asyncio.FIRST_COMPLETED)
+                if began.done() and not began.cancelled() and began.exception() is None \
+                        and end < began.result().start + began.result().length \
+                        and not (ensure.done() and ensure.result()):
+                    return began.result(), False
+            return None, await ensure and self._holds(stored, digest, start, end)
+        finally:
+            for waiting in (ensure, began):
+                if waiting is not None and not waiting.done():
+                    waiting.cancel()
+
+    async def _send_live(self, request: web.Request, live: LivePiece, digest: str, start: int, end: int) -> int:
+        """Stream bytes ``start..end`` of a piece while it arrives from the origin; return how many went out.
+        If its origin read breaks off, the connection is closed: the requester resumes elsewhere."""
+        async with self._uploads:
+            response = web.StreamResponse(status=206, headers={
+                NODE_HEADER: self.node_id, "Content-Length": str(end - start + 1),
+                "Content-Range": f"bytes {start}-{end}/*", "Content-Type": "application/octet-stream"})
+            request["peer_response"] = response
+            sent = 0
+            who = request.headers.get(URL_HEADER) or "-"
+            trace.event("serve-start", digest, start, end - start + 1, who)
+            try:
+                await response.prepare(request)
+                at = start
+                while at <= end:
+                    block = await live.read(at, min(BLOCK, end - at + 1))
+                    await self.limit.take(len(block))
+                    await response.write(block)
+                    at += len(block)
+                    sent += len(block)
+                    self._on_served(len(block))
+                await response.write_eof()
+            except (Broken, TimeoutError):
+                if request.transport is not None:
+                    request.transport.close()  # short of its Content-Length: the requester sees it cut
+            except (OSError, ConnectionError):
+                pass  # the peer hung up: it resumes elsewhere
+            finally:
+                trace.event("serve-end", digest, start, sent, who)
+            return sent
 
     def _holds(self, stored: str, digest: str, start: int, end: int) -> bool:
         if self.store.content.has(stored):

@@ -542,9 +542,9 @@ class Engine:
         pace = getattr(router, "pace", None)
         if ahead is None or pace is None:
             return
+        # Right after the ingest opened: nothing of this blob is in flight yet, every index is in ``todo``.
         for position, index in enumerate(ahead(ingest.blob, list(todo))):
-            if index in todo and (ingest.blob.digest, index) not in self._pieces:
-                self._start_for_peer(ingest, todo, index, stats, progress, pace(ingest.blob, position))
+            self._start_for_peer(ingest, todo, index, stats, progress, pace(ingest.blob, position))
 
     def _start_for_peer(self, ingest: Ingest, todo: deque[int], index: int, stats: TransferStats,
                         progress: Progress | None, slot: contextlib.AbstractAsyncContextManager[Any]

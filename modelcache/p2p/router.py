@@ -38,6 +38,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcon
 
 from ..model import Blob
 from ..sources.base import ByteSource
+from . import trace
 from .client import PeerClient, PeerSource
 from .gate import Gate
 from .members import Members
@@ -171,6 +172,8 @@ class PeerRouter:
     def report(self, source: ByteSource, blob: Blob, index: int, outcome: str) -> None:
         """A peer that failed or lied is benched (and counted); the origin's outcomes are the engine's."""
         if isinstance(source, PeerSource):
+            if outcome != "ok":
+                trace.event("report-" + outcome, blob.digest, index, 0, source.url)
             self.members.report(source.url, outcome)
             self._on_report(source.url, outcome)
 

@@ -8,7 +8,8 @@ line per event at INFO on the ``modelcache.p2p.trace`` logger::
 Events: ``origin-start``/``origin-end`` (a range read from the origin),
 ``get-start``/``get-end`` (a range asked of a peer; ``n`` what came),
 ``serve-start``/``serve-end`` (a range sent to the peer ``who``; ``n`` what
-went out), ``home-wait`` (a home waited ``n`` ms for a piece it fetches).
+went out), ``home-wait`` (a home waited ``n`` ms for a piece it fetches),
+``report-miss``/``report-failed``/``report-lied`` (a peer's outcome for piece ``at``, an index).
 ``t`` is ``time.monotonic()``, one clock for every process on the host
 (network namespaces do not change it), so the lines of several daemons merge
 into one timeline (``tests/netns_support.py``'s ``timeline``; ``tools/bench_peers.py --trace``).

@@ -194,6 +194,13 @@ def test_a_home_that_does_not_fetch_a_blob_elects_one_requester_per_piece() -> N
     assert holders.elect(key, "http://b", now=later) == "http://c"
 
 
+async def piece_tagged(gate: Gate, inside: list[str], release: dict[str, asyncio.Event], name: str, position: int,
+                       tag: tuple[str, int]) -> None:
+    async with gate.turn(position, tag):
+        inside.append(name)
+        await release[name].wait()
+
+
 def test_the_origin_gate_shares_the_clusters_streams_and_lets_the_lowest_position_in_first() -> None:
     """Each of n nodes fetches its home pieces on 8 // n origin streams (one alone keeps 8); waiters go in by
     position (the k-th piece of every blob before any k+1-th), the limit is read again as members change,
@@ -229,9 +236,26 @@ def test_the_origin_gate_shares_the_clusters_streams_and_lets_the_lowest_positio
         await asyncio.gather(*tasks, doomed, return_exceptions=True)
         assert gate.inside == 0
         # While a blob's home pieces pass, the limit follows our part of its pieces, not the head count.
-        gate.plan("blob", list(range(3, 48, 3)), 48)
+        gate.plan("blob", list(range(3, 48, 3)), 48, 1024)
         assert gate.limit() == 3  # 8 x 15/48 = 2.5 streams, rounded
         assert gate.position("blob", 9) == 2 and gate.position("blob", 10) is None
+        assert gate.tag("blob", 9 * 1024 + 5) == ("blob", 9) and gate.tag("blob", 10 * 1024) is None
+        # A piece a peer waits on goes in at once, over the limit, whether it waits already or comes later.
+        holders = [asyncio.create_task(piece(f"h{n}", 0)) for n in range(3)]
+        for name in ("h0", "h1", "h2", "q", "late"):
+            release[name] = asyncio.Event()
+        queued = asyncio.create_task(piece_tagged(gate, inside, release, "q", 9, ("blob", 9)))
+        await asyncio.sleep(0.01)
+        assert "q" not in inside and gate.inside == 3
+        gate.hurry(("blob", 9))
+        gate.hurry(("blob", 12))
+        late = asyncio.create_task(piece_tagged(gate, inside, release, "late", 12, ("blob", 12)))
+        await asyncio.sleep(0.01)
+        assert {"q", "late"} <= set(inside) and gate.inside == 5
+        for event in release.values():
+            event.set()
+        await asyncio.gather(*holders, queued, late)
+        assert gate.inside == 0
         for _ in range(15):
             gate.passed("blob")
         assert gate.limit() == 4 and gate.position("blob", 9) is None  # all passed: the share by members
@@ -296,5 +320,48 @@ def test_a_home_piece_is_relayed_to_readers_while_it_arrives_from_the_origin() -
             await failing
         except OSError:
             pass
+
+    asyncio.run(go())
+
+
+def test_a_home_that_cannot_be_reached_hands_over_to_the_next_candidate_as_the_home() -> None:
+    """The home is gone (nobody listens): the piece is asked of the next candidate in home mode (which
+    fetches it once for every requester that finds the home gone), not of the origin, and the home is benched."""
+    from aiohttp import web
+
+    asked: list[str] = []
+
+    async def blob(request: web.Request) -> web.StreamResponse:
+        asked.append(request.query["mode"])
+        return web.Response(status=206, body=b"x" * 10)
+
+    async def go() -> None:
+        app = web.Application()
+        app.router.add_get("/v1/peer/blobs/{digest}", blob)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        with socket.socket() as s:  # a port nobody listens on: the home that left
+            s.bind(("127.0.0.1", 0))
+            dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+        fallback = f"http://127.0.0.1:{port}"
+        me = "http://127.0.0.1:1"
+        members = Members(StaticPeers([dead, fallback, me]), "me", me=me)
+        client = PeerClient(b"k" * 16, "me")
+        router = PeerRouter(Origin(), members, client, minimum=64 << 10)
+        blob_ = Blob("sha256:" + "ef" * 32, 10)
+        try:
+            index = next(i for i in range(200) if rank(piece_key(blob_.digest, i), members.ranking())[:2]
+                         == [dead, fallback])
+            home = router.sources(blob_, index)[0]
+            assert isinstance(home, PeerSource) and home.url == dead and home.mode == "home"
+            got = b"".join([b async for b in home.read(blob_, 0, 10)])
+            assert got == b"x" * 10 and asked == ["home"]  # the fallback, asked as the home
+            assert dead not in members.peers()  # benched: the next pieces rank the fallback first
+        finally:
+            await client.close()
+            await runner.cleanup()
 
     asyncio.run(go())

@@ -28,6 +28,9 @@ the piece's other candidates whether they hold it (after a membership
 change an earlier home may): on links full of bulk transfers such a small
 request can take a second, so the next pieces ask while the current ones
 are read, :data:`LOOKAHEAD` per origin stream (a second gate, the engine's ``pace``).
+A piece a peer is waiting on goes in at once, over the limit
+(:meth:`Gate.hurry`: its home waited half its wait for it to start), so the
+gate never makes a requester give up on its home and go to the origin.
 Waiters go in by priority (a piece's position among the node's home pieces
 of its blob), then by arrival, so with several blobs the homes fetch the
 ``k``-th piece of each before the ``k+1``-th, as requesters walk them.
@@ -45,6 +48,8 @@ from dataclasses import dataclass
 from ..model import Blob
 from ..sources.base import ByteSource
 
+Tag = tuple[str, int]  # (blob digest, piece index)
+_URGENT = 10_000  # hurried pieces remembered at most
 ORIGIN_STREAMS = 8  # the cluster's origin streams for home pieces: one node's default --concurrency
 LOOKAHEAD = 2  # home pieces under way per origin stream: the next asks its other candidates meanwhile
 
@@ -54,6 +59,7 @@ class _Plan:
     left: int  # pieces still to pass
     total: int  # the blob's pieces
     positions: dict[int, int]  # piece index -> its place among ours
+    length: int  # the blob's piece length
 
 
 def share(members: int, streams: int = ORIGIN_STREAMS) -> int:
@@ -71,12 +77,32 @@ class Gate:
         self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
         self._work: dict[str, _Plan] = {}  # blob -> its home pieces fetched ahead
+        self._tagged: dict[Tag, asyncio.Future[None]] = {}  # waiters by piece
+        self._urgent: set[Tag] = set()  # pieces a peer waits on: they go in at once
 
-    def plan(self, key: str, pieces: list[int], total: int) -> None:
-        """``pieces`` (indexes) of the ``total`` of blob ``key`` are fetched ahead, each to :meth:`passed` once:
-        until they have, the limit follows our part of the work (see the module docstring)."""
+    def plan(self, key: str, pieces: list[int], total: int, length: int) -> None:
+        """``pieces`` (indexes) of the ``total`` of blob ``key``, ``length`` bytes each, are fetched ahead, each to
+        :meth:`passed` once: until they have, the limit follows our part of the work (module docstring)."""
         if pieces and total > 0:
-            self._work[key] = _Plan(left=len(pieces), total=total, positions={i: n for n, i in enumerate(pieces)})
+            self._work[key] = _Plan(left=len(pieces), total=total, positions={i: n for n, i in enumerate(pieces)},
+                                    length=length)
+
+    def tag(self, key: str, offset: int) -> Tag | None:
+        """The piece of blob ``key`` holding byte ``offset``, if it is one fetched ahead."""
+        plan = self._work.get(key)
+        if plan is None or offset // plan.length not in plan.positions:
+            return None
+        return key, offset // plan.length
+
+    def hurry(self, tag: Tag) -> None:
+        """A peer waits on this piece: let it in now, over the limit (and at once if it comes later)."""
+        if len(self._urgent) >= _URGENT:
+            self._urgent.clear()
+        self._urgent.add(tag)
+        waiter = self._tagged.get(tag)
+        if waiter is not None and not waiter.done():
+            self._inside += 1
+            waiter.set_result(None)
 
     def position(self, key: str, index: int) -> int | None:
         """Piece ``index`` of blob ``key``'s place among the pieces fetched ahead, if it is one."""
@@ -109,17 +135,24 @@ class Gate:
         return self._inside
 
     @asynccontextmanager
-    async def turn(self, priority: int = 0) -> AsyncIterator[None]:
-        """Hold a place for the body of the ``async with``."""
-        await self._enter(priority)
+    async def turn(self, priority: int = 0, tag: Tag | None = None) -> AsyncIterator[None]:
+        """Hold a place for the body of the ``async with`` (for piece ``tag``, which :meth:`hurry` may name)."""
+        await self._enter(priority, tag)
         try:
             yield
         finally:
+            if tag is not None:
+                self._urgent.discard(tag)
             self._leave()
 
-    async def _enter(self, priority: int) -> None:
+    async def _enter(self, priority: int, tag: Tag | None) -> None:
+        if tag is not None and tag in self._urgent:
+            self._inside += 1
+            return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiting, (priority, next(self._seq), waiter))
+        if tag is not None:
+            self._tagged[tag] = waiter
         self._wake()
         try:
             await waiter
@@ -129,6 +162,9 @@ class Gate:
             else:
                 waiter.cancel()  # left in the heap, skipped when its turn comes
             raise
+        finally:
+            if tag is not None and self._tagged.get(tag) is waiter:
+                del self._tagged[tag]
 
     def _leave(self) -> None:
         """Go out, letting waiters in while there is room (synchronous: safe in any ``finally``)."""

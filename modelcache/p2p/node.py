@@ -124,7 +124,14 @@ class PeerNode:
         """The ``/v1/peer/`` handlers over this daemon's store and engine."""
         return PeerServer(store, engine, self.config.secret, self.node_id, minimum=self.config.piece_min,
                           limit=self.limit, home_wait=max(0.5, self.config.read_timeout * 0.8), on_served=on_served,
-                          relay=self.relay)
+                          relay=self.relay, hurry=self.hurry)
+
+    def hurry(self, digest: str, offset: int) -> None:
+        """A peer waits on the piece of ``digest`` holding ``offset``: if we fetch it ahead, it goes in now."""
+        tag = self.gate.tag(digest, offset)
+        if tag is not None:
+            self.lookahead.hurry(tag)
+            self.gate.hurry(tag)
 
     async def greet(self) -> None:
         """Say hello to members not greeted yet (learning which one is us)."""

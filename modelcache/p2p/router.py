@@ -103,8 +103,17 @@ class PeerRouter:
             # No sha256 nor any other whole-blob check from the origin (an object in parts the server
             # would not describe): nothing could catch a peer's wrong bytes, so the origin alone.
             return [self.origin]
-        asks = plan(self.candidates(blob, chunk), self.members.me)
-        return [*(self.client.source(url, mode) for url, mode in asks), self.origin]
+        ranked = self.candidates(blob, chunk)
+        asks = plan(ranked, self.members.me)
+        # A home that cannot be reached hands over to the next candidate as the home (unless that is us).
+        fallback = ranked[1] if len(ranked) > 1 and ranked[1] != self.members.me else None
+        return [*(self.client.source(url, mode, fallback=fallback if mode == "home" else None,
+                                     failed=self._unreachable)
+                  for url, mode in asks), self.origin]
+
+    def _unreachable(self, url: str) -> None:
+        self.members.report(url, "failed")
+        self._on_report(url, "failed")
 
     def order(self, blob: Blob, indexes: list[int]) -> list[int]:
         """In step with the homes (:func:`rounds`): every home's first piece, then every home's second..."""
@@ -121,7 +130,8 @@ class PeerRouter:
             return []
         mine = [i for i in indexes if self.candidates(blob, i)[:1] == [me]]
         if self._gate is not None:
-            self._gate.plan(blob.digest, mine, piece_count(blob.size, self.piece_size(blob)))
+            piece = self.piece_size(blob)
+            self._gate.plan(blob.digest, mine, piece_count(blob.size, piece), piece)
         return mine
 
     def relays(self, blob: Blob, offset: int, length: int) -> bool:
@@ -133,11 +143,13 @@ class PeerRouter:
             and self.candidates(blob, offset // piece)[:1] == [me]
 
     @asynccontextmanager
-    async def pace(self, blob: Blob, position: int) -> AsyncIterator[None]:
-        """Held while the ``position``-th piece of :meth:`ahead` is fetched (candidates asked, then the origin
-        read in :meth:`gated`): a place among the pieces under way (:data:`~.gate.LOOKAHEAD` per stream)."""
+    async def pace(self, blob: Blob, index: int) -> AsyncIterator[None]:
+        """Held while piece ``index`` of :meth:`ahead` is fetched (candidates asked, then the origin read in
+        :meth:`gated`): a place among the pieces under way (:data:`~.gate.LOOKAHEAD` per stream)."""
+        position = self._gate.position(blob.digest, index) if self._gate is not None else None
         try:
-            async with self._lookahead.turn(position) if self._lookahead is not None else nullcontext():
+            async with self._lookahead.turn(position or 0, (blob.digest, index)) \
+                    if self._lookahead is not None else nullcontext():
                 yield
         finally:
             if self._gate is not None:
@@ -145,10 +157,11 @@ class PeerRouter:
 
     def gated(self, blob: Blob, offset: int) -> AbstractAsyncContextManager[None]:
         """Around an origin read at ``offset``: a place in the node's origin gate if it is a piece fetched ahead."""
-        position = self._gate.position(blob.digest, offset // self.piece_size(blob)) if self._gate else None
+        index = offset // self.piece_size(blob)
+        position = self._gate.position(blob.digest, index) if self._gate else None
         if position is None or self._gate is None:
             return nullcontext()
-        return self._gate.turn(position)
+        return self._gate.turn(position, (blob.digest, index))
 
     async def piece_digests(self, blob: Blob) -> list[str] | None:
         """The origin's piece list when its manifest gave one cut as ours, else the first candidate's of

@@ -62,9 +62,9 @@ class PeerServer:
 
     def __init__(self, store: Store, engine: Engine, secret: bytes, node_id: str, *, minimum: int,
                  limit: RateLimit, home_wait: float, on_served: Callable[[int], None] = lambda n: None,
-                 relay: Relay | None = None) -> None:
+                 relay: Relay | None = None, hurry: Callable[[str, int], None] = lambda digest, offset: None) -> None:
         self.store, self.engine, self.secret, self.node_id = store, engine, secret, node_id
-        self.relay = relay
+        self.relay, self._hurry = relay, hurry
         self.minimum, self.limit, self.home_wait, self._on_served = minimum, limit, home_wait, on_served
         self._uploads = asyncio.Semaphore(UPLOADS)
         self._digests: dict[str, list[str]] = {}
@@ -194,7 +194,11 @@ class PeerServer:
             if self.relay is not None and self.engine.fetches(digest) else None
         try:
             if began is not None:
-                await asyncio.wait([ensure, began], return_when=asyncio.FIRST_COMPLETED)
+                # Half the wait for the piece to start in its turn; then it goes in at once (.gate's hurry).
+                await asyncio.wait([ensure, began], timeout=self.home_wait / 2, return_when=asyncio.FIRST_COMPLETED)
+                if not ensure.done() and not began.done():
+                    self._hurry(digest, start)
+                    await asyncio.wait([ensure, began], return_when=asyncio.FIRST_COMPLETED)
                 if began.done() and not began.cancelled() and began.exception() is None \
                         and end < began.result().start + began.result().length \
                         and not (ensure.done() and ensure.result()):

@@ -543,8 +543,8 @@ class Engine:
         if ahead is None or pace is None:
             return
         # Right after the ingest opened: nothing of this blob is in flight yet, every index is in ``todo``.
-        for position, index in enumerate(ahead(ingest.blob, list(todo))):
-            self._start_for_peer(ingest, todo, index, stats, progress, pace(ingest.blob, position))
+        for index in ahead(ingest.blob, list(todo)):
+            self._start_for_peer(ingest, todo, index, stats, progress, pace(ingest.blob, index))
 
     def _start_for_peer(self, ingest: Ingest, todo: deque[int], index: int, stats: TransferStats,
                         progress: Progress | None, slot: contextlib.AbstractAsyncContextManager[Any]

@@ -73,11 +73,9 @@ class PeerClient:
             headers[URL_HEADER] = me
         return headers
 
-    def source(self, url: str, mode: str, *, fallback: str | None = None,
-               failed: Callable[[str], None] = lambda url: None) -> PeerSource:
-        """``url`` as a byte source asked in ``mode`` (home or have); a home that cannot be reached hands over
-        to ``fallback`` as the piece's home (``failed`` is told of the one that could not)."""
-        return PeerSource(self, url, mode, fallback=fallback, failed=failed)
+    def source(self, url: str, mode: str) -> PeerSource:
+        """``url`` as a byte source asked in ``mode`` (home or have)."""
+        return PeerSource(self, url, mode)
 
     async def digests(self, url: str, digest: str) -> list[str] | None:
         """The piece digest list ``url`` serves for ``digest``, or None (no list, or no answer)."""
@@ -113,11 +111,9 @@ class PeerSource:
     trusted = False
     attempts = 1
 
-    def __init__(self, client: PeerClient, url: str, mode: str, *, fallback: str | None = None,
-                 failed: Callable[[str], None] = lambda url: None) -> None:
+    def __init__(self, client: PeerClient, url: str, mode: str) -> None:
         self.client, self.url, self.mode = client, url, mode
         self.name = "peer://" + url.partition("://")[2]
-        self._fallback, self._failed = fallback, failed
 
     async def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes]:
         """Yield the range from this peer (or the holder it sends us to)."""
@@ -157,15 +153,5 @@ class PeerSource:
                     finally:
                         trace.event("get-end", blob.digest, offset, got, url)
                     return
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
-                if url == self.url and mode == "home" and self._fallback:
-                    # The home is gone (it left, or has not started): the next candidate is the piece's home
-                    # now, for every requester that finds it gone, so they all ask that one, which fetches it
-                    # once, instead of each going to the origin (issue 11's fallback).
-                    self._failed(url)
-                    targets = [(self._fallback, "home")]
-                    continue
-                raise Unavailable(f"{self.name}: {type(e).__name__}: {e}".rstrip(": ")) from e
             except (aiohttp.ClientError, TimeoutError) as e:
                 raise Unavailable(f"{self.name}: {type(e).__name__}: {e}".rstrip(": ")) from e
-

@@ -103,17 +103,8 @@ class PeerRouter:
             # No sha256 nor any other whole-blob check from the origin (an object in parts the server
             # would not describe): nothing could catch a peer's wrong bytes, so the origin alone.
             return [self.origin]
-        ranked = self.candidates(blob, chunk)
-        asks = plan(ranked, self.members.me)
-        # A home that cannot be reached hands over to the next candidate as the home (unless that is us).
-        fallback = ranked[1] if len(ranked) > 1 and ranked[1] != self.members.me else None
-        return [*(self.client.source(url, mode, fallback=fallback if mode == "home" else None,
-                                     failed=self._unreachable)
-                  for url, mode in asks), self.origin]
-
-    def _unreachable(self, url: str) -> None:
-        self.members.report(url, "failed")
-        self._on_report(url, "failed")
+        asks = plan(self.candidates(blob, chunk), self.members.me)
+        return [*(self.client.source(url, mode) for url, mode in asks), self.origin]
 
     def order(self, blob: Blob, indexes: list[int]) -> list[int]:
         """In step with the homes (:func:`rounds`): every home's first piece, then every home's second..."""

@@ -398,3 +398,70 @@ def cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+_TRACE = re.compile(r"peertrace t=([\d.]+) ev=(\S+) d=(\S+) at=(\d+) n=(\d+) who=(\S+)")
+
+
+@dataclass(frozen=True)
+class Span:
+    """One range moved, from a daemon's trace (``MODELCACHE_PEER_TRACE``, :mod:`modelcache.p2p.trace`)."""
+
+    node: int  # index of the log it came from
+    kind: str  # origin | get | serve
+    digest: str
+    at: int
+    start: float
+    end: float
+    n: int  # bytes moved
+    who: str
+
+
+def spans(logs: list[Path]) -> list[Span]:
+    """The ranges the daemons' traces show, start and end paired per (node, kind, blob, offset, peer)."""
+    out = []
+    for node, path in enumerate(logs):
+        opened: dict[tuple[str, str, int, str], list[float]] = {}
+        for line in path.read_text(errors="replace").splitlines():
+            m = _TRACE.search(line)
+            if not m:
+                continue
+            t, ev, digest, at, n, who = float(m[1]), m[2], m[3], int(m[4]), int(m[5]), m[6]
+            kind, _, edge = ev.partition("-")
+            key = (kind, digest, at, who if kind != "origin" else "-")
+            if edge == "start":
+                opened.setdefault(key, []).append(t)
+            elif edge == "end" and opened.get(key):
+                out.append(Span(node, kind, digest, at, opened[key].pop(0), t, n, who))
+    return out
+
+
+def timeline(logs: list[Path], *, step: float = 0.5) -> str:
+    """A table of MB/s per ``step`` seconds, origin and peer bytes received by each node, from their traces
+    (a range's bytes spread evenly over its span), and when each node's origin and peer traffic began and ended."""
+    got = [s for s in spans(logs) if s.kind in ("origin", "get") and s.n]
+    if not got:
+        return "no trace (run the daemons with MODELCACHE_PEER_TRACE=1)"
+    t0 = min(s.start for s in got)
+    bins = int((max(s.end for s in got) - t0) / step) + 1
+    nodes = sorted({s.node for s in got})
+    rate = {(node, kind): [0.0] * bins for node in nodes for kind in ("origin", "get")}
+    for s in got:
+        length = max(s.end - s.start, 1e-6)
+        for b in range(int((s.start - t0) / step), int((s.end - t0) / step) + 1):
+            lo, hi = max(s.start, t0 + b * step), min(s.end, t0 + (b + 1) * step)
+            if hi > lo and b < bins:
+                rate[(s.node, s.kind)][b] += s.n * (hi - lo) / length / step / 1e6
+    head = "  t(s) " + " ".join(f"n{node}:origin/peer" for node in nodes)
+    rows = [head]
+    for b in range(bins):
+        rows.append(f"{b * step:6.1f} " + " ".join(
+            f"{rate[(node, 'origin')][b]:7.1f}/{rate[(node, 'get')][b]:<6.1f}" for node in nodes))
+    for node in nodes:
+        mine = [s for s in got if s.node == node]
+        for kind in ("origin", "get"):
+            of = [s for s in mine if s.kind == kind]
+            if of:
+                rows.append(f"n{node} {kind:6s} {len(of):3d} ranges {sum(s.n for s in of) / 1e6:6.1f} MB "
+                            f"from {min(s.start for s in of) - t0:5.2f} to {max(s.end for s in of) - t0:5.2f} s")
+    return "\n".join(rows)

@@ -11,6 +11,7 @@ from modelcache.model import Blob
 from modelcache.p2p import signing
 from modelcache.p2p.client import PeerClient, PeerSource
 from modelcache.p2p.discovery import DnsPeers, StaticPeers, parse_dns
+from modelcache.p2p.gate import Gate, share
 from modelcache.p2p.members import Members
 from modelcache.p2p.pieces import piece_size
 from modelcache.p2p.ring import piece_key, rank
@@ -153,12 +154,21 @@ def test_router_asks_the_home_then_probes_candidates_then_the_origin() -> None:
             assert [p.mode for p in peers[2:]] == ["fallback" if ranked[1] != me else "have"] + \
                 ["have"] * (len(rest) - 1)
             assert len({id(p.round) for p in peers}) == 1  # the asks of one piece share what they learn
-    order = router.order(blob, list(range(10)))
-    mine = [i for i in range(10) if rank(piece_key(blob.digest, i), urls)[0] == me]
-    assert sorted(order) == list(range(10))
-    assert order[:len(mine)] == mine  # our home pieces first
+    order = router.order(blob, list(range(40)))
+    homes = {i: rank(piece_key(blob.digest, i), urls)[0] for i in range(40)}
+    mine = [i for i in range(40) if homes[i] == me]
+    assert sorted(order) == list(range(40))
+    # In step with the homes: each home's pieces in index order, and the k-th piece of any home before
+    # the k+1-th of any other (a home is asked for the piece it fetches just then).
+    position = {i: [j for j in range(40) if homes[j] == homes[i]].index(i) for i in range(40)}
+    assert [position[i] for i in order] == sorted(position[i] for i in order)
+    for url in urls:
+        assert [i for i in order if homes[i] == url] == [i for i in range(40) if homes[i] == url]
+    assert router.ahead(blob, list(range(40))) == mine  # fetched ahead, in index order
     other = PeerRouter(origin, Members(StaticPeers(urls), "x", me=urls[1]), client, minimum=64 << 10)
-    assert other.order(blob, list(range(10))) != order  # each node walks its own order
+    assert other.order(blob, list(range(40))) != order  # each node walks its own order within a round
+    alone = PeerRouter(origin, Members(StaticPeers([me]), "me", me=me), client, minimum=64 << 10)
+    assert alone.ahead(blob, list(range(40))) == []  # no peers: nothing to fetch ahead of the workers
     router.report(PeerSource(client, urls[2], "home"), blob, 0, "lied")
     assert urls[2] not in members.ranking()  # a liar drops out: the next candidate becomes the home
 
@@ -235,3 +245,196 @@ def test_a_home_that_elected_a_requester_asks_it_first_when_it_pulls_the_blob_it
     assert urls[5] not in [p.url for p in peers[2:]] and all(p.mode == "have" for p in peers[2:])
     other = next(i for i in range(40) if rank(piece_key(blob.digest, i), urls)[0] == urls[0] and i != index)
     assert all(p.mode == "have" for p in router.sources(blob, other) if isinstance(p, PeerSource))
+
+
+async def piece_tagged(gate: Gate, inside: list[str], release: dict[str, asyncio.Event], name: str, position: int,
+                       tag: tuple[str, int]) -> None:
+    async with gate.turn(position, tag):
+        inside.append(name)
+        await release[name].wait()
+
+
+def test_the_origin_gate_shares_the_clusters_streams_and_lets_the_lowest_position_in_first() -> None:
+    """Each of n nodes fetches its home pieces on 8 // n origin streams (one alone keeps 8); waiters go in by
+    position (the k-th piece of every blob before any k+1-th), the limit is read again as members change,
+    and a waiter cancelled in the queue or just let in never keeps a place."""
+    assert [share(n) for n in (1, 2, 4, 8, 50)] == [8, 4, 2, 1, 1]
+
+    async def go() -> None:
+        limit = [2]
+        gate = Gate(lambda: limit[0])
+        inside: list[str] = []
+        release = {name: asyncio.Event() for name in ("a0", "b0", "a1", "b1", "a2", "b2", "x")}
+
+        async def piece(name: str, position: int) -> None:
+            async with gate.turn(position):
+                inside.append(name)
+                await release[name].wait()
+
+        tasks = [asyncio.create_task(piece(n, int(n[1]))) for n in ("a0", "a1", "a2", "b0", "b1", "b2")]
+        await asyncio.sleep(0.01)
+        assert inside == ["a0", "a1"] and gate.inside == 2  # first come while there is room
+        doomed = asyncio.create_task(piece("x", 0))
+        await asyncio.sleep(0.01)
+        doomed.cancel()  # cancelled while queued: skipped, its place not kept
+        release["a0"].set()
+        await asyncio.sleep(0.01)
+        assert inside == ["a0", "a1", "b0"]  # position 0 of blob b before position 2 of blob a
+        limit[0] = 4  # a member left: more room, used at the next exit
+        release["a1"].set()
+        await asyncio.sleep(0.01)
+        assert inside == ["a0", "a1", "b0", "b1", "a2", "b2"] and gate.inside == 4
+        for event in release.values():
+            event.set()
+        await asyncio.gather(*tasks, doomed, return_exceptions=True)
+        assert gate.inside == 0
+        # While a blob's home pieces pass, the limit follows our part of its pieces, not the head count.
+        gate.plan("blob", list(range(3, 48, 3)), 48, 1024)
+        assert gate.limit() == 3  # 8 x 15/48 = 2.5 streams, rounded
+        assert gate.position("blob", 9) == 2 and gate.position("blob", 10) is None
+        assert gate.tag("blob", 9 * 1024 + 5) == ("blob", 9) and gate.tag("blob", 10 * 1024) is None
+        # A piece a peer waits on goes in at once, over the limit, whether it waits already or comes later.
+        holders = [asyncio.create_task(piece(f"h{n}", 0)) for n in range(3)]
+        for name in ("h0", "h1", "h2", "q", "late"):
+            release[name] = asyncio.Event()
+        queued = asyncio.create_task(piece_tagged(gate, inside, release, "q", 9, ("blob", 9)))
+        await asyncio.sleep(0.01)
+        assert "q" not in inside and gate.inside == 3
+        gate.hurry(("blob", 9))
+        gate.hurry(("blob", 12))
+        late = asyncio.create_task(piece_tagged(gate, inside, release, "late", 12, ("blob", 12)))
+        await asyncio.sleep(0.01)
+        assert {"q", "late"} <= set(inside) and gate.inside == 5
+        for event in release.values():
+            event.set()
+        await asyncio.gather(*holders, queued, late)
+        assert gate.inside == 0
+        for _ in range(15):
+            gate.passed("blob")
+        assert gate.limit() == 4 and gate.position("blob", 9) is None  # all passed: the share by members
+
+    asyncio.run(go())
+
+
+def test_a_home_piece_is_relayed_to_readers_while_it_arrives_from_the_origin() -> None:
+    """A reader of a relayed piece gets its first bytes before the origin sent the last (not once it is whole);
+    a read that breaks off wakes the readers with Broken; pieces past the budget are not relayed."""
+    from modelcache.p2p.relay import Broken, Relay, RelayedOrigin
+
+    blob = Blob("sha256:" + "ab" * 32, 3 << 20)
+    data = bytes(range(256)) * (4 << 12)  # 1 MiB
+
+    class Slow:
+        name = "oci://origin"
+
+        def __init__(self, fail: bool = False) -> None:
+            self.fail, self.sent = fail, 0
+
+        async def read(self, blob: Blob, offset: int, length: int):
+            for n in range(4):
+                await asyncio.sleep(0.05)
+                if self.fail and n == 2:
+                    raise OSError("reset")
+                self.sent += length // 4
+                yield data[:length // 4]
+
+    async def go() -> None:
+        relay = Relay(budget=2 << 20)
+        origin = Slow()
+        relayed = RelayedOrigin(origin, relay, lambda b, o, n: True)
+
+        async def consume(source, offset: int) -> int:
+            return sum([len(b) async for b in source.read(blob, offset, 1 << 20)])
+
+        engine = asyncio.create_task(consume(relayed, 0))
+        live = await asyncio.wait_for(relay.started(blob.digest, 5), 1)  # any byte of the piece finds it
+        first = await live.read(0, 1 << 20)
+        assert len(first) == 256 << 10 and origin.sent < 1 << 20  # before the origin sent it all
+        assert first == data[:256 << 10]
+        assert await live.read(768 << 10, 1 << 20) == data[:256 << 10]  # waits for the last quarter
+        assert await engine == 1 << 20 and live.whole
+        assert relay.find(blob.digest, 0) is live  # kept a moment after it is whole (KEEP)
+        # Beyond the budget (2 MiB: this one plus the next fill it): read through, not relayed.
+        await consume(RelayedOrigin(Slow(), relay, lambda b, o, n: True), 1 << 20)
+        assert await consume(RelayedOrigin(Slow(), relay, lambda b, o, n: True), 2 << 20) == 1 << 20
+        assert relay.find(blob.digest, 2 << 20) is None
+        # A read that breaks off: its reader is told, and the piece is dropped.
+        broken = Relay()
+        reader = RelayedOrigin(Slow(fail=True), broken, lambda b, o, n: True)
+        failing = asyncio.create_task(consume(reader, 0))
+        piece = await asyncio.wait_for(broken.started(blob.digest, 0), 1)
+        try:
+            await piece.read(900 << 10, 1024)
+            raise AssertionError("a broken piece was read past its end")
+        except Broken:
+            pass
+        assert broken.find(blob.digest, 0) is None
+        try:
+            await failing
+        except OSError:
+            pass
+
+    asyncio.run(go())
+
+
+
+def test_a_home_relaying_a_piece_with_every_upload_slot_busy_says_wait_in_time(tmp_path) -> None:
+    """A home streaming a piece as it arrives keeps the wait protocol: every upload slot busy, it answers
+    404 ``wait`` within its home wait (the requester asks again) instead of holding the requester past its
+    read timeout; once a slot frees, the same ask gets the piece's bytes as they arrive."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from modelcache.p2p.client import MODE_HEADER
+    from modelcache.p2p.limit import RateLimit
+    from modelcache.p2p.relay import Relay
+    from modelcache.p2p.server import UPLOADS, PeerServer
+    from modelcache.store import Store
+
+    store = Store(tmp_path / "store")
+    digest = "sha256:" + "ab" * 32
+    data = bytes(range(256)) * 256  # 64 KiB, the piece
+
+    class _Engine:
+        learned: dict[str, str] = {}
+
+        def fetches(self, digest: str) -> bool:
+            return True
+
+        async def ensure_piece(self, digest: str, offset: int, *, wait: float) -> bool:
+            await asyncio.sleep(wait)
+            return False
+
+    secret = b"s" * 16
+
+    async def go() -> None:
+        relay = Relay()
+        live = relay.open(digest, 0, len(data))
+        assert live is not None
+        live.add(data[:len(data) // 2])  # half arrived from the origin so far
+        server = PeerServer(store, _Engine(), secret, "home", minimum=64 << 10,  # type: ignore[arg-type]
+                            limit=RateLimit(0), home_wait=0.4, relay=relay)
+        app = web.Application()
+        server.add_routes(app)
+        for _ in range(UPLOADS):
+            await server._uploads.acquire()  # every upload slot busy
+        path, rng = f"/v1/peer/blobs/{digest}?mode=home", f"bytes=0-{len(data) - 1}"
+        headers = {"Range": rng, signing.HEADER: signing.sign(secret, "GET", path, rng)}
+        async with TestClient(TestServer(app)) as client:
+            began = time.monotonic()
+            r = await asyncio.wait_for(client.get(path, headers=headers), 10)  # bounded: before, it never answered
+            await r.read()
+            assert (r.status, r.headers.get(MODE_HEADER)) == (404, "wait")
+            assert time.monotonic() - began < 5  # in time, not after the piece or a read timeout
+            for _ in range(UPLOADS):
+                server._uploads.release()
+            asking = asyncio.create_task(client.get(path, headers=headers))
+            await asyncio.sleep(0.1)
+            live.add(data[len(data) // 2:])  # the rest arrives while the requester is served
+            r = await asyncio.wait_for(asking, 10)
+            assert (r.status, await r.read()) == (206, data)
+
+    try:
+        asyncio.run(go())
+    finally:
+        store.close()

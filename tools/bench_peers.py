@@ -21,13 +21,14 @@ Everything it made (namespaces, processes, files) is removed when it ends.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from netns_support import peer_scenario, unavailable  # noqa: E402
+from netns_support import peer_scenario, timeline, unavailable  # noqa: E402
 
 _BINARY = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 _DECIMAL = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}
@@ -58,7 +59,11 @@ def main() -> int:
     p.add_argument("--files", type=int, default=2, help="files the model is cut into (default 2)")
     p.add_argument("--solo-runs", type=int, default=3, help="runs of one node alone (default 3, median taken)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds any one pull may take (default 300)")
+    p.add_argument("--trace", action="store_true",
+                   help="print each node's origin and peer MB/s over time (the daemons' MODELCACHE_PEER_TRACE)")
     args = p.parse_args()
+    if args.trace:
+        os.environ["MODELCACHE_PEER_TRACE"] = "1"  # the daemons inherit it
     why = unavailable()
     if why:
         print(f"bench_peers: {why}", file=sys.stderr)
@@ -72,6 +77,7 @@ def main() -> int:
             if job["state"] != "done":
                 print(f"bench_peers: a pull failed: {job.get('error')}", file=sys.stderr)
                 return 1
+        traced = timeline(run.logs[-args.nodes:]) if args.trace else ""
     mb = args.rate / 1e6
     print(f"model            {run.model_bytes / (1 << 20):.0f} MiB in {args.files} files; cap {mb:g} MB/s each way")
     print(f"one node alone   {run.solo_median:.2f} s median of {len(run.solo)} "
@@ -79,6 +85,8 @@ def main() -> int:
     print(f"{args.nodes} nodes at once   {run.makespan:.2f} s, {run.ratio:.2f}x one node alone (bar: 1.5x)")
     print(f"origin bytes     {run.origin_ratio:.3f}x the model (bar: 1.1x)")
     print(f"daemon CPU       {run.cpu:.1f} s in all during the {args.nodes}-node run")
+    if traced:
+        print(traced)
     return 0
 
 

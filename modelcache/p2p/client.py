@@ -43,7 +43,7 @@ import aiohttp
 from ..errors import NotFound, Unavailable
 from ..model import Blob
 from ..transfer.routing import NotYet
-from . import signing
+from . import signing, trace
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,6 @@ class PeerSource:
 
     async def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes]:
         """Yield the range from this peer (or the holder it sends us to)."""
-        range_ = f"bytes={offset}-{offset + length - 1}"
         mode, patient = self.mode, self.patient
         if mode == "fallback":  # the piece's next candidate: its home (and waited on as one) once the home is gone
             mode = "home" if self.round.home_failed else "have"
@@ -172,7 +171,7 @@ class PeerSource:
         deadline = time.monotonic() + PATIENCE
         while True:
             try:
-                async for block in self._ask(blob, mode, range_):
+                async for block in self._ask(blob, mode, offset, length):
                     yield block
                 return
             except _Fetching as e:
@@ -190,8 +189,9 @@ class PeerSource:
                         self.round.home_failed = self.failed_at == self.url or self.round.home_failed
                 raise
 
-    async def _ask(self, blob: Blob, mode: str, range_: str) -> AsyncIterator[bytes]:
+    async def _ask(self, blob: Blob, mode: str, offset: int, length: int) -> AsyncIterator[bytes]:
         """One pass: the peer, then wherever it sends us."""
+        range_ = f"bytes={offset}-{offset + length - 1}"
         targets = [(self.url, mode)]
         while targets:
             url, mode = targets.pop(0)
@@ -228,9 +228,15 @@ class PeerSource:
                     if r.status != 206:
                         self.failed_at = url
                         raise Unavailable(f"{self.name}: HTTP {r.status} for {blob.digest[:19]}")
-                    async for block in r.content.iter_chunked(BLOCK):
-                        started = True
-                        yield block
+                    trace.event("get-start", blob.digest, offset, length, url)
+                    got = 0
+                    try:
+                        async for block in r.content.iter_chunked(BLOCK):
+                            started = True
+                            got += len(block)
+                            yield block
+                    finally:
+                        trace.event("get-end", blob.digest, offset, got, url)
                     return
             except (aiohttp.ClientError, TimeoutError) as e:
                 if targets and not started:

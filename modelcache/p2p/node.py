@@ -24,13 +24,17 @@ from ..store import Store
 from ..transfer import Engine
 from .client import PeerClient
 from .discovery import Discovery, DnsPeers, StaticPeers, normalize, parse_dns
+from .gate import LOOKAHEAD, Gate, GatedOrigin, share
 from .holders import Holders
 from .limit import RateLimit
 from .members import Members
 from .pieces import piece_minimum
+from .relay import Relay, RelayedOrigin
 from .router import PeerRouter
 from .server import PeerServer
 from .slices import K8sPeers, parse_service
+from .trace import ON as TRACING
+from .trace import TracedOrigin
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +106,23 @@ class PeerNode:
                                  found_self=self.members.found_self)
         self.limit = RateLimit(config.upload_limit)
         self.holders = Holders()  # the peer server's, read by our routers (the requester a home elected)
+        # The cluster opens about as many origin streams for home pieces as one node would (see .gate).
+        self.gate = Gate(lambda: share(len(self.members.peers()) + 1))
+        self.lookahead = Gate(lambda: LOOKAHEAD * self.gate.limit())
+        self.relay = Relay()  # home pieces streamed to peers as they arrive from the origin
         self._on_report = on_report
         self._greeted: set[str] = set()
 
     def router(self, origin: ByteSource) -> PeerRouter:
         """The router for one pull from ``origin``."""
-        return PeerRouter(origin, self.members, self.client, minimum=self.config.piece_min,
-                          on_report=self._on_report,
-                          elected=lambda digest, offset: self.holders.elected((digest, offset), time.monotonic()))
+        if TRACING:
+            origin = TracedOrigin(origin)
+        router = PeerRouter(origin, self.members, self.client, minimum=self.config.piece_min,
+                            on_report=self._on_report, gate=self.gate, lookahead=self.lookahead,
+                            elected=lambda digest, offset: self.holders.elected((digest, offset), time.monotonic()))
+        # Inside the gate the relay: a piece is live for peers only once its origin read has begun.
+        router.origin = GatedOrigin(RelayedOrigin(router.origin, self.relay, router.relays), router.gated)
+        return router
 
     def server(self, store: Store, engine: Engine, on_served: Callable[[int], None]) -> PeerServer:
         """The ``/v1/peer/`` handlers over this daemon's store and engine."""
@@ -117,7 +130,14 @@ class PeerNode:
         # machine the event loop lags, and an answer past the timeout fails the home (and benches it).
         return PeerServer(store, engine, self.config.secret, self.node_id, minimum=self.config.piece_min,
                           limit=self.limit, home_wait=home_wait(self.config.read_timeout), on_served=on_served,
-                          holders=self.holders)
+                          holders=self.holders, relay=self.relay, hurry=self.hurry)
+
+    def hurry(self, digest: str, offset: int) -> None:
+        """A peer waits on the piece of ``digest`` holding ``offset``: if we fetch it ahead, it goes in now."""
+        tag = self.gate.tag(digest, offset)
+        if tag is not None:
+            self.lookahead.hurry(tag)
+            self.gate.hurry(tag)
 
     async def greet(self) -> None:
         """Say hello to members not greeted yet (learning which one is us)."""

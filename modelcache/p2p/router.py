@@ -29,18 +29,27 @@ at commit (``Blob.origin_checked``: a plain S3 ETag's MD5, a multipart
 ETag with its part size, the Hub's git blob id); otherwise they come from the origin alone, since nothing could
 catch a peer's wrong bytes.
 
-Each node walks its pieces in its own order: the pieces it is home for
-first (it is their one origin fetcher), then the rest starting at an offset
-of its own, so homes are loaded evenly and not in lockstep from piece 0.
+Each node fetches the pieces it is home for ahead (:meth:`PeerRouter.ahead`):
+all at once in tasks of their own, through the node's origin gate
+(:mod:`.gate`: the cluster opens about as many origin streams as one node),
+in index order, so they complete one after another from the start and are
+served on while the origin sends the next. It walks the other pieces in
+step with their homes (:func:`rounds`): every home's first piece, then every
+home's second, and so on, so it asks a home for the piece the home is
+fetching just then, not one far down its queue (issue 11: the peer
+exchange overlaps the origin phase instead of following it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 
 from ..model import Blob
 from ..sources.base import ByteSource
+from . import trace
 from .client import PeerClient, PeerSource
+from .gate import Gate
 from .members import Members
 from .pieces import piece_count, piece_size
 from .ring import piece_key, rank, score
@@ -69,8 +78,8 @@ def elected_first(asks: list[tuple[str, str]], elected: str | None, me: str | No
 
 
 def walk(indexes: list[int], mine: Callable[[int], bool], seed: int) -> list[int]:
-    """A node's order over ``indexes``: those ``mine`` says it is home for first, then the rest starting at
-    an offset given by ``seed`` (each node's own), so homes are loaded evenly and not in lockstep."""
+    """The earlier order over ``indexes`` (still the cluster simulator's): those ``mine`` says it is home for
+    first, then the rest from an offset given by ``seed``. The daemon walks :func:`rounds` now."""
     if not indexes:
         return indexes
     first = [i for i in indexes if mine(i)]
@@ -80,15 +89,30 @@ def walk(indexes: list[int], mine: Callable[[int], bool], seed: int) -> list[int
     return first + rest[shift:] + rest[:shift]
 
 
+def rounds(indexes: list[int], home: Callable[[int], str], me: str, seed: Callable[[str], int]) -> list[int]:
+    """A node's order over ``indexes`` in step with the homes: round ``k`` is every home's ``k``-th piece
+    (in index order), homes within a round ordered by ``seed(home)`` (each node's own), so the requesters
+    of a round do not all start at the same home. Our own pieces are in it too (fetched ahead anyway)."""
+    seen: dict[str, int] = {}
+    keyed = []
+    for i in indexes:
+        owner = home(i)
+        position = seen[owner] = seen.get(owner, -1) + 1
+        keyed.append(((position, owner != me, seed(owner)), i))
+    return [i for _, i in sorted(keyed)]
+
+
 class PeerRouter:
     """Routes each piece through peers before ``origin``."""
 
     def __init__(self, origin: ByteSource, members: Members, client: PeerClient, *, minimum: int,
                  on_report: Callable[[str, str], None] = lambda url, outcome: None,
-                 elected: Callable[[str, int], str | None] = lambda digest, offset: None) -> None:
+                 elected: Callable[[str, int], str | None] = lambda digest, offset: None,
+                 gate: Gate | None = None, lookahead: Gate | None = None) -> None:
         self.origin, self.members, self.client, self.minimum = origin, members, client, minimum
         self._on_report = on_report
         self._elected = elected  # (digest, piece offset) -> the requester our peer server elected to fetch it
+        self._gate, self._lookahead = gate, lookahead
 
     def piece_size(self, blob: Blob) -> int:
         """A function of the blob's size alone (see :mod:`.pieces`)."""
@@ -112,10 +136,52 @@ class PeerRouter:
         return [*self.client.asks(asks), self.origin]
 
     def order(self, blob: Blob, indexes: list[int]) -> list[int]:
-        """Our home pieces first, then the rest from an offset of our own."""
+        """In step with the homes (:func:`rounds`): every home's first piece, then every home's second..."""
+        me = self.members.me or self.client.node_id
+        return rounds(indexes, lambda i: (self.candidates(blob, i) or [me])[0], me,
+                      lambda home: score(f"{blob.digest}|{home}", me))
+
+    def ahead(self, blob: Blob, indexes: list[int]) -> list[int]:
+        """The pieces of ``indexes`` we are home for, in index order, when peers share the blob with us: the
+        engine fetches them at once in tasks of their own, each in :meth:`pace` (peers ask us for them and
+        wait), while its workers walk the others. None without peers, or for a blob peers never serve."""
         me = self.members.me
-        return walk(indexes, lambda i: me is not None and self.candidates(blob, i)[:1] == [me],
-                    score(blob.digest, me or self.client.node_id))
+        if not blob.origin_checked or me is None or not self.members.peers():
+            return []
+        mine = [i for i in indexes if self.candidates(blob, i)[:1] == [me]]
+        if self._gate is not None:
+            piece = self.piece_size(blob)
+            self._gate.plan(blob.digest, mine, piece_count(blob.size, piece), piece)
+        return mine
+
+    def relays(self, blob: Blob, offset: int, length: int) -> bool:
+        """Whether an origin read is a whole piece we are home for, with live peers: one to relay (:mod:`.relay`)."""
+        piece = self.piece_size(blob)
+        me = self.members.me
+        return blob.origin_checked and me is not None and offset % piece == 0 \
+            and length == min(piece, blob.size - offset) and bool(self.members.peers()) \
+            and self.candidates(blob, offset // piece)[:1] == [me]
+
+    @asynccontextmanager
+    async def pace(self, blob: Blob, index: int) -> AsyncIterator[None]:
+        """Held while piece ``index`` of :meth:`ahead` is fetched (candidates asked, then the origin read in
+        :meth:`gated`): a place among the pieces under way (:data:`~.gate.LOOKAHEAD` per stream)."""
+        position = self._gate.position(blob.digest, index) if self._gate is not None else None
+        try:
+            async with self._lookahead.turn(position or 0, (blob.digest, index)) \
+                    if self._lookahead is not None else nullcontext():
+                yield
+        finally:
+            if self._gate is not None:
+                self._gate.passed(blob.digest)
+
+    def gated(self, blob: Blob, offset: int) -> AbstractAsyncContextManager[None]:
+        """Around an origin read at ``offset``: a place in the node's origin gate if it is a piece fetched ahead."""
+        index = offset // self.piece_size(blob)
+        position = self._gate.position(blob.digest, index) if self._gate else None
+        if position is None or self._gate is None:
+            return nullcontext()
+        return self._gate.turn(position, (blob.digest, index))
 
     async def piece_digests(self, blob: Blob) -> list[str] | None:
         """The origin's piece list when its manifest gave one cut as ours, else the first candidate's of
@@ -139,6 +205,8 @@ class PeerRouter:
     def report(self, source: ByteSource, blob: Blob, index: int, outcome: str) -> None:
         """A peer that failed or lied is benched (and counted); the origin's outcomes are the engine's."""
         if isinstance(source, PeerSource):
+            if outcome != "ok":
+                trace.event("report-" + outcome, blob.digest, index, 0, source.url)
             # A timeout is a strike, not a verdict: on a loaded machine the event loops lag (ours or the peer's)
             # and a live home misses the deadline; benched at once, it would stop being anyone's home here.
             self.members.report(source.url, "slow" if outcome == "failed" and source.slow else outcome)

@@ -22,6 +22,8 @@ requester's read timeout, so a loaded node still answers in time), it says
 ``wait``, and the requester asks again rather than going to the origin. It
 remembers who it served whole pieces to, and sends later requesters to
 those holders (:mod:`.holders`), so no node serves everyone.
+A piece it fetches from the origin as their home is streamed to the
+requesters waiting on it while it arrives (:mod:`.relay`), not after.
 Uploads share a byte-rate limit (``--peer-upload-limit``) and a bound on
 concurrent uploads.
 
@@ -46,11 +48,12 @@ from ..errors import InvalidContent, NotFound
 from ..model import standin_digest
 from ..store import Store, liveness
 from ..transfer import Engine
-from . import signing
+from . import signing, trace
 from .client import HOLDER_HEADER, MODE_HEADER, NODE_HEADER, URL_HEADER
 from .holders import Holders
 from .limit import RateLimit
 from .pieces import digest_list, piece_size
+from .relay import Broken, LivePiece, Relay
 
 PREFIX = "/v1/peer/"
 BLOCK = 1 << 20
@@ -64,8 +67,10 @@ class PeerServer:
 
     def __init__(self, store: Store, engine: Engine, secret: bytes, node_id: str, *, minimum: int,
                  limit: RateLimit, home_wait: float, on_served: Callable[[int], None] = lambda n: None,
-                 holders: Holders | None = None) -> None:
+                 holders: Holders | None = None, relay: Relay | None = None,
+                 hurry: Callable[[str, int], None] = lambda digest, offset: None) -> None:
         self.store, self.engine, self.secret, self.node_id = store, engine, secret, node_id
+        self.relay, self._hurry = relay, hurry
         self.minimum, self.limit, self.home_wait, self._on_served = minimum, limit, home_wait, on_served
         self._uploads = asyncio.Semaphore(UPLOADS)
         self._digests: dict[str, list[str]] = {}
@@ -159,8 +164,18 @@ class PeerServer:
             stored = self._stored(digest)
             held = self._holds(stored, digest, start, end)
         if not held and mode == "home":
-            await self.engine.ensure_piece(digest, start, wait=self.home_wait)
-            held = self._holds(stored, digest, start, end)  # also when the whole blob was committed meanwhile
+            waited = time.monotonic()
+            live, held = await self._await_piece(stored, digest, start, end)
+            trace.event("home-wait", digest, start, int((time.monotonic() - waited) * 1000), requester or "-")
+            if live is not None:
+                # The same one wait in all for an upload slot as a held piece below (a wait answer, not a timeout).
+                left = max(0.05, self.home_wait - (time.monotonic() - began))
+                served = await self._send_live(request, live, digest, start, end, wait=left)
+                if served < 0:
+                    return _wait(f"{digest}: every upload slot is busy, ask again", self.node_id)
+                if served == end - start + 1 and requester:
+                    self._holders.served((digest, start), requester)
+                return served_response(request)
             if not held and self.engine.fetches(digest):
                 # We fetch it (or are about to: resolving, queued) but not in time: the requester asks again.
                 # Never "not here" for this: it would send the requester to the origin for a piece we fetch.
@@ -190,6 +205,68 @@ class PeerServer:
         if served == end - start + 1 and requester:
             self._holders.served((digest, start), requester)
         return served_response(request)
+
+    async def _await_piece(self, stored: str, digest: str, start: int, end: int) -> tuple[LivePiece | None, bool]:
+        """As its home, for a piece not held here yet: its live bytes if it is relayed now or its origin read
+        starts within the wait (:mod:`.relay`), else whether it is held once :meth:`Engine.ensure_piece` returns."""
+        live = self.relay.find(digest, start) if self.relay is not None else None
+        if live is not None and end < live.start + live.length:
+            return live, False
+        ensure = asyncio.ensure_future(self.engine.ensure_piece(digest, start, wait=self.home_wait))
+        began = asyncio.ensure_future(asyncio.wait_for(self.relay.started(digest, start), self.home_wait)) \
+            if self.relay is not None and self.engine.fetches(digest) else None
+        try:
+            if began is not None:
+                # Half the wait for the piece to start in its turn; then it goes in at once (.gate's hurry).
+                await asyncio.wait([ensure, began], timeout=self.home_wait / 2, return_when=asyncio.FIRST_COMPLETED)
+                if not ensure.done() and not began.done():
+                    self._hurry(digest, start)
+                    await asyncio.wait([ensure, began], return_when=asyncio.FIRST_COMPLETED)
+                if began.done() and not began.cancelled() and began.exception() is None \
+                        and end < began.result().start + began.result().length \
+                        and not (ensure.done() and ensure.result()):
+                    return began.result(), False
+            await ensure
+            return None, self._holds(stored, digest, start, end)  # also when the whole blob was committed meanwhile
+        finally:
+            for waiting in (ensure, began):
+                if waiting is not None and not waiting.done():
+                    waiting.cancel()
+
+    async def _send_live(self, request: web.Request, live: LivePiece, digest: str, start: int, end: int, *,
+                         wait: float | None = None) -> int:
+        """Stream bytes ``start..end`` of a piece while it arrives from the origin; return how many went out,
+        or -1 when no upload slot came free within ``wait`` seconds. If its origin read breaks off, the
+        connection is closed: the requester resumes elsewhere."""
+        async with self._upload_slot(wait) as slot:
+            if not slot:
+                return -1
+            response = web.StreamResponse(status=206, headers={
+                NODE_HEADER: self.node_id, "Content-Length": str(end - start + 1),
+                "Content-Range": f"bytes {start}-{end}/*", "Content-Type": "application/octet-stream"})
+            request["peer_response"] = response
+            sent = 0
+            who = request.headers.get(URL_HEADER) or "-"
+            trace.event("serve-start", digest, start, end - start + 1, who)
+            try:
+                await response.prepare(request)
+                at = start
+                while at <= end:
+                    block = await live.read(at, min(BLOCK, end - at + 1))
+                    await self.limit.take(len(block))
+                    await response.write(block)
+                    at += len(block)
+                    sent += len(block)
+                    self._on_served(len(block))
+                await response.write_eof()
+            except (Broken, TimeoutError):
+                if request.transport is not None:
+                    request.transport.close()  # short of its Content-Length: the requester sees it cut
+            except (OSError, ConnectionError):
+                pass  # the peer hung up: it resumes elsewhere
+            finally:
+                trace.event("serve-end", digest, start, sent, who)
+            return sent
 
     def _holds(self, stored: str, digest: str, start: int, end: int) -> bool:
         if self.store.content.has(stored):
@@ -241,6 +318,8 @@ class PeerServer:
                 return self.store.content.read_durable(digest, offset, length)
 
             sent = 0
+            who = request.headers.get(URL_HEADER) or "-"
+            trace.event("serve-start", digest, start, end - start + 1, who)
             lease = f"upload:peer:{secrets.token_hex(6)}"
             await asyncio.to_thread(self.store.index.add_lease, lease, kind="upload", owner="peer",
                                     blobs=[stored], process=liveness.me())
@@ -260,6 +339,7 @@ class PeerServer:
             except (NotFound, OSError, ConnectionError):
                 pass  # the ingest went away or the peer hung up: it resumes elsewhere
             finally:
+                trace.event("serve-end", digest, start, sent, who)
                 await asyncio.to_thread(self.store.index.drop_lease, lease)
             return sent
 

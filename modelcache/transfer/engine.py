@@ -41,6 +41,11 @@ Guarantees:
   daemon's task group) and reads through the router of a pull still
   waiting on it: one caller leaving (and closing its source) never fails
   another's pull; the fetch stops only when no caller is left.
+- A router may name pieces to fetch ahead (``ahead``: those peers ask this
+  node for as their home): each is fetched at once in a task of its own,
+  inside the router's ``pace`` (the node's origin gate), outside the
+  workers' slots, so the peers waiting on it never wait for our workers to
+  reach it, and the workers walk the rest meanwhile.
 - Hashing, writes and fsync run in a thread pool: the event loop only moves
   bytes between sockets and threads. A chunk's fdatasync runs beside the
   next range's download, not before it (at most ``concurrency`` at once);
@@ -368,6 +373,8 @@ class Engine:
             self._open_ingests[blob.digest] = (ingest, todo, stats, progress)
             self._opened.setdefault(blob.digest, asyncio.Event()).set()
             extra = self._for_peers.setdefault(blob.digest, set())
+            if pieces and not trusted_only:
+                self._fetch_ahead(ingest, router, todo, stats, progress)
             workers: list[asyncio.Task[None]] = []
             try:
                 while True:
@@ -512,6 +519,8 @@ class Engine:
         try:
             async with asyncio.timeout(wait):
                 while digest not in self._inflight:
+                    if self.content.has(digest):
+                        return True  # a fast fetch opened and committed it between two looks
                     if not self._resolving and digest not in self._wanted:
                         return False
                     await asyncio.sleep(0.05)
@@ -519,7 +528,7 @@ class Engine:
                 await opened.wait()
                 entry = self._open_ingests.get(digest)
                 if entry is None:
-                    return False
+                    return self.content.has(digest)
                 ingest, todo, stats, progress = entry
                 first = ingest.chunk_range(0)[1] or 1
                 index = offset // first
@@ -527,13 +536,7 @@ class Engine:
                     return False
                 future = self._pieces.get((digest, index))
                 if future is None and index in todo:
-                    todo.remove(index)
-                    future = asyncio.get_running_loop().create_future()
-                    self._pieces[(digest, index)] = future
-                    task = asyncio.create_task(self._fetch_for_peer(ingest, index, stats, progress))
-                    extra = self._for_peers.setdefault(digest, set())
-                    extra.add(task)
-                    task.add_done_callback(extra.discard)
+                    future = self._start_for_peer(ingest, todo, index, stats, progress, self._peer_slots)
                 if future is None:
                     return True  # durable already (the caller reads it to be sure)
                 await asyncio.shield(future)
@@ -541,10 +544,38 @@ class Engine:
         except (TimeoutError, ModelCacheError):
             return False
 
+    def _fetch_ahead(self, ingest: Ingest, router: ChunkRouter, todo: deque[int], stats: TransferStats,
+                     progress: Progress | None) -> None:
+        """Start the pieces the router wants fetched ahead (``ahead``: those peers ask this node for as their
+        home), each in a task of its own paced by the router (``pace``: the node's origin gate), while the
+        workers walk the rest: the peers waiting on them never wait for our workers' turn (issue 11)."""
+        ahead = getattr(router, "ahead", None)
+        pace = getattr(router, "pace", None)
+        if ahead is None or pace is None:
+            return
+        # Right after the ingest opened: nothing of this blob is in flight yet, every index is in ``todo``.
+        for index in ahead(ingest.blob, list(todo)):
+            self._start_for_peer(ingest, todo, index, stats, progress, pace(ingest.blob, index))
+
+    def _start_for_peer(self, ingest: Ingest, todo: deque[int], index: int, stats: TransferStats,
+                        progress: Progress | None, slot: contextlib.AbstractAsyncContextManager[Any]
+                        ) -> asyncio.Future[None]:
+        """Take piece ``index`` out of the queue and fetch it now in a task of its own, inside ``slot``;
+        return the future peers wait on."""
+        digest = ingest.blob.digest
+        todo.remove(index)
+        future = asyncio.get_running_loop().create_future()
+        self._pieces[(digest, index)] = future
+        task = asyncio.create_task(self._fetch_for_peer(ingest, index, stats, progress, slot))
+        extra = self._for_peers.setdefault(digest, set())
+        extra.add(task)
+        task.add_done_callback(extra.discard)
+        return future
+
     async def _fetch_for_peer(self, ingest: Ingest, index: int, stats: TransferStats,
-                              progress: Progress | None) -> None:
+                              progress: Progress | None, slot: contextlib.AbstractAsyncContextManager[Any]) -> None:
         try:
-            async with self._peer_slots:
+            async with slot:
                 await self._fetch_chunk(ingest, index, stats, progress, False)
             await self._io(ingest.mark_done, index)
         except BaseException as e:

@@ -1,0 +1,209 @@
+"""How many of its home pieces a node fetches from the origin at once while it shares with peers.
+
+Every node pulling a model with peers fetches the pieces it is home for from
+the origin and serves them on; a piece is served once it is whole. If each
+of ``n`` nodes opened its full ``--concurrency`` of origin streams for them,
+the origin's bandwidth would be split ``n x 8`` ways, every piece would
+finish late and at about the same moment, and peers would sit idle until
+then (issue 11's namespace test: 4 nodes at 40 MB/s took 1.7x one node
+alone, the peer exchange following the origin phase instead of overlapping
+it). So the cluster as a whole opens about :data:`ORIGIN_STREAMS` streams
+for home pieces, as many as one node alone: each node
+``ORIGIN_STREAMS // members`` (at least one), and its home pieces complete
+one after another from the start, flowing on to peers while the origin
+sends the next.
+
+Only home pieces fetched ahead pass the gate (the engine's ``ahead``
+pieces): a piece a node fetches from the origin because its home elected it
+(the home does not pull the model) or because peers missed it is fetched on
+the engine's own slots, so a node pulling a model no peer pulls keeps all
+its streams. A node with no live peers has no home pieces to fetch ahead.
+Rendezvous hashing gives homes uneven shares (in the namespace test 10 to
+15 of 48 pieces), and the home with the most finishes last while its peers
+wait on its last pieces. So while a node fetches home pieces ahead, its
+share follows its part of the work: ``ORIGIN_STREAMS`` times the fraction of
+those blobs' pieces it is home for, rounded (15 of 48: 3 streams, 10 of 48: 2).
+The gate holds only the origin read itself. Before it, a home piece asks
+the piece's other candidates whether they hold it (after a membership
+change an earlier home may): on links full of bulk transfers such a small
+request can take a second, so the next pieces ask while the current ones
+are read, :data:`LOOKAHEAD` per origin stream (a second gate, the engine's ``pace``).
+A piece a peer is waiting on goes in at once, over the limit
+(:meth:`Gate.hurry`: its home waited half its wait for it to start), so the
+gate never makes a requester give up on its home and go to the origin.
+Waiters go in by priority (a piece's position among the node's home pieces
+of its blob), then by arrival, so with several blobs the homes fetch the
+``k``-th piece of each before the ``k+1``-th, as requesters walk them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+
+from ..model import Blob
+from ..sources.base import ByteSource
+
+Tag = tuple[str, int]  # (blob digest, piece index)
+_URGENT = 10_000  # hurried pieces remembered at most
+ORIGIN_STREAMS = 8  # the cluster's origin streams for home pieces: one node's default --concurrency
+LOOKAHEAD = 2  # home pieces under way per origin stream: the next asks its other candidates meanwhile
+
+
+@dataclass
+class _Plan:
+    left: int  # pieces still to pass
+    total: int  # the blob's pieces
+    positions: dict[int, int]  # piece index -> its place among ours
+    length: int  # the blob's piece length
+
+
+def share(members: int, streams: int = ORIGIN_STREAMS) -> int:
+    """This node's origin streams for home pieces when ``members`` nodes (itself included) share."""
+    return max(1, streams // max(1, members))
+
+
+class Gate:
+    """A counting gate whose size is asked for at every entry and exit (membership changes mid-pull);
+    waiters go in lowest priority first, then first come."""
+
+    def __init__(self, limit: Callable[[], int]) -> None:
+        self._default = limit
+        self._inside = 0
+        self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+        self._work: dict[str, _Plan] = {}  # blob -> its home pieces fetched ahead
+        self._tagged: dict[Tag, asyncio.Future[None]] = {}  # waiters by piece
+        self._urgent: set[Tag] = set()  # pieces a peer waits on: they go in at once
+
+    def plan(self, key: str, pieces: list[int], total: int, length: int) -> None:
+        """``pieces`` (indexes) of the ``total`` of blob ``key``, ``length`` bytes each, are fetched ahead, each to
+        :meth:`passed` once: until they have, the limit follows our part of the work (module docstring)."""
+        if pieces and total > 0:
+            self._work[key] = _Plan(left=len(pieces), total=total, positions={i: n for n, i in enumerate(pieces)},
+                                    length=length)
+
+    def tag(self, key: str, offset: int) -> Tag | None:
+        """The piece of blob ``key`` holding byte ``offset``, if it is one fetched ahead."""
+        plan = self._work.get(key)
+        if plan is None or offset // plan.length not in plan.positions:
+            return None
+        return key, offset // plan.length
+
+    def hurry(self, tag: Tag) -> None:
+        """A peer waits on this piece: let it in now, over the limit (and at once if it comes later)."""
+        if len(self._urgent) >= _URGENT:
+            self._urgent.clear()
+        self._urgent.add(tag)
+        waiter = self._tagged.get(tag)
+        if waiter is not None and not waiter.done():
+            self._inside += 1
+            waiter.set_result(None)
+
+    def position(self, key: str, index: int) -> int | None:
+        """Piece ``index`` of blob ``key``'s place among the pieces fetched ahead, if it is one."""
+        plan = self._work.get(key)
+        return plan.positions.get(index) if plan is not None else None
+
+    def passed(self, key: str) -> None:
+        """One planned piece of blob ``key`` passed (from the origin or a peer, or given up)."""
+        plan = self._work.get(key)
+        if plan is not None:
+            plan.left -= 1
+            if plan.left <= 0:
+                del self._work[key]
+                self._wake()
+
+    def limit(self) -> int:
+        """How many may be inside now."""
+        return self._limit()
+
+    def _limit(self) -> int:
+        if not self._work:
+            return self._default()
+        mine = sum(len(w.positions) for w in self._work.values())
+        total = sum(w.total for w in self._work.values())
+        return max(1, int(ORIGIN_STREAMS * mine / total + 0.5))
+
+    @property
+    def inside(self) -> int:
+        """Holders now."""
+        return self._inside
+
+    @asynccontextmanager
+    async def turn(self, priority: int = 0, tag: Tag | None = None) -> AsyncIterator[None]:
+        """Hold a place for the body of the ``async with`` (for piece ``tag``, which :meth:`hurry` may name)."""
+        await self._enter(priority, tag)
+        try:
+            yield
+        finally:
+            if tag is not None:
+                self._urgent.discard(tag)
+            self._leave()
+
+    async def _enter(self, priority: int, tag: Tag | None) -> None:
+        if tag is not None and tag in self._urgent:
+            self._inside += 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (priority, next(self._seq), waiter))
+        if tag is not None:
+            self._tagged[tag] = waiter
+        self._wake()
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._leave()  # let in, but cancelled before it could go on: give the place back
+            else:
+                waiter.cancel()  # left in the heap, skipped when its turn comes
+            raise
+        finally:
+            if tag is not None and self._tagged.get(tag) is waiter:
+                del self._tagged[tag]
+
+    def _leave(self) -> None:
+        """Go out, letting waiters in while there is room (synchronous: safe in any ``finally``)."""
+        self._inside -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiting and self._inside < max(1, self._limit()):
+            _, _, waiter = heapq.heappop(self._waiting)
+            if not waiter.done():
+                self._inside += 1
+                waiter.set_result(None)
+
+
+class GatedOrigin:
+    """The origin as a byte source whose reads pass ``gated(blob, offset)`` (a place in the gate, or none)."""
+
+    def __init__(self, origin: ByteSource, gated: Callable[[Blob, int], AbstractAsyncContextManager[None]]) -> None:
+        self.name = origin.name
+        self._origin, self._gated = origin, gated
+        for attr in ("trusted", "attempts"):
+            if hasattr(origin, attr):
+                setattr(self, attr, getattr(origin, attr))
+
+    async def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes | memoryview]:
+        """The range from the origin, inside its place in the gate (left before the last bytes are handed
+        on: a reader that stops at the range's end never resumes us, and the place must not wait for our
+        finalizer)."""
+        place = self._gated(blob, offset)
+        await place.__aenter__()
+        inside = True
+        try:
+            got = 0
+            async for block in self._origin.read(blob, offset, length):
+                got += len(block)
+                if got >= length and inside:
+                    inside = False
+                    await place.__aexit__(None, None, None)
+                yield block
+        finally:
+            if inside:
+                await place.__aexit__(None, None, None)

@@ -241,10 +241,7 @@ class PeerServer:
         async with self._upload_slot(wait) as slot:
             if not slot:
                 return -1
-            response = web.StreamResponse(status=206, headers={
-                NODE_HEADER: self.node_id, "Content-Length": str(end - start + 1),
-                "Content-Range": f"bytes {start}-{end}/*", "Content-Type": "application/octet-stream"})
-            request["peer_response"] = response
+            response = _piece_response(request, self.node_id, start, end)
             sent = 0
             who = request.headers.get(URL_HEADER) or "-"
             trace.event("serve-start", digest, start, end - start + 1, who)
@@ -307,10 +304,7 @@ class PeerServer:
         async with self._upload_slot(wait) as slot:
             if not slot:
                 return -1
-            response = web.StreamResponse(status=206, headers={
-                NODE_HEADER: self.node_id, "Content-Length": str(end - start + 1),
-                "Content-Range": f"bytes {start}-{end}/*", "Content-Type": "application/octet-stream"})
-            request["peer_response"] = response
+            response = _piece_response(request, self.node_id, start, end)
 
             def read(offset: int, length: int) -> bytes:
                 if self.store.content.has(stored):
@@ -342,6 +336,15 @@ class PeerServer:
                 trace.event("serve-end", digest, start, sent, who)
                 await asyncio.to_thread(self.store.index.drop_lease, lease)
             return sent
+
+
+def _piece_response(request: web.Request, node_id: str, start: int, end: int) -> web.StreamResponse:
+    """The 206 for bytes ``start..end`` (inclusive) of a piece, kept on ``request`` for :func:`served_response`."""
+    response = web.StreamResponse(status=206, headers={
+        NODE_HEADER: node_id, "Content-Length": str(end - start + 1),
+        "Content-Range": f"bytes {start}-{end}/*", "Content-Type": "application/octet-stream"})
+    request["peer_response"] = response
+    return response
 
 
 def served_response(request: web.Request) -> web.StreamResponse:

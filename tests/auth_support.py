@@ -46,9 +46,13 @@ def _b64url(data: bytes) -> str:
 
 
 class TokenServer:
-    """Issues registry tokens for USER/PASSWORD (and anonymous requests, with no access)."""
+    """Issues registry tokens for USER/PASSWORD; anonymous requests get pull access to ``public`` repositories only.
 
-    def __init__(self, root: Path) -> None:
+    As Docker Hub and GHCR answer an anonymous token request for a public image.
+    """
+
+    def __init__(self, root: Path, public: tuple[str, ...] = ()) -> None:
+        self.public = public
         root.mkdir(parents=True, exist_ok=True)
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "modelcache test token signer")])
@@ -96,6 +100,8 @@ class TokenServer:
         auth = request.headers.get("Authorization")
         if auth is not None and auth != basic():
             return web.json_response({"errors": [{"code": "UNAUTHORIZED"}]}, status=401)
+        if auth is None and scope.count(":") == 2 and scope.split(":")[1] in self.public:
+            return web.json_response({"token": self.token(scope.rsplit(":", 1)[0] + ":pull", "anonymous")})
         return web.json_response({"token": self.token(scope, USER if auth else "")})
 
     def _run(self) -> None:

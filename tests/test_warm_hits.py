@@ -12,8 +12,12 @@
   gone is rebuilt. Through :func:`modelcache.pull.pull` (the daemon's path) a
   hit fetches nothing, leaves no lease and marks the view used.
 
-All against the real docker-registry the suite starts (and one with
-htpasswd logins, as tests/test_registry_auth.py starts it).
+- A registry with bearer tokens (as Docker Hub and GHCR are, public images
+  too) takes the same one-GET path with an anonymous token, unless the
+  image is private or credentials are configured for the registry.
+
+All against the real docker-registry the suite starts (and ones with
+htpasswd logins and with bearer tokens, as tests/test_registry_auth.py starts them).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import time
 from pathlib import Path
 
 import pytest
-from auth_support import auth_entry, basic, docker_config, htpasswd_config
+from auth_support import TokenServer, auth_entry, basic, docker_config, htpasswd_config
 from conftest import start_registry, stop
 from support import (
     MP_ARTIFACT,
@@ -37,6 +41,7 @@ from support import (
     run_cli,
     tree_digests,
 )
+from test_startup import LEAN, heavy_in, modules_of
 
 from modelcache.refs import parse
 from modelcache.sources.tagdigest import tag_digest
@@ -171,6 +176,65 @@ def test_tag_digest_declines_a_login_challenge(private_registry: Registry) -> No
     """A registry that wants a login answers 401 to the anonymous GET: the full path must take it."""
     _push(private_registry, "warm/challenge", "v1", b"c" * 100)
     assert tag_digest(parse(f"oci://{private_registry.host}/warm/challenge:v1")) is None
+
+
+@pytest.fixture(scope="module")
+def token_registry(tmp_path_factory):
+    """A real registry behind our token server: ``warm/public`` is open to anonymous pulls, the rest is not."""
+    root = tmp_path_factory.mktemp("warm-token")
+    with TokenServer(root / "tokens", public=("warm/public",)) as tokens:
+        proc, host = start_registry(root, extra_config=tokens.registry_config())
+        try:
+            yield Registry(host=host, root=root, auth="Bearer " + tokens.token(
+                "repository:warm/public:pull,push")), tokens
+        finally:
+            stop(proc)
+
+
+def test_tag_digest_takes_an_anonymous_token_for_a_public_image(token_registry, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Bearer challenge is answered with an anonymous token from its realm; a private image, or
+    credentials configured for the registry, leave it to the full path."""
+    registry, tokens = token_registry
+    digest = _push(registry, "warm/public", "v1", b"b" * 700)
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "nobody"))
+    ref = parse(f"oci://{registry.host}/warm/public:v1")
+    tokens.scopes.clear()
+    assert tag_digest(ref) == digest
+    assert tokens.scopes == ["repository:warm/public:pull"]
+
+    registry.auth = "Bearer " + tokens.token("repository:warm/private:pull,push")
+    _push(registry, "warm/private", "v1", b"q" * 700)
+    assert tag_digest(parse(f"oci://{registry.host}/warm/private:v1")) is None  # the anonymous token has no access
+
+    monkeypatch.setenv("DOCKER_CONFIG", docker_config(tmp_path / "login", registry.host, auth_entry())["DOCKER_CONFIG"])
+    tokens.scopes.clear()
+    assert tag_digest(ref) is None
+    assert tokens.scopes == []  # never asked anonymously where a login is configured
+
+
+def test_a_warm_public_tag_behind_tokens_is_a_hit(token_registry, store: Path, tmp_path: Path) -> None:
+    """The second pull is answered from the store, recorded as needing no credentials; a moved tag is pulled again."""
+    registry, tokens = token_registry
+    registry.auth = "Bearer " + tokens.token("repository:warm/public:pull,push")
+    _push(registry, "warm/public", "hit", b"h" * 900)
+    ref = f"oci://{registry.host}/warm/public:hit"
+    nobody = {"DOCKER_CONFIG": str(tmp_path / "nobody")}
+    view = _pulled(run_cli("pull", "-q", ref, store=store, env=nobody))
+    # The lean path, not the full one: no event loop, no TLS, no aiohttp (as tests/test_startup.py checks).
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("DOCKER_CONFIG", nobody["DOCKER_CONFIG"])
+        again, modules = modules_of(tmp_path, "pull", ref, store=store)
+    assert _pulled(again) == view and "nothing fetched" in again.stderr
+    assert heavy_in(modules, LEAN) == []
+    s = Store(store)
+    try:
+        assert s.index.origin_needed_credentials(ref) is False
+    finally:
+        s.close()
+    _push(registry, "warm/public", "hit", b"H" * 900)
+    moved = _pulled(run_cli("pull", "-q", ref, store=store, env=nobody))
+    assert moved != view and (moved / "w.bin").read_bytes() == b"H" * 900
 
 
 def test_a_hit_through_pull_fetches_nothing_and_marks_the_view_used(registry: Registry, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import NamedTuple
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +28,14 @@ class PieceDigests:
 
     length: int
     digests: tuple[str, ...]
+
+
+class S3Checksum(NamedTuple):
+    """A CRC checksum S3 keeps of an object (``x-amz-checksum-<algorithm>``, as S3 writes it)."""
+
+    algorithm: str  # "crc32", "crc32c" or "crc64nvme"
+    part_size: int  # 0: of the whole object; else composite over parts of this size
+    value: str  # base64 of the big-endian CRC, then "-<parts>" if composite
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,11 +53,12 @@ class Blob:
     ``md5_parts``, an S3 multipart ETag with the part size that cuts it
     (:mod:`modelcache.store.etag`). Each is a check of the whole blob given
     by the origin: with one, an unverified blob may be taken from peers too
-    (:attr:`origin_checked`). ``crc32``, S3's CRC32 checksum of the object
-    (whole, or composite over parts of the size given), is a cheaper check
-    of bytes from the origin alone (a quarter of an MD5's cost), taken
-    instead of the MD5s there; anyone can forge bytes to a CRC, so it never
-    admits a peer's (:func:`modelcache.store.etag.checks_for`).
+    (:attr:`origin_checked`). ``crc``, a CRC checksum S3 keeps of the object
+    (:class:`S3Checksum`: CRC32, CRC32C or CRC64NVME; whole, or composite
+    over parts of the size given), is a cheaper check of bytes from the
+    origin alone (a quarter of an MD5's cost for CRC32, a sixteenth for the
+    other two), taken instead of the MD5s there; anyone can forge bytes to a
+    CRC, so it never admits a peer's (:func:`modelcache.store.etag.checks_for`).
 
     ``pieces``, when the origin's manifest lists them (``modelcache
     package`` records them), is the sha256 of each piece peers exchange
@@ -63,7 +73,7 @@ class Blob:
     md5: str | None = None
     git_sha1: str | None = None
     md5_parts: tuple[int, str] | None = None  # (part size, multipart ETag "<hex>-<parts>")
-    crc32: tuple[int, str] | None = None  # (part size, 0 for whole; S3's x-amz-checksum-crc32, "-<parts>" if composite)
+    crc: S3Checksum | None = None
     pieces: PieceDigests | None = field(default=None, compare=False, repr=False)
 
     @property

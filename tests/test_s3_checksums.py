@@ -1,7 +1,7 @@
 """The check an S3 pull takes of each object, best first (issue 13), against a real S3 server (SeaweedFS):
-the sha256 S3 keeps makes the blob verified; else S3's CRC32 (whole or composite) checks bytes from the
-bucket alone instead of the ETag's MD5, while a peer's bytes still need the ETag; objects too small for a
-HEAD, or that S3 keeps no checksum of, have the ETag alone."""
+the sha256 S3 keeps makes the blob verified; else S3's CRC (CRC64NVME, CRC32C or CRC32; whole or
+composite) checks bytes from the bucket alone instead of the ETag's MD5, while a peer's bytes still need
+the ETag; objects too small for a HEAD, or that S3 keeps no checksum of, have the ETag alone."""
 
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ import pytest
 from support import sha256
 
 from modelcache.errors import DigestMismatch
-from modelcache.model import Blob
+from modelcache.model import Blob, S3Checksum
 from modelcache.refs import parse
 from modelcache.sources import SourceOptions, s3
 from modelcache.sources.s3 import S3Source
 from modelcache.sources.s3_client import LeanBucket
-from modelcache.store import Store
+from modelcache.store import Store, etag
 from modelcache.store.etag import checks_for
 from modelcache.transfer import Engine, OriginOnly
 
@@ -70,17 +70,53 @@ def test_each_object_gets_the_best_check_its_origin_keeps(bucket) -> None:
     blobs = _resolve("s3://checks/m")
 
     assert blobs["sha"] == Blob(sha256(data["sha"]), 1000)  # verified: found in the store before any fetch
-    assert blobs["crc"].crc32 == (0, _crc(data["crc"])) and not blobs["crc"].verified
+    assert blobs["crc"].crc == S3Checksum("crc32", 0, _crc(data["crc"])) and not blobs["crc"].verified
     assert blobs["crc"].md5 == hashlib.md5(data["crc"]).hexdigest()
     composite = base64.b64encode(zlib.crc32(crcs).to_bytes(4, "big")).decode() + "-3"
-    assert blobs["parts"].crc32 == (PART, composite) and blobs["parts"].md5_parts[0] == PART
-    assert blobs["tiny"].crc32 == (0, _crc(data["tiny"]))
+    assert blobs["parts"].crc == S3Checksum("crc32", PART, composite) and blobs["parts"].md5_parts[0] == PART
+    assert blobs["tiny"].crc == S3Checksum("crc32", 0, _crc(data["tiny"]))
     # From the bucket alone the CRC is the check (a quarter of an MD5); with peers the ETag, which a peer
     # cannot forge bytes to, as it can to a CRC.
     alone, peers = checks_for(blobs["parts"], peers=False), checks_for(blobs["parts"], peers=True)
-    assert (alone.crc32, alone.md5_parts, alone.md5) == (blobs["parts"].crc32, None, None)
-    assert (peers.crc32, peers.md5_parts) == (None, blobs["parts"].md5_parts) and peers.origin_checked
+    assert (alone.crc, alone.md5_parts, alone.md5) == (blobs["parts"].crc, None, None)
+    assert (peers.crc, peers.md5_parts) == (None, blobs["parts"].md5_parts) and peers.origin_checked
     assert not dataclasses.replace(blobs["crc"], md5=None).origin_checked  # a CRC alone admits no peer
+
+
+def _b64(value: int, width: int) -> str:
+    return base64.b64encode(value.to_bytes(width, "big")).decode()
+
+
+def test_crc64nvme_and_crc32c_are_taken_and_without_awscrt_the_etag(bucket, monkeypatch) -> None:
+    """CRC64NVME (what S3 now keeps of objects uploaded without a checksum) and CRC32C, whole or (CRC32C)
+    composite, are the checks of bytes from the bucket; where awscrt cannot compute them, the ETag is."""
+    from awscrt import checksums
+    from boto3.s3.transfer import TransferConfig
+
+    bucket.create_bucket(Bucket="checks-crc64")
+    data = {name: os.urandom(n) for name, n in (("nvme", 3000), ("c", 4000), ("cparts", 2 * PART + 9))}
+    bucket.put_object(Bucket="checks-crc64", Key="m/nvme", Body=data["nvme"], ChecksumAlgorithm="CRC64NVME")
+    bucket.put_object(Bucket="checks-crc64", Key="m/c", Body=data["c"], ChecksumAlgorithm="CRC32C")
+    bucket.upload_fileobj(io.BytesIO(data["cparts"]), "checks-crc64", "m/cparts",
+                          ExtraArgs={"ChecksumAlgorithm": "CRC32C"},
+                          Config=TransferConfig(multipart_threshold=PART, multipart_chunksize=PART))
+    blobs = _resolve("s3://checks-crc64/m")
+    assert blobs["nvme"].crc == S3Checksum("crc64nvme", 0, _b64(checksums.crc64nvme(data["nvme"]), 8))
+    assert blobs["c"].crc == S3Checksum("crc32c", 0, _b64(checksums.crc32c(data["c"]), 4))
+    cparts = data["cparts"]
+    crcs = b"".join(checksums.crc32c(cparts[i:i + PART]).to_bytes(4, "big") for i in range(0, len(cparts), PART))
+    assert blobs["cparts"].crc == S3Checksum("crc32c", PART, _b64(checksums.crc32c(crcs), 4) + "-3")
+    # The store's check agrees with S3's for each (the composite one fed in uneven pieces).
+    for name, blob in blobs.items():
+        crc = etag.S3Crc(blob.crc)
+        for i in range(0, len(data[name]), 777_777):
+            crc.update(data[name][i:i + 777_777])
+        assert crc.value() == blob.crc.value, name
+
+    monkeypatch.setattr(etag, "_crc_of", lambda algorithm: (zlib.crc32, 4) if algorithm == "crc32" else None)
+    blobs = _resolve("s3://checks-crc64/m")
+    assert blobs["nvme"].crc is None and blobs["nvme"].md5 == hashlib.md5(data["nvme"]).hexdigest()
+    assert blobs["cparts"].crc is None and blobs["cparts"].md5_parts[0] == PART
 
 
 def test_small_objects_and_objects_without_checksums_keep_the_etag(bucket, monkeypatch) -> None:
@@ -124,6 +160,9 @@ def test_bytes_from_the_bucket_are_checked_by_the_crc_instead_of_the_md5(bucket,
     with monkeypatch.context() as patch:
         patch.setattr(LeanBucket, "checksums", lambda self, key, etag: {"crc32": _crc(b"other bytes")})
         with pytest.raises(DigestMismatch, match="CRC32"):
+            _fetch(store, "s3://checks-wrong/m")
+        patch.setattr(LeanBucket, "checksums", lambda self, key, etag: {"crc64nvme": _b64(1234, 8)})
+        with pytest.raises(DigestMismatch, match="CRC64NVME"):
             _fetch(store, "s3://checks-wrong/m")
     assert not store.content.has(sha256(body))
     _fetch(store, "s3://checks-wrong/m", lambda blob: dataclasses.replace(blob, md5="0" * 32))

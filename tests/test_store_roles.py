@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from awscrt import checksums
 
 from modelcache.errors import Conflict, DigestMismatch, NotFound
-from modelcache.model import Blob
+from modelcache.model import Blob, S3Checksum
 from modelcache.store.content import ContentStore
 from modelcache.store.memory import MemoryContentStore
 from modelcache.transfer import Engine, OriginOnly, TransferConfig
@@ -162,10 +163,11 @@ def test_unverified_blob_learns_its_digest(store: Any) -> None:
     assert store.read(ing.committed_as, 0, 100) == b"from s3"
 
 
-@pytest.mark.parametrize("check", ["md5", "git_sha1", "md5_parts", "crc32", "crc32_parts"])
+@pytest.mark.parametrize("check", ["md5", "git_sha1", "md5_parts", "crc32", "crc32_parts", "crc64nvme"])
 def test_the_origins_whole_blob_check_refuses_other_bytes(store: Any, check: str) -> None:
     """An unverified blob with the origin's MD5 (plain S3 ETag), multipart ETag (MD5 of the parts' MD5s,
-    5-byte parts here), S3 CRC32 checksum (whole, or composite: CRC32 of the parts' big-endian CRCs) or
+    5-byte parts here), S3 CRC32 checksum (whole, or composite: CRC32 of the parts' big-endian CRCs), S3
+    CRC64NVME checksum or
     git blob id (a Hub file kept in git): bytes that do not match it are refused at commit, as a sha256
     mismatch is; matching bytes commit."""
     good = b"the origin's bytes"
@@ -174,10 +176,13 @@ def test_the_origins_whole_blob_check_refuses_other_bytes(store: Any, check: str
     right: object = {"md5": hashlib.md5(good).hexdigest(),
                      "git_sha1": hashlib.sha1(b"blob %d\0" % len(good) + good).hexdigest(),
                      "md5_parts": (5, parts.hexdigest() + "-4"),
-                     "crc32": (0, base64.b64encode(zlib.crc32(good).to_bytes(4, "big")).decode()),
-                     "crc32_parts": (5, base64.b64encode(zlib.crc32(crcs).to_bytes(4, "big")).decode() + "-4"),
+                     "crc32": S3Checksum("crc32", 0, base64.b64encode(zlib.crc32(good).to_bytes(4, "big")).decode()),
+                     "crc32_parts": S3Checksum("crc32", 5, base64.b64encode(zlib.crc32(crcs).to_bytes(4, "big"))
+                                               .decode() + "-4"),
+                     "crc64nvme": S3Checksum("crc64nvme", 0, base64.b64encode(
+                         checksums.crc64nvme(good).to_bytes(8, "big")).decode()),
                      }[check]
-    field = "crc32" if check == "crc32_parts" else check
+    field = "crc" if check.startswith("crc") else check
     blob = dataclasses.replace(blob_of(good, verified=False), **{field: right})
     bad = b"the origin's bytez"
     ing = open_ingest(store, blob)

@@ -28,9 +28,9 @@ object's MD5 and is checked as well; a multipart ETag (MD5 of the parts'
 MD5s) is checked when the first and last parts (a HEAD each with
 ``partNumber``) show one part size, which lets peers serve the object too.
 Objects big enough get one more HEAD for the checksums S3 keeps (issue 13):
-a whole-object sha256 makes the blob verified; a CRC32 checks the bytes
-from the bucket alone in place of the MD5, at a quarter of its CPU
-(:func:`~modelcache.store.etag.checks_for`).
+a whole-object sha256 makes the blob verified; a CRC (CRC64NVME, CRC32C or
+CRC32) checks the bytes from the bucket alone in place of the MD5, at a
+sixteenth to a quarter of its CPU (:func:`~modelcache.store.etag.checks_for`).
 
 The listing is read a page at a time, and a caller may take each page's
 files as it arrives (``resolve(early=…)``) to start fetching them before the
@@ -52,8 +52,9 @@ from ..errors import (
     ModelCacheError,
     NotFound,
 )
-from ..model import Blob, FileEntry, Model, standin_digest
+from ..model import Blob, FileEntry, Model, S3Checksum, standin_digest
 from ..refs import S3Ref
+from ..store.etag import crc_available
 from ..tree import safe_path
 from .base import SourceOptions
 from .oci_manifest import (
@@ -82,6 +83,24 @@ def _hex_of(value: str, size: int) -> str | None:
     except (binascii.Error, ValueError):
         return None
     return raw.hex() if len(raw) == size else None
+
+
+def _crc_check(sums: dict[str, str], etag: str, part: int | None) -> S3Checksum | None:
+    """The cheapest CRC among S3's checksums of an object that can be checked here, or None.
+
+    A whole-object CRC is taken as it is; a composite one (``<base64>-<parts>``) only when the ETag
+    shows the same number of parts and their size is known (``part``).
+    """
+    for algorithm in ("crc64nvme", "crc32c", "crc32"):  # awscrt's SIMD CRCs first: a quarter of zlib's cost
+        value = sums.get(algorithm, "")
+        width = crc_available(algorithm) if value else None  # awscrt is loaded only for a CRC it computes
+        if width is None:
+            continue
+        if "-" not in value and _hex_of(value, width):
+            return S3Checksum(algorithm, 0, value)
+        if part and value.rpartition("-")[2] == etag.rpartition("-")[2] and _hex_of(value.partition("-")[0], width):
+            return S3Checksum(algorithm, part, value)
+    return None
 
 
 class S3Source:
@@ -165,8 +184,8 @@ class S3Source:
         Its blob, best first: the sha256 learnt from an earlier pull, or the one S3 keeps
         (``x-amz-checksum-sha256`` of the whole object: the blob is then verified, and found in
         the store before a byte is fetched); else unverified, with its ETag (MD5, or multipart)
-        and S3's CRC32 of it (whole or composite) when S3 keeps one: bytes from the bucket alone
-        are checked by the CRC, which costs a quarter of an MD5 (issue 13), a peer's by the ETag
+        and S3's CRC of it (whole or composite) when S3 keeps one: bytes from the bucket alone
+        are checked by the CRC, which costs a quarter of an MD5 or less (issue 13), a peer's by the ETag
         (:func:`~modelcache.store.etag.checks_for`). The checksums cost a HEAD, asked only for
         objects big enough that it is cheaper than their MD5.
         """
@@ -179,19 +198,14 @@ class S3Source:
         if known:
             return FileEntry(path=path, blob=Blob(known, size), source_key=source_key)
         sums = self._bucket.checksums(key, etag) if size >= CHECKSUM_HEAD_MIN else {}
-        sha, crc = sums.get("sha256", ""), sums.get("crc32", "")
-        digest = _hex_of(sha, 32) if sums.get("type", "FULL_OBJECT").upper() == "FULL_OBJECT" else None
+        digest = _hex_of(sums.get("sha256", ""), 32) if sums.get("type", "FULL_OBJECT").upper() == "FULL_OBJECT" \
+            else None
         if digest:
             return FileEntry(path=path, blob=Blob("sha256:" + digest, size), source_key=source_key)
         part = self._part_size(key, etag, size) if "-" in etag else None
-        crc32 = None
-        if crc and "-" not in crc and _hex_of(crc, 4):
-            crc32 = (0, crc)
-        elif crc and part and crc.rpartition("-")[2] == etag.rpartition("-")[2] and _hex_of(crc.partition("-")[0], 4):
-            crc32 = (part, crc)
         md5 = etag if len(etag) == 32 and "-" not in etag else None
         blob = Blob(standin_digest(source_key), size, verified=False, md5=md5,
-                    md5_parts=(part, etag) if part else None, crc32=crc32)
+                    md5_parts=(part, etag) if part else None, crc=_crc_check(sums, etag, part))
         return FileEntry(path=path, blob=blob, source_key=source_key)
 
     def _part_size(self, key: str, etag: str, size: int) -> int | None:

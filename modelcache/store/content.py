@@ -50,7 +50,7 @@ from . import liveness
 from .ahead import Ahead
 from .crash import crash_point
 from .direct import DirectWriter, pread_into
-from .etag import MultipartEtag, S3Crc32
+from .etag import MultipartEtag, S3Crc
 from .roles import IngestStatus
 
 _RECORD_MAGIC = b"MCCHUNK1"
@@ -408,7 +408,7 @@ class BlobIngest:
         self._md5 = hashlib.md5(usedforsecurity=False) if blob.md5 else None
         self._git = _git_hash(blob)
         self._parts = MultipartEtag(blob.md5_parts[0]) if blob.md5_parts else None
-        self._crc = S3Crc32(blob.crc32[0]) if blob.crc32 else None
+        self._crc = S3Crc(blob.crc) if blob.crc else None
         self._xxh3 = xxhash.xxh3_128()  # the scrubber's local checksum, in the same pass as the sha256
         self.committed_as = blob.digest  # the stored digest (learnt at commit for unverified blobs)
         self._hashed = 0  # bytes of the prefix fed to the hash
@@ -595,7 +595,7 @@ class BlobIngest:
                 self._md5 = hashlib.md5(usedforsecurity=False) if self.blob.md5 else None
                 self._git = _git_hash(self.blob)
                 self._parts = MultipartEtag(self.blob.md5_parts[0]) if self.blob.md5_parts else None
-                self._crc = S3Crc32(self.blob.crc32[0]) if self.blob.crc32 else None
+                self._crc = S3Crc(self.blob.crc) if self.blob.crc else None
                 self._hashed = 0
                 self._catch_up(until=start)
 
@@ -667,10 +667,10 @@ class BlobIngest:
             self.discard()
             raise DigestMismatch(f"{self.blob.digest}: ETag {self._parts.hexdigest()} differs from the origin's "
                                  f"{self.blob.md5_parts[1]}: refusing it")
-        if self._crc is not None and self.blob.crc32 and self._crc.value() != self.blob.crc32[1]:
+        if self._crc is not None and self.blob.crc and self._crc.value() != self.blob.crc.value:
             self.discard()
-            raise DigestMismatch(f"{self.blob.digest}: CRC32 {self._crc.value()} differs from the origin's "
-                                 f"{self.blob.crc32[1]}: refusing it")
+            raise DigestMismatch(f"{self.blob.digest}: {self.blob.crc.algorithm.upper()} {self._crc.value()} "
+                                 f"differs from the origin's {self.blob.crc.value}: refusing it")
         if self.blob.verified and actual != self.blob.digest:
             self.discard()
             raise DigestMismatch(f"blob {self.blob.digest} arrived as {actual}: refusing it")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from ..errors import Conflict, DigestMismatch, InvalidContent, NotFound
 from ..model import Blob
-from .etag import MultipartEtag, S3Crc32
+from .etag import MultipartEtag, S3Crc
 from .roles import IngestStatus
 
 
@@ -170,7 +170,7 @@ class MemoryIngest:
             raise InvalidContent(f"{self.blob.digest}: commit before every chunk is done")
         data = bytes(self._state.data[:self.blob.size])
         actual = "sha256:" + hashlib.sha256(data).hexdigest()
-        # The origin's other checks of the whole blob, as the local store applies them (S3 MD5/CRC32, git blob id).
+        # The origin's other checks of the whole blob, as the local store applies them (S3 MD5/CRC, git blob id).
         wrong_md5 = self.blob.md5 and hashlib.md5(data, usedforsecurity=False).hexdigest() != self.blob.md5
         wrong_git = self.blob.git_sha1 and \
             hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest() != self.blob.git_sha1
@@ -178,10 +178,10 @@ class MemoryIngest:
             etag = MultipartEtag(self.blob.md5_parts[0])
             etag.update(data)
             wrong_md5 = wrong_md5 or etag.hexdigest() != self.blob.md5_parts[1]
-        if self.blob.crc32:
-            crc = S3Crc32(self.blob.crc32[0])
+        if self.blob.crc:
+            crc = S3Crc(self.blob.crc)
             crc.update(data)
-            wrong_md5 = wrong_md5 or crc.value() != self.blob.crc32[1]
+            wrong_md5 = wrong_md5 or crc.value() != self.blob.crc.value
         if self._state.end != self.blob.size or (self.blob.verified and actual != self.blob.digest) \
                 or wrong_md5 or wrong_git:
             self._discard()

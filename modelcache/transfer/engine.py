@@ -332,11 +332,11 @@ class Engine:
                                 blob.digest[:19])
                 else:
                     log.info("%s; fetching it again", e)
-                # A multipart ETag or composite CRC32 assumes one part size (see store/etag.py): it gates
+                # A multipart ETag or composite CRC assumes one part size (see store/etag.py): it gates
                 # peers' bytes, but never fails bytes from the origin alone.
-                whole_crc = blob.crc32 if blob.crc32 and not blob.crc32[0] else None
-                again_blob = dataclasses.replace(blob, md5_parts=None, crc32=whole_crc) \
-                    if blob.md5_parts or blob.crc32 != whole_crc else blob
+                whole_crc = blob.crc if blob.crc and not blob.crc.part_size else None
+                again_blob = dataclasses.replace(blob, md5_parts=None, crc=whole_crc) \
+                    if blob.md5_parts or blob.crc != whole_crc else blob
                 try:
                     await self._fetch_open(again_blob, stats, progress, trusted_only=peers)
                 except DigestMismatch as again:
@@ -348,7 +348,7 @@ class Engine:
                           trusted_only: bool = False) -> None:
         router = self._router(blob.digest)
         pieces = isinstance(router, PieceRouter)
-        blob = checks_for(blob, peers=pieces and not trusted_only)  # an S3 CRC32 only where no peer gives bytes
+        blob = checks_for(blob, peers=pieces and not trusted_only)  # an S3 CRC only where no peer gives bytes
         chunk_size = router.piece_size(blob) if isinstance(router, PieceRouter) else self.config.chunk_size
         ingest = await self.content.open_ingest(blob, chunk_size)
         if ingest is None:  # another process committed it meanwhile

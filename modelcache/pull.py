@@ -31,8 +31,8 @@ from .sources.base import ByteSource
 from .store import Store, liveness
 from .store.crash import crash_point
 from .transfer import ChunkRouter, Engine, OriginOnly, TransferStats
-from .transfer.engine import Progress
 from .transfer.routing import WithinOrigin
+from .transfer.stats import Progress
 from .tree import Filters, Node, overlay
 
 if TYPE_CHECKING:  # the rest is imported where a pull fetches or unpacks: a warm hit needs none of it

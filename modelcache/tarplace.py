@@ -58,7 +58,7 @@ from .store.direct import pread_into
 from .store.store import UNPACK_FLOOR, UNPACK_RATIO
 from .store.unpack import Listing, Row
 from .transfer import ChunkRouter, Engine, OriginOnly, TransferStats
-from .transfer.engine import Progress
+from .transfer.stats import Progress
 
 log = logging.getLogger(__name__)
 

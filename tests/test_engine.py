@@ -559,7 +559,7 @@ def test_cancel_during_a_write_takes_what_the_reader_holds(content: ContentStore
     """Cancelled while waiting on its own write (not on the reader): the engine hangs up, and the bytes
     the reader had received into its next buffer are written and kept too."""
     from modelcache.store.content import BlobIngest, read_partial
-    from modelcache.transfer.engine import WRITE_BLOCK
+    from modelcache.transfer.rangecopy import WRITE_BLOCK
 
     data = os.urandom(4 * WRITE_BLOCK)
     blob = blob_of(data)

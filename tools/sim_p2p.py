@@ -77,7 +77,7 @@ from modelcache.p2p.ring import piece_key  # noqa: E402
 from modelcache.p2p.router import PROBES, plan, walk  # noqa: E402
 from modelcache.p2p.server import UPLOADS  # noqa: E402
 from modelcache.rendezvous import rank, score  # noqa: E402
-from modelcache.transfer.engine import TransferConfig  # noqa: E402
+from modelcache.transfer.config import TransferConfig  # noqa: E402
 
 try:
     from benchlib import record  # tools/ is on the path when this runs as a script

@@ -42,7 +42,8 @@ from collections.abc import Iterator, Sequence
 from ..errors import DigestMismatch
 from ..model import Archive
 from ..sources.base import ByteSource
-from ..transfer.engine import Engine, Progress, TransferStats
+from ..transfer.engine import Engine
+from ..transfer.stats import Progress, TransferStats
 from .inflate import READ_SIZE
 from .roles import Ingest
 from .store import Store, unpack_limit

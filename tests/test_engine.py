@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
 import itertools
 import os
@@ -12,6 +11,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 
 import pytest
+from support import blob_of, fetch_interrupted, fetch_once
 
 from modelcache.errors import DigestMismatch, NotFound, Unavailable
 from modelcache.model import Blob
@@ -22,11 +22,6 @@ CHUNK = 64 << 10
 PIECE = 10_000
 
 Fault = tuple[int, Exception]  # (bytes to serve first, then raise this)
-
-
-def blob_of(data: bytes) -> Blob:
-    """The blob that names ``data``."""
-    return Blob("sha256:" + hashlib.sha256(data).hexdigest(), len(data))
 
 
 class MemorySource:
@@ -92,14 +87,7 @@ def config(**overrides: float) -> TransferConfig:
 def run(content: ContentStore, blobs: Sequence[Blob], source: MemorySource, *,
         cfg: TransferConfig | None = None, router: ChunkRouter | None = None, **kwargs) -> TransferStats:
     """One engine, one fetch (``kwargs`` go to it) in a fresh event loop, engine closed after."""
-    async def go() -> TransferStats:
-        engine = Engine(content, cfg or config())
-        try:
-            return await engine.fetch(blobs, router or OriginOnly(source), **kwargs)
-        finally:
-            engine.close()
-
-    return asyncio.run(go())
+    return fetch_once(content, blobs, router or OriginOnly(source), cfg or config(), **kwargs)
 
 
 def assert_committed(content: ContentStore, data: bytes) -> None:
@@ -396,22 +384,8 @@ def test_cancel_keeps_partial_chunks_and_the_next_fetch_asks_only_the_rest(conte
     data = os.urandom(4 * CHUNK)
     blob = blob_of(data)
     slow = TricklingSource({blob.digest: data}, delay=0.01)
-
-    async def interrupted() -> None:
-        engine = Engine(content, config())
-        try:
-            task = asyncio.create_task(engine.fetch([blob], OriginOnly(slow)))
-            for _ in range(500):  # bounded: about 3 pieces per chunk
-                if slow.served >= 12 * PIECE:
-                    break
-                await asyncio.sleep(0.01)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-        finally:
-            engine.close()
-
-    asyncio.run(interrupted())
+    # About 3 pieces per chunk.
+    fetch_interrupted(content, [blob], OriginOnly(slow), config(), until=lambda: slow.served >= 12 * PIECE)
     served = slow.served
     kept = read_partial(content.ingest_dir / blob.hex, len(data), CHUNK)
     assert 0 < sum(kept.values()) == served < len(data)
@@ -634,19 +608,8 @@ def test_cancel_while_waiting_to_retry_keeps_the_bytes_of_the_failed_try(content
     blob = blob_of(data)
     source = MemorySource.of(data, faults=[(2 * PIECE, Unavailable("HTTP 503", retry_after=30))])
 
-    async def go() -> None:
-        engine = Engine(content, config(retries=3))
-        try:
-            task = asyncio.create_task(engine.fetch([blob], OriginOnly(source)))
-            await asyncio.sleep(0.3)  # the try fails at once (pieces from memory); the retry waits up to 30 s
-            assert len(source.requests) == 1 and not task.done()
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-        finally:
-            engine.close()
-
-    asyncio.run(go())
+    # The try fails at once (pieces from memory); the retry waits up to 30 s, cancelled after 0.3 s.
+    fetch_interrupted(content, [blob], OriginOnly(source), config(retries=3), grace=0.3)
     assert len(source.requests) == 1
     assert read_partial(content.ingest_dir / blob.hex, len(data), CHUNK) == {0: 2 * PIECE}
 

@@ -42,7 +42,7 @@ import functools
 import hashlib
 import io
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import xxhash
@@ -210,35 +210,38 @@ async def _follow(store: Store, layer: Blob, index: TarIndex, fetching: dict[int
 
 def _hash_durable(store: Store, blob: Blob, position: int, h: Any, x: Any, direct: bool) -> int:
     """Hash the durable bytes of ``blob``'s ingest from ``position`` (up to 64 MiB); return how many."""
-    buffer = anonymous_buffer(_READ_BLOCK)
-    view = memoryview(buffer)
-    done = 0
-    try:
-        while done < _FOLLOW_STEP and position + done < blob.size:
-            n = min(_READ_BLOCK, blob.size - position - done)
-            try:
-                got = store.content.read_durable_into(blob.digest, position + done, n, buffer, direct=direct)
-            except (NotFound, OSError):  # not durable yet, or just committed (the ingest is gone)
-                break
-            if got != n:
-                break
-            h.update(view[:n])
-            x.update(view[:n])
-            done += n
-    finally:
-        view.release()
-        buffer.close()
-    return done
+
+    def read(offset: int, buffer: Any) -> int:
+        n = min(_READ_BLOCK, blob.size - offset)
+        if n <= 0:
+            return 0
+        try:
+            got = store.content.read_durable_into(blob.digest, offset, n, buffer, direct=direct)
+        except (NotFound, OSError):  # not durable yet, or just committed (the ingest is gone)
+            return 0
+        return n if got == n else 0  # a short read: not durable that far yet
+
+    return _hash_reads(read, position, h, x, most=_FOLLOW_STEP)
 
 
 def _hash_blob(store: Store, digest: str, position: int, h: Any, x: Any, direct: bool) -> int:
     """Hash a committed blob from ``position`` to its end; return how many bytes."""
-    buffer = anonymous_buffer(_READ_BLOCK)
-    view = memoryview(buffer)
     path = store.content.path(digest)
+    return _hash_reads(lambda offset, buffer: pread_into(path, offset, buffer, _READ_BLOCK, direct=direct),
+                       position, h, x)
+
+
+def _hash_reads(read: Callable[[int, Any], int], position: int, h: Any, x: Any, *, most: int | None = None) -> int:
+    """Feed ``h`` and ``x`` what ``read(offset, buffer)`` puts in a page-aligned buffer (it returns how
+    many bytes, 0 to stop), from ``position`` on, until it stops or ``most`` bytes were read; return how many."""
+    buffer = anonymous_buffer(_READ_BLOCK)  # page-aligned, as reads past the page cache need
+    view = memoryview(buffer)
     done = 0
     try:
-        while n := pread_into(path, position + done, buffer, _READ_BLOCK, direct=direct):
+        while most is None or done < most:
+            n = read(position + done, buffer)
+            if not n:
+                break
             h.update(view[:n])
             x.update(view[:n])
             done += n

@@ -33,6 +33,60 @@ def sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+# -- the transfer engine, one fetch at a time (test_engine.py, test_direct_writes.py) ------------
+
+
+def blob_of(data: bytes):
+    """The blob that names ``data``."""
+    from modelcache.model import Blob
+
+    return Blob(sha256(data), len(data))
+
+
+def fetch_once(content, blobs, router, cfg, **kwargs):
+    """One engine, one fetch (``kwargs`` go to it) in a fresh event loop, the engine closed after;
+    return its TransferStats."""
+    import asyncio
+
+    from modelcache.transfer import Engine
+
+    async def go():
+        engine = Engine(content, cfg)
+        try:
+            return await engine.fetch(blobs, router, **kwargs)
+        finally:
+            engine.close()
+
+    return asyncio.run(go())
+
+
+def fetch_interrupted(content, blobs, router, cfg, *, until=None, grace: float = 0.0) -> None:
+    """Start a fetch, let it run until ``until()`` holds (if given; checked every 10 ms, 5 s at most)
+    and ``grace`` seconds more, then cancel it, as Ctrl-C would: it must end cancelled (not done before)."""
+    import asyncio
+
+    import pytest
+
+    from modelcache.transfer import Engine
+
+    async def go() -> None:
+        engine = Engine(content, cfg)
+        try:
+            task = asyncio.create_task(engine.fetch(blobs, router))
+            for _ in range(500 if until is not None else 0):
+                if until():
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(grace)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            engine.close()
+
+    asyncio.run(go())
+
+
 @dataclass
 class Registry:
     """A running docker-registry on loopback."""

@@ -8,21 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import hashlib
 import mmap
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from support import resident
+from support import blob_of, fetch_interrupted, fetch_once, resident
 
 from modelcache.model import Blob
 from modelcache.store import content as content_module
 from modelcache.store.ahead import Ahead
 from modelcache.store.content import ContentStore
 from modelcache.store.direct import ALIGN, DirectWriter, pread_into
-from modelcache.transfer import Engine, OriginOnly, TransferConfig
+from modelcache.transfer import OriginOnly, TransferConfig
 
 CHUNK = 256 << 10
 PIECE = 64 << 10
@@ -52,10 +51,6 @@ def aligned(data: bytes) -> memoryview:
     buf = mmap.mmap(-1, max(len(data), 1))
     buf[: len(data)] = data
     return memoryview(buf)[: len(data)]
-
-
-def blob_of(data: bytes) -> Blob:
-    return Blob("sha256:" + hashlib.sha256(data).hexdigest(), len(data))
 
 
 async def _open(content: ContentStore, blob: Blob):
@@ -243,14 +238,7 @@ class NotOriginOnly:
 
 
 def _fetch(content: ContentStore, blob: Blob, router) -> None:
-    async def go() -> None:
-        engine = Engine(content, TransferConfig(chunk_size=CHUNK, concurrency=4))
-        try:
-            await engine.fetch([blob], router)
-        finally:
-            engine.close()
-
-    asyncio.run(go())
+    fetch_once(content, [blob], router, TransferConfig(chunk_size=CHUNK, concurrency=4))
 
 
 def test_a_blob_from_its_origin_alone_lands_past_the_page_cache(content: ContentStore) -> None:
@@ -275,23 +263,8 @@ def test_an_interrupted_direct_fetch_resumes_to_the_right_digest(content: Conten
     data = os.urandom(8 * CHUNK)
     blob = blob_of(data)
     slow = AlignedSource(data, stop_after=3 * CHUNK)
-
-    async def interrupted() -> None:
-        engine = Engine(content, TransferConfig(chunk_size=CHUNK, concurrency=4))
-        try:
-            task = asyncio.create_task(engine.fetch([blob], OriginOnly(slow)))
-            for _ in range(500):
-                if slow.served >= 3 * CHUNK:
-                    break
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0.05)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-        finally:
-            engine.close()
-
-    asyncio.run(interrupted())
+    fetch_interrupted(content, [blob], OriginOnly(slow), TransferConfig(chunk_size=CHUNK, concurrency=4),
+                      until=lambda: slow.served >= 3 * CHUNK, grace=0.05)
     kept = content.ingests()[0].bytes_done
     assert 0 < kept < len(data)
     again = AlignedSource(data)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
 import itertools
 import os
@@ -12,6 +11,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 
 import pytest
+from support import blob_of, fetch_interrupted, fetch_once
 
 from modelcache.errors import DigestMismatch, NotFound, Unavailable
 from modelcache.model import Blob
@@ -22,11 +22,6 @@ CHUNK = 64 << 10
 PIECE = 10_000
 
 Fault = tuple[int, Exception]  # (bytes to serve first, then raise this)
-
-
-def blob_of(data: bytes) -> Blob:
-    """The blob that names ``data``."""
-    return Blob("sha256:" + hashlib.sha256(data).hexdigest(), len(data))
 
 
 class MemorySource:
@@ -92,14 +87,7 @@ def config(**overrides: float) -> TransferConfig:
 def run(content: ContentStore, blobs: Sequence[Blob], source: MemorySource, *,
         cfg: TransferConfig | None = None, router: ChunkRouter | None = None, **kwargs) -> TransferStats:
     """One engine, one fetch (``kwargs`` go to it) in a fresh event loop, engine closed after."""
-    async def go() -> TransferStats:
-        engine = Engine(content, cfg or config())
-        try:
-            return await engine.fetch(blobs, router or OriginOnly(source), **kwargs)
-        finally:
-            engine.close()
-
-    return asyncio.run(go())
+    return fetch_once(content, blobs, router or OriginOnly(source), cfg or config(), **kwargs)
 
 
 def assert_committed(content: ContentStore, data: bytes) -> None:
@@ -396,22 +384,8 @@ def test_cancel_keeps_partial_chunks_and_the_next_fetch_asks_only_the_rest(conte
     data = os.urandom(4 * CHUNK)
     blob = blob_of(data)
     slow = TricklingSource({blob.digest: data}, delay=0.01)
-
-    async def interrupted() -> None:
-        engine = Engine(content, config())
-        try:
-            task = asyncio.create_task(engine.fetch([blob], OriginOnly(slow)))
-            for _ in range(500):  # bounded: about 3 pieces per chunk
-                if slow.served >= 12 * PIECE:
-                    break
-                await asyncio.sleep(0.01)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-        finally:
-            engine.close()
-
-    asyncio.run(interrupted())
+    # About 3 pieces per chunk.
+    fetch_interrupted(content, [blob], OriginOnly(slow), config(), until=lambda: slow.served >= 12 * PIECE)
     served = slow.served
     kept = read_partial(content.ingest_dir / blob.hex, len(data), CHUNK)
     assert 0 < sum(kept.values()) == served < len(data)
@@ -634,19 +608,8 @@ def test_cancel_while_waiting_to_retry_keeps_the_bytes_of_the_failed_try(content
     blob = blob_of(data)
     source = MemorySource.of(data, faults=[(2 * PIECE, Unavailable("HTTP 503", retry_after=30))])
 
-    async def go() -> None:
-        engine = Engine(content, config(retries=3))
-        try:
-            task = asyncio.create_task(engine.fetch([blob], OriginOnly(source)))
-            await asyncio.sleep(0.3)  # the try fails at once (pieces from memory); the retry waits up to 30 s
-            assert len(source.requests) == 1 and not task.done()
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-        finally:
-            engine.close()
-
-    asyncio.run(go())
+    # The try fails at once (pieces from memory); the retry waits up to 30 s, cancelled after 0.3 s.
+    fetch_interrupted(content, [blob], OriginOnly(source), config(retries=3), grace=0.3)
     assert len(source.requests) == 1
     assert read_partial(content.ingest_dir / blob.hex, len(data), CHUNK) == {0: 2 * PIECE}
 
@@ -683,3 +646,164 @@ def test_the_next_chunk_is_fetched_while_the_last_one_is_made_durable(content: C
     run(content, [blob], source, cfg=config(concurrency=1))
     assert order == ["chunk 0 durable: after chunk 1 was asked"]
     assert_committed(content, data)
+
+
+def _durable_prefix(ingest) -> int:
+    """Bytes from 0 in chunks recorded durable, up to the first that is not."""
+    n = 0
+    for done in ingest.done:
+        if not done:
+            break
+        n += 1
+    return n * CHUNK
+
+
+def test_a_stream_fetches_the_next_chunk_while_the_last_one_is_made_durable(content: ContentStore,
+                                                                             monkeypatch) -> None:
+    """One stream (a source ignoring Range): a chunk's fdatasync runs beside the next chunk's download,
+    not before it; bounded: bytes written and not durable never reach past the chunk after the one
+    syncing, however slow the disk."""
+    import threading
+
+    from modelcache.store.content import BlobIngest
+
+    data = os.urandom(8 * CHUNK)
+    source = RangeIgnoringSource({blob_of(data).digest: data})
+    next_written = threading.Event()
+    ahead: list[int] = []
+    write, mark_done = BlobIngest.write, BlobIngest.mark_done
+
+    def watching_write(self, offset: int, pieces) -> None:
+        write(self, offset, pieces)
+        end = offset + sum(len(p) for p in ([pieces] if isinstance(pieces, bytes | memoryview) else pieces))
+        ahead.append(end - _durable_prefix(self))
+        if offset >= CHUNK:
+            next_written.set()
+
+    order: list[str] = []
+
+    def slow_mark_done(self, index: int) -> None:
+        if index == 0:
+            order.append(f"chunk 0 durable: {'after' if next_written.wait(10) else 'before'} chunk 1 arrived")
+        time.sleep(0.05)  # a slow disk: an unbounded stream would run chunks ahead of it
+        mark_done(self, index)
+
+    monkeypatch.setattr(BlobIngest, "write", watching_write)
+    monkeypatch.setattr(BlobIngest, "mark_done", slow_mark_done)
+    run(content, [blob_of(data)], source)
+    assert order == ["chunk 0 durable: after chunk 1 arrived"]
+    assert ahead and max(ahead) <= 2 * CHUNK, max(ahead)
+    assert_committed(content, data)
+
+
+def test_engine_stream_returns_with_every_chunk_durable(content: ContentStore, monkeypatch) -> None:
+    """Engine.stream (the layer unpacker's path) returns only once the last chunk's sync has, though
+    each sync runs beside the next download: its caller commits at once."""
+    from modelcache.store.content import BlobIngest
+
+    data = os.urandom(3 * CHUNK + 11)
+    blob = blob_of(data)
+    mark_done = BlobIngest.mark_done
+
+    def slow_mark_done(self, index: int) -> None:
+        time.sleep(0.3 if index == 3 else 0)
+        mark_done(self, index)
+
+    monkeypatch.setattr(BlobIngest, "mark_done", slow_mark_done)
+
+    async def go() -> bool:
+        engine = Engine(content, config())
+        ingest = await content.open_ingest(blob, CHUNK)
+        assert ingest is not None
+        try:
+            await engine.stream(ingest, MemorySource.of(data), TransferStats())
+            complete = ingest.complete()
+            ingest.commit()
+            return complete
+        finally:
+            ingest.close()
+            engine.close()
+
+    assert asyncio.run(go())
+    assert_committed(content, data)
+
+
+_CRASH_MID_SYNC = """
+import asyncio, os, signal, sys, threading
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from test_engine import CHUNK, RangeIgnoringSource, blob_of, config
+from modelcache.store.content import BlobIngest, ContentStore
+from modelcache.transfer import Engine, OriginOnly
+
+data = open(sys.argv[3], "rb").read()
+arrived = threading.Event()
+write, mark_done = BlobIngest.write, BlobIngest.mark_done
+
+def watching_write(self, offset, pieces):
+    write(self, offset, pieces)
+    if offset >= 3 * CHUNK:
+        arrived.set()
+
+def crashing_mark_done(self, index):
+    if index == 2:  # power lost inside chunk 2's fdatasync, chunk 3 arriving meanwhile
+        os.kill(os.getpid(), signal.SIGKILL) if arrived.wait(10) else sys.exit(3)
+    mark_done(self, index)
+
+BlobIngest.write, BlobIngest.mark_done = watching_write, crashing_mark_done
+
+async def go():
+    engine = Engine(ContentStore(Path(sys.argv[2])), config())
+    try:
+        await engine.fetch([blob_of(data)], OriginOnly(RangeIgnoringSource({blob_of(data).digest: data})))
+    finally:
+        engine.close()
+
+asyncio.run(go())
+"""
+
+
+def test_a_crash_while_a_stream_syncs_resumes_from_the_last_durable_chunk(content: ContentStore,
+                                                                           tmp_path: Path) -> None:
+    """SIGKILL inside a chunk's fdatasync while the next chunk arrives (the overlap): the next pull
+    counts only the chunks recorded durable before it, and streams the rest from there."""
+    import signal
+    import subprocess
+    import sys
+
+    data = os.urandom(6 * CHUNK + 3)
+    blob = blob_of(data)
+    (tmp_path / "data").write_bytes(data)
+    proc = subprocess.run([sys.executable, "-c", _CRASH_MID_SYNC, str(Path(__file__).parent),
+                           str(content.root), str(tmp_path / "data")],
+                          capture_output=True, text=True, timeout=120, env=os.environ | {"PYTHONPATH": os.pathsep.join(
+                              [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])})
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-2000:])
+    assert not content.has(blob.digest)
+
+    source = RangeIgnoringSource({blob.digest: data})
+    stats = run(content, [blob], source)
+    assert_committed(content, data)
+    assert stats.bytes_reused == 2 * CHUNK  # chunks 0 and 1; chunk 2 was written but never durable
+    streams = [o for _, o, n in source.requests if o + n == len(data)]
+    assert streams == [2 * CHUNK]
+
+
+@pytest.mark.parametrize("failing", ["middle", "last"])
+def test_a_stream_whose_sync_fails_fails(content: ContentStore, monkeypatch, failing: str) -> None:
+    """A chunk's fdatasync failing beside the next download is not lost: the fetch fails with it,
+    and nothing is committed."""
+    from modelcache.store.content import BlobIngest
+
+    data = os.urandom(4 * CHUNK)
+    mark_done = BlobIngest.mark_done
+
+    def failing_mark_done(self, index: int) -> None:
+        if index in (1, 3) and (index == 3 or failing == "middle"):
+            raise OSError("I/O error on the disk")
+        mark_done(self, index)
+
+    monkeypatch.setattr(BlobIngest, "mark_done", failing_mark_done)
+    with pytest.raises(OSError, match="I/O error"):
+        run(content, [blob_of(data)], RangeIgnoringSource({blob_of(data).digest: data}))
+    assert_absent(content, blob_of(data))

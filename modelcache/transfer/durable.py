@@ -35,14 +35,22 @@ class Durability:
         self._syncing: dict[str, set[asyncio.Task[None]]] = {}
         self._slots = asyncio.Semaphore(limit)
 
-    async def hand(self, ingest: Ingest, index: int) -> None:
-        """Start making chunk ``index`` durable; return once started (waits for a free place first)."""
+    async def hand(self, ingest: Ingest, index: int) -> asyncio.Task[None]:
+        """Start making chunk ``index`` durable; return its task once started (waits for a free place first)."""
         await self._slots.acquire()
-        syncing = self._syncing.setdefault(ingest.blob.digest, set())
+        digest = ingest.blob.digest
+        syncing = self._syncing.setdefault(digest, set())
         task = asyncio.create_task(self._durable(ingest, index))
         syncing.add(task)
-        task.add_done_callback(syncing.discard)
-        task.add_done_callback(lambda _: self._slots.release())  # even if cancelled before it ran
+
+        def done(_: asyncio.Task[None]) -> None:
+            self._slots.release()  # even if cancelled before it ran
+            syncing.discard(task)
+            if not syncing and self._syncing.get(digest) is syncing:
+                del self._syncing[digest]  # a stream (Engine.stream) has no fetch to forget it after
+
+        task.add_done_callback(done)
+        return task
 
     async def _durable(self, ingest: Ingest, index: int) -> None:
         """Make chunk ``index`` durable and recorded (it is done only then); tell whoever waits on it."""

@@ -283,7 +283,8 @@ class Engine:
                         await stop(workers)
                         log.info("%s answers byte ranges with the whole blob: reading %s as one stream",
                                  e.source.name, blob.digest[:19])
-                        await read_in_order(self._threads, self.config, self._slots, ingest, e.source, stats, progress)
+                        await read_in_order(self._threads, self.config, self._slots, self._durability, ingest,
+                                            e.source, stats, progress)
                         todo.clear()
                     # Pieces peers asked this node for (as their home) may still be on their way in;
                     # one that failed there went back to the queue.
@@ -316,6 +317,8 @@ class Engine:
     async def stream(self, ingest: Ingest, source: ByteSource, stats: TransferStats,
                      progress: Progress | None = None) -> None:
         """Write ``ingest``'s missing chunks in order, from one body of ``source`` (a range from the first
-        missing byte), each made durable before the next; retried and kept on interrupt as every chunk is.
-        The caller commits. For readers of a blob's bytes in order while it arrives (issue 13)."""
-        await read_in_order(self._threads, self.config, self._slots, ingest, source, stats, progress)
+        missing byte), each made durable beside the next one's download (every one durable on return);
+        retried and kept on interrupt as every chunk is. The caller commits. For readers of a blob's
+        bytes in order while it arrives (issue 13)."""
+        await read_in_order(self._threads, self.config, self._slots, self._durability, ingest, source, stats,
+                            progress)

@@ -274,3 +274,49 @@ def _tar_of(files: dict[str, bytes]) -> bytes:
     from support import make_tar
 
     return make_tar([(p, d, {}) for p, d in files.items()])
+
+
+def test_the_streamed_layers_own_bytes_get_no_xxh3(registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compressed layer is dropped once unpacked: no scrub will check it, so its bytes are not passed
+    through xxh3 (issue 13); each file unpacked from it still gets its own, for scrub."""
+    import xxhash
+
+    from modelcache.pull import pull
+    from modelcache.store import Store
+    from modelcache.transfer import Engine
+
+    hashed = [0]
+    real = xxhash.xxh3_128
+
+    class Counting:
+        def __init__(self) -> None:
+            self._h = real()
+
+        def update(self, data) -> None:
+            hashed[0] += len(data)
+            self._h.update(data)
+
+        def hexdigest(self) -> str:
+            return self._h.hexdigest()
+
+    monkeypatch.setattr(xxhash, "xxh3_128", Counting)
+    files = {"a.bin": bf16_like(3 * MiB + 5, seed=41), "b/c.json": b'{"x": 1}'}
+    layer = compress(_tar_of(files), "gzip")
+    registry.push_image("stream/no-xxh3", "v1", [(layer, LAYER_GZIP, None)])
+    store = Store(tmp_path / "s")
+
+    async def go() -> Path:
+        engine = Engine(store.content)
+        try:
+            return (await pull(store, engine, f"oci://{registry.host}/stream/no-xxh3:v1")).path
+        finally:
+            engine.close()
+
+    try:
+        view = asyncio.run(go())
+        recorded = {digest: store.index.blob_xxh3(digest) for digest in (sha256(d) for d in files.values())}
+    finally:
+        store.close()
+    assert tree_digests(view) == {p: sha256(d) for p, d in files.items()}
+    assert hashed[0] == sum(len(d) for d in files.values())  # the files' bytes, not the layer's
+    assert all(recorded.values())

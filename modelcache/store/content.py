@@ -344,7 +344,7 @@ class ContentStore:
             for one in staged:
                 one.tmp.unlink(missing_ok=True)
 
-    def _link_into_place(self, tmp: Path, digest: str, size: int, leases: Sequence[str], xxh3: str, *,
+    def _link_into_place(self, tmp: Path, digest: str, size: int, leases: Sequence[str], xxh3: str | None, *,
                          sync: bool = True) -> None:
         os.chmod(tmp, 0o444)
         if self.ledger is not None:  # counted (and held) before it is visible: see the module docstring
@@ -409,7 +409,8 @@ class BlobIngest:
         self._git = _git_hash(blob)
         self._parts = MultipartEtag(blob.md5_parts[0]) if blob.md5_parts else None
         self._crc = S3Crc32(blob.crc32[0]) if blob.crc32 else None
-        self._xxh3 = xxhash.xxh3_128()  # the scrubber's local checksum, in the same pass as the sha256
+        # The scrubber's local checksum, in the same pass as the sha256 (None: see no_local_checksum).
+        self._xxh3: Any = xxhash.xxh3_128()
         self.committed_as = blob.digest  # the stored digest (learnt at commit for unverified blobs)
         self._hashed = 0  # bytes of the prefix fed to the hash
         # Per chunk: bytes written contiguously from its start (all of a done chunk, the kept part of another).
@@ -503,6 +504,13 @@ class BlobIngest:
                 for buffer in buffers:
                     self._feed(buffer[: max(0, self.blob.size - self._hashed)])
 
+    def no_local_checksum(self) -> None:
+        """Take no xxh3 of this blob's bytes (call before the first write): for a blob dropped once read,
+        such as a layer streamed into its files, which no scrub will ever check (issue 13: a pass over
+        every compressed byte for nothing). Its index row then has no xxh3, as a blob from before
+        there was one: a scrub that did meet it would check its sha256."""
+        self._xxh3 = None
+
     def bypass_cache(self) -> None:
         """From now on, write bytes hashed from memory past the page cache (:mod:`.direct`): for a blob
         whose bytes nobody reads while it arrives (no peer served from it, no follower of its chunks)."""
@@ -591,7 +599,7 @@ class BlobIngest:
             self._ahead.drop(start, start + length)
             if self._hashed > start:
                 self._hash = hashlib.sha256()
-                self._xxh3 = xxhash.xxh3_128()
+                self._xxh3 = xxhash.xxh3_128() if self._xxh3 is not None else None
                 self._md5 = hashlib.md5(usedforsecurity=False) if self.blob.md5 else None
                 self._git = _git_hash(self.blob)
                 self._parts = MultipartEtag(self.blob.md5_parts[0]) if self.blob.md5_parts else None
@@ -601,7 +609,8 @@ class BlobIngest:
 
     def _feed(self, piece: bytes | memoryview) -> None:
         self._hash.update(piece)
-        self._xxh3.update(piece)
+        if self._xxh3 is not None:
+            self._xxh3.update(piece)
         if self._md5 is not None:
             self._md5.update(piece)
         if self._git is not None:
@@ -676,7 +685,8 @@ class BlobIngest:
             raise DigestMismatch(f"blob {self.blob.digest} arrived as {actual}: refusing it")
         crash_point("commit-verified")
         os.fsync(self.fd)
-        self.store._link_into_place(self.data_path, actual, self.blob.size, leases, self._xxh3.hexdigest())
+        xxh3 = self._xxh3.hexdigest() if self._xxh3 is not None else None
+        self.store._link_into_place(self.data_path, actual, self.blob.size, leases, xxh3)
         self.committed_as = actual
         self.discard()
 

@@ -71,6 +71,7 @@ async def stream_layer(store: Store, engine: Engine, archive: Archive, origin: B
             stats.bytes_done += archive.blob.size
             stats.bytes_reused += archive.blob.size
             return await asyncio.to_thread(store.unpack, archive, leases=tuple(leases))
+        ingest.no_local_checksum()  # the layer's bytes are dropped once unpacked: no scrub will check them
         try:
             rows = await _stream_once(store, engine, archive, origin, ingest, stats, leases, progress)
         except DigestMismatch as e:

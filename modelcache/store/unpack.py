@@ -43,6 +43,7 @@ from ..model import Compression
 from ..tree import OPAQUE_WHITEOUT, WHITEOUT_PREFIX, Node, safe_link_target, safe_path
 from .content import ContentStore, Staged
 from .handoff import Handoff
+from .heap import keep_freed_blocks
 from .inflate import DECODE_ERRORS, file_chunks, inflated
 
 Row = list
@@ -86,6 +87,7 @@ def unpack_stream(content: ContentStore, chunks: Iterable[bytes | memoryview], c
     try:
         blocks = inflated(chunks, compression)
         if compression is not Compression.NONE:  # the inflate in a thread of its own: see .handoff
+            keep_freed_blocks()  # its blocks, freed in the reader's thread, are reused: see .heap
             blocks = handoff = Handoff(blocks, depth=HANDOFF_DEPTH, name="mc-inflate")
         stream = _Forward(blocks)
         with tarfile.TarFile(fileobj=cast(IO[bytes], stream), mode="r") as tar:

@@ -306,6 +306,46 @@ def test_a_reader_behind_the_window_reads_back_from_the_ingest(tmp_path: Path,
     ingest.close()
 
 
+def test_bytes_the_reader_takes_from_memory_go_past_the_page_cache(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the reader keeps up, the layer's bytes are written past the page cache (nobody reads them back:
+    a buffered write cost 1 CPU s per GiB, issue 13); once it lags behind the window, through the cache,
+    where it reads them back; past it again once it has caught up. Byte-exact either way."""
+    monkeypatch.setattr(streamunpack, "WINDOW", 20_000)
+    data = bytes(range(249)) * 200
+    ingest = _ingest(tmp_path, data, 1 << 16)
+    choices: list[bool] = []
+    real = ingest.bypass_cache
+
+    def bypass(on: bool = True) -> None:
+        choices.append(on)
+        real(on)
+
+    monkeypatch.setattr(ingest, "bypass_cache", bypass)
+    followed = streamunpack._Followed(ingest)
+    pieces = [data[a:a + 7001] for a in range(0, len(data), 7001)]
+    at = 0
+    for piece in pieces[:3]:  # no reader yet: the third no longer fits the window
+        followed.write(at, piece)
+        at += len(piece)
+    assert choices == [True, True, False]
+    got: list = []
+    thread = _read_along(followed, ingest.data_path, got)
+    deadline = time.monotonic() + 30
+    while sum(len(g) for g in got) < at and time.monotonic() < deadline:
+        time.sleep(0.001)
+    followed.write(at, pieces[3])  # caught up: the window is empty again
+    at += len(pieces[3])
+    assert choices == [True, True, False, True]
+    for piece in pieces[4:]:
+        followed.write(at, piece)
+        at += len(piece)
+    followed.stop()
+    thread.join(30)
+    assert b"".join(bytes(g) for g in got) == data
+    ingest.close()
+
+
 def test_forget_lets_go_of_the_writers_buffers(tmp_path: Path) -> None:
     data = bytes(5000)
     ingest = _ingest(tmp_path, data, 1 << 16)

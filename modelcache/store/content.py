@@ -417,6 +417,7 @@ class BlobIngest:
         self._written = [self.chunk_range(i)[1] if d else self.kept.get(i, 0) for i, d in enumerate(self.done)]
         self._hash_lock = threading.Lock()
         self._direct: DirectWriter | None = None  # see bypass_cache
+        self._bypassing = False
         self._ahead = Ahead()  # with _direct: bytes written ahead of the hash, held for it
         self._closed = False
 
@@ -468,13 +469,14 @@ class BlobIngest:
             [memoryview(b) for b in data]
         size = sum(len(b) for b in buffers)
         in_order = held = False
-        if self._direct is not None:
+        writer = self._direct if self._bypassing else None
+        if writer is not None:
             with self._hash_lock:
                 in_order = offset == self._hashed
                 held = offset > self._hashed and self._ahead.reserve(size)
         try:
             # Bytes hashed from memory (now, or once the hash reaches them) are never read back.
-            direct = self._direct.write(offset, buffers) if self._direct is not None and (in_order or held) else 0
+            direct = writer.write(offset, buffers) if writer is not None and (in_order or held) else 0
             self._write_all(offset + direct, _skip(buffers, direct))
         except BaseException as e:
             if held:
@@ -511,11 +513,13 @@ class BlobIngest:
         there was one: a scrub that did meet it would check its sha256."""
         self._xxh3 = None
 
-    def bypass_cache(self) -> None:
+    def bypass_cache(self, on: bool = True) -> None:
         """From now on, write bytes hashed from memory past the page cache (:mod:`.direct`): for a blob
-        whose bytes nobody reads while it arrives (no peer served from it, no follower of its chunks)."""
-        if self._direct is None:
+        whose bytes nobody reads while it arrives (no peer served from it, no follower of its chunks).
+        ``on=False``: through the page cache again, for bytes a follower will read back from disk."""
+        if on and self._direct is None:
             self._direct = DirectWriter(self.data_path)
+        self._bypassing = on
 
     def _write_all(self, offset: int, buffers: list[memoryview]) -> None:
         while buffers:

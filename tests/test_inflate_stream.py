@@ -35,7 +35,7 @@ from support import make_tar
 
 from modelcache.errors import InvalidContent
 from modelcache.model import Blob, Compression
-from modelcache.store import inflate, streamunpack
+from modelcache.store import inflate, streamunpack, unpack
 from modelcache.store.content import ContentStore
 from modelcache.store.unpack import unpack_stream
 
@@ -186,6 +186,59 @@ def test_file_bytes_reach_the_store_as_views_of_the_inflated_blocks(tmp_path: Pa
     assert len(seen) <= len(blocks) + 1
 
 
+@pytest.mark.parametrize("kind", ["gzip", "zstd"])
+def test_a_layer_is_inflated_in_a_thread_of_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   kind: str) -> None:
+    """The inflate runs beside the hashing and writing of the files, not in turn with them: two cores for one
+    layer (issue 13: a one-layer gzip image used one)."""
+    made_in: set[str] = set()
+    real = inflate.inflated
+
+    def spy(chunks, compression):
+        for block in real(chunks, compression):
+            made_in.add(threading.current_thread().name)
+            yield block
+
+    monkeypatch.setattr(unpack, "inflated", spy)
+    files = _files()
+    layer = gzip.compress(_tar(files), mtime=0) if kind == "gzip" else zstandard.ZstdCompressor().compress(_tar(files))
+    content = ContentStore(tmp_path)
+    written_in: set[str] = set()
+    stage = content.stage_blocks
+
+    def staged(pieces, **kwargs):
+        written_in.add(threading.current_thread().name)
+        return stage(pieces, **kwargs)
+
+    monkeypatch.setattr(content, "stage_blocks", staged)
+    rows = unpack_stream(content, [layer], Compression(kind), name="layer")
+    assert _stored(tmp_path, rows) == files
+    assert made_in == {"mc-inflate"}
+    assert written_in == {threading.current_thread().name}
+
+
+def test_a_bomb_refused_by_its_size_stops_the_inflater_a_bounded_way_ahead(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inflater runs ahead of the tar reader by at most HANDOFF_DEPTH blocks: a few KiB of gzip claiming
+    256 MiB are refused at the file's header, after a handful of blocks, not after inflating it all."""
+    bomb = make_tar([("zeros.bin", bytes(256 * MiB), {})])
+    layer = gzip.compress(bomb, compresslevel=1, mtime=0)
+    del bomb
+    made = [0]
+    real = inflate.inflated
+
+    def counted(chunks, compression):
+        for block in real(chunks, compression):
+            made[0] += 1
+            yield block
+
+    monkeypatch.setattr(unpack, "inflated", counted)
+    with pytest.raises(InvalidContent, match="add up to more than"):
+        unpack_stream(ContentStore(tmp_path), [layer], Compression.GZIP, name="layer", limit=MiB)
+    # The reader took one block (the header), the queue held HANDOFF_DEPTH, the inflater one more.
+    assert 1 <= made[0] <= 1 + unpack.HANDOFF_DEPTH + 1
+
+
 # -- the streamed layer's reader -----------------------------------------------------------------------
 
 
@@ -250,6 +303,46 @@ def test_a_reader_behind_the_window_reads_back_from_the_ingest(tmp_path: Path,
     from_disk = sum(len(g) for g in got if isinstance(g, bytes))
     assert from_disk >= len(data) - 20_000 - 7001  # all but the window
     assert any(isinstance(g, memoryview) for g in got)  # and the window's own from memory
+    ingest.close()
+
+
+def test_bytes_the_reader_takes_from_memory_go_past_the_page_cache(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the reader keeps up, the layer's bytes are written past the page cache (nobody reads them back:
+    a buffered write cost 1 CPU s per GiB, issue 13); once it lags behind the window, through the cache,
+    where it reads them back; past it again once it has caught up. Byte-exact either way."""
+    monkeypatch.setattr(streamunpack, "WINDOW", 20_000)
+    data = bytes(range(249)) * 200
+    ingest = _ingest(tmp_path, data, 1 << 16)
+    choices: list[bool] = []
+    real = ingest.bypass_cache
+
+    def bypass(on: bool = True) -> None:
+        choices.append(on)
+        real(on)
+
+    monkeypatch.setattr(ingest, "bypass_cache", bypass)
+    followed = streamunpack._Followed(ingest)
+    pieces = [data[a:a + 7001] for a in range(0, len(data), 7001)]
+    at = 0
+    for piece in pieces[:3]:  # no reader yet: the third no longer fits the window
+        followed.write(at, piece)
+        at += len(piece)
+    assert choices == [True, True, False]
+    got: list = []
+    thread = _read_along(followed, ingest.data_path, got)
+    deadline = time.monotonic() + 30
+    while sum(len(g) for g in got) < at and time.monotonic() < deadline:
+        time.sleep(0.001)
+    followed.write(at, pieces[3])  # caught up: the window is empty again
+    at += len(pieces[3])
+    assert choices == [True, True, False, True]
+    for piece in pieces[4:]:
+        followed.write(at, piece)
+        at += len(piece)
+    followed.stop()
+    thread.join(30)
+    assert b"".join(bytes(g) for g in got) == data
     ingest.close()
 
 

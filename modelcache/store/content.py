@@ -344,7 +344,7 @@ class ContentStore:
             for one in staged:
                 one.tmp.unlink(missing_ok=True)
 
-    def _link_into_place(self, tmp: Path, digest: str, size: int, leases: Sequence[str], xxh3: str, *,
+    def _link_into_place(self, tmp: Path, digest: str, size: int, leases: Sequence[str], xxh3: str | None, *,
                          sync: bool = True) -> None:
         os.chmod(tmp, 0o444)
         if self.ledger is not None:  # counted (and held) before it is visible: see the module docstring
@@ -409,13 +409,15 @@ class BlobIngest:
         self._git = _git_hash(blob)
         self._parts = MultipartEtag(blob.md5_parts[0]) if blob.md5_parts else None
         self._crc = S3Crc(blob.crc) if blob.crc else None
-        self._xxh3 = xxhash.xxh3_128()  # the scrubber's local checksum, in the same pass as the sha256
+        # The scrubber's local checksum, in the same pass as the sha256 (None: see no_local_checksum).
+        self._xxh3: Any = xxhash.xxh3_128()
         self.committed_as = blob.digest  # the stored digest (learnt at commit for unverified blobs)
         self._hashed = 0  # bytes of the prefix fed to the hash
         # Per chunk: bytes written contiguously from its start (all of a done chunk, the kept part of another).
         self._written = [self.chunk_range(i)[1] if d else self.kept.get(i, 0) for i, d in enumerate(self.done)]
         self._hash_lock = threading.Lock()
         self._direct: DirectWriter | None = None  # see bypass_cache
+        self._bypassing = False
         self._ahead = Ahead()  # with _direct: bytes written ahead of the hash, held for it
         self._closed = False
 
@@ -467,13 +469,14 @@ class BlobIngest:
             [memoryview(b) for b in data]
         size = sum(len(b) for b in buffers)
         in_order = held = False
-        if self._direct is not None:
+        writer = self._direct if self._bypassing else None
+        if writer is not None:
             with self._hash_lock:
                 in_order = offset == self._hashed
                 held = offset > self._hashed and self._ahead.reserve(size)
         try:
             # Bytes hashed from memory (now, or once the hash reaches them) are never read back.
-            direct = self._direct.write(offset, buffers) if self._direct is not None and (in_order or held) else 0
+            direct = writer.write(offset, buffers) if writer is not None and (in_order or held) else 0
             self._write_all(offset + direct, _skip(buffers, direct))
         except BaseException as e:
             if held:
@@ -503,11 +506,20 @@ class BlobIngest:
                 for buffer in buffers:
                     self._feed(buffer[: max(0, self.blob.size - self._hashed)])
 
-    def bypass_cache(self) -> None:
+    def no_local_checksum(self) -> None:
+        """Take no xxh3 of this blob's bytes (call before the first write): for a blob dropped once read,
+        such as a layer streamed into its files, which no scrub will ever check (issue 13: a pass over
+        every compressed byte for nothing). Its index row then has no xxh3, as a blob from before
+        there was one: a scrub that did meet it would check its sha256."""
+        self._xxh3 = None
+
+    def bypass_cache(self, on: bool = True) -> None:
         """From now on, write bytes hashed from memory past the page cache (:mod:`.direct`): for a blob
-        whose bytes nobody reads while it arrives (no peer served from it, no follower of its chunks)."""
-        if self._direct is None:
+        whose bytes nobody reads while it arrives (no peer served from it, no follower of its chunks).
+        ``on=False``: through the page cache again, for bytes a follower will read back from disk."""
+        if on and self._direct is None:
             self._direct = DirectWriter(self.data_path)
+        self._bypassing = on
 
     def _write_all(self, offset: int, buffers: list[memoryview]) -> None:
         while buffers:
@@ -591,7 +603,7 @@ class BlobIngest:
             self._ahead.drop(start, start + length)
             if self._hashed > start:
                 self._hash = hashlib.sha256()
-                self._xxh3 = xxhash.xxh3_128()
+                self._xxh3 = xxhash.xxh3_128() if self._xxh3 is not None else None
                 self._md5 = hashlib.md5(usedforsecurity=False) if self.blob.md5 else None
                 self._git = _git_hash(self.blob)
                 self._parts = MultipartEtag(self.blob.md5_parts[0]) if self.blob.md5_parts else None
@@ -601,7 +613,8 @@ class BlobIngest:
 
     def _feed(self, piece: bytes | memoryview) -> None:
         self._hash.update(piece)
-        self._xxh3.update(piece)
+        if self._xxh3 is not None:
+            self._xxh3.update(piece)
         if self._md5 is not None:
             self._md5.update(piece)
         if self._git is not None:
@@ -676,7 +689,8 @@ class BlobIngest:
             raise DigestMismatch(f"blob {self.blob.digest} arrived as {actual}: refusing it")
         crash_point("commit-verified")
         os.fsync(self.fd)
-        self.store._link_into_place(self.data_path, actual, self.blob.size, leases, self._xxh3.hexdigest())
+        xxh3 = self._xxh3.hexdigest() if self._xxh3 is not None else None
+        self.store._link_into_place(self.data_path, actual, self.blob.size, leases, xxh3)
         self.committed_as = actual
         self.discard()
 

@@ -13,7 +13,10 @@ from the first byte not yet durable), and two things happen as it arrives:
   unpacking a stored layer). It takes them from the network's own buffers
   while they are still in memory (:data:`WINDOW` bytes at most per layer, no
   copy), and reads them back from the ingest only where it fell behind
-  that window, or for the durable prefix of a resumed pull.
+  that window, or for the durable prefix of a resumed pull. Bytes that fit
+  the window are written past the page cache (:mod:`.direct`: nobody reads
+  them back, and a buffered write cost about 1 CPU s per GiB); once the
+  reader lags, through it, where the reader finds them.
 
 The listing is recorded (so a warm pull skips the layer) only after the
 layer's digest matched; a mismatch discards the ingest and records nothing
@@ -37,7 +40,7 @@ import logging
 import os
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from ..errors import DigestMismatch
 from ..model import Archive
@@ -72,6 +75,7 @@ async def stream_layer(store: Store, engine: Engine, archive: Archive, origin: B
             stats.bytes_done += archive.blob.size
             stats.bytes_reused += archive.blob.size
             return await asyncio.to_thread(store.unpack, archive, leases=tuple(leases))
+        ingest.no_local_checksum()  # the layer's bytes are dropped once unpacked: no scrub will check them
         try:
             rows = await _stream_once(store, engine, archive, origin, ingest, stats, leases, progress)
         except DigestMismatch as e:
@@ -168,6 +172,8 @@ class _Followed:
     still referenced, as the transfer engine relies on too), until the
     reader of :meth:`read_along` is past them: it takes them with no copy
     and no system call, and reads from disk only what fell out of the window.
+    Bytes written while the window has room for them go past the page cache
+    (the ingest's ``bypass_cache``); the others through it.
     """
 
     def __init__(self, ingest: Ingest) -> None:
@@ -181,6 +187,8 @@ class _Followed:
         self._window: deque[tuple[int, memoryview]] = deque()  # (offset, bytes written there), in order
         self._window_bytes = 0
         self._keeping = True  # until the reader is done (forget)
+        # Optional (a store may always write through its cache): see write.
+        self._bypass: Callable[[bool], None] | None = getattr(ingest, "bypass_cache", None)
         self._skip_done()
 
     def _skip_done(self) -> None:
@@ -258,9 +266,16 @@ class _Followed:
         return self._ingest.resume_at(index)
 
     def write(self, offset: int, data: bytes | memoryview | Sequence[bytes | memoryview]) -> None:
-        self._ingest.write(offset, data)
         pieces = [data] if isinstance(data, bytes | bytearray | memoryview) else data
         n = sum(len(d) for d in pieces)
+        if self._bypass is not None:
+            with self._cond:
+                # Bytes the reader will take from the window are never read back: past the page cache
+                # with them. Once it lags (the window full), bytes go through the cache, where it finds them.
+                from_memory = offset == self.end and self._keeping and self._window_bytes + n <= WINDOW \
+                    and not any(isinstance(piece, bytearray) for piece in pieces)
+            self._bypass(from_memory)
+        self._ingest.write(offset, data)
         with self._cond:
             if offset == self.end and self._keeping:
                 at = offset

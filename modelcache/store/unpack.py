@@ -22,7 +22,10 @@ The tar headers are parsed by the standard library's :mod:`tarfile`, but a
 file's bytes never go through it: they are handed on as views of the
 inflater's blocks (:class:`_Forward`), hashed and written with no copy in
 Python (issue 13: tarfile's stream mode copied every byte three times and
-cost five times the inflate itself).
+cost five times the inflate itself). A compressed layer is inflated in a
+thread of its own (:class:`~.handoff.Handoff`, :data:`HANDOFF_DEPTH` blocks
+ahead at most), so the inflate of one layer and the hashing and writing of
+its files run on two cores (issue 13: a one-layer gzip image used one).
 """
 
 from __future__ import annotations
@@ -39,12 +42,17 @@ from ..errors import InvalidContent, UnsafePath
 from ..model import Compression
 from ..tree import OPAQUE_WHITEOUT, WHITEOUT_PREFIX, Node, safe_link_target, safe_path
 from .content import ContentStore, Staged
+from .handoff import Handoff
+from .heap import keep_freed_blocks
 from .inflate import DECODE_ERRORS, file_chunks, inflated
 
 Row = list
 _NOT_A_TAR: tuple[type[BaseException], ...] = (tarfile.TarError, *DECODE_ERRORS)
 _SMALL = 1 << 20  # files up to this size are made durable in batches of _BATCH, not one fsync each
 _BATCH = 256
+# Inflated blocks (inflate.BLOCK bytes at most each) waiting for the tar reader, the files' hashing and
+# writes: enough to ride out a file's commit or a slow write, and a bound on what a bomb can make ahead.
+HANDOFF_DEPTH = 8
 
 
 def unpack_layer(content: ContentStore, layer: Path, compression: Compression, *, name: str,
@@ -75,8 +83,13 @@ def unpack_stream(content: ContentStore, chunks: Iterable[bytes | memoryview], c
             committer.submit(list(batch))
             batch.clear()
 
+    handoff = None
     try:
-        stream = _Forward(inflated(chunks, compression))
+        blocks = inflated(chunks, compression)
+        if compression is not Compression.NONE:  # the inflate in a thread of its own: see .handoff
+            keep_freed_blocks()  # its blocks, freed in the reader's thread, are reused: see .heap
+            blocks = handoff = Handoff(blocks, depth=HANDOFF_DEPTH, name="mc-inflate")
+        stream = _Forward(blocks)
         with tarfile.TarFile(fileobj=cast(IO[bytes], stream), mode="r") as tar:
             while True:
                 try:
@@ -107,6 +120,8 @@ def unpack_stream(content: ContentStore, chunks: Iterable[bytes | memoryview], c
     except _NOT_A_TAR as e:
         raise InvalidContent(f"layer {name}: not a valid {compression.value} tar archive: {e}") from e
     finally:
+        if handoff is not None:  # before the caller closes what the inflater reads from
+            handoff.close()
         committer.close()
         for staged in batch:  # a layer refused midway: its files never become blobs
             staged.tmp.unlink(missing_ok=True)

@@ -15,7 +15,7 @@ from modelcache.p2p.gate import Gate, share
 from modelcache.p2p.members import Members
 from modelcache.p2p.pieces import piece_size
 from modelcache.p2p.ring import piece_key, rank
-from modelcache.p2p.router import PeerRouter
+from modelcache.p2p.router import HOME_PROBES, PROBES, PeerRouter, plan
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -143,7 +143,7 @@ def test_router_asks_the_home_then_probes_candidates_then_the_origin() -> None:
         assert all(p.url != me for p in peers)  # never ourselves
         if ranked[0] == me:  # we are the home: nobody else is asked to fetch it, only whether they hold it
             assert [p.mode for p in peers] == ["have"] * len(peers)
-            assert [p.url for p in peers] == ranked[1:4]
+            assert [p.url for p in peers] == ranked[1:1 + HOME_PROBES]  # all five others here
         else:
             # the home, then the home again as a patient ask (it waits while the home fetches the piece)
             assert [(p.url, p.mode, p.patient) for p in peers[:2]] == [(ranked[0], "home", False),
@@ -228,6 +228,24 @@ def test_a_home_that_does_not_fetch_a_blob_elects_one_requester_per_piece() -> N
     assert holders.elected(key, now=later) is None
     assert holders.elect(key, "http://c", now=later) is None  # lapsed: c fetches it now
     assert holders.elect(key, "http://b", now=later) == "http://c"
+
+
+def test_a_home_asks_more_candidates_than_a_requester_before_the_origin() -> None:
+    """When nodes join in numbers, a piece's earlier home can rank below several of them: the new home asks
+    HOME_PROBES candidates whether they hold the piece (not just PROBES) before it goes to the origin."""
+    urls = [f"http://10.0.0.{n}:8470" for n in range(20)]
+    assert HOME_PROBES > PROBES
+    for index in range(10):
+        ranked = rank(piece_key("sha256:" + "ab" * 32, index), urls)
+        # The home: the next HOME_PROBES candidates, asked whether they hold it (the earlier home ranked
+        # 6th after a pool doubled is among them).
+        assert plan(ranked, ranked[0]) == [(u, "have") for u in ranked[1:1 + HOME_PROBES]]
+        # Anyone else: the home, the fallback and the probes after them, as before.
+        me = ranked[-1]
+        assert plan(ranked, me) == [(ranked[0], "home"), (ranked[1], "fallback"),
+                                    *[(u, "have") for u in ranked[2:PROBES + 1]]]
+        assert plan(ranked, ranked[2])[:2] == [(ranked[0], "home"), (ranked[1], "fallback")]
+        assert len(plan(ranked, ranked[2])) == PROBES
 
 
 def test_a_home_that_elected_a_requester_asks_it_first_when_it_pulls_the_blob_itself() -> None:

@@ -15,7 +15,7 @@ from modelcache.p2p.gate import Gate, share
 from modelcache.p2p.members import Members
 from modelcache.p2p.pieces import piece_size
 from modelcache.p2p.ring import piece_key, rank
-from modelcache.p2p.router import HOME_PROBES, PROBES, PeerRouter, plan
+from modelcache.p2p.router import HOME_PROBES, PROBES, PeerRouter, in_step, plan, rounds
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -246,6 +246,32 @@ def test_a_home_asks_more_candidates_than_a_requester_before_the_origin() -> Non
                                     *[(u, "have") for u in ranked[2:PROBES + 1]]]
         assert plan(ranked, ranked[2])[:2] == [(ranked[0], "home"), (ranked[1], "fallback")]
         assert len(plan(ranked, ranked[2])) == PROBES
+
+
+def test_in_a_large_cluster_only_the_first_round_is_walked_in_step_with_the_homes() -> None:
+    """Past ORIGIN_STREAMS members a node walks every home's first piece in step, then the rest from an offset
+    of its own (each node a different one), not round after round: in step, the last rounds are every node
+    wanting the same few pieces at once (the cluster simulator's slowest node: 3.4x solo at 100 nodes)."""
+    assert in_step(2) is None and in_step(8) is None  # a small cluster: every round in step, as before
+    assert in_step(9) == 1 and in_step(5000) == 1
+    urls = [f"http://10.0.0.{n}:8470" for n in range(12)]
+    blob = Blob("sha256:" + "ef" * 32, 200 * (64 << 10))
+    homes = {i: rank(piece_key(blob.digest, i), urls)[0] for i in range(200)}
+    first = {min(i for i in range(200) if homes[i] == u) for u in set(homes.values())}
+    orders = []
+    for me in urls[:3]:
+        router = PeerRouter(Origin(), Members(StaticPeers(urls), "me", me=me), PeerClient(b"k" * 16, "me"),
+                            minimum=64 << 10)
+        order = router.order(blob, list(range(200)))
+        assert sorted(order) == list(range(200))
+        assert set(order[:len(first)]) == first  # every home's first piece first
+        rest = order[len(first):]
+        start = rest.index(min(rest))
+        assert rest[start:] + rest[:start] == sorted(rest)  # then the others in index order, from an offset
+        orders.append(rest[0])
+    assert len(set(orders)) == 3  # each node from its own
+    every = rounds(list(range(200)), homes.__getitem__, urls[0], lambda home: len(home))
+    assert every != rounds(list(range(200)), homes.__getitem__, urls[0], lambda home: len(home), in_step=1)
 
 
 def test_a_home_that_elected_a_requester_asks_it_first_when_it_pulls_the_blob_itself() -> None:

@@ -29,7 +29,8 @@ What is the real code, imported and called, not reimplemented:
   every membership change;
 - which peers a node asks for a piece and in which mode
   (:func:`modelcache.p2p.router.plan`) and the order its workers walk the
-  pieces in (:func:`modelcache.p2p.router.rounds`, with the router's seed;
+  pieces in (:func:`modelcache.p2p.router.rounds`, with the router's seed and
+  :func:`~modelcache.p2p.router.in_step` of the members at its arrival;
   ``--order walk`` for the earlier :func:`~modelcache.p2p.router.walk`);
 - each home's holder bookkeeping and redirect decision
   (:class:`modelcache.p2p.holders.Holders`), one per node as each daemon's
@@ -93,7 +94,7 @@ from modelcache.p2p.node import home_wait  # noqa: E402
 from modelcache.p2p.pieces import piece_count, piece_size  # noqa: E402
 from modelcache.p2p.relay import BUDGET as RELAY_BUDGET  # noqa: E402
 from modelcache.p2p.ring import piece_key  # noqa: E402
-from modelcache.p2p.router import HOME_PROBES, PROBES, plan, rounds, walk  # noqa: E402
+from modelcache.p2p.router import HOME_PROBES, PROBES, in_step, plan, rounds, walk  # noqa: E402
 from modelcache.p2p.server import UPLOADS  # noqa: E402
 from modelcache.rendezvous import rank, score  # noqa: E402
 from modelcache.transfer.engine import TransferConfig  # noqa: E402
@@ -326,7 +327,7 @@ class Sim:
             if self.cfg.order == "walk":
                 order = walk(indexes, lambda i, n=n: top[i][0] == n, score(DIGEST, me))
             else:
-                order = rounds(indexes, lambda i: urls[top[i][0]], me, seed)
+                order = rounds(indexes, lambda i: urls[top[i][0]], me, seed, in_step(self.members))
             state = self.state[n]
             mine = [i for i in indexes if top[i][0] == n] if self.members > 1 else []
             for i in mine:

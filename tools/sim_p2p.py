@@ -258,7 +258,8 @@ class Sim:
         self.gate_wait: list[list[tuple[int, int, Req]]] = [[] for _ in range(n)]  # (position, seq, request)
         self.hurried: list[set[int]] = [set() for _ in range(n)]
         self.live: list[dict[int, Req]] = [{} for _ in range(n)]  # piece -> its origin fetch, relayed now
-        self.relay_slots = max(1, RELAY_BUDGET // self.piece)
+        self.relay_slots = RELAY_BUDGET // self.piece  # pieces relayed at once per node (0: none)
+        self.streams = self.peak_streams = 0  # origin reads at once
         self.following: set[Req] = set()  # requests streaming a piece still arriving at its home
         self.alive = np.zeros(n, dtype=bool)
         self.member = [False] * n  # the same as a list (fast to index one at a time)
@@ -712,6 +713,9 @@ class Sim:
         req.k = k
         req.src = src
         self.nf = k + 1
+        if src == ORIGIN:
+            self.streams += 1
+            self.peak_streams = max(self.peak_streams, self.streams)
         if src >= 0 and self.state[src][req.piece] != 2:  # streamed while it arrives at its home
             up = self.live[src][req.piece]
             assert up.followers is not None
@@ -724,6 +728,8 @@ class Sim:
         last = self.nf - 1
         f_req = self.f_req
         gone = f_req[k]
+        if self.f_src[k] == self.cfg.nodes:
+            self.streams -= 1
         if k != last:
             self.f_src[k], self.f_dst[k] = self.f_src[last], self.f_dst[last]
             self.f_rem[k], self.f_len[k] = self.f_rem[last], self.f_len[last]
@@ -896,7 +902,8 @@ class Sim:
         return Result(self.cfg, self.origin_bytes, durations, list(self.uploaded),
                       max(self.done[n] for n in members), self.events, time.monotonic() - started,
                       from_peers=self.from_peers, timeouts=self.timeouts, redirects=self.redirects,
-                      extra={"relayed": self.relayed_streams / max(1, self.P * len(members)), **{
+                      extra={"relayed": self.relayed_streams / max(1, self.P * len(members)),
+                             "peak origin streams": self.peak_streams, **{
                           f"again: {k}": v for k, v in sorted(self.again.items())}})
 
 

@@ -90,8 +90,8 @@ def elected_first(asks: list[tuple[str, str]], elected: str | None, me: str | No
 
 
 def walk(indexes: list[int], mine: Callable[[int], bool], seed: int) -> list[int]:
-    """The earlier order over ``indexes`` (still the cluster simulator's): those ``mine`` says it is home for
-    first, then the rest from an offset given by ``seed``. The daemon walks :func:`rounds` now."""
+    """The earlier order over ``indexes`` (the cluster simulator's ``--order walk``, to compare): those ``mine``
+    says it is home for first, then the rest from an offset given by ``seed``. The daemon walks :func:`rounds`."""
     if not indexes:
         return indexes
     first = [i for i in indexes if mine(i)]

@@ -199,13 +199,14 @@ class Req:
     """One node's fetch of one piece: its sources in turn, a redirect's targets, the bytes it has."""
 
     __slots__ = ("node", "piece", "sources", "pos", "targets", "got", "defer", "token", "sent", "kind", "live",
-                 "home", "home_failed", "since", "k", "up", "followers", "gated", "relayed", "src")
+                 "home", "home_failed", "since", "waits_on", "k", "up", "followers", "gated", "relayed", "src")
 
     def __init__(self, node: int, piece: int, sources: list[tuple[int, str]], defer: bool, kind: int) -> None:
         self.node, self.piece, self.sources, self.defer, self.kind = node, piece, sources, defer, kind
         self.home = sources[0][0] if sources and sources[0][1] == "home" else -2
         self.home_failed = False  # the client's Round: the home is gone, so the fallback is asked as the home
         self.since = math.inf  # when it began waiting on a home that fetches the piece (the client's patience)
+        self.waits_on = -2  # that home: each home asked gets its own patience (a patient ask's own deadline)
         self.pos = 0
         self.targets: list[tuple[int, str]] = []
         self.got = 0
@@ -270,7 +271,7 @@ class Sim:
         self.origin_bytes = self.from_peers = self.timeouts = self.redirects = self.events = 0
         self.relayed_streams = 0  # requests streamed a piece while it arrived at its home
         self.origin_fetches = [0] * self.P  # origin reads begun per piece (from its first byte or resumed)
-        self.again: dict[str, int] = {}  # a piece read from the origin once more: why (for --why)
+        self.again: dict[str, float] = {}  # pieces read from the origin once more, by why (for --why)
         self.timers: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = 0
         # flows: parallel numpy arrays (swap-remove) plus the requests they serve
@@ -539,7 +540,7 @@ class Sim:
     def origin(self, req: Req) -> None:
         """An origin read begins: relayed to peers if it is a whole piece we are home for, with live peers."""
         n, i = req.node, req.piece
-        if self.origin_fetches[i] and req.got == 0:
+        if self.origin_fetches[i]:
             self.why(req)
         self.origin_fetches[i] += 1
         self.flow(ORIGIN, req)
@@ -554,14 +555,17 @@ class Sim:
                     self.upload(n, w, home=n)
 
     def why(self, req: Req) -> None:
-        """A piece read from the origin again: record whether a peer held it or was reading it then."""
+        """A piece read from the origin again: record whether a peer held it or was reading it then (a read
+        resumed at the byte reached counts the part of a piece it reads)."""
         i = req.piece
         held = any(self.state[m][i] == 2 and not self.gone[m] for m in range(self.cfg.nodes))
         reading = any(i in self.live[m] for m in range(self.cfg.nodes) if not self.gone[m])
         role = ("home" if self.ranking.top[i][0] == req.node else "other") + ("-ahead" if req.kind == AHEAD else
                                                                            "-job" if req.kind == JOB else "")
         key = f"{role}, {'held by a peer' if held else 'relayed by a peer' if reading else 'nowhere'}"
-        self.again[key] = self.again.get(key, 0) + 1
+        if req.got:
+            key = "resumed " + key
+        self.again[key] = round(self.again.get(key, 0) + (self.lengths[i] - req.got) / self.piece, 2)
 
     def decide(self, home: int, req: Req) -> bool:
         """The home holds the piece: serve it (True) or send the requester to a holder (False, targets set)."""
@@ -595,7 +599,8 @@ class Sim:
         elif i not in self.hurried[home]:
             self.at(self.now + HOME_WAIT / 2, lambda: self.hurry(home, i))
         self.waiters[home].setdefault(i, []).append(req)
-        req.since = min(req.since, self.now)
+        if req.waits_on != home:
+            req.since, req.waits_on = self.now, home
         req.token += 1
         token = req.token
         self.at(self.now + HOME_WAIT, lambda: self.home_timeout(home, req, token))

@@ -678,8 +678,8 @@ class Sim:
         (the fallback as the home if it was the home)."""
         if bench:
             self.bench[req.node][peer] = self.now + FAILED_PAUSE
-        if peer == req.home:
-            req.home_failed = True
+        if peer == req.home or (req.home >= 0 and not self.member[req.home]):
+            req.home_failed = True  # (a home that left is refused when the patient ask goes back to it)
         home = req.home
         # A holder the home sent us to failed: back to the home (the client's patient ask), which holds it.
         req.targets = [(home, "home")] if home >= 0 and not req.home_failed and self.member[home] else []

@@ -15,7 +15,7 @@ from modelcache.p2p.gate import Gate, share
 from modelcache.p2p.members import Members
 from modelcache.p2p.pieces import piece_size
 from modelcache.p2p.ring import piece_key, rank
-from modelcache.p2p.router import PeerRouter
+from modelcache.p2p.router import HOME_PROBES, PROBES, PeerRouter, in_step, plan, rounds
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -143,7 +143,7 @@ def test_router_asks_the_home_then_probes_candidates_then_the_origin() -> None:
         assert all(p.url != me for p in peers)  # never ourselves
         if ranked[0] == me:  # we are the home: nobody else is asked to fetch it, only whether they hold it
             assert [p.mode for p in peers] == ["have"] * len(peers)
-            assert [p.url for p in peers] == ranked[1:4]
+            assert [p.url for p in peers] == ranked[1:1 + HOME_PROBES]  # all five others here
         else:
             # the home, then the home again as a patient ask (it waits while the home fetches the piece)
             assert [(p.url, p.mode, p.patient) for p in peers[:2]] == [(ranked[0], "home", False),
@@ -228,6 +228,50 @@ def test_a_home_that_does_not_fetch_a_blob_elects_one_requester_per_piece() -> N
     assert holders.elected(key, now=later) is None
     assert holders.elect(key, "http://c", now=later) is None  # lapsed: c fetches it now
     assert holders.elect(key, "http://b", now=later) == "http://c"
+
+
+def test_a_home_asks_more_candidates_than_a_requester_before_the_origin() -> None:
+    """When nodes join in numbers, a piece's earlier home can rank below several of them: the new home asks
+    HOME_PROBES candidates whether they hold the piece (not just PROBES) before it goes to the origin."""
+    urls = [f"http://10.0.0.{n}:8470" for n in range(20)]
+    assert HOME_PROBES > PROBES
+    for index in range(10):
+        ranked = rank(piece_key("sha256:" + "ab" * 32, index), urls)
+        # The home: the next HOME_PROBES candidates, asked whether they hold it (the earlier home ranked
+        # 6th after a pool doubled is among them).
+        assert plan(ranked, ranked[0]) == [(u, "have") for u in ranked[1:1 + HOME_PROBES]]
+        # Anyone else: the home, the fallback and the probes after them, as before.
+        me = ranked[-1]
+        assert plan(ranked, me) == [(ranked[0], "home"), (ranked[1], "fallback"),
+                                    *[(u, "have") for u in ranked[2:PROBES + 1]]]
+        assert plan(ranked, ranked[2])[:2] == [(ranked[0], "home"), (ranked[1], "fallback")]
+        assert len(plan(ranked, ranked[2])) == PROBES
+
+
+def test_in_a_large_cluster_only_the_first_round_is_walked_in_step_with_the_homes() -> None:
+    """Past ORIGIN_STREAMS members a node walks every home's first piece in step, then the rest from an offset
+    of its own (each node a different one), not round after round: in step, the last rounds are every node
+    wanting the same few pieces at once (the cluster simulator's slowest node: 3.4x solo at 100 nodes)."""
+    assert in_step(2) is None and in_step(8) is None  # a small cluster: every round in step, as before
+    assert in_step(9) == 1 and in_step(5000) == 1
+    urls = [f"http://10.0.0.{n}:8470" for n in range(12)]
+    blob = Blob("sha256:" + "ef" * 32, 200 * (64 << 10))
+    homes = {i: rank(piece_key(blob.digest, i), urls)[0] for i in range(200)}
+    first = {min(i for i in range(200) if homes[i] == u) for u in set(homes.values())}
+    orders = []
+    for me in urls[:3]:
+        router = PeerRouter(Origin(), Members(StaticPeers(urls), "me", me=me), PeerClient(b"k" * 16, "me"),
+                            minimum=64 << 10)
+        order = router.order(blob, list(range(200)))
+        assert sorted(order) == list(range(200))
+        assert set(order[:len(first)]) == first  # every home's first piece first
+        rest = order[len(first):]
+        start = rest.index(min(rest))
+        assert rest[start:] + rest[:start] == sorted(rest)  # then the others in index order, from an offset
+        orders.append(rest[0])
+    assert len(set(orders)) == 3  # each node from its own
+    every = rounds(list(range(200)), homes.__getitem__, urls[0], lambda home: len(home))
+    assert every != rounds(list(range(200)), homes.__getitem__, urls[0], lambda home: len(home), in_step=1)
 
 
 def test_a_home_that_elected_a_requester_asks_it_first_when_it_pulls_the_blob_itself() -> None:

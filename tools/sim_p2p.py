@@ -3,7 +3,7 @@
 
 One command::
 
-    python tools/sim_p2p.py            # 10, 100, 1000, 5000 nodes, a 100 GB model (a few minutes, 1 core)
+    python tools/sim_p2p.py            # 10, 100, 1000, 5000 nodes, a 100 GB model (~25 min of one core)
     python tools/sim_p2p.py --quick    # 10 and 100 nodes, a 10 GB model (seconds)
     python tools/sim_p2p.py --nodes 5000 --scenario "all at once" --save r.jsonl   # one part of the run
     python tools/sim_p2p.py --load r*.jsonl                                         # the table and plot of parts
@@ -14,7 +14,10 @@ waves a quarter of the solo time apart. Printed per scenario and node count,
 and plotted against node count (``benchmarks/sim-p2p.png``): origin egress
 as a multiple of the model size, the slowest node's pull time (and p50, p99)
 as a multiple of one node's solo pull at the same caps, and the largest
-node's upload over the mean.
+node's upload over the mean. ``--why`` adds, per run, each piece read from
+the origin more than once: who read it (the piece's home or another node;
+fetched ahead, for a peer, or by a worker) and whether a live peer held it
+then, or was reading it from the origin.
 
 What is the real code, imported and called, not reimplemented:
 
@@ -25,26 +28,41 @@ What is the real code, imported and called, not reimplemented:
   and checked against :func:`~modelcache.rendezvous.rank` on a sample at
   every membership change;
 - which peers a node asks for a piece and in which mode
-  (:func:`modelcache.p2p.router.plan`) and the order it walks its pieces in
-  (:func:`modelcache.p2p.router.walk`);
+  (:func:`modelcache.p2p.router.plan`) and the order its workers walk the
+  pieces in (:func:`modelcache.p2p.router.rounds`, with the router's seed and
+  :func:`~modelcache.p2p.router.in_step` of the members at its arrival;
+  ``--order walk`` for the earlier :func:`~modelcache.p2p.router.walk`);
 - each home's holder bookkeeping and redirect decision
   (:class:`modelcache.p2p.holders.Holders`), one per node as each daemon's
-  peer server keeps one.
+  peer server keeps one;
+- the size of each node's origin gate for the home pieces it fetches ahead
+  (:class:`modelcache.p2p.gate.Gate`'s ``plan``/``passed``/``limit``, sized
+  by :func:`~modelcache.p2p.gate.share` of the live members), its lookahead
+  gate (:data:`~modelcache.p2p.gate.LOOKAHEAD` x that), the relay's budget
+  (:data:`modelcache.p2p.relay.BUDGET`).
 
-What is modelled (after ``transfer/engine.py``, ``p2p/client.py`` and
-``p2p/server.py``): each node fetches with ``concurrency`` slots; a peer
-asked as a piece's home that is fetching it (or will) fetches it now, once,
-and makes requesters wait up to ``home_wait`` (else 404: the requester
-defers the piece once to the end of its queue, then asks the next
-candidates and the origin); a 307 sends a requester to a holder (``have``,
-then the home again in ``held`` mode); a node uploads at most ``UPLOADS``
-pieces at once and a request waiting longer than the read timeout for its
-turn fails (the peer is benched for 10 s and the next source is asked); a
-piece cut short (a peer left) resumes at the byte reached from the next
-source. Bytes move as fluid flows sharing each node's upload and download
-cap and the origin's cap, max-min fair by progressive filling, recomputed at
-every event; events closer together than ``--quantum`` seconds are handled
-together. Not modelled: request latency, disk, CPU, piece digest checks.
+What is modelled (after ``transfer/engine.py``, ``p2p/client.py``,
+``p2p/server.py``, ``p2p/gate.py`` and ``p2p/relay.py``): each node fetches
+the pieces it is home for ahead, in index order, each in its own task:
+candidates asked whether they hold it, then the origin through the gate
+(waiters by position), so the cluster opens about as many origin streams as
+one node; its ``concurrency`` workers walk the rest. A peer asked as a
+piece's home that is fetching it (or will) fetches it now, once (on the
+engine's peer slots, or hurrying a home piece past both gates once the
+requester waited half the home's wait), and makes requesters wait up to
+``home_wait`` (else 404 ``wait``: the requester defers the piece once to the
+end of its queue, then asks again, patiently); a home reading a piece from
+the origin streams it to its requesters as it arrives (no faster than it
+arrives, once they caught up); a 307 sends a requester to a holder
+(``have``, then the home again in ``held`` mode); a node uploads at most
+``UPLOADS`` pieces at once and a request waiting longer than the read
+timeout for its turn fails (the peer is benched for 10 s and the next
+source is asked); a piece cut short (a peer left) resumes at the byte
+reached from the next source. Bytes move as fluid flows sharing each node's
+upload and download cap and the origin's cap, max-min fair by progressive
+filling, recomputed at every event; events closer together than
+``--quantum`` seconds are handled together. Not modelled: request latency
+(a probe or a 404 costs nothing here), disk, CPU, piece digest checks.
 """
 
 from __future__ import annotations
@@ -69,12 +87,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from modelcache.p2p.client import PATIENCE, PeerClient  # noqa: E402  (the client's default timeouts)
+from modelcache.p2p.gate import LOOKAHEAD, Gate, share  # noqa: E402
 from modelcache.p2p.holders import Holders  # noqa: E402
 from modelcache.p2p.members import FAILED_PAUSE  # noqa: E402
 from modelcache.p2p.node import home_wait  # noqa: E402
 from modelcache.p2p.pieces import piece_count, piece_size  # noqa: E402
+from modelcache.p2p.relay import BUDGET as RELAY_BUDGET  # noqa: E402
 from modelcache.p2p.ring import piece_key  # noqa: E402
-from modelcache.p2p.router import PROBES, plan, walk  # noqa: E402
+from modelcache.p2p.router import HOME_PROBES, PROBES, in_step, plan, rounds, walk  # noqa: E402
 from modelcache.p2p.server import UPLOADS  # noqa: E402
 from modelcache.rendezvous import rank, score  # noqa: E402
 from modelcache.transfer.config import TransferConfig  # noqa: E402
@@ -88,7 +108,8 @@ except ImportError:  # imported from elsewhere (the tests)
 GB = 10**9
 DIGEST = "sha256:" + "5e" * 32
 ORIGIN = -1
-TOP = 12  # candidates kept per piece (more than PROBES + 1, for peers a node has benched)
+DEPTH = max(PROBES, HOME_PROBES) + 1  # candidates plan() may ask
+TOP = DEPTH + 4  # candidates kept per piece (more than plan() asks, for peers a node has benched)
 READ_TIMEOUT = PeerClient(b"", "").read_timeout  # a request silent this long fails
 HOME_WAIT = home_wait(READ_TIMEOUT)  # as p2p/node.py gives the peer server
 
@@ -108,6 +129,7 @@ class Config:
     waves: int = 1  # nodes arrive in this many equal waves, ``wave_gap`` x solo time apart
     wave_gap: float = 0.25
     seed: int = 1
+    order: str = "rounds"  # the workers' order: router.rounds (the daemon's), or router.walk (the earlier one)
     quantum: float = 0.5  # events closer than this fraction of one piece's time at the node cap are handled together
 
     def solo(self) -> float:
@@ -170,23 +192,33 @@ class Ranking:
             assert [self.urls[n] for n in self.top[i]] == rank(piece_key(DIGEST, i), live)[:k], "ranking differs"
 
 
+WORKER, JOB, AHEAD = 0, 1, 2  # what runs a fetch: a worker slot, a peer slot (a home's ensure_piece), fetch-ahead
+
+
 class Req:
     """One node's fetch of one piece: its sources in turn, a redirect's targets, the bytes it has."""
 
-    __slots__ = ("node", "piece", "sources", "pos", "targets", "got", "defer", "token", "sent", "for_peer", "live",
-                 "home", "home_failed", "since")
+    __slots__ = ("node", "piece", "sources", "pos", "targets", "got", "defer", "token", "sent", "kind", "live",
+                 "home", "home_failed", "since", "waits_on", "k", "up", "followers", "gated", "relayed", "src")
 
-    def __init__(self, node: int, piece: int, sources: list[tuple[int, str]], defer: bool, for_peer: bool) -> None:
-        self.node, self.piece, self.sources, self.defer, self.for_peer = node, piece, sources, defer, for_peer
+    def __init__(self, node: int, piece: int, sources: list[tuple[int, str]], defer: bool, kind: int) -> None:
+        self.node, self.piece, self.sources, self.defer, self.kind = node, piece, sources, defer, kind
         self.home = sources[0][0] if sources and sources[0][1] == "home" else -2
         self.home_failed = False  # the client's Round: the home is gone, so the fallback is asked as the home
         self.since = math.inf  # when it began waiting on a home that fetches the piece (the client's patience)
+        self.waits_on = -2  # that home: each home asked gets its own patience (a patient ask's own deadline)
         self.pos = 0
         self.targets: list[tuple[int, str]] = []
         self.got = 0
         self.token = 0  # bumped whenever a wait ends, so stale timers are ignored
         self.sent = 0.0
         self.live = True
+        self.k = -1  # its flow's index while bytes flow
+        self.src = -2  # where its bytes flow from (ORIGIN or a node)
+        self.up: Req | None = None  # a relayed piece's origin fetch at its home, while that is in flight
+        self.followers: list[Req] | None = None  # an origin fetch relayed: the requests streaming it
+        self.gated = False  # holds a place in its node's origin gate
+        self.relayed = False  # an origin fetch its home relays to peers (p2p/relay.py)
 
 
 class Sim:
@@ -210,20 +242,37 @@ class Sim:
         self.todo: list[deque[int]] = [deque() for _ in range(n)]
         self.deferred: list[set[int]] = [set() for _ in range(n)]
         self.jobs: list[deque[int]] = [deque() for _ in range(n)]  # pieces peers asked us to fetch now
-        self.free = [0] * n
+        self.free = [0] * n  # worker slots
+        self.pfree = [cfg.concurrency] * n  # the engine's peer slots (ensure_piece's fetches)
         self.waiters: list[dict[int, list[Req]]] = [{} for _ in range(n)]  # piece -> requests waiting on us
         self.holders = [Holders() for _ in range(n)]
         self.bench: list[dict[int, float]] = [{} for _ in range(n)]
         self.uploading = [0] * n
         self.queue: list[deque[tuple[Req, int]]] = [deque() for _ in range(n)]  # (request, its token when queued)
         self.uploaded = [0] * n
+        # The pipelined origin phase (p2p/gate.py, p2p/relay.py): each node's home pieces fetched ahead through
+        # its lookahead gate and its origin gate, and the pieces it relays while they arrive.
+        self.gates: list[Gate | None] = [None] * n
+        self.ahead: list[deque[int]] = [deque() for _ in range(n)]  # home pieces not started, in index order
+        self.pace_in = [0] * n  # home pieces under way (the lookahead gate)
+        self.gate_in = [0] * n  # origin reads of home pieces (the origin gate)
+        self.gate_wait: list[list[tuple[int, int, Req]]] = [[] for _ in range(n)]  # (position, seq, request)
+        self.hurried: list[set[int]] = [set() for _ in range(n)]
+        self.live: list[dict[int, Req]] = [{} for _ in range(n)]  # piece -> its origin fetch, relayed now
+        self.relay_slots = RELAY_BUDGET // self.piece  # pieces relayed at once per node (0: none)
+        self.streams = self.peak_streams = 0  # origin reads at once
+        self.following: set[Req] = set()  # requests streaming a piece still arriving at its home
         self.alive = np.zeros(n, dtype=bool)
         self.member = [False] * n  # the same as a list (fast to index one at a time)
+        self.members = 0
         self.arrived = [math.inf] * n
         self.done = [math.inf] * n
         self.gone = [False] * n
         self.origin_bytes = self.from_peers = self.timeouts = self.redirects = self.events = 0
-        self.timers: list[tuple[float, int, int, Callable[[], None]]] = []
+        self.relayed_streams = 0  # requests streamed a piece while it arrived at its home
+        self.origin_fetches = [0] * self.P  # origin reads begun per piece (from its first byte or resumed)
+        self.again: dict[str, float] = {}  # pieces read from the origin once more, by why (for --why)
+        self.timers: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = 0
         # flows: parallel numpy arrays (swap-remove) plus the requests they serve
         cap = max(64, n * cfg.concurrency * 2)
@@ -250,7 +299,7 @@ class Sim:
 
     def at(self, when: float, call: Callable[[], None]) -> None:
         self._seq += 1
-        heapq.heappush(self.timers, (when, self._seq, 0, call))
+        heapq.heappush(self.timers, (when, self._seq, call))
 
     # ---- membership ---------------------------------------------------------------------------------------
 
@@ -259,14 +308,40 @@ class Sim:
             self.alive[n] = True
             self.member[n] = True
             self.arrived[n] = self.now
+        self.members += len(batch)
         self.ranking.update(self.alive)
         self.plans.clear()
         top = self.ranking.top
+        urls = self.urls
+        indexes = list(range(self.P))
         for n in batch:
-            # The real walk: our home pieces first, then the rest from our own offset.
-            self.todo[n] = deque(walk(list(range(self.P)), lambda i, n=n: top[i][0] == n,
-                                      score(DIGEST, self.urls[n])))
+            me = urls[n]
+            seeds: dict[str, int] = {}
+
+            def seed(home: str, me: str = me, seeds: dict[str, int] = seeds) -> int:
+                # The router's seed (PeerRouter.order), once per home rather than once per piece.
+                s = seeds.get(home)
+                if s is None:
+                    s = seeds[home] = score(f"{DIGEST}|{home}", me)
+                return s
+
+            # The real order: in step with the homes (router.rounds), our own pieces fetched ahead of it.
+            if self.cfg.order == "walk":
+                order = walk(indexes, lambda i, n=n: top[i][0] == n, score(DIGEST, me))
+            else:
+                order = rounds(indexes, lambda i: urls[top[i][0]], me, seed, in_step(self.members))
+            state = self.state[n]
+            mine = [i for i in indexes if top[i][0] == n] if self.members > 1 else []
+            for i in mine:
+                state[i] = 1
+            self.todo[n] = deque(i for i in order if state[i] == 0)
+            if mine:
+                gate = self.gates[n] = Gate(lambda: share(self.members))
+                gate.plan(DIGEST, mine, self.P, self.piece)
+                self.ahead[n] = deque(mine)
             self.free[n] = self.cfg.concurrency
+        for n in batch:
+            self.pace(n)
             self.fill(n)
 
     def depart(self, leavers: list[int]) -> None:
@@ -274,6 +349,7 @@ class Sim:
             self.alive[n] = False
             self.member[n] = False
             self.gone[n] = True
+        self.members -= len(leavers)
         self.ranking.update(self.alive)
         self.plans.clear()
         gone = set(leavers)
@@ -282,9 +358,10 @@ class Sim:
         for k in sorted(cut, reverse=True):
             req, src = self.f_req[k], int(self.f_src[k])
             assert req is not None
-            moved = int(self.f_len[k] - max(0.0, self.f_rem[k]))
+            moved = int(max(0.0, self.f_len[k] - max(0.0, self.f_rem[k])))  # a relayed stream may be owed bytes
             self.account(src, moved)
             self.remove_flow(k)
+            self.unfollow(req)
             if src != self.cfg.nodes and src not in gone:
                 self.uploading[src] -= 1
                 self.pump(src)
@@ -307,19 +384,18 @@ class Sim:
             self.queue[n].clear()
             self.jobs[n].clear()
             self.todo[n].clear()
+            self.ahead[n].clear()
+            self.gate_wait[n].clear()
+            self.live[n].clear()
 
     # ---- one node's slots ---------------------------------------------------------------------------------
 
     def fill(self, n: int) -> None:
-        """Give node ``n``'s free slots work: pieces peers asked it for first, then its own queue."""
+        """Give node ``n``'s free worker slots its own queue (rounds order), skipping pieces taken meanwhile."""
         state = self.state[n]
+        todo = self.todo[n]
+        deferred = self.deferred[n]
         while self.free[n] > 0:
-            if self.jobs[n]:
-                i = self.jobs[n].popleft()
-                self.free[n] -= 1
-                self.start(n, i, defer=False, for_peer=True)
-                continue
-            todo = self.todo[n]
             while todo and state[todo[0]] != 0:
                 todo.popleft()  # taken meanwhile for a peer that asked us as its home
             if not todo:
@@ -327,7 +403,54 @@ class Sim:
             i = todo.popleft()
             state[i] = 1
             self.free[n] -= 1
-            self.start(n, i, defer=bool(todo) and i not in self.deferred[n], for_peer=False)
+            self.ask(Req(n, i, self.sources(n, i), bool(todo) and i not in deferred, WORKER))
+
+    def jobs_fill(self, n: int) -> None:
+        """Pieces peers asked us for as their home (Engine.ensure_piece), on the engine's peer slots."""
+        jobs = self.jobs[n]
+        while jobs and self.pfree[n] > 0:
+            i = jobs.popleft()
+            self.pfree[n] -= 1
+            self.ask(Req(n, i, self.sources(n, i), False, JOB))
+
+    def pace(self, n: int) -> None:
+        """Home pieces fetched ahead: in index order, at most LOOKAHEAD x the origin gate's size under way."""
+        ahead = self.ahead[n]
+        gate = self.gates[n]
+        while ahead and gate is not None and self.pace_in[n] < LOOKAHEAD * gate.limit():
+            i = ahead.popleft()
+            self.pace_in[n] += 1
+            self.ask(Req(n, i, self.sources(n, i), False, AHEAD))
+
+    def hurry(self, n: int, i: int) -> None:
+        """A peer waited half the home's wait for piece ``i`` to start: it goes in now, over both gates."""
+        if self.gone[n] or self.state[n][i] != 1:
+            return
+        hurried = self.hurried[n]
+        if i in hurried:
+            return
+        hurried.add(i)
+        ahead = self.ahead[n]
+        if i in ahead:  # not under way yet: past the lookahead gate
+            ahead.remove(i)
+            self.pace_in[n] += 1
+            self.ask(Req(n, i, self.sources(n, i), False, AHEAD))
+            return
+        for _, _, req in self.gate_wait[n]:  # waiting at the origin gate: in now (its heap entry goes stale)
+            if req.piece == i and req.live and req.k < 0:
+                self.gate_in[n] += 1
+                req.gated = True
+                self.origin(req)
+                return
+
+    def wake_gate(self, n: int) -> None:
+        heap, gate = self.gate_wait[n], self.gates[n]
+        while heap and gate is not None and self.gate_in[n] < max(1, gate.limit()):
+            _, _, req = heapq.heappop(heap)
+            if req.live and req.k < 0 and not req.gated:
+                self.gate_in[n] += 1
+                req.gated = True
+                self.origin(req)
 
     def sources(self, n: int, i: int) -> list[tuple[int, str]]:
         """The real plan() over this node's view of the piece's candidates (benched peers left out)."""
@@ -336,58 +459,56 @@ class Sim:
         if bench:
             now = self.now
             top = [m for m in top if bench.get(m, 0.0) <= now]
-            if len(top) < PROBES + 1 and len(self.ranking.top[i]) >= TOP:
+            if len(top) < DEPTH and len(self.ranking.top[i]) >= TOP:
                 live = [u for u, a in zip(self.urls, self.alive, strict=True) if a and bench.get(self.index[u], 0.0) <= now]
-                top = [self.index[u] for u in rank(piece_key(DIGEST, i), live)[:PROBES + 1]]
-        else:
+                top = [self.index[u] for u in rank(piece_key(DIGEST, i), live)[:DEPTH]]
+        elif n not in top[:PROBES + 1]:
             # Every node outside a piece's first candidates gets the same plan: computed once per membership.
-            first = top[:PROBES + 1]
-            if n not in first:
-                cached = self.plans.get(i)
-                if cached is None:
-                    cached = self.plans[i] = self.plan(first, n)
-                return cached
-        return self.plan(top[:PROBES + 1], n)
+            cached = self.plans.get(i)
+            if cached is None:
+                cached = self.plans[i] = self.plan(top[:DEPTH], n)
+            return cached
+        return self.plan(top[:DEPTH], n)
 
     def plan(self, first: list[int], n: int) -> list[tuple[int, str]]:
         urls = self.urls
         return [(self.index[u], mode) for u, mode in plan([urls[m] for m in first], urls[n])]
-
-    def start(self, n: int, i: int, *, defer: bool, for_peer: bool) -> None:
-        req = Req(n, i, self.sources(n, i), defer, for_peer)
-        self.ask(req)
 
     # ---- one request through its sources ------------------------------------------------------------------
 
     def ask(self, req: Req) -> None:
         """Try the request's next target or source until bytes flow, it waits, or it is deferred."""
         i = req.piece
+        member, state = self.member, self.state
         while True:
             redirected = bool(req.targets)
-            if req.targets:
+            if redirected:
                 t, mode = req.targets.pop(0)
             elif req.pos < len(req.sources):
                 t, mode = req.sources[req.pos]
                 req.pos += 1
             else:
-                self.flow(ORIGIN, req)
+                self.to_origin(req)
                 return
             req.sent = self.now
             if mode == "fallback":  # the client's Round: the home's stand-in once the home failed
                 mode = "home" if req.home_failed else "have"
-            if not self.member[t]:
+            if not member[t]:
                 self.bench[req.node][t] = self.now + FAILED_PAUSE  # refused: benched, next source at once
                 if not (redirected and req.targets):  # a holder we were sent to is gone: back to the home
                     req.targets = []
                 if t == req.home:
                     req.home_failed = True
                 continue
-            holds = self.state[t][i] == 2
+            holds = state[t][i] == 2
             if mode == "home":
                 if holds:
                     if self.decide(t, req):
                         return
                     continue
+                if i in self.live[t]:  # the server's _await_piece: streamed while it arrives (p2p/relay.py)
+                    self.upload(t, req, home=t)
+                    return
                 if self.pulling(t):
                     self.ensure(t, req)
                     return
@@ -399,10 +520,56 @@ class Sim:
                 return
             # a miss: the next target (after a redirect, the home in ``held`` mode), else the next source
 
+    def to_origin(self, req: Req) -> None:
+        """Every peer asked: the origin, through the node's origin gate if it is a home piece fetched ahead."""
+        n = req.node
+        if req.kind == AHEAD and not req.gated:
+            gate = self.gates[n]
+            assert gate is not None
+            if req.piece in self.hurried[n]:
+                self.gate_in[n] += 1
+            elif self.gate_in[n] < max(1, gate.limit()):
+                self.gate_in[n] += 1
+            else:
+                self._seq += 1
+                heapq.heappush(self.gate_wait[n], (gate.position(DIGEST, req.piece) or 0, self._seq, req))
+                return
+            req.gated = True
+        self.origin(req)
+
+    def origin(self, req: Req) -> None:
+        """An origin read begins: relayed to peers if it is a whole piece we are home for, with live peers."""
+        n, i = req.node, req.piece
+        if self.origin_fetches[i]:
+            self.why(req)
+        self.origin_fetches[i] += 1
+        self.flow(ORIGIN, req)
+        live = self.live[n]
+        if req.got == 0 and self.members > 1 and self.ranking.top[i][0] == n and len(live) < self.relay_slots:
+            req.relayed = True
+            req.followers = []
+            live[i] = req
+            for w in self.waiters[n].pop(i, []):  # the requests waiting on us: streamed from now
+                if self.waiting(w):
+                    w.token += 1
+                    self.upload(n, w, home=n)
+
+    def why(self, req: Req) -> None:
+        """A piece read from the origin again: record whether a peer held it or was reading it then (a read
+        resumed at the byte reached counts the part of a piece it reads)."""
+        i = req.piece
+        held = any(self.state[m][i] == 2 and not self.gone[m] for m in range(self.cfg.nodes))
+        reading = any(i in self.live[m] for m in range(self.cfg.nodes) if not self.gone[m])
+        role = ("home" if self.ranking.top[i][0] == req.node else "other") + ("-ahead" if req.kind == AHEAD else
+                                                                           "-job" if req.kind == JOB else "")
+        key = f"{role}, {'held by a peer' if held else 'relayed by a peer' if reading else 'nowhere'}"
+        if req.got:
+            key = "resumed " + key
+        self.again[key] = round(self.again.get(key, 0) + (self.lengths[i] - req.got) / self.piece, 2)
+
     def decide(self, home: int, req: Req) -> bool:
         """The home holds the piece: serve it (True) or send the requester to a holder (False, targets set)."""
-        key = (DIGEST, req.piece * self.piece)
-        holder = self.holders[home].next_holder(key, self.urls[req.node])
+        holder = self.holders[home].next_holder((DIGEST, req.piece * self.piece), self.urls[req.node])
         if holder is None:
             self.upload(home, req, home=home)
             return True
@@ -417,24 +584,28 @@ class Sim:
         """The home does not hold it and is not fetching it in time: defer once (True), else the next source."""
         if req.defer and req.pos == 1 and req.got == 0 and not req.targets:
             self.deferred[req.node].add(req.piece)
-            self.release(req, deferred=True)
+            self.release(req)
             return True
         return False
 
     def ensure(self, home: int, req: Req) -> None:
-        """``Engine.ensure_piece`` at the home: fetch the piece now (once) and make the requester wait for it."""
+        """``Engine.ensure_piece`` at the home: fetch the piece now (once) and make the requester wait for it;
+        a home piece not begun yet is hurried past the gates after half the wait (the server's _await_piece)."""
         i = req.piece
         state = self.state[home]
         if state[i] == 0:
             state[i] = 1
             self.jobs[home].append(i)
+        elif i not in self.hurried[home]:
+            self.at(self.now + HOME_WAIT / 2, lambda: self.hurry(home, i))
         self.waiters[home].setdefault(i, []).append(req)
-        req.since = min(req.since, self.now)
+        if req.waits_on != home:
+            req.since, req.waits_on = self.now, home
         req.token += 1
         token = req.token
         self.at(self.now + HOME_WAIT, lambda: self.home_timeout(home, req, token))
-        if self.free[home] > 0:
-            self.fill(home)
+        if self.jobs[home]:
+            self.jobs_fill(home)
 
     def waiting(self, req: Req) -> bool:
         """The request still wants its piece (its node did not leave)."""
@@ -495,6 +666,10 @@ class Sim:
             if not self.waiting(req) or req.token != token or self.now > req.sent + READ_TIMEOUT:
                 continue
             req.token += 1
+            if self.state[src][req.piece] != 2 and req.piece not in self.live[src]:
+                req.targets = [(src, "home")]  # it was live and is no more: ask again
+                self.ask(req)
+                continue
             self.uploading[src] += 1
             self.flow(src, req)
 
@@ -503,14 +678,14 @@ class Sim:
         (the fallback as the home if it was the home)."""
         if bench:
             self.bench[req.node][peer] = self.now + FAILED_PAUSE
-        if peer == req.home:
-            req.home_failed = True
+        if peer == req.home or (req.home >= 0 and not self.member[req.home]):
+            req.home_failed = True  # (a home that left is refused when the patient ask goes back to it)
         home = req.home
         # A holder the home sent us to failed: back to the home (the client's patient ask), which holds it.
         req.targets = [(home, "home")] if home >= 0 and not req.home_failed and self.member[home] else []
         self.ask(req)
 
-    def release(self, req: Req, *, deferred: bool) -> None:
+    def release(self, req: Req) -> None:
         """The request is over without the piece (deferred): the slot takes other work."""
         n, i = req.node, req.piece
         req.live = False
@@ -540,16 +715,50 @@ class Sim:
         self.f_dst[k] = req.node
         self.f_rem[k] = self.f_len[k] = left
         self.f_req[k] = req
-        self.nf += 1
+        req.k = k
+        req.src = src
+        self.nf = k + 1
+        if src == ORIGIN:
+            self.streams += 1
+            self.peak_streams = max(self.peak_streams, self.streams)
+        if src >= 0 and self.state[src][req.piece] != 2:  # streamed while it arrives at its home
+            up = self.live[src][req.piece]
+            assert up.followers is not None
+            up.followers.append(req)
+            self.relayed_streams += 1
+            req.up = up
+            self.following.add(req)
 
     def remove_flow(self, k: int) -> None:
         last = self.nf - 1
+        f_req = self.f_req
+        gone = f_req[k]
+        if self.f_src[k] == self.cfg.nodes:
+            self.streams -= 1
         if k != last:
             self.f_src[k], self.f_dst[k] = self.f_src[last], self.f_dst[last]
             self.f_rem[k], self.f_len[k] = self.f_rem[last], self.f_len[last]
-            self.f_req[k] = self.f_req[last]
-        self.f_req[last] = None
+            moved = f_req[k] = f_req[last]
+            assert moved is not None
+            moved.k = k
+        f_req[last] = None
+        if gone is not None:
+            gone.k = -1
         self.nf = last
+
+    def unfollow(self, req: Req) -> None:
+        """``req``'s flow ended: it no longer streams a piece in progress, nor is one streamed from it."""
+        if req.up is not None:
+            self.following.discard(req)
+            req.up = None
+        if req.followers is not None:
+            for f in req.followers:
+                f.up = None
+                self.following.discard(f)
+            req.followers = None
+        if req.relayed:
+            req.relayed = False
+            self.live[req.node].pop(req.piece, None)
 
     def account(self, src: int, moved: int) -> None:
         if src == self.cfg.nodes or src == ORIGIN:
@@ -561,25 +770,62 @@ class Sim:
     def finished(self, req: Req, src: int, length: int) -> None:
         self.account(src, length)
         n, i = req.node, req.piece
+        self.unfollow(req)
         if src != self.cfg.nodes:
             self.uploading[src] -= 1
             self.holders[src].served((DIGEST, i * self.piece), self.urls[n])
-            self.pump(src)
+            if self.queue[src]:
+                self.pump(src)
         req.live = False
         self.state[n][i] = 2
         self.held[n] += 1
         if self.held[n] == self.P:
             self.done[n] = self.now
-        for w in self.waiters[n].pop(i, []):  # peers that asked us as the piece's home
-            if self.waiting(w):
-                w.token += 1
-                if not self.decide(n, w):
-                    self.ask(w)
-        self.free[n] += 1
-        self.fill(n)
+        waiters = self.waiters[n].pop(i, None)
+        if waiters:
+            for w in waiters:  # peers that asked us as the piece's home
+                if self.waiting(w):
+                    w.token += 1
+                    if not self.decide(n, w):
+                        self.ask(w)
+        kind = req.kind
+        if kind == WORKER:
+            self.free[n] += 1
+            self.fill(n)
+        elif kind == JOB:
+            self.pfree[n] += 1
+            self.jobs_fill(n)
+        else:
+            gate = self.gates[n]
+            assert gate is not None
+            self.pace_in[n] -= 1
+            self.hurried[n].discard(i)
+            gate.passed(DIGEST)
+            if req.gated:
+                self.gate_in[n] -= 1
+                self.wake_gate(n)
+            self.pace(n)
 
     def rates(self) -> np.ndarray:
-        """Max-min fair rates by progressive filling over the flows' upload and download caps."""
+        """Max-min fair rates by progressive filling over the flows' upload and download caps; a request
+        streaming a piece still arriving at its home goes no faster than the home receives it once caught up."""
+        nf = self.nf
+        rate = self._fill(None)
+        if self.following:
+            caps = np.full(nf, math.inf)
+            rem, length = self.f_rem, self.f_len
+            capped = False
+            for f in self.following:
+                up = f.up
+                assert up is not None
+                if f.got + length[f.k] - rem[f.k] >= up.got + length[up.k] - rem[up.k] - 1e-6 * self.piece:
+                    caps[f.k] = rate[up.k]
+                    capped = True
+            if capped:
+                rate = self._fill(caps)
+        return rate
+
+    def _fill(self, caps: np.ndarray | None) -> np.ndarray:
         nf = self.nf
         src, dst = self.f_src[:nf], self.f_dst[:nf]
         m = self.cfg.nodes + 1
@@ -592,10 +838,14 @@ class Sim:
             nd = np.bincount(d, minlength=m)
             with np.errstate(divide="ignore", invalid="ignore"):
                 share = np.minimum(up[s] / nu[s], down[d] / nd[d])
+            if caps is not None:
+                share = np.minimum(share, caps[live] - rate[live])
             rate[live] += share
             up -= np.bincount(s, weights=share, minlength=m)
             down -= np.bincount(d, weights=share, minlength=m)
             live &= (up[src] > 1e-6 * self.cfg.up) & (down[dst] > 1e-6 * self.cfg.down)
+            if caps is not None:
+                live &= rate < caps - 1e-9 * self.cfg.up
             if not live.any():
                 break
         return rate
@@ -610,25 +860,34 @@ class Sim:
 
     def _run(self, started: float) -> Result:
         q = self.cfg.quantum * self.piece / self.cfg.down
+        timers = self.timers
         while True:
-            while self.timers and self.timers[0][0] <= self.now:
-                _, _, _, call = heapq.heappop(self.timers)
+            while timers and timers[0][0] <= self.now:
+                _, _, call = heapq.heappop(timers)
                 call()
                 self.events += 1
             if self.nf == 0:
-                if not self.timers:
+                if not timers:
                     break
-                self.now = self.timers[0][0]
+                self.now = timers[0][0]
                 continue
             rate = self.rates()
             rem = self.f_rem[:self.nf]
             with np.errstate(divide="ignore"):
                 eta = float(np.min(rem / rate))
             step = max(eta, q)
-            if self.timers:
-                step = min(step, max(0.0, self.timers[0][0] - self.now))
+            if timers:
+                step = min(step, max(0.0, timers[0][0] - self.now))
             self.now += step
             rem -= rate * step
+            if self.following:  # never ahead of the bytes its home has
+                length = self.f_len
+                for f in self.following:
+                    up = f.up
+                    assert up is not None
+                    allowed = up.got + length[up.k] - rem[up.k] - f.got
+                    if length[f.k] - rem[f.k] > allowed:
+                        rem[f.k] = length[f.k] - allowed
             ended = np.flatnonzero(rem <= 1e-3 * self.piece)
             if ended.size:
                 srcs, lengths = self.f_src[ended].tolist(), self.f_len[ended].tolist()
@@ -647,7 +906,10 @@ class Sim:
         durations = [self.done[n] - self.arrived[n] for n in members]
         return Result(self.cfg, self.origin_bytes, durations, list(self.uploaded),
                       max(self.done[n] for n in members), self.events, time.monotonic() - started,
-                      from_peers=self.from_peers, timeouts=self.timeouts, redirects=self.redirects)
+                      from_peers=self.from_peers, timeouts=self.timeouts, redirects=self.redirects,
+                      extra={"relayed": self.relayed_streams / max(1, self.P * len(members)),
+                             "peak origin streams": self.peak_streams, **{
+                          f"again: {k}": v for k, v in sorted(self.again.items())}})
 
 
 def simulate(cfg: Config, ranking: Ranking | None = None) -> Result:
@@ -664,15 +926,18 @@ SCENARIOS: dict[str, dict[str, float]] = {
 
 def row(name: str, r: Result) -> dict[str, object]:
     """One line of the table: the scenario, the node count, the figures and how long the simulation took."""
-    return {"scenario": name, "nodes": r.config.nodes, "model": r.config.model, **r.ratios(), "wall": r.wall}
+    return {"scenario": name, "nodes": r.config.nodes, "model": r.config.model, **r.ratios(), "wall": r.wall,
+            "cpu": r.extra.get("cpu", 0.0), "order": r.config.order,
+            "why": {k[len("again: "):]: v for k, v in r.extra.items() if k.startswith("again: ")}}
 
 
 def table(rows: list[dict]) -> list[str]:
     out = [f"{'scenario':<20} {'nodes':>5}  {'origin/model':>12}  {'slowest/solo':>12}  {'p50':>5}  {'p99':>5}  "
-           f"{'max/mean upload':>15}  {'sim s':>6}"]
+           f"{'max/mean upload':>15}  {'wall s':>6}  {'cpu s':>6}"]
     for f in rows:
         out.append(f"{f['scenario']:<20} {f['nodes']:>5}  {f['origin']:>12.3f}  {f['slowest']:>12.2f}  "
-                   f"{f['p50']:>5.2f}  {f['p99']:>5.2f}  {f['upload']:>15.2f}  {f['wall']:>6.1f}")
+                   f"{f['p50']:>5.2f}  {f['p99']:>5.2f}  {f['upload']:>15.2f}  {f['wall']:>6.0f}  "
+                   f"{f.get('cpu', 0.0):>6.0f}")
     return out
 
 
@@ -724,6 +989,9 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=ROOT / "benchmarks" / "sim-p2p.png")
     parser.add_argument("--save", type=Path, help="append each result to this file (JSON lines) as it comes")
     parser.add_argument("--load", type=Path, nargs="+", help="print and plot results saved with --save instead")
+    parser.add_argument("--order", choices=["rounds", "walk"], default="rounds",
+                        help="the workers' order: router.rounds (the daemon's) or the earlier router.walk")
+    parser.add_argument("--why", action="store_true", help="say why pieces were read from the origin again")
     args = parser.parse_args()
 
     nodes = args.nodes or ([10, 100] if args.quick else [10, 100, 1000, 5000])
@@ -741,11 +1009,17 @@ def main() -> None:
     for n in [] if args.load else nodes:
         ranking = None
         for name in chosen:
-            cfg = Config(n, model=model, up=node_cap, down=node_cap, origin=origin_cap, **SCENARIOS[name])  # type: ignore[arg-type]
+            cfg = Config(n, model=model, up=node_cap, down=node_cap, origin=origin_cap, order=args.order,
+                         **SCENARIOS[name])  # type: ignore[arg-type]
+            cpu = time.process_time()
             sim = Sim(cfg, ranking)
             ranking = sim.ranking
-            rows.append(row(name, sim.run()))
+            result = sim.run()
+            result.extra["cpu"] = time.process_time() - cpu  # the first scenario's includes the ranking's weights
+            rows.append(row(name, result))
             print(table(rows[-1:])[-1], flush=True)
+            if args.why:
+                print("    read from the origin again:", rows[-1]["why"] or "none", flush=True)
             if args.save:
                 with args.save.open("a") as f:
                     f.write(json.dumps(rows[-1]) + "\n")

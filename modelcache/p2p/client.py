@@ -9,6 +9,11 @@ attempt (a miss or failure hands over to the next source at once). Modes:
   we then try that holder, and the home itself again if the holder lacks it;
 - ``have``: serve it only if held now, else 404 at once.
 
+A node with an origin stream to spare (``spare``, :mod:`.gate`) adds
+``spare=1`` to a home ask; a home whose fetch of that piece still queues
+gives it away, answering 404 ``origin`` as to an elected requester (and
+sends later requesters to us): we fetch it from the origin and relay it.
+
 A home that is fetching the piece (or about to: its pull is resolving or
 has the blob queued) and does not hold it after its short wait answers 404
 with ``X-Modelcache-Mode: wait``: a peer fetches it, so the origin must not.
@@ -62,10 +67,13 @@ class PeerClient:
 
     def __init__(self, secret: bytes, node_id: str, *, connect_timeout: float = 0.5, read_timeout: float = 5.0,
                  me: Callable[[], str | None] = lambda: None,
-                 found_self: Callable[[str], None] = lambda url: None) -> None:
+                 found_self: Callable[[str], None] = lambda url: None,
+                 spare: Callable[[], bool] = lambda: False,
+                 took: Callable[[Blob, int], None] = lambda blob, offset: None) -> None:
         self.secret, self.node_id = secret, node_id
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self._me, self._found_self = me, found_self
+        self.spare, self.took = spare, took  # an origin stream to spare here; a home gave us a piece (.gate)
         self._session: aiohttp.ClientSession | None = None
 
     def session(self) -> aiohttp.ClientSession:
@@ -196,6 +204,11 @@ class PeerSource:
         while targets:
             url, mode = targets.pop(0)
             path = f"/v1/peer/blobs/{blob.digest}?mode={mode}"
+            # Asking the home itself, with an origin stream to spare: it may give us the piece if it still
+            # queues there (.gate). In the signed path, so nobody on the way can make us take it.
+            spare = mode == "home" and url == self.url and self.mode == "home" and self.client.spare()
+            if spare:
+                path += "&spare=1"
             started = False
             try:
                 async with self.client.session().get(url + path, headers=self.client.headers("GET", path, range_),
@@ -224,6 +237,8 @@ class PeerSource:
                         if mode == "home" and r.headers.get(MODE_HEADER) != "origin":
                             # the home is not fetching it yet: other pieces first, then on
                             raise NotYet(f"{self.name} does not hold {range_} of {blob.digest[:19]} yet")
+                        if spare and r.headers.get(MODE_HEADER) == "origin":
+                            self.client.took(blob, offset)  # ours to fetch from the origin, on a spare stream
                         raise NotFound(f"{self.name} does not hold {range_} of {blob.digest[:19]}")
                     if r.status != 206:
                         self.failed_at = url

@@ -28,12 +28,27 @@ the piece's other candidates whether they hold it (after a membership
 change an earlier home may): on links full of bulk transfers such a small
 request can take a second, so the next pieces ask while the current ones
 are read, :data:`LOOKAHEAD` per origin stream (a second gate, the engine's ``pace``).
-A piece a peer is waiting on goes in at once, over the limit
-(:meth:`Gate.hurry`: its home waited half its wait for it to start), so the
-gate never makes a requester give up on its home and go to the origin.
+A piece a peer is waiting on goes in next (:meth:`Gate.hurry`: its home
+waited half its wait for it to start), ahead of every other waiter but
+within the limit: let in over the limit, as it once was, several waited-on
+pieces at once opened a burst of streams on one node, each crawling at 1 to
+1.5 MB/s beside its peers' bytes for seconds, while the peers waited on
+them (issue 11's namespace test). The requester keeps asking meanwhile (its
+patient ask), so it never gives up on its home for the origin.
 Waiters go in by priority (a piece's position among the node's home pieces
 of its blob), then by arrival, so with several blobs the homes fetch the
 ``k``-th piece of each before the ``k+1``-th, as requesters walk them.
+
+Shares follow piece counts, not rates: a home whose origin streams crawl
+(its download link full of peers' bytes) falls behind while the others
+finish their home pieces and leave the origin's link half idle (issue 11's
+namespace test: the last home fetched alone for 1.5 to 2 s). So a node whose
+home pieces have all started and that has an origin stream to spare
+(:meth:`Gate.spare`) says so when it asks a home for a piece, and a home
+whose piece still queues here gives it away (:meth:`Gate.give`: the waiting
+fetch ends with :class:`Given` and goes back to the engine's queue, to be
+had from the taker): the home elects the taker to fetch it, which counts it
+as borrowed (:meth:`Gate.borrow`) until its origin read ends.
 """
 
 from __future__ import annotations
@@ -45,13 +60,20 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 
+from ..errors import NotFound
 from ..model import Blob
 from ..sources.base import ByteSource
 
 Tag = tuple[str, int]  # (blob digest, piece index)
 _URGENT = 10_000  # hurried pieces remembered at most
+_FIRST = -1  # the priority of a hurried piece: before any position
 ORIGIN_STREAMS = 8  # the cluster's origin streams for home pieces: one node's default --concurrency
 LOOKAHEAD = 2  # home pieces under way per origin stream: the next asks its other candidates meanwhile
+BORROW_SECONDS = 5.0  # a piece given to us counts against our spare streams this long at most before its read
+
+
+class Given(NotFound):
+    """This home piece's home gave it to a peer with an origin stream to spare: had from that peer instead."""
 
 
 @dataclass
@@ -78,7 +100,8 @@ class Gate:
         self._seq = itertools.count()
         self._work: dict[str, _Plan] = {}  # blob -> its home pieces fetched ahead
         self._tagged: dict[Tag, asyncio.Future[None]] = {}  # waiters by piece
-        self._urgent: set[Tag] = set()  # pieces a peer waits on: they go in at once
+        self._urgent: set[Tag] = set()  # pieces a peer waits on: they go in next
+        self._borrowed: dict[Tag, float] = {}  # pieces homes gave us to fetch -> when (until their read ends)
 
     def plan(self, key: str, pieces: list[int], total: int, length: int) -> None:
         """``pieces`` (indexes) of the ``total`` of blob ``key``, ``length`` bytes each, are fetched ahead, each to
@@ -95,14 +118,46 @@ class Gate:
         return key, offset // plan.length
 
     def hurry(self, tag: Tag) -> None:
-        """A peer waits on this piece: let it in now, over the limit (and at once if it comes later)."""
+        """A peer waits on this piece: it goes in next, before every other waiter (also if it comes later)."""
         if len(self._urgent) >= _URGENT:
             self._urgent.clear()
         self._urgent.add(tag)
         waiter = self._tagged.get(tag)
         if waiter is not None and not waiter.done():
-            self._inside += 1
-            waiter.set_result(None)
+            # Queued again, first: its earlier entry is skipped once it is let in.
+            heapq.heappush(self._waiting, (_FIRST, next(self._seq), waiter))
+            self._wake()
+
+    def give(self, tag: Tag) -> bool:
+        """Give up piece ``tag`` if it still waits here (its fetch ends with :class:`Given`); whether it did."""
+        waiter = self._tagged.get(tag)
+        if waiter is None or waiter.done():
+            return False
+        waiter.set_exception(Given(f"piece {tag[1]} of {tag[0][:19]} given to a peer"))
+        return True
+
+    def waiting(self) -> bool:
+        """Whether any fetch waits for its turn here."""
+        return any(not waiter.done() for _, _, waiter in self._waiting)
+
+    def borrow(self, tag: Tag, now: float) -> None:
+        """A home gave us piece ``tag`` to fetch from the origin: it takes a stream until :meth:`returned`."""
+        self._borrowed[tag] = now
+
+    def borrowed(self, tag: Tag) -> bool:
+        """Whether piece ``tag`` was given to us to fetch."""
+        return tag in self._borrowed
+
+    def returned(self, tag: Tag) -> None:
+        """The origin read of a borrowed piece ended."""
+        self._borrowed.pop(tag, None)
+
+    def spare(self, now: float) -> bool:
+        """Every home piece of ours has started, and an origin stream is free for a piece a home gives us."""
+        for tag, at in list(self._borrowed.items()):
+            if now - at > BORROW_SECONDS:
+                del self._borrowed[tag]  # given, but never read (another source had it): no longer ours
+        return not self.waiting() and self._inside + len(self._borrowed) < self._limit()
 
     def position(self, key: str, index: int) -> int | None:
         """Piece ``index`` of blob ``key``'s place among the pieces fetched ahead, if it is one."""
@@ -147,8 +202,7 @@ class Gate:
 
     async def _enter(self, priority: int, tag: Tag | None) -> None:
         if tag is not None and tag in self._urgent:
-            self._inside += 1
-            return
+            priority = _FIRST
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiting, (priority, next(self._seq), waiter))
         if tag is not None:
@@ -157,7 +211,7 @@ class Gate:
         try:
             await waiter
         except BaseException:
-            if waiter.done() and not waiter.cancelled():
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self._leave()  # let in, but cancelled before it could go on: give the place back
             else:
                 waiter.cancel()  # left in the heap, skipped when its turn comes

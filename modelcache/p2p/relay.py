@@ -31,13 +31,16 @@ from __future__ import annotations
 import asyncio
 import bisect
 from collections.abc import AsyncIterator, Callable
+from contextvars import Token
 
 from ..model import Blob
 from ..sources.base import ByteSource
+from ..sources.rawget import FILL
 
 BUDGET = 256 << 20  # bytes of pieces in flight kept for peers at most, all pieces together
 KEEP = 5.0  # seconds a whole piece stays after its last byte (it is durable by then)
 WAIT = 60.0  # seconds a reader waits for the next bytes at most (the origin read stalls out before that)
+BLOCK = 256 << 10  # bytes per hand-off from the origin's reader at most while a piece is relayed
 
 Key = tuple[str, int]  # (blob digest, piece start)
 
@@ -77,6 +80,17 @@ class LivePiece:
     def _wake(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
+
+    async def arrived(self, offset: int, seconds: float) -> bool:
+        """Wait up to ``seconds`` for the byte at blob offset ``offset``; whether it is here."""
+        at = offset - self.start
+        try:
+            async with asyncio.timeout(seconds):
+                while at >= self.size and not self.broken:
+                    await self._changed.wait()
+        except TimeoutError:
+            return False
+        return at < self.size
 
     async def read(self, offset: int, limit: int) -> bytes:
         """Up to ``limit`` bytes at blob offset ``offset`` (inside the piece), waiting until some arrived;
@@ -158,12 +172,20 @@ class RelayedOrigin:
             async for block in self._origin.read(blob, offset, length):
                 yield block
             return
+        # Small hand-offs from the origin's reader, so peers get the bytes as they come (it reads the
+        # variable as its body starts: set for our first block only, in this task's context).
+        token: Token[int] | None = FILL.set(BLOCK)
         try:
             async for block in self._origin.read(blob, offset, length):
+                if token is not None:
+                    FILL.reset(token)
+                    token = None
                 piece.add(bytes(block[:length - piece.size]))  # a copy: the reader may reuse its buffers
                 if piece.whole:
                     self._relay.close(blob.digest, piece)  # before the last yield: a reader may stop there
                 yield block
         finally:
+            if token is not None:
+                FILL.reset(token)
             if not piece.whole:
                 self._relay.close(blob.digest, piece)

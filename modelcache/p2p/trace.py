@@ -51,9 +51,17 @@ class TracedOrigin:
         """The range from the origin, timed."""
         event("origin-start", blob.digest, offset, length)
         got = 0
+        last = time.monotonic()
+        gap, gap_at = 0.0, 0
         try:
             async for block in self._origin.read(blob, offset, length):
+                now = time.monotonic()
+                if now - last > gap:
+                    gap, gap_at = now - last, got
+                last = now
                 got += len(block)
+                if got >= length:
+                    event("origin-gap", blob.digest, offset, int(gap * 1000), str(gap_at))
                 if got >= length:
                     event("origin-end", blob.digest, offset, got)  # a reader that stops here never resumes us
                 yield block

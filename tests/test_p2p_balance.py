@@ -1,0 +1,243 @@
+"""What keeps the peer exchange in step with the origin (issue 11's namespace test): pieces relayed in small
+hand-offs from the origin's reader, and home pieces still queued given to a peer with a stream to spare."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from modelcache.errors import NotFound
+from modelcache.model import Blob
+from modelcache.p2p import signing
+from modelcache.p2p.client import HOLDER_HEADER, MODE_HEADER, URL_HEADER, PeerClient
+from modelcache.p2p.gate import BORROW_SECONDS, Gate, Given
+from modelcache.p2p.limit import RateLimit
+from modelcache.p2p.relay import BLOCK, Relay, RelayedOrigin
+from modelcache.p2p.server import PeerServer
+from modelcache.sources.rawget import BUFFER, FILL, RawPool
+from modelcache.store import Store
+
+PIECE = 4 << 20
+SECRET = b"s" * 16
+
+
+def test_a_relayed_piece_leaves_the_origins_reader_in_small_blocks_while_it_arrives() -> None:
+    """The lean reader hands over 4 MiB buffers: a 4 MiB piece relayed through it reached its peers in one
+    block, after its last byte. Relayed, it comes in blocks of at most relay.BLOCK, the first long before the
+    last; the reader's default is back once the piece started (other reads of the task keep 4 MiB)."""
+    data = bytes(range(256)) * (PIECE // 256)
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Length": str(len(data))})
+        await resp.prepare(request)
+        for at in range(0, len(data), 256 << 10):
+            await resp.write(data[at:at + (256 << 10)])
+            await asyncio.sleep(0.02)  # about 0.3 s in all
+        await resp.write_eof()
+        return resp
+
+    class Origin:
+        name = "oci://origin"
+
+        def __init__(self, pool: RawPool, url: str) -> None:
+            self.pool, self.url = pool, url
+
+        async def read(self, blob: Blob, offset: int, length: int):
+            resp = await self.pool.get(self.url, {})
+            async for block in resp.body():
+                yield block
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get("/blob", slow)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        pool = RawPool(connect_timeout=5, read_timeout=5)
+        relay = Relay()
+        blob = Blob("sha256:" + "cd" * 32, len(data))
+        try:
+            source = RelayedOrigin(Origin(pool, f"http://127.0.0.1:{port}/blob"), relay, lambda b, o, n: True)
+            sizes, live_seen, got = [], [], b""
+            async for block in source.read(blob, 0, len(data)):
+                sizes.append(len(block))
+                piece = relay.find(blob.digest, 0)
+                live_seen.append(piece.size if piece is not None else -1)
+                got += bytes(block)
+                assert FILL.get() == BUFFER  # set for the reader's start only
+            assert got == data
+            assert max(sizes) <= BLOCK and len(sizes) >= PIECE // BLOCK
+            assert 0 < live_seen[0] < len(data)  # peers could read the first bytes before the last came
+        finally:
+            pool.close()
+            await runner.cleanup()
+
+    asyncio.run(main())
+
+
+async def _queued(gate: Gate, tag: tuple[str, int]) -> str:
+    try:
+        async with gate.turn(5, tag):
+            return "fetched"
+    except Given:
+        return "given"
+
+
+def test_a_home_gives_a_queued_piece_and_a_node_counts_the_pieces_it_took() -> None:
+    """Gate.give ends a fetch still waiting for its turn with Given (its place never taken), not one let in;
+    Gate.spare: nothing waiting and a stream free, pieces taken from homes counting until their read ends."""
+
+    async def go() -> None:
+        gate = Gate(lambda: 2)
+        release = asyncio.Event()
+
+        async def hold() -> None:
+            async with gate.turn(0):
+                await release.wait()
+
+        holders = [asyncio.create_task(hold()) for _ in range(2)]
+        queued = asyncio.create_task(_queued(gate, ("blob", 7)))
+        await asyncio.sleep(0.01)
+        assert not gate.spare(time.monotonic())  # a fetch of ours waits: nothing to spare
+        assert gate.give(("blob", 7)) and await queued == "given"
+        assert not gate.give(("blob", 7)) and not gate.give(("blob", 8))  # nothing waits for those
+        assert gate.inside == 2 and not gate.waiting()
+        assert not gate.spare(time.monotonic())  # both streams busy
+        release.set()
+        await asyncio.gather(*holders)
+        assert gate.inside == 0 and gate.spare(time.monotonic())
+        now = time.monotonic()
+        gate.borrow(("other", 1), now)
+        gate.borrow(("other", 2), now)
+        assert gate.borrowed(("other", 1)) and not gate.spare(now)  # two taken: both streams counted
+        gate.returned(("other", 1))
+        assert gate.spare(now) and not gate.borrowed(("other", 1))
+        gate.borrow(("other", 3), now)
+        assert not gate.spare(now)
+        assert gate.spare(now + BORROW_SECONDS + 1)  # taken but never read (another source had it): lapsed
+        let_in = asyncio.create_task(_queued(gate, ("blob", 9)))
+        await asyncio.sleep(0.01)
+        assert await let_in == "fetched" and not gate.give(("blob", 9))
+
+    asyncio.run(go())
+
+
+def test_a_home_gives_a_queued_piece_to_a_requester_with_a_stream_to_spare(tmp_path: Path) -> None:
+    """Asked as home with ``spare=1`` for a piece whose fetch still queues, the home gives it (404 origin) and
+    the requester's client counts it as taken; later requesters are sent to the taker as their home. Without
+    ``spare=1``, or when the fetch has started, nothing is given: the requester waits on the home."""
+    store = Store(tmp_path / "store")
+    digest = "sha256:" + "ab" * 32
+    blob = Blob(digest, 3 * PIECE)
+    queued = {(digest, PIECE)}  # piece 1's fetch waits for its turn here; piece 0's has started
+
+    class _Engine:
+        learned: dict[str, str] = {}
+
+        def fetches(self, digest: str) -> bool:
+            return True
+
+        async def ensure_piece(self, digest: str, offset: int, *, wait: float) -> bool:
+            await asyncio.sleep(wait)
+            return False
+
+    def give(d: str, offset: int) -> bool:
+        if (d, offset) in queued:
+            queued.discard((d, offset))
+            return True
+        return False
+
+    server = PeerServer(store, _Engine(), SECRET, "home", minimum=PIECE,  # type: ignore[arg-type]
+                        limit=RateLimit(0), home_wait=0.2, give=give)
+    app = web.Application()
+    server.add_routes(app)
+
+    async def ask(client: TestClient, start: int, requester: str, spare: bool) -> web.Response:
+        path = f"/v1/peer/blobs/{digest}?mode=home" + ("&spare=1" if spare else "")
+        rng = f"bytes={start}-{start + PIECE - 1}"
+        r = await client.get(path, allow_redirects=False, headers={
+            "Range": rng, URL_HEADER: requester, signing.HEADER: signing.sign(SECRET, "GET", path, rng)})
+        await r.read()
+        return r
+
+    async def go() -> None:
+        async with TestClient(TestServer(app)) as client:
+            r = await ask(client, 0, "http://a", spare=True)  # started here: not given, the requester waits
+            assert (r.status, r.headers.get(MODE_HEADER)) == (404, "wait")
+            r = await ask(client, PIECE, "http://b", spare=False)  # queued, but b has nothing to spare
+            assert (r.status, r.headers.get(MODE_HEADER)) == (404, "wait") and queued
+            r = await ask(client, PIECE, "http://a", spare=True)
+            assert (r.status, r.headers.get(MODE_HEADER)) == (404, "origin") and not queued
+            r = await ask(client, PIECE, "http://b", spare=False)  # sent to the taker, as its home
+            assert r.status == 307 and r.headers[HOLDER_HEADER] == "http://a" and r.headers[MODE_HEADER] == "home"
+            # The real client: asks with spare=1 when it has a stream to spare, and counts what it took.
+            queued.add((digest, 2 * PIECE))
+            took: list[tuple[str, int]] = []
+            peers = PeerClient(SECRET, "c", me=lambda: "http://c", spare=lambda: True,
+                               took=lambda b, offset: took.append((b.digest, offset)))
+            home = str(client.make_url("")).rstrip("/")
+            try:
+                [first, *_] = peers.asks([(home, "home")])
+                with pytest.raises(NotFound):
+                    async for _ in first.read(blob, 2 * PIECE, PIECE):
+                        pass
+            finally:
+                await peers.close()
+            assert took == [(digest, 2 * PIECE)] and not queued
+
+    try:
+        asyncio.run(go())
+    finally:
+        store.close()
+
+
+def test_a_home_answers_wait_while_a_relayed_piece_has_no_byte_yet(tmp_path: Path) -> None:
+    """A piece whose origin read began but sent nothing (its server or a proxy holding it) gets a ``wait``
+    answer within the home's wait, not a 206 that would keep the requester past its read timeout (failing the
+    home, and sending the requester to the fallback: a second origin fetch); once bytes come, it streams."""
+    store = Store(tmp_path / "store")
+    digest = "sha256:" + "ef" * 32
+    data = bytes(range(256)) * 256
+
+    class _Engine:
+        learned: dict[str, str] = {}
+
+        def fetches(self, digest: str) -> bool:
+            return True
+
+        async def ensure_piece(self, digest: str, offset: int, *, wait: float) -> bool:
+            await asyncio.sleep(wait)
+            return False
+
+    async def go() -> None:
+        relay = Relay()
+        live = relay.open(digest, 0, len(data))
+        assert live is not None
+        server = PeerServer(store, _Engine(), SECRET, "home", minimum=64 << 10,  # type: ignore[arg-type]
+                            limit=RateLimit(0), home_wait=0.4, relay=relay)
+        app = web.Application()
+        server.add_routes(app)
+        path, rng = f"/v1/peer/blobs/{digest}?mode=home", f"bytes=0-{len(data) - 1}"
+        headers = {"Range": rng, signing.HEADER: signing.sign(SECRET, "GET", path, rng)}
+        async with TestClient(TestServer(app)) as client:
+            began = time.monotonic()
+            r = await asyncio.wait_for(client.get(path, headers=headers), 10)
+            await r.read()
+            assert (r.status, r.headers.get(MODE_HEADER)) == (404, "wait") and time.monotonic() - began < 5
+            asking = asyncio.create_task(client.get(path, headers=headers))
+            await asyncio.sleep(0.1)
+            live.add(data)
+            r = await asyncio.wait_for(asking, 10)
+            assert (r.status, await r.read()) == (206, data)
+
+    try:
+        asyncio.run(go())
+    finally:
+        store.close()

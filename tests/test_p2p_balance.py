@@ -14,7 +14,14 @@ from aiohttp.test_utils import TestClient, TestServer
 from modelcache.errors import NotFound
 from modelcache.model import Blob
 from modelcache.p2p import signing
-from modelcache.p2p.client import HOLDER_HEADER, MODE_HEADER, URL_HEADER, PeerClient
+from modelcache.p2p.client import (
+    CATCHUP,
+    HOLDER_HEADER,
+    LIVE_HEADER,
+    MODE_HEADER,
+    URL_HEADER,
+    PeerClient,
+)
 from modelcache.p2p.gate import BORROW_SECONDS, Gate, Given
 from modelcache.p2p.limit import RateLimit
 from modelcache.p2p.relay import BLOCK, Relay, RelayedOrigin
@@ -235,9 +242,37 @@ def test_a_home_answers_wait_while_a_relayed_piece_has_no_byte_yet(tmp_path: Pat
             await asyncio.sleep(0.1)
             live.add(data)
             r = await asyncio.wait_for(asking, 10)
-            assert (r.status, await r.read()) == (206, data)
+            assert (r.status, await r.read()) == (206, data) and r.headers[LIVE_HEADER] == "1"
 
     try:
         asyncio.run(go())
     finally:
         store.close()
+
+
+def test_stored_bodies_read_at_once_are_bounded_while_the_node_reads_its_own_pieces_from_the_origin() -> None:
+    """A node's downloads of stored bytes (as fast as the links allow) would crowd out its own origin reads,
+    the pieces its peers wait on: while it has some, the client reads at most CATCHUP such bodies at once; once
+    it has none, any number (the limit is read again, no one needs to leave)."""
+    fetching = [True]
+    client = PeerClient(SECRET, "me", fetching=lambda: fetching[0])
+    inside: list[int] = []
+    release = asyncio.Event()
+
+    async def body(n: int) -> None:
+        async with client.catchup.hold():
+            inside.append(n)
+            await release.wait()
+
+    async def go() -> None:
+        tasks = [asyncio.create_task(body(n)) for n in range(CATCHUP + 2)]
+        await asyncio.sleep(0.2)
+        assert len(inside) == CATCHUP and client.catchup.active == CATCHUP
+        fetching[0] = False  # our origin reads ended: the rest go at once
+        await asyncio.sleep(0.2)
+        assert sorted(inside) == list(range(CATCHUP + 2))
+        release.set()
+        await asyncio.gather(*tasks)
+        assert client.catchup.active == 0
+
+    asyncio.run(go())

@@ -37,11 +37,13 @@ abandoned there and the engine resumes the piece elsewhere at the byte reached).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, nullcontext
 
 import aiohttp
 
@@ -56,6 +58,8 @@ NODE_HEADER = "X-Modelcache-Node"
 URL_HEADER = "X-Modelcache-Peer-Url"
 HOLDER_HEADER = "X-Modelcache-Holder"
 MODE_HEADER = "X-Modelcache-Mode"  # with a 307: ask the holder in this mode; with a 404 from a home: origin | wait
+LIVE_HEADER = "X-Modelcache-Live"  # "1" on a 206 streamed as it arrives from the origin (a relay), not stored bytes
+CATCHUP = 3  # bodies of stored bytes read at once at most while this node reads home pieces from the origin
 BLOCK = 256 << 10
 _SMALL = 64 << 10  # a 404 or 307 body this short is read to the end, keeping the connection
 PATIENCE = 30.0  # seconds a patient ask re-asks a home that keeps answering that it fetches the piece
@@ -69,11 +73,16 @@ class PeerClient:
                  me: Callable[[], str | None] = lambda: None,
                  found_self: Callable[[str], None] = lambda url: None,
                  spare: Callable[[], bool] = lambda: False,
-                 took: Callable[[Blob, int], None] = lambda blob, offset: None) -> None:
+                 took: Callable[[Blob, int], None] = lambda blob, offset: None,
+                 fetching: Callable[[], bool] = lambda: False) -> None:
         self.secret, self.node_id = secret, node_id
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self._me, self._found_self = me, found_self
         self.spare, self.took = spare, took  # an origin stream to spare here; a home gave us a piece (.gate)
+        # Stored bytes come as fast as the links allow and would crowd out this node's own origin reads, the
+        # pieces every peer waits on: while there are some, only CATCHUP such bodies at once (relays go at
+        # their origin read's pace and pass freely).
+        self.catchup = Throttle(lambda: CATCHUP if fetching() else None)
         self._session: aiohttp.ClientSession | None = None
 
     def session(self) -> aiohttp.ClientSession:
@@ -243,15 +252,16 @@ class PeerSource:
                     if r.status != 206:
                         self.failed_at = url
                         raise Unavailable(f"{self.name}: HTTP {r.status} for {blob.digest[:19]}")
-                    trace.event("get-start", blob.digest, offset, length, url)
-                    got = 0
-                    try:
-                        async for block in r.content.iter_chunked(BLOCK):
-                            started = True
-                            got += len(block)
-                            yield block
-                    finally:
-                        trace.event("get-end", blob.digest, offset, got, url)
+                    async with self.client.catchup.hold() if r.headers.get(LIVE_HEADER) != "1" else nullcontext():
+                        trace.event("get-start", blob.digest, offset, length, url)
+                        got = 0
+                        try:
+                            async for block in r.content.iter_chunked(BLOCK):
+                                started = True
+                                got += len(block)
+                                yield block
+                        finally:
+                            trace.event("get-end", blob.digest, offset, got, url)
                     return
             except (aiohttp.ClientError, TimeoutError) as e:
                 if targets and not started:
@@ -259,6 +269,37 @@ class PeerSource:
                 self.slow = isinstance(e, TimeoutError)  # aiohttp's connect and read timeouts are TimeoutErrors
                 self.failed_at = url
                 raise Unavailable(f"{self.name}: {type(e).__name__}: {e}".rstrip(": ")) from e
+
+
+class Throttle:
+    """At most ``limit()`` holders at once (None: any number); the limit is read again every few ms."""
+
+    def __init__(self, limit: Callable[[], int | None]) -> None:
+        self._limit = limit
+        self._active = 0
+        self._freed = asyncio.Event()
+
+    @property
+    def active(self) -> int:
+        """Holders now."""
+        return self._active
+
+    @asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
+        """Hold a place for the body of the ``async with``."""
+        while True:
+            limit = self._limit()
+            if limit is None or self._active < limit:
+                break
+            with contextlib.suppress(TimeoutError):  # the limit may lift without anyone leaving
+                await asyncio.wait_for(self._freed.wait(), 0.05)
+        self._active += 1
+        try:
+            yield
+        finally:
+            self._active -= 1
+            self._freed.set()
+            self._freed = asyncio.Event()
 
 
 class _Fetching(Exception):

@@ -152,6 +152,10 @@ class Gate:
         """The origin read of a borrowed piece ended."""
         self._borrowed.pop(tag, None)
 
+    def busy(self) -> bool:
+        """Whether pieces of ours (home pieces, or pieces homes gave us) are being read from the origin."""
+        return self._inside > 0 or bool(self._borrowed)
+
     def spare(self, now: float) -> bool:
         """Every home piece of ours has started, and an origin stream is free for a piece a home gives us."""
         for tag, at in list(self._borrowed.items()):

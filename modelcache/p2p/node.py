@@ -107,7 +107,8 @@ class PeerNode:
         self.lookahead = Gate(lambda: LOOKAHEAD * self.gate.limit())
         self.client = PeerClient(config.secret, self.node_id, connect_timeout=config.connect_timeout,
                                  read_timeout=config.read_timeout, me=lambda: self.members.me,
-                                 found_self=self.members.found_self, spare=self.spare, took=self.took)
+                                 found_self=self.members.found_self, spare=self.spare, took=self.took,
+                                 fetching=self.gate.busy)
         self.limit = RateLimit(config.upload_limit)
         self.holders = Holders()  # the peer server's, read by our routers (the requester a home elected)
         self.relay = Relay()  # home pieces streamed to peers as they arrive from the origin

@@ -49,7 +49,7 @@ from ..model import standin_digest
 from ..store import Store, liveness
 from ..transfer import Engine
 from . import signing, trace
-from .client import HOLDER_HEADER, MODE_HEADER, NODE_HEADER, URL_HEADER
+from .client import HOLDER_HEADER, LIVE_HEADER, MODE_HEADER, NODE_HEADER, URL_HEADER
 from .holders import Holders
 from .limit import RateLimit
 from .pieces import digest_list, piece_size
@@ -247,11 +247,13 @@ class PeerServer:
             if self.relay is not None and self.engine.fetches(digest) else None
         try:
             if began is not None:
-                # Half the wait for the piece to start in its turn; then it goes in next (.gate's hurry).
+                # Half the wait for the piece to start in its turn; then it goes in next (.gate's hurry), and the
+                # requester hears ``wait`` now: it asks again at once, saying afresh whether it has an origin
+                # stream to spare, so a piece still queued here can be given to it (.gate) half a wait sooner.
                 await asyncio.wait([ensure, began], timeout=self.home_wait / 2, return_when=asyncio.FIRST_COMPLETED)
                 if not ensure.done() and not began.done():
                     self._hurry(digest, start)
-                    await asyncio.wait([ensure, began], return_when=asyncio.FIRST_COMPLETED)
+                    return None, False
                 if began.done() and not began.cancelled() and began.exception() is None \
                         and end < began.result().start + began.result().length \
                         and not (ensure.done() and ensure.result()):
@@ -277,7 +279,7 @@ class PeerServer:
             # us as its home and sends it to our fallback, a second origin fetch (it asks again instead).
             if not await live.arrived(start, max(0.0, deadline - time.monotonic())):
                 return -1
-            return await self._stream(request, digest, start, end, live.read)
+            return await self._stream(request, digest, start, end, live.read, live=True)
 
     def _holds(self, stored: str, digest: str, start: int, end: int) -> bool:
         if self.store.content.has(stored):
@@ -335,12 +337,12 @@ class PeerServer:
                 await asyncio.to_thread(self.store.index.drop_lease, lease)
 
     async def _stream(self, request: web.Request, digest: str, start: int, end: int,
-                      read: Callable[[int, int], Awaitable[bytes]]) -> int:
+                      read: Callable[[int, int], Awaitable[bytes]], *, live: bool = False) -> int:
         """The 206 for bytes ``start..end`` (inclusive), each block from ``read(offset, most)``, rate limited;
         return how many went out. Stored bytes and live pieces alike: a live piece that breaks off (or stalls)
         closes the connection short of its Content-Length (the requester sees it cut and resumes elsewhere);
         an ingest that went away, or a peer that hung up, ends it where it is."""
-        response = _piece_response(request, self.node_id, start, end)
+        response = _piece_response(request, self.node_id, start, end, live)
         sent = 0
         who = request.headers.get(URL_HEADER) or "-"
         trace.event("serve-start", digest, start, end - start + 1, who)
@@ -367,11 +369,14 @@ class PeerServer:
         return sent
 
 
-def _piece_response(request: web.Request, node_id: str, start: int, end: int) -> web.StreamResponse:
-    """The 206 for bytes ``start..end`` (inclusive) of a piece, kept on ``request`` for :func:`served_response`."""
-    response = web.StreamResponse(status=206, headers={
-        NODE_HEADER: node_id, "Content-Length": str(end - start + 1),
-        "Content-Range": f"bytes {start}-{end}/*", "Content-Type": "application/octet-stream"})
+def _piece_response(request: web.Request, node_id: str, start: int, end: int, live: bool) -> web.StreamResponse:
+    """The 206 for bytes ``start..end`` (inclusive) of a piece, kept on ``request`` for :func:`served_response`;
+    ``live``: sent as it arrives from the origin (X-Modelcache-Live: 1), not from stored bytes."""
+    headers = {NODE_HEADER: node_id, "Content-Length": str(end - start + 1),
+               "Content-Range": f"bytes {start}-{end}/*", "Content-Type": "application/octet-stream"}
+    if live:
+        headers[LIVE_HEADER] = "1"
+    response = web.StreamResponse(status=206, headers=headers)
     request["peer_response"] = response
     return response
 

@@ -458,7 +458,9 @@ class Engine:
                     await self._fetch_chunk(ingest, index, stats, progress, trusted_only, defer=bool(todo))
                 except _Deferred as e:
                     self._settle(ingest.blob.digest, index, e)
-                    todo.append(index)  # the other pieces first; this one comes back once, then goes on
+                    # A few pieces later (one per slot), then on: at the queue's end, a late home's first pieces
+                    # all came back at the end of every peer's pull, from that home alone (issue 11).
+                    todo.insert(min(len(todo), self.config.concurrency), index)
                     continue
                 except BaseException as e:
                     self._settle(ingest.blob.digest, index, e)

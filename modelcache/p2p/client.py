@@ -43,7 +43,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, nullcontext
+from contextlib import asynccontextmanager
 
 import aiohttp
 
@@ -58,8 +58,7 @@ NODE_HEADER = "X-Modelcache-Node"
 URL_HEADER = "X-Modelcache-Peer-Url"
 HOLDER_HEADER = "X-Modelcache-Holder"
 MODE_HEADER = "X-Modelcache-Mode"  # with a 307: ask the holder in this mode; with a 404 from a home: origin | wait
-LIVE_HEADER = "X-Modelcache-Live"  # "1" on a 206 streamed as it arrives from the origin (a relay), not stored bytes
-CATCHUP = 3  # bodies of stored bytes read at once at most while this node reads home pieces from the origin
+CATCHUP = 6  # peer bodies read at once at most while this node reads its own pieces from the origin
 BLOCK = 256 << 10
 _SMALL = 64 << 10  # a 404 or 307 body this short is read to the end, keeping the connection
 PATIENCE = 30.0  # seconds a patient ask re-asks a home that keeps answering that it fetches the piece
@@ -79,9 +78,10 @@ class PeerClient:
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self._me, self._found_self = me, found_self
         self.spare, self.took = spare, took  # an origin stream to spare here; a home gave us a piece (.gate)
-        # Stored bytes come as fast as the links allow and would crowd out this node's own origin reads, the
-        # pieces every peer waits on: while there are some, only CATCHUP such bodies at once (relays go at
-        # their origin read's pace and pass freely).
+        # Peers' bytes share our download link with our own origin reads, the pieces every peer waits on; those
+        # cross two capped links (the origin's, ours) and lose to flows crossing one: beside 10 to 16 peer
+        # bodies they crawled at 1 MB/s for seconds (issue 11's namespace test). So while we have some, at most
+        # CATCHUP peer bodies at once: with our ~2 origin streams, about our share of the origin beside them.
         self.catchup = Throttle(lambda: CATCHUP if fetching() else None)
         self._session: aiohttp.ClientSession | None = None
 
@@ -252,7 +252,7 @@ class PeerSource:
                     if r.status != 206:
                         self.failed_at = url
                         raise Unavailable(f"{self.name}: HTTP {r.status} for {blob.digest[:19]}")
-                    async with self.client.catchup.hold() if r.headers.get(LIVE_HEADER) != "1" else nullcontext():
+                    async with self.client.catchup.hold():
                         trace.event("get-start", blob.digest, offset, length, url)
                         got = 0
                         try:

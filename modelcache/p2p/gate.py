@@ -44,7 +44,8 @@ Shares follow piece counts, not rates: a home whose origin streams crawl
 finish their home pieces and leave the origin's link half idle (issue 11's
 namespace test: the last home fetched alone for 1.5 to 2 s). So a node whose
 home pieces have all started and that has an origin stream to spare
-(:meth:`Gate.spare`) says so when it asks a home for a piece, and a home
+(:meth:`Gate.spare`: fewer than its share plus :data:`SPARE` busy, so its
+last pieces need not end first) says so when it asks a home for a piece, and a home
 whose piece still queues here gives it away (:meth:`Gate.give`: the waiting
 fetch ends with :class:`Given` and goes back to the engine's queue, to be
 had from the taker): the home elects the taker to fetch it, which counts it
@@ -70,6 +71,7 @@ _FIRST = -1  # the priority of a hurried piece: before any position
 ORIGIN_STREAMS = 8  # the cluster's origin streams for home pieces: one node's default --concurrency
 LOOKAHEAD = 2  # home pieces under way per origin stream: the next asks its other candidates meanwhile
 BORROW_SECONDS = 5.0  # a piece given to us counts against our spare streams this long at most before its read
+SPARE = 1  # streams a node whose home pieces have all started may open beyond its share, for pieces homes give it
 
 
 class Given(NotFound):
@@ -157,11 +159,12 @@ class Gate:
         return self._inside > 0 or bool(self._borrowed)
 
     def spare(self, now: float) -> bool:
-        """Every home piece of ours has started, and an origin stream is free for a piece a home gives us."""
+        """Every home piece of ours has started, and fewer than our share plus SPARE origin streams are busy
+        (pieces homes gave us included): one more may be given to us."""
         for tag, at in list(self._borrowed.items()):
             if now - at > BORROW_SECONDS:
                 del self._borrowed[tag]  # given, but never read (another source had it): no longer ours
-        return not self.waiting() and self._inside + len(self._borrowed) < self._limit()
+        return not self.waiting() and self._inside + len(self._borrowed) < self._limit() + SPARE
 
     def position(self, key: str, index: int) -> int | None:
         """Piece ``index`` of blob ``key``'s place among the pieces fetched ahead, if it is one."""

@@ -49,7 +49,7 @@ from ..model import standin_digest
 from ..store import Store, liveness
 from ..transfer import Engine
 from . import signing, trace
-from .client import HOLDER_HEADER, LIVE_HEADER, MODE_HEADER, NODE_HEADER, URL_HEADER
+from .client import HOLDER_HEADER, MODE_HEADER, NODE_HEADER, URL_HEADER
 from .holders import Holders
 from .limit import RateLimit
 from .pieces import digest_list, piece_size
@@ -279,7 +279,7 @@ class PeerServer:
             # us as its home and sends it to our fallback, a second origin fetch (it asks again instead).
             if not await live.arrived(start, max(0.0, deadline - time.monotonic())):
                 return -1
-            return await self._stream(request, digest, start, end, live.read, live=True)
+            return await self._stream(request, digest, start, end, live.read)
 
     def _holds(self, stored: str, digest: str, start: int, end: int) -> bool:
         if self.store.content.has(stored):
@@ -337,12 +337,12 @@ class PeerServer:
                 await asyncio.to_thread(self.store.index.drop_lease, lease)
 
     async def _stream(self, request: web.Request, digest: str, start: int, end: int,
-                      read: Callable[[int, int], Awaitable[bytes]], *, live: bool = False) -> int:
+                      read: Callable[[int, int], Awaitable[bytes]]) -> int:
         """The 206 for bytes ``start..end`` (inclusive), each block from ``read(offset, most)``, rate limited;
         return how many went out. Stored bytes and live pieces alike: a live piece that breaks off (or stalls)
         closes the connection short of its Content-Length (the requester sees it cut and resumes elsewhere);
         an ingest that went away, or a peer that hung up, ends it where it is."""
-        response = _piece_response(request, self.node_id, start, end, live)
+        response = _piece_response(request, self.node_id, start, end)
         sent = 0
         who = request.headers.get(URL_HEADER) or "-"
         trace.event("serve-start", digest, start, end - start + 1, who)
@@ -369,14 +369,11 @@ class PeerServer:
         return sent
 
 
-def _piece_response(request: web.Request, node_id: str, start: int, end: int, live: bool) -> web.StreamResponse:
-    """The 206 for bytes ``start..end`` (inclusive) of a piece, kept on ``request`` for :func:`served_response`;
-    ``live``: sent as it arrives from the origin (X-Modelcache-Live: 1), not from stored bytes."""
-    headers = {NODE_HEADER: node_id, "Content-Length": str(end - start + 1),
-               "Content-Range": f"bytes {start}-{end}/*", "Content-Type": "application/octet-stream"}
-    if live:
-        headers[LIVE_HEADER] = "1"
-    response = web.StreamResponse(status=206, headers=headers)
+def _piece_response(request: web.Request, node_id: str, start: int, end: int) -> web.StreamResponse:
+    """The 206 for bytes ``start..end`` (inclusive) of a piece, kept on ``request`` for :func:`served_response`."""
+    response = web.StreamResponse(status=206, headers={
+        NODE_HEADER: node_id, "Content-Length": str(end - start + 1),
+        "Content-Range": f"bytes {start}-{end}/*", "Content-Type": "application/octet-stream"})
     request["peer_response"] = response
     return response
 

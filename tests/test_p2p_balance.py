@@ -99,7 +99,7 @@ async def _queued(gate: Gate, tag: tuple[str, int]) -> str:
 def test_a_home_gives_a_queued_piece_and_a_node_counts_the_pieces_it_took() -> None:
     """Gate.give ends a fetch still waiting for its turn with Given (its place never taken), not one let in;
     Gate.spare: nothing of ours waiting and fewer than limit + SPARE streams busy, pieces taken from homes
-    counting until their read ends."""
+    counting until their read ends; Gate.light: our part of the pieces planned at most an even one."""
 
     async def go() -> None:
         gate = Gate(lambda: 2)
@@ -130,6 +130,15 @@ def test_a_home_gives_a_queued_piece_and_a_node_counts_the_pieces_it_took() -> N
             gate.borrow(("other", n), now)
         assert not gate.spare(now)  # taken ones count as streams
         assert gate.spare(now + BORROW_SECONDS + 1)  # taken but never read (another source had it): lapsed
+        # A node that was home for more than an even part of the pieces takes none from the others.
+        gate.plan("a", [0, 1, 2], 8, 1024)
+        assert not gate.light(4) and gate.light(2)  # 3 of 8: more than a quarter, less than a half
+        gate.plan("b", [], 4, 1024)
+        assert gate.light(4)  # 3 of 12
+        for _ in range(3):
+            gate.passed("a")
+        gate.plan("c", [0, 1, 2, 3], 4, 1024)  # a new pull once the last one's pieces all passed: its share alone
+        assert not gate.light(2)
         let_in = asyncio.create_task(_queued(gate, ("blob", 9)))
         await asyncio.sleep(0.01)
         assert await let_in == "fetched" and not gate.give(("blob", 9))

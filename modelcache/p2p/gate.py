@@ -45,7 +45,9 @@ finish their home pieces and leave the origin's link half idle (issue 11's
 namespace test: the last home fetched alone for 1.5 to 2 s). So a node whose
 home pieces have all started and that has an origin stream to spare
 (:meth:`Gate.spare`: fewer than its share plus :data:`SPARE` busy, so its
-last pieces need not end first) says so when it asks a home for a piece, and a home
+last pieces need not end first), if it was home for no more than an even
+part of the pieces (:meth:`Gate.light`: a home with more has more to upload
+to its peers, the other end of its load), says so when it asks a home for a piece, and a home
 whose piece still queues here gives it away (:meth:`Gate.give`: the waiting
 fetch ends with :class:`Given` and goes back to the engine's queue, to be
 had from the taker): the home elects the taker to fetch it, which counts it
@@ -104,13 +106,18 @@ class Gate:
         self._tagged: dict[Tag, asyncio.Future[None]] = {}  # waiters by piece
         self._urgent: set[Tag] = set()  # pieces a peer waits on: they go in next
         self._borrowed: dict[Tag, float] = {}  # pieces homes gave us to fetch -> when (until their read ends)
+        self._mine = self._total = 0  # pieces we are home for, of all the pieces of the blobs planned since idle
 
     def plan(self, key: str, pieces: list[int], total: int, length: int) -> None:
         """``pieces`` (indexes) of the ``total`` of blob ``key``, ``length`` bytes each, are fetched ahead, each to
         :meth:`passed` once: until they have, the limit follows our part of the work (module docstring)."""
+        if not self._work:  # a new pull (or pulls) after a quiet spell: its share alone counts
+            self._mine = self._total = 0
         if pieces and total > 0:
             self._work[key] = _Plan(left=len(pieces), total=total, positions={i: n for n, i in enumerate(pieces)},
                                     length=length)
+        self._mine += len(pieces)
+        self._total += total
 
     def tag(self, key: str, offset: int) -> Tag | None:
         """The piece of blob ``key`` holding byte ``offset``, if it is one fetched ahead."""
@@ -153,6 +160,11 @@ class Gate:
     def returned(self, tag: Tag) -> None:
         """The origin read of a borrowed piece ended."""
         self._borrowed.pop(tag, None)
+
+    def light(self, members: int) -> bool:
+        """Whether our part of the pieces planned so far is at most an even one among ``members`` nodes: a home
+        with more has more to serve to its peers, and takes no more pieces from the others."""
+        return self._mine * members <= self._total
 
     def busy(self) -> bool:
         """Whether pieces of ours (home pieces, or pieces homes gave us) are being read from the origin."""

@@ -142,8 +142,10 @@ class PeerNode:
             self.gate.hurry(tag)
 
     def spare(self) -> bool:
-        """Whether every home piece of ours has started and an origin stream is free (a home may give us one)."""
-        return not self.lookahead.waiting() and self.gate.spare(time.monotonic())
+        """Whether every home piece of ours has started, an origin stream is free and we were home for no more
+        than our part of the pieces (a home may give us one: .gate)."""
+        return not self.lookahead.waiting() and self.gate.spare(time.monotonic()) \
+            and self.gate.light(len(self.members.peers()) + 1)
 
     def took(self, blob: Blob, offset: int) -> None:
         """A home gave us the piece of ``blob`` at ``offset`` to fetch from the origin."""

@@ -286,3 +286,43 @@ def test_peer_bodies_read_at_once_are_bounded_while_the_node_reads_its_own_piece
         assert client.catchup.active == 0
 
     asyncio.run(go())
+
+
+def test_a_relayed_piece_whose_origin_read_crawls_is_asked_again_from_the_byte_reached(monkeypatch) -> None:
+    """A home piece's origin read going at a fraction of the other pieces' pace (its TCP flow starved on a
+    congested link: 0.8 MB/s for 5 s in the namespace test, while peers waited on it) is dropped and asked
+    again, on a new request, from the byte it reached; the bytes handed on stay exact and in order."""
+    import modelcache.p2p.relay as relay_module
+
+    monkeypatch.setattr(relay_module, "SLOW_AFTER", 0.2)
+    size = 1 << 20
+    data = {d: bytes([n]) * size for n, d in enumerate(("sha256:" + "11" * 32, "sha256:" + "22" * 32))}
+    slow_digest, fast_digest = data
+    asked: list[tuple[str, int]] = []
+
+    class Origin:
+        name = "oci://origin"
+
+        async def read(self, blob: Blob, offset: int, length: int):
+            asked.append((blob.digest, offset))
+            crawl = blob.digest == slow_digest and len([a for a in asked if a[0] == slow_digest]) == 1
+            step = 16 << 10
+            for at in range(offset, offset + length, step):
+                await asyncio.sleep(0.05 if crawl else 0.01)
+                yield data[blob.digest][at:min(at + step, offset + length)]
+
+    async def pull(source: RelayedOrigin, digest: str) -> bytes:
+        got = b""
+        async for block in source.read(Blob(digest, size), 0, size):
+            got += bytes(block)
+        return got
+
+    async def main() -> None:
+        source = RelayedOrigin(Origin(), Relay(), lambda b, o, n: True)
+        slow, fast = await asyncio.gather(pull(source, slow_digest), pull(source, fast_digest))
+        assert slow == data[slow_digest] and fast == data[fast_digest]
+
+    asyncio.run(main())
+    again = [offset for digest, offset in asked if digest == slow_digest]
+    assert len(again) == 2 and 0 == again[0] < again[1] < size  # once more, from the byte reached
+    assert [offset for digest, offset in asked if digest == fast_digest] == [0]

@@ -41,6 +41,9 @@ BUDGET = 256 << 20  # bytes of pieces in flight kept for peers at most, all piec
 KEEP = 5.0  # seconds a whole piece stays after its last byte (it is durable by then)
 WAIT = 60.0  # seconds a reader waits for the next bytes at most (the origin read stalls out before that)
 BLOCK = 256 << 10  # bytes per hand-off from the origin's reader at most while a piece is relayed
+SLOW_AFTER = 1.0  # seconds a relayed piece's origin read runs before its pace is judged
+SLOW = 0.3  # a read at less than this part of the fastest other piece's pace is asked again...
+RESTARTS = 2  # ...this many times at most
 
 Key = tuple[str, int]  # (blob digest, piece start)
 
@@ -59,6 +62,7 @@ class LivePiece:
         self._blocks: list[bytes] = []
         self._offsets: list[int] = []  # each block's offset from ``start``
         self._changed = asyncio.Event()
+        self.began, self.base = 0.0, 0  # when the current origin read began, and the bytes there were then
 
     @property
     def whole(self) -> bool:
@@ -132,6 +136,18 @@ class Relay:
                 return piece
             await self._opened.wait()
 
+    def lagging(self, piece: LivePiece, now: float) -> bool:
+        """Whether ``piece``'s origin read, running :data:`SLOW_AFTER` seconds at least, goes at less than
+        :data:`SLOW` of the pace of the fastest other piece arriving now (its TCP flow starved: ask again)."""
+        def pace(p: LivePiece) -> float:
+            return (p.size - p.base) / max(now - p.began, 1e-3)
+
+        if now - piece.began < SLOW_AFTER:
+            return False
+        others = [pace(p) for p in self._live.values()
+                  if p is not piece and not p.whole and not p.broken and now - p.began >= SLOW_AFTER / 2]
+        return bool(others) and pace(piece) < SLOW * max(others)
+
     def open(self, digest: str, start: int, length: int) -> LivePiece | None:
         """A new live piece, or None when the budget has no room (it is then served once durable)."""
         if (digest, start) in self._live or self.held() + length > self.budget:
@@ -172,20 +188,35 @@ class RelayedOrigin:
             async for block in self._origin.read(blob, offset, length):
                 yield block
             return
-        # Small hand-offs from the origin's reader, so peers get the bytes as they come (it reads the
-        # variable as its body starts: set for our first block only, in this task's context).
-        token: Token[int] | None = FILL.set(BLOCK)
+        loop = asyncio.get_running_loop()
         try:
-            async for block in self._origin.read(blob, offset, length):
-                if token is not None:
-                    FILL.reset(token)
-                    token = None
-                piece.add(bytes(block[:length - piece.size]))  # a copy: the reader may reuse its buffers
-                if piece.whole:
-                    self._relay.close(blob.digest, piece)  # before the last yield: a reader may stop there
-                yield block
+            for again in range(RESTARTS + 1):
+                piece.began, piece.base = loop.time(), piece.size
+                # Small hand-offs from the origin's reader, so peers get the bytes as they come (it reads the
+                # variable as its body starts: set for our first block only, in this task's context).
+                token: Token[int] | None = FILL.set(BLOCK)
+                reader = self._origin.read(blob, offset + piece.size, length - piece.size)
+                lagging = False
+                try:
+                    async for block in reader:
+                        if token is not None:
+                            FILL.reset(token)
+                            token = None
+                        piece.add(bytes(block[:length - piece.size]))  # a copy: the reader may reuse its buffers
+                        if piece.whole:
+                            self._relay.close(blob.digest, piece)  # before the last yield: a reader may stop there
+                        yield block
+                        if again < RESTARTS and not piece.whole and self._relay.lagging(piece, loop.time()):
+                            lagging = True  # a new request (a new connection) for the rest, from the byte reached
+                            break
+                finally:
+                    if token is not None:
+                        FILL.reset(token)
+                    closing = getattr(reader, "aclose", None)
+                    if closing is not None:
+                        await closing()
+                if not lagging:
+                    return
         finally:
-            if token is not None:
-                FILL.reset(token)
             if not piece.whole:
                 self._relay.close(blob.digest, piece)

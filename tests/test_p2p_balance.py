@@ -295,6 +295,7 @@ def test_a_relayed_piece_whose_origin_read_crawls_is_asked_again_from_the_byte_r
     import modelcache.p2p.relay as relay_module
 
     monkeypatch.setattr(relay_module, "SLOW_AFTER", 0.2)
+    monkeypatch.setattr(relay_module, "WORTH", 64 << 10)
     size = 1 << 20
     data = {d: bytes([n]) * size for n, d in enumerate(("sha256:" + "11" * 32, "sha256:" + "22" * 32))}
     slow_digest, fast_digest = data

@@ -11,8 +11,8 @@ little CPU, so the links, not this shared machine's cores, should set the
 pace. Homes pace their origin fetches and relay pieces in small hand-offs as
 they arrive, give queued pieces to peers with a stream to spare, and read few
 peer bodies while their own origin reads run (p2p/gate.py, p2p/relay.py,
-p2p/client.py), so the peer exchange overlaps the origin phase: 1.20x to 1.34x
-measured here at load 5 to 7 (1.24x to 1.43x at load 7 to 11, traced).
+p2p/client.py), so the peer exchange overlaps the origin phase: 1.20x to 1.36x
+measured here at load 2 to 7 (1.24x to 1.43x at load 7 to 11, traced).
 ``MODELCACHE_PEER_TRACE=1`` in the environment makes the daemons log
 per-piece timelines (``netns_support.timeline`` tabulates them).
 """

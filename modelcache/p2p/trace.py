@@ -5,7 +5,9 @@ line per event at INFO on the ``modelcache.p2p.trace`` logger::
 
     peertrace t=<monotonic s> ev=<event> d=<blob digest, 12 hex> at=<offset> n=<bytes> who=<peer URL or ->
 
-Events: ``origin-start``/``origin-end`` (a range read from the origin),
+Events: ``origin-start``/``origin-end`` (a range read from the origin;
+``origin-gap`` before its end: ``n`` the longest wait in ms between two
+hand-offs of its bytes, ``who`` the bytes received before it),
 ``get-start``/``get-end`` (a range asked of a peer; ``n`` what came),
 ``serve-start``/``serve-end`` (a range sent to the peer ``who``; ``n`` what
 went out), ``home-wait`` (a home waited ``n`` ms for a piece it fetches),

@@ -279,3 +279,26 @@ def test_a_piece_a_peer_asks_for_is_fetched_while_every_slot_waits_elsewhere(con
 
     asyncio.run(go())
     assert_committed(content, data)
+
+
+def test_a_piece_whose_home_is_not_ready_comes_back_a_few_pieces_later(content: ContentStore) -> None:
+    """A home that answers "not yet" puts its piece back a slot's round later, not at the queue's end: at the
+    end, a late home's first pieces came back at the end of every peer's pull, all from that home at once
+    (issue 11's namespace test)."""
+    from modelcache.transfer.routing import NotYet
+
+    data = os.urandom(12 * PIECE_SIZE)
+    late = 11 * PIECE_SIZE  # the router's order is reversed: the first piece walked
+
+    class NotReady(Peer):
+        async def read(self, blob: Blob, offset: int, length: int) -> AsyncIterator[bytes]:
+            if offset == late:
+                raise NotYet("its home is starting")
+            raise NotFound("not here")
+            yield b""  # an async generator
+
+    origin = MemorySource.of(data, name="origin")
+    fetch(content, data, Pieces(NotReady({}, name="home"), origin), config(concurrency=1))
+    assert_committed(content, data)
+    order = [o // PIECE_SIZE for _, o, _ in origin.requests]
+    assert order[:3] == [10, 11, 9] and sorted(order) == list(range(12))

@@ -337,10 +337,12 @@ def test_the_origin_gate_shares_the_clusters_streams_and_lets_the_lowest_positio
         assert gate.limit() == 3  # 8 x 15/48 = 2.5 streams, rounded
         assert gate.position("blob", 9) == 2 and gate.position("blob", 10) is None
         assert gate.tag("blob", 9 * 1024 + 5) == ("blob", 9) and gate.tag("blob", 10 * 1024) is None
-        # A piece a peer waits on goes in at once, over the limit, whether it waits already or comes later.
+        # A piece a peer waits on goes in next, before waiters of lower positions, whether it waits already or
+        # comes later; but within the limit (a burst over it starved every stream of the node).
         holders = [asyncio.create_task(piece(f"h{n}", 0)) for n in range(3)]
-        for name in ("h0", "h1", "h2", "q", "late"):
+        for name in ("h0", "h1", "h2", "q", "late", "w"):
             release[name] = asyncio.Event()
+        waiting = asyncio.create_task(piece("w", 0))
         queued = asyncio.create_task(piece_tagged(gate, inside, release, "q", 9, ("blob", 9)))
         await asyncio.sleep(0.01)
         assert "q" not in inside and gate.inside == 3
@@ -348,10 +350,16 @@ def test_the_origin_gate_shares_the_clusters_streams_and_lets_the_lowest_positio
         gate.hurry(("blob", 12))
         late = asyncio.create_task(piece_tagged(gate, inside, release, "late", 12, ("blob", 12)))
         await asyncio.sleep(0.01)
-        assert {"q", "late"} <= set(inside) and gate.inside == 5
+        assert not {"q", "late", "w"} & set(inside) and gate.inside == 3  # not over the limit
+        release["h0"].set()
+        await asyncio.sleep(0.01)
+        assert "q" in inside and not {"late", "w"} & set(inside) and gate.inside == 3  # before w's position 0
+        release["h1"].set()
+        await asyncio.sleep(0.01)
+        assert "late" in inside and "w" not in inside
         for event in release.values():
             event.set()
-        await asyncio.gather(*holders, queued, late)
+        await asyncio.gather(*holders, queued, late, waiting)
         assert gate.inside == 0
         for _ in range(15):
             gate.passed("blob")
@@ -423,16 +431,17 @@ def test_a_home_piece_is_relayed_to_readers_while_it_arrives_from_the_origin() -
 
 
 def test_a_home_relaying_a_piece_with_every_upload_slot_busy_says_wait_in_time(tmp_path) -> None:
-    """A home streaming a piece as it arrives keeps the wait protocol: every upload slot busy, it answers
-    404 ``wait`` within its home wait (the requester asks again) instead of holding the requester past its
-    read timeout; once a slot frees, the same ask gets the piece's bytes as they arrive."""
+    """A home streaming a piece as it arrives keeps the wait protocol: every upload slot for live pieces busy,
+    it answers 404 ``wait`` within its home wait (the requester asks again) instead of holding the requester
+    past its read timeout; once a slot frees, the same ask gets the piece's bytes as they arrive. Those slots
+    are not the stored bytes' (a home whose relays crawl still serves its whole pieces)."""
     from aiohttp import web
     from aiohttp.test_utils import TestClient, TestServer
 
     from modelcache.p2p.client import MODE_HEADER
     from modelcache.p2p.limit import RateLimit
     from modelcache.p2p.relay import Relay
-    from modelcache.p2p.server import UPLOADS, PeerServer
+    from modelcache.p2p.server import RELAYS, UPLOADS, PeerServer
     from modelcache.store import Store
 
     store = Store(tmp_path / "store")
@@ -461,7 +470,9 @@ def test_a_home_relaying_a_piece_with_every_upload_slot_busy_says_wait_in_time(t
         app = web.Application()
         server.add_routes(app)
         for _ in range(UPLOADS):
-            await server._uploads.acquire()  # every upload slot busy
+            await server._uploads.acquire()  # every slot for stored bytes busy: no matter to a live piece
+        for _ in range(RELAYS):
+            await server._relays.acquire()  # every slot for live pieces busy
         path, rng = f"/v1/peer/blobs/{digest}?mode=home", f"bytes=0-{len(data) - 1}"
         headers = {"Range": rng, signing.HEADER: signing.sign(secret, "GET", path, rng)}
         async with TestClient(TestServer(app)) as client:
@@ -470,8 +481,8 @@ def test_a_home_relaying_a_piece_with_every_upload_slot_busy_says_wait_in_time(t
             await r.read()
             assert (r.status, r.headers.get(MODE_HEADER)) == (404, "wait")
             assert time.monotonic() - began < 5  # in time, not after the piece or a read timeout
-            for _ in range(UPLOADS):
-                server._uploads.release()
+            for _ in range(RELAYS):
+                server._relays.release()
             asking = asyncio.create_task(client.get(path, headers=headers))
             await asyncio.sleep(0.1)
             live.add(data[len(data) // 2:])  # the rest arrives while the requester is served

@@ -9,6 +9,11 @@ attempt (a miss or failure hands over to the next source at once). Modes:
   we then try that holder, and the home itself again if the holder lacks it;
 - ``have``: serve it only if held now, else 404 at once.
 
+A node with an origin stream to spare (``spare``, :mod:`.gate`) adds
+``spare=1`` to a home ask; a home whose fetch of that piece still queues
+gives it away, answering 404 ``origin`` as to an elected requester (and
+sends later requesters to us): we fetch it from the origin and relay it.
+
 A home that is fetching the piece (or about to: its pull is resolving or
 has the blob queued) and does not hold it after its short wait answers 404
 with ``X-Modelcache-Mode: wait``: a peer fetches it, so the origin must not.
@@ -32,11 +37,13 @@ abandoned there and the engine resumes the piece elsewhere at the byte reached).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 import aiohttp
 
@@ -51,6 +58,7 @@ NODE_HEADER = "X-Modelcache-Node"
 URL_HEADER = "X-Modelcache-Peer-Url"
 HOLDER_HEADER = "X-Modelcache-Holder"
 MODE_HEADER = "X-Modelcache-Mode"  # with a 307: ask the holder in this mode; with a 404 from a home: origin | wait
+CATCHUP = 6  # peer bodies read at once at most while this node reads its own pieces from the origin
 BLOCK = 256 << 10
 _SMALL = 64 << 10  # a 404 or 307 body this short is read to the end, keeping the connection
 PATIENCE = 30.0  # seconds a patient ask re-asks a home that keeps answering that it fetches the piece
@@ -62,10 +70,19 @@ class PeerClient:
 
     def __init__(self, secret: bytes, node_id: str, *, connect_timeout: float = 0.5, read_timeout: float = 5.0,
                  me: Callable[[], str | None] = lambda: None,
-                 found_self: Callable[[str], None] = lambda url: None) -> None:
+                 found_self: Callable[[str], None] = lambda url: None,
+                 spare: Callable[[], bool] = lambda: False,
+                 took: Callable[[Blob, int], None] = lambda blob, offset: None,
+                 fetching: Callable[[], bool] = lambda: False) -> None:
         self.secret, self.node_id = secret, node_id
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self._me, self._found_self = me, found_self
+        self.spare, self.took = spare, took  # an origin stream to spare here; a home gave us a piece (.gate)
+        # Peers' bytes share our download link with our own origin reads, the pieces every peer waits on; those
+        # cross two capped links (the origin's, ours) and lose to flows crossing one: beside 10 to 16 peer
+        # bodies they crawled at 1 MB/s for seconds (issue 11's namespace test). So while we have some, at most
+        # CATCHUP peer bodies at once: with our ~2 origin streams, about our share of the origin beside them.
+        self.catchup = Throttle(lambda: CATCHUP if fetching() else None)
         self._session: aiohttp.ClientSession | None = None
 
     def session(self) -> aiohttp.ClientSession:
@@ -196,6 +213,11 @@ class PeerSource:
         while targets:
             url, mode = targets.pop(0)
             path = f"/v1/peer/blobs/{blob.digest}?mode={mode}"
+            # Asking the home itself, with an origin stream to spare: it may give us the piece if it still
+            # queues there (.gate). In the signed path, so nobody on the way can make us take it.
+            spare = mode == "home" and url == self.url and self.mode == "home" and self.client.spare()
+            if spare:
+                path += "&spare=1"
             started = False
             try:
                 async with self.client.session().get(url + path, headers=self.client.headers("GET", path, range_),
@@ -224,19 +246,22 @@ class PeerSource:
                         if mode == "home" and r.headers.get(MODE_HEADER) != "origin":
                             # the home is not fetching it yet: other pieces first, then on
                             raise NotYet(f"{self.name} does not hold {range_} of {blob.digest[:19]} yet")
+                        if spare and r.headers.get(MODE_HEADER) == "origin":
+                            self.client.took(blob, offset)  # ours to fetch from the origin, on a spare stream
                         raise NotFound(f"{self.name} does not hold {range_} of {blob.digest[:19]}")
                     if r.status != 206:
                         self.failed_at = url
                         raise Unavailable(f"{self.name}: HTTP {r.status} for {blob.digest[:19]}")
-                    trace.event("get-start", blob.digest, offset, length, url)
-                    got = 0
-                    try:
-                        async for block in r.content.iter_chunked(BLOCK):
-                            started = True
-                            got += len(block)
-                            yield block
-                    finally:
-                        trace.event("get-end", blob.digest, offset, got, url)
+                    async with self.client.catchup.hold():
+                        trace.event("get-start", blob.digest, offset, length, url)
+                        got = 0
+                        try:
+                            async for block in r.content.iter_chunked(BLOCK):
+                                started = True
+                                got += len(block)
+                                yield block
+                        finally:
+                            trace.event("get-end", blob.digest, offset, got, url)
                     return
             except (aiohttp.ClientError, TimeoutError) as e:
                 if targets and not started:
@@ -244,6 +269,37 @@ class PeerSource:
                 self.slow = isinstance(e, TimeoutError)  # aiohttp's connect and read timeouts are TimeoutErrors
                 self.failed_at = url
                 raise Unavailable(f"{self.name}: {type(e).__name__}: {e}".rstrip(": ")) from e
+
+
+class Throttle:
+    """At most ``limit()`` holders at once (None: any number); the limit is read again every few ms."""
+
+    def __init__(self, limit: Callable[[], int | None]) -> None:
+        self._limit = limit
+        self._active = 0
+        self._freed = asyncio.Event()
+
+    @property
+    def active(self) -> int:
+        """Holders now."""
+        return self._active
+
+    @asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
+        """Hold a place for the body of the ``async with``."""
+        while True:
+            limit = self._limit()
+            if limit is None or self._active < limit:
+                break
+            with contextlib.suppress(TimeoutError):  # the limit may lift without anyone leaving
+                await asyncio.wait_for(self._freed.wait(), 0.05)
+        self._active += 1
+        try:
+            yield
+        finally:
+            self._active -= 1
+            self._freed.set()
+            self._freed = asyncio.Event()
 
 
 class _Fetching(Exception):

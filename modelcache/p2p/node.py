@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InvalidReference
+from ..model import Blob
 from ..sources.base import ByteSource
 from ..store import Store
 from ..transfer import Engine
@@ -28,7 +29,7 @@ from .gate import LOOKAHEAD, Gate, GatedOrigin, share
 from .holders import Holders
 from .limit import RateLimit
 from .members import Members
-from .pieces import piece_minimum
+from .pieces import piece_minimum, piece_size
 from .relay import Relay, RelayedOrigin
 from .router import PeerRouter
 from .server import PeerServer
@@ -101,14 +102,15 @@ class PeerNode:
         self.members = Members(self.discovery, self.node_id, me=me)
         if isinstance(self.discovery, K8sPeers):  # the slices name our own endpoint by node: no hello needed
             self.discovery.on_self = self.members.found_self
-        self.client = PeerClient(config.secret, self.node_id, connect_timeout=config.connect_timeout,
-                                 read_timeout=config.read_timeout, me=lambda: self.members.me,
-                                 found_self=self.members.found_self)
-        self.limit = RateLimit(config.upload_limit)
-        self.holders = Holders()  # the peer server's, read by our routers (the requester a home elected)
         # The cluster opens about as many origin streams for home pieces as one node would (see .gate).
         self.gate = Gate(lambda: share(len(self.members.peers()) + 1))
         self.lookahead = Gate(lambda: LOOKAHEAD * self.gate.limit())
+        self.client = PeerClient(config.secret, self.node_id, connect_timeout=config.connect_timeout,
+                                 read_timeout=config.read_timeout, me=lambda: self.members.me,
+                                 found_self=self.members.found_self, spare=self.spare, took=self.took,
+                                 fetching=self.gate.busy)
+        self.limit = RateLimit(config.upload_limit)
+        self.holders = Holders()  # the peer server's, read by our routers (the requester a home elected)
         self.relay = Relay()  # home pieces streamed to peers as they arrive from the origin
         self._on_report = on_report
         self._greeted: set[str] = set()
@@ -130,7 +132,7 @@ class PeerNode:
         # machine the event loop lags, and an answer past the timeout fails the home (and benches it).
         return PeerServer(store, engine, self.config.secret, self.node_id, minimum=self.config.piece_min,
                           limit=self.limit, home_wait=home_wait(self.config.read_timeout), on_served=on_served,
-                          holders=self.holders, relay=self.relay, hurry=self.hurry)
+                          holders=self.holders, relay=self.relay, hurry=self.hurry, give=self.give)
 
     def hurry(self, digest: str, offset: int) -> None:
         """A peer waits on the piece of ``digest`` holding ``offset``: if we fetch it ahead, it goes in now."""
@@ -138,6 +140,22 @@ class PeerNode:
         if tag is not None:
             self.lookahead.hurry(tag)
             self.gate.hurry(tag)
+
+    def spare(self) -> bool:
+        """Whether every home piece of ours has started, an origin stream is free and we were home for no more
+        than our part of the pieces (a home may give us one: .gate)."""
+        return not self.lookahead.waiting() and self.gate.spare(time.monotonic()) \
+            and self.gate.light(len(self.members.peers()) + 1)
+
+    def took(self, blob: Blob, offset: int) -> None:
+        """A home gave us the piece of ``blob`` at ``offset`` to fetch from the origin."""
+        self.gate.borrow((blob.digest, offset // piece_size(blob.size, self.config.piece_min)), time.monotonic())
+
+    def give(self, digest: str, offset: int) -> bool:
+        """A peer with a stream to spare asks for the piece of ``digest`` at ``offset``: give it up if our fetch
+        of it still waits for its turn (it is then had from that peer); whether we did."""
+        tag = self.gate.tag(digest, offset)
+        return tag is not None and (self.lookahead.give(tag) or self.gate.give(tag))
 
     async def greet(self) -> None:
         """Say hello to members not greeted yet (learning which one is us)."""

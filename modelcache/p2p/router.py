@@ -193,12 +193,14 @@ class PeerRouter:
         return mine
 
     def relays(self, blob: Blob, offset: int, length: int) -> bool:
-        """Whether an origin read is a whole piece we are home for, with live peers: one to relay (:mod:`.relay`)."""
+        """Whether an origin read is a whole piece we are home for (or its home gave us), with live peers: one
+        to relay (:mod:`.relay`)."""
         piece = self.piece_size(blob)
         me = self.members.me
         return blob.origin_checked and me is not None and offset % piece == 0 \
             and length == min(piece, blob.size - offset) and bool(self.members.peers()) \
-            and self.candidates(blob, offset // piece)[:1] == [me]
+            and (self.candidates(blob, offset // piece)[:1] == [me]
+                 or (self._gate is not None and self._gate.borrowed((blob.digest, offset // piece))))
 
     @asynccontextmanager
     async def pace(self, blob: Blob, index: int) -> AsyncIterator[None]:
@@ -217,9 +219,20 @@ class PeerRouter:
         """Around an origin read at ``offset``: a place in the node's origin gate if it is a piece fetched ahead."""
         index = offset // self.piece_size(blob)
         position = self._gate.position(blob.digest, index) if self._gate else None
+        if self._gate is not None and self._gate.borrowed((blob.digest, index)):
+            return self._borrowed((blob.digest, index))
         if position is None or self._gate is None:
             return nullcontext()
         return self._gate.turn(position, (blob.digest, index))
+
+    @asynccontextmanager
+    async def _borrowed(self, tag: tuple[str, int]) -> AsyncIterator[None]:
+        """Around the origin read of a piece its home gave us: it holds one of our spare streams till it ends."""
+        try:
+            yield
+        finally:
+            if self._gate is not None:
+                self._gate.returned(tag)
 
     async def piece_digests(self, blob: Blob) -> list[str] | None:
         """The origin's piece list when its manifest gave one cut as ours, else the first candidate's of

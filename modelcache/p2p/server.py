@@ -39,7 +39,7 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -57,8 +57,10 @@ from .relay import Broken, LivePiece, Relay
 
 PREFIX = "/v1/peer/"
 BLOCK = 1 << 20
-UPLOADS = 8  # concurrent uploads at most
+UPLOADS = 8  # concurrent uploads of stored bytes at most
+RELAYS = 2 * UPLOADS  # concurrent uploads of live pieces at most, apart (each goes at its origin read's pace)
 _DIGEST_CACHE = 1024
+_GIVEN = 100_000  # pieces given away remembered at most
 STANDIN_REFRESH = 5.0  # seconds between reads of the learnt digests, when asked for an unknown stand-in
 
 
@@ -68,11 +70,17 @@ class PeerServer:
     def __init__(self, store: Store, engine: Engine, secret: bytes, node_id: str, *, minimum: int,
                  limit: RateLimit, home_wait: float, on_served: Callable[[int], None] = lambda n: None,
                  holders: Holders | None = None, relay: Relay | None = None,
-                 hurry: Callable[[str, int], None] = lambda digest, offset: None) -> None:
+                 hurry: Callable[[str, int], None] = lambda digest, offset: None,
+                 give: Callable[[str, int], bool] = lambda digest, offset: False) -> None:
         self.store, self.engine, self.secret, self.node_id = store, engine, secret, node_id
-        self.relay, self._hurry = relay, hurry
+        self.relay, self._hurry, self._give = relay, hurry, give
+        self._given: set[tuple[str, int]] = set()  # pieces we gave to a requester with a stream to spare
         self.minimum, self.limit, self.home_wait, self._on_served = minimum, limit, home_wait, on_served
         self._uploads = asyncio.Semaphore(UPLOADS)
+        # Live pieces have slots of their own: a relay goes at its origin read's pace, and on a home whose
+        # origin streams crawl (its download link full) relays held every shared slot for seconds while its
+        # whole pieces could not be served (issue 11's namespace test: 9 MB/s out of 40 for 3.5 s).
+        self._relays = asyncio.Semaphore(RELAYS)
         self._digests: dict[str, list[str]] = {}
         # who holds each piece we served, whom to send the next requester to, whom we elected (our router reads it)
         self._holders = holders or Holders()
@@ -163,6 +171,10 @@ class PeerServer:
         if not held and stored == digest and await self._learnt_standin(digest):
             stored = self._stored(digest)
             held = self._holds(stored, digest, start, end)
+        if not held and mode == "home" and requester:
+            given = self._given_away(request, digest, start, requester)
+            if given is not None:
+                return given
         if not held and mode == "home":
             waited = time.monotonic()
             live, held = await self._await_piece(stored, digest, start, end)
@@ -206,6 +218,24 @@ class PeerServer:
             self._holders.served((digest, start), requester)
         return served_response(request)
 
+    def _given_away(self, request: web.Request, digest: str, start: int, requester: str) -> web.Response | None:
+        """As its home, for a piece not held here: if we gave it away, send the requester to its taker; if the
+        requester has an origin stream to spare and our fetch of it still queues, give it (:mod:`.gate`)."""
+        key, now = (digest, start), time.monotonic()
+        headers = {NODE_HEADER: self.node_id}
+        taker = self._holders.elected(key, now)
+        if key in self._given and taker is not None and taker != requester:
+            return web.Response(status=307, headers={**headers, HOLDER_HEADER: taker, MODE_HEADER: "home"})
+        if request.query.get("spare") == "1" and taker is None and self._give(digest, start):
+            self._holders.elect(key, requester, now)
+            if len(self._given) >= _GIVEN:
+                self._given.clear()
+            self._given.add(key)
+            trace.event("give", digest, start, 0, requester)
+            return web.json_response({"code": "NotFound", "message": f"{digest}: queued here, fetch it"},
+                                     status=404, headers={**headers, MODE_HEADER: "origin"})
+        return None
+
     async def _await_piece(self, stored: str, digest: str, start: int, end: int) -> tuple[LivePiece | None, bool]:
         """As its home, for a piece not held here yet: its live bytes if it is relayed now or its origin read
         starts within the wait (:mod:`.relay`), else whether it is held once :meth:`Engine.ensure_piece` returns."""
@@ -217,11 +247,13 @@ class PeerServer:
             if self.relay is not None and self.engine.fetches(digest) else None
         try:
             if began is not None:
-                # Half the wait for the piece to start in its turn; then it goes in at once (.gate's hurry).
+                # Half the wait for the piece to start in its turn; then it goes in next (.gate's hurry), and the
+                # requester hears ``wait`` now: it asks again at once, saying afresh whether it has an origin
+                # stream to spare, so a piece still queued here can be given to it (.gate) half a wait sooner.
                 await asyncio.wait([ensure, began], timeout=self.home_wait / 2, return_when=asyncio.FIRST_COMPLETED)
                 if not ensure.done() and not began.done():
                     self._hurry(digest, start)
-                    await asyncio.wait([ensure, began], return_when=asyncio.FIRST_COMPLETED)
+                    return None, False
                 if began.done() and not began.cancelled() and began.exception() is None \
                         and end < began.result().start + began.result().length \
                         and not (ensure.done() and ensure.result()):
@@ -236,34 +268,18 @@ class PeerServer:
     async def _send_live(self, request: web.Request, live: LivePiece, digest: str, start: int, end: int, *,
                          wait: float | None = None) -> int:
         """Stream bytes ``start..end`` of a piece while it arrives from the origin; return how many went out,
-        or -1 when no upload slot came free within ``wait`` seconds. If its origin read breaks off, the
-        connection is closed: the requester resumes elsewhere."""
-        async with self._upload_slot(wait) as slot:
+        or -1 when no upload slot came free, or no byte arrived, within ``wait`` seconds. If its origin read
+        breaks off, the connection is closed: the requester resumes elsewhere."""
+        deadline = time.monotonic() + (wait if wait is not None else self.home_wait)
+        async with self._upload_slot(wait, self._relays) as slot:
             if not slot:
                 return -1
-            response = _piece_response(request, self.node_id, start, end)
-            sent = 0
-            who = request.headers.get(URL_HEADER) or "-"
-            trace.event("serve-start", digest, start, end - start + 1, who)
-            try:
-                await response.prepare(request)
-                at = start
-                while at <= end:
-                    block = await live.read(at, min(BLOCK, end - at + 1))
-                    await self.limit.take(len(block))
-                    await response.write(block)
-                    at += len(block)
-                    sent += len(block)
-                    self._on_served(len(block))
-                await response.write_eof()
-            except (Broken, TimeoutError):
-                if request.transport is not None:
-                    request.transport.close()  # short of its Content-Length: the requester sees it cut
-            except (OSError, ConnectionError):
-                pass  # the peer hung up: it resumes elsewhere
-            finally:
-                trace.event("serve-end", digest, start, sent, who)
-            return sent
+            # The 206 goes out with the first byte, not before: an origin read that has not begun to answer
+            # (its server or a proxy holding it) would keep the requester past its read timeout, which fails
+            # us as its home and sends it to our fallback, a second origin fetch (it asks again instead).
+            if not await live.arrived(start, max(0.0, deadline - time.monotonic())):
+                return -1
+            return await self._stream(request, digest, start, end, live.read)
 
     def _holds(self, stored: str, digest: str, start: int, end: int) -> bool:
         if self.store.content.has(stored):
@@ -285,17 +301,19 @@ class PeerServer:
             self.store.index.drop_lease(lease)
 
     @contextlib.asynccontextmanager
-    async def _upload_slot(self, wait: float | None) -> AsyncIterator[bool]:
-        """Hold an upload slot (True), or False when none came free within ``wait`` seconds (None: no limit)."""
+    async def _upload_slot(self, wait: float | None, pool: asyncio.Semaphore | None = None) -> AsyncIterator[bool]:
+        """Hold a slot of ``pool`` (the stored bytes' uploads by default): True, or False when none came free
+        within ``wait`` seconds (None: no limit)."""
+        slots = pool or self._uploads
         try:
-            await asyncio.wait_for(self._uploads.acquire(), wait)
+            await asyncio.wait_for(slots.acquire(), wait)
         except TimeoutError:
             yield False
             return
         try:
             yield True
         finally:
-            self._uploads.release()
+            slots.release()
 
     async def _send(self, request: web.Request, stored: str, digest: str, start: int, end: int, *,
                     wait: float | None = None) -> int:
@@ -304,38 +322,51 @@ class PeerServer:
         async with self._upload_slot(wait) as slot:
             if not slot:
                 return -1
-            response = _piece_response(request, self.node_id, start, end)
 
             def read(offset: int, length: int) -> bytes:
                 if self.store.content.has(stored):
                     return self.store.content.read(stored, offset, length)
                 return self.store.content.read_durable(digest, offset, length)
 
-            sent = 0
-            who = request.headers.get(URL_HEADER) or "-"
-            trace.event("serve-start", digest, start, end - start + 1, who)
             lease = f"upload:peer:{secrets.token_hex(6)}"
             await asyncio.to_thread(self.store.index.add_lease, lease, kind="upload", owner="peer",
                                     blobs=[stored], process=liveness.me())
             try:
-                await response.prepare(request)
-                at = start
-                while at <= end:
-                    block = await asyncio.to_thread(read, at, min(BLOCK, end - at + 1))
-                    if not block:
-                        break
-                    await self.limit.take(len(block))
-                    await response.write(block)
-                    at += len(block)
-                    sent += len(block)
-                    self._on_served(len(block))
-                await response.write_eof()
-            except (NotFound, OSError, ConnectionError):
-                pass  # the ingest went away or the peer hung up: it resumes elsewhere
+                return await self._stream(request, digest, start, end, lambda at, n: asyncio.to_thread(read, at, n))
             finally:
-                trace.event("serve-end", digest, start, sent, who)
                 await asyncio.to_thread(self.store.index.drop_lease, lease)
-            return sent
+
+    async def _stream(self, request: web.Request, digest: str, start: int, end: int,
+                      read: Callable[[int, int], Awaitable[bytes]]) -> int:
+        """The 206 for bytes ``start..end`` (inclusive), each block from ``read(offset, most)``, rate limited;
+        return how many went out. Stored bytes and live pieces alike: a live piece that breaks off (or stalls)
+        closes the connection short of its Content-Length (the requester sees it cut and resumes elsewhere);
+        an ingest that went away, or a peer that hung up, ends it where it is."""
+        response = _piece_response(request, self.node_id, start, end)
+        sent = 0
+        who = request.headers.get(URL_HEADER) or "-"
+        trace.event("serve-start", digest, start, end - start + 1, who)
+        try:
+            await response.prepare(request)
+            at = start
+            while at <= end:
+                block = await read(at, min(BLOCK, end - at + 1))
+                if not block:
+                    break
+                await self.limit.take(len(block))
+                await response.write(block)
+                at += len(block)
+                sent += len(block)
+                self._on_served(len(block))
+            await response.write_eof()
+        except (Broken, TimeoutError):
+            if request.transport is not None:
+                request.transport.close()  # short of its Content-Length: the requester sees it cut
+        except (NotFound, OSError, ConnectionError):
+            pass  # the ingest went away or the peer hung up: it resumes elsewhere
+        finally:
+            trace.event("serve-end", digest, start, sent, who)
+        return sent
 
 
 def _piece_response(request: web.Request, node_id: str, start: int, end: int) -> web.StreamResponse:

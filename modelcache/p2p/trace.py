@@ -5,7 +5,9 @@ line per event at INFO on the ``modelcache.p2p.trace`` logger::
 
     peertrace t=<monotonic s> ev=<event> d=<blob digest, 12 hex> at=<offset> n=<bytes> who=<peer URL or ->
 
-Events: ``origin-start``/``origin-end`` (a range read from the origin),
+Events: ``origin-start``/``origin-end`` (a range read from the origin;
+``origin-gap`` before its end: ``n`` the longest wait in ms between two
+hand-offs of its bytes, ``who`` the bytes received before it),
 ``get-start``/``get-end`` (a range asked of a peer; ``n`` what came),
 ``serve-start``/``serve-end`` (a range sent to the peer ``who``; ``n`` what
 went out), ``home-wait`` (a home waited ``n`` ms for a piece it fetches),
@@ -51,9 +53,17 @@ class TracedOrigin:
         """The range from the origin, timed."""
         event("origin-start", blob.digest, offset, length)
         got = 0
+        last = time.monotonic()
+        gap, gap_at = 0.0, 0
         try:
             async for block in self._origin.read(blob, offset, length):
+                now = time.monotonic()
+                if now - last > gap:
+                    gap, gap_at = now - last, got
+                last = now
                 got += len(block)
+                if got >= length:
+                    event("origin-gap", blob.digest, offset, int(gap * 1000), str(gap_at))
                 if got >= length:
                     event("origin-end", blob.digest, offset, got)  # a reader that stops here never resumes us
                 yield block

@@ -34,6 +34,7 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -44,6 +45,10 @@ from .http import check_range_response, connection_failure, content_length, exac
 from .proxy import Proxy, check_request
 
 BUFFER = 4 << 20
+# Bytes handed over per buffer at most, read as a body starts: a reader passing a range on while it arrives
+# (p2p/relay.py: a piece's home relaying it to peers) asks for smaller ones than BUFFER, else a 4 MiB piece
+# would reach its peers in one hand-off, after its last byte.
+FILL: ContextVar[int] = ContextVar("modelcache_raw_fill", default=BUFFER)
 _MAX_HEAD = 64 << 10
 _SPARES = 64  # buffers kept for reuse (a pull holds a few per stream)
 _THREADS = 32  # default for the sockets in a blocking call at once, per pool
@@ -76,6 +81,7 @@ class RawResponse:
         conn, self._conn = self._conn, None
         pool = conn.pool
         meter = RECEIVING.get()
+        limit = FILL.get()
         hangup = HANGUP.get()  # how the caller drops this connection to end the body early
         if hangup is not None:
             hangup.add(conn.abort)
@@ -87,7 +93,7 @@ class RawResponse:
                 conn.release()
             while not done:
                 if ahead is None:
-                    ahead = pool.start_fill(conn, meter)
+                    ahead = pool.start_fill(conn, meter, limit)
                 filling, buf, cell = ahead
                 try:
                     # shield: a cancellation must not drop the fill running in its thread, nor its bytes.
@@ -108,7 +114,7 @@ class RawResponse:
                 if done:
                     conn.release()
                 elif error is None:  # read ahead while the caller writes this piece
-                    ahead = pool.start_fill(conn, meter)
+                    ahead = pool.start_fill(conn, meter, limit)
                 if meter is not None:  # from here the caller counts these bytes
                     meter.close(cell)
                 if n:
@@ -203,12 +209,13 @@ class _Connection:
         self._pending, self.remaining = extra, length
         return status, fields
 
-    def fill(self, buf: Buffer, cell: Cell | None = None) -> tuple[int, BaseException | None]:
-        """Fill ``buf`` from the body (up to what remains); (bytes, the error that stopped it early).
+    def fill(self, buf: Buffer, cell: Cell | None = None, limit: int = BUFFER) -> tuple[int, BaseException | None]:
+        """Fill ``buf`` from the body (up to what remains, ``limit`` bytes at most); (bytes, the error that
+        stopped it early).
 
         ``cell.n`` follows the bytes in ``buf`` after every ``recv``, for progress.
         """
-        view = memoryview(buf)[: min(len(buf), self.remaining)]
+        view = memoryview(buf)[: min(len(buf), self.remaining, limit)]
         n = len(self._pending)
         view[:n] = self._pending
         self._pending = b""
@@ -411,12 +418,13 @@ class RawPool:
             raise
         return _Connection(self, key, sock)
 
-    def start_fill(self, conn: _Connection, meter: Meter | None = None
+    def start_fill(self, conn: _Connection, meter: Meter | None = None, limit: int = BUFFER
                    ) -> tuple[asyncio.Future[tuple[int, BaseException | None]], Buffer, Cell | None]:
-        """Start filling a fresh buffer from ``conn``'s body in a thread (counted in ``meter``)."""
+        """Start filling a fresh buffer from ``conn``'s body in a thread (counted in ``meter``), ``limit``
+        bytes at most."""
         buf = self.buffer()
         cell = meter.open() if meter is not None else None
-        return asyncio.get_running_loop().run_in_executor(self.threads, conn.fill, buf, cell), buf, cell
+        return asyncio.get_running_loop().run_in_executor(self.threads, conn.fill, buf, cell, limit), buf, cell
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.threads, fn, *args)

@@ -274,7 +274,7 @@ class Engine:
                 while True:
                     workers = [
                         asyncio.create_task(work(self._slots, self._checks, self._homes, self._durability, ingest, todo,
-                                                stats, progress, trusted_only))
+                                                stats, progress, trusted_only, self.config.concurrency))
                         for _ in range(min(self.config.concurrency, len(todo)))
                     ]
                     try:

@@ -8,9 +8,9 @@ Guarantees:
 - The slot is given back before the chunk's fdatasync, which runs beside
   the next range's fetch (:mod:`.durable`); the chunk counts as done only
   once durable.
-- A piece whose home is not ready (:class:`~.outcomes.Deferred`) goes to
-  the back of the queue, once; any other failure is told to whoever waits
-  on the piece and ends the worker.
+- A piece whose home is not ready (:class:`~.outcomes.Deferred`) comes
+  back one round of slots later (``concurrency`` chunks on), once; any
+  other failure is told to whoever waits on the piece and ends the worker.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from .stats import Progress, TransferStats
 
 
 async def work(slots: FairSlots, checks: PieceChecks, homes: Homes, durability: Durability, ingest: Ingest,
-               todo: deque[int], stats: TransferStats, progress: Progress | None, trusted_only: bool) -> None:
+               todo: deque[int], stats: TransferStats, progress: Progress | None, trusted_only: bool,
+               concurrency: int) -> None:
     """Fetch chunks from ``todo`` until it is empty."""
     digest = ingest.blob.digest
     while todo:
@@ -44,7 +45,9 @@ async def work(slots: FairSlots, checks: PieceChecks, homes: Homes, durability: 
                 await checks.fetch_chunk(ingest, index, stats, progress, trusted_only, defer=bool(todo))
             except Deferred as e:
                 homes.settle(digest, index, e)
-                todo.append(index)  # the other pieces first; this one comes back once, then goes on
+                # A few pieces later (one per slot), then on: at the queue's end, a late home's first pieces
+                # all came back at the end of every peer's pull, from that home alone (issue 11).
+                todo.insert(min(len(todo), concurrency), index)
                 continue
             except BaseException as e:
                 homes.settle(digest, index, e)

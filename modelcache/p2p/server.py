@@ -369,18 +369,21 @@ class PeerServer:
         return sent
 
 
+_PEER_RESPONSE = web.RequestKey("peer_response", web.StreamResponse)
+
+
 def _piece_response(request: web.Request, node_id: str, start: int, end: int) -> web.StreamResponse:
     """The 206 for bytes ``start..end`` (inclusive) of a piece, kept on ``request`` for :func:`served_response`."""
     response = web.StreamResponse(status=206, headers={
         NODE_HEADER: node_id, "Content-Length": str(end - start + 1),
         "Content-Range": f"bytes {start}-{end}/*", "Content-Type": "application/octet-stream"})
-    request["peer_response"] = response
+    request[_PEER_RESPONSE] = response
     return response
 
 
 def served_response(request: web.Request) -> web.StreamResponse:
     """The response already streamed for ``request``."""
-    return request["peer_response"]
+    return request[_PEER_RESPONSE]
 
 
 def _wait(message: str, node_id: str) -> web.Response:

@@ -7,6 +7,7 @@ pull of it.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -222,3 +223,16 @@ def resident(path: Path) -> float:
             libc.munmap(ctypes.c_void_p(addr), size)
     finally:
         os.close(fd)
+
+
+class FetchingNeverReady:
+    """A peer server's engine that is fetching every piece and never has it ready: asks wait out their wait."""
+
+    learned: dict[str, str] = {}
+
+    def fetches(self, digest: str) -> bool:
+        return True
+
+    async def ensure_piece(self, digest: str, offset: int, *, wait: float) -> bool:
+        await asyncio.sleep(wait)
+        return False

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from support import FetchingNeverReady
 
 from modelcache.errors import NotFound
 from modelcache.model import Blob
@@ -155,15 +156,7 @@ def test_a_home_gives_a_queued_piece_to_a_requester_with_a_stream_to_spare(tmp_p
     blob = Blob(digest, 3 * PIECE)
     queued = {(digest, PIECE)}  # piece 1's fetch waits for its turn here; piece 0's has started
 
-    class _Engine:
-        learned: dict[str, str] = {}
-
-        def fetches(self, digest: str) -> bool:
-            return True
-
-        async def ensure_piece(self, digest: str, offset: int, *, wait: float) -> bool:
-            await asyncio.sleep(wait)
-            return False
+    _Engine = FetchingNeverReady
 
     def give(d: str, offset: int) -> bool:
         if (d, offset) in queued:
@@ -223,15 +216,7 @@ def test_a_home_answers_wait_while_a_relayed_piece_has_no_byte_yet(tmp_path: Pat
     digest = "sha256:" + "ef" * 32
     data = bytes(range(256)) * 256
 
-    class _Engine:
-        learned: dict[str, str] = {}
-
-        def fetches(self, digest: str) -> bool:
-            return True
-
-        async def ensure_piece(self, digest: str, offset: int, *, wait: float) -> bool:
-            await asyncio.sleep(wait)
-            return False
+    _Engine = FetchingNeverReady
 
     async def go() -> None:
         relay = Relay()

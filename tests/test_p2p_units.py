@@ -7,6 +7,8 @@ import asyncio
 import socket
 import time
 
+from support import FetchingNeverReady
+
 from modelcache.model import Blob
 from modelcache.p2p import signing
 from modelcache.p2p.client import PeerClient, PeerSource
@@ -448,15 +450,7 @@ def test_a_home_relaying_a_piece_with_every_upload_slot_busy_says_wait_in_time(t
     digest = "sha256:" + "ab" * 32
     data = bytes(range(256)) * 256  # 64 KiB, the piece
 
-    class _Engine:
-        learned: dict[str, str] = {}
-
-        def fetches(self, digest: str) -> bool:
-            return True
-
-        async def ensure_piece(self, digest: str, offset: int, *, wait: float) -> bool:
-            await asyncio.sleep(wait)
-            return False
+    _Engine = FetchingNeverReady
 
     secret = b"s" * 16
 

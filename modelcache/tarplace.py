@@ -50,11 +50,10 @@ import xxhash
 from .errors import DigestMismatch, NotFound, RangeIgnored
 from .model import Archive, Blob, Compression
 from .sources.base import ByteSource
-from .sources.rawget import anonymous_buffer
 from .sources.tarindex import Entry, TarIndex, Unwalkable, walk
 from .store import Store
 from .store.crash import crash_point
-from .store.direct import pread_into
+from .store.direct import anonymous_buffer, pread_into
 from .store.store import UNPACK_FLOOR, UNPACK_RATIO
 from .store.unpack import Listing, Row
 from .transfer import ChunkRouter, Engine, OriginOnly, TransferStats

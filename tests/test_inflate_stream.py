@@ -287,8 +287,10 @@ def test_the_reader_takes_the_writers_buffers_while_they_are_in_memory(tmp_path:
 
 def test_a_reader_behind_the_window_reads_back_from_the_ingest(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """The writer does not wait for the reader: what fell out of the window is read from disk, byte-exact."""
+    """A reader that does not come (the writer waits :data:`STALL` for it once, then goes on): what fell out
+    of the window is read from disk, byte-exact."""
     monkeypatch.setattr(streamunpack, "WINDOW", 20_000)
+    monkeypatch.setattr(streamunpack, "STALL", 0.05)
     data = bytes(range(253)) * 1000
     ingest = _ingest(tmp_path, data, 1 << 16)
     followed = streamunpack._Followed(ingest)
@@ -312,6 +314,7 @@ def test_bytes_the_reader_takes_from_memory_go_past_the_page_cache(tmp_path: Pat
     a buffered write cost 1 CPU s per GiB, issue 13); once it lags behind the window, through the cache,
     where it reads them back; past it again once it has caught up. Byte-exact either way."""
     monkeypatch.setattr(streamunpack, "WINDOW", 20_000)
+    monkeypatch.setattr(streamunpack, "STALL", 0.05)  # the reader comes late: the writer goes on without it
     data = bytes(range(249)) * 200
     ingest = _ingest(tmp_path, data, 1 << 16)
     choices: list[bool] = []
@@ -343,6 +346,113 @@ def test_bytes_the_reader_takes_from_memory_go_past_the_page_cache(tmp_path: Pat
     followed.stop()
     thread.join(30)
     assert b"".join(bytes(g) for g in got) == data
+    ingest.close()
+
+
+def _recording_bypass(ingest, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    choices: list[bool] = []
+    real = ingest.bypass_cache
+
+    def bypass(on: bool = True) -> None:
+        choices.append(on)
+        real(on)
+
+    monkeypatch.setattr(ingest, "bypass_cache", bypass)
+    return choices
+
+
+def test_a_writer_waits_for_a_slower_reader_instead_of_outrunning_the_window(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader slower than the network (the CPU is the limit: issue 13) holds the writer to its pace: every
+    byte is taken from memory, none read back from disk, and every write goes past the page cache. Before,
+    the writer ran ahead, the window overflowed, and the rest went through the cache and back."""
+    monkeypatch.setattr(streamunpack, "WINDOW", 20_000)
+    data = bytes(range(247)) * 1200
+    ingest = _ingest(tmp_path, data, 1 << 16)
+    choices = _recording_bypass(ingest, monkeypatch)
+    followed = streamunpack._Followed(ingest)
+    got: list = []
+
+    def slow_reader() -> None:
+        fd = os.open(ingest.data_path, os.O_RDONLY)
+        try:
+            for piece in followed.read_along(fd):
+                got.append(piece)
+                time.sleep(0.002)
+        finally:
+            os.close(fd)
+
+    thread = threading.Thread(target=slow_reader)
+    thread.start()
+    at = 0
+    for piece in [data[a:a + 7001] for a in range(0, len(data), 7001)]:
+        followed.write(at, piece)
+        at += len(piece)
+    followed.stop()
+    thread.join(30)
+    assert b"".join(bytes(g) for g in got) == data
+    assert all(isinstance(g, memoryview) for g in got)  # nothing read back
+    assert choices and all(choices)
+    ingest.close()
+
+
+def test_a_stalled_reader_holds_the_writer_back_at_most_stall_seconds(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader that stops (its files' commit on a slow disk) holds each write for :data:`STALL` at most; the
+    writer then goes on through the page cache, and the reader, once it moves, reads those bytes back."""
+    monkeypatch.setattr(streamunpack, "WINDOW", 20_000)
+    monkeypatch.setattr(streamunpack, "STALL", 0.2)
+    data = bytes(range(241)) * 300
+    ingest = _ingest(tmp_path, data, 1 << 16)
+    choices = _recording_bypass(ingest, monkeypatch)
+    followed = streamunpack._Followed(ingest)
+    got: list = []
+    go = threading.Event()
+
+    def stalling_reader() -> None:
+        fd = os.open(ingest.data_path, os.O_RDONLY)
+        try:
+            for piece in followed.read_along(fd):
+                got.append(piece)
+                go.wait(30)  # stalls after its first piece until told
+        finally:
+            os.close(fd)
+
+    thread = threading.Thread(target=stalling_reader)
+    thread.start()
+    pieces = [data[a:a + 7001] for a in range(0, len(data), 7001)]
+    waits = []
+    at = 0
+    for piece in pieces:
+        started = time.monotonic()
+        followed.write(at, piece)
+        waits.append(time.monotonic() - started)
+        at += len(piece)
+    go.set()
+    followed.stop()
+    thread.join(30)
+    assert b"".join(bytes(g) for g in got) == data
+    assert max(waits) < 5  # bounded (0.2 s each, with room for a loaded machine)
+    assert sum(1 for w in waits if w >= 0.15) >= 1  # it did wait for the reader before going on
+    assert not all(choices)  # the bytes it could not wait for went through the cache
+    ingest.close()
+
+
+def test_forget_wakes_a_writer_waiting_for_room(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reader gives up (an error in the tar): a writer waiting for room in the window goes on at once."""
+    monkeypatch.setattr(streamunpack, "WINDOW", 10_000)
+    monkeypatch.setattr(streamunpack, "STALL", 60.0)
+    data = bytes(range(239)) * 100
+    ingest = _ingest(tmp_path, data, 1 << 16)
+    followed = streamunpack._Followed(ingest)
+    followed.write(0, data[:8000])  # the reader, at byte 0, has not come yet: the window is now nearly full
+    done = threading.Event()
+    writer = threading.Thread(target=lambda: (followed.write(8000, data[8000:16000]), done.set()))
+    writer.start()
+    assert not done.wait(0.3)  # waiting for room
+    followed.forget()
+    assert done.wait(10)
+    writer.join(10)
     ingest.close()
 
 

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from ..errors import ModelCacheError, Unauthorized, Unavailable
+from ..store.direct import anonymous_buffer
 from ..transfer.hangup import HANGUP
 from ..transfer.meter import RECEIVING, Cell, Meter
 from .http import check_range_response, connection_failure, content_length, exact_range, parse_head
@@ -436,22 +437,6 @@ class RawPool:
                 conn.abort()
         self._idle.clear()
         self.threads.shutdown(wait=False)
-
-
-def anonymous_buffer(size: int) -> mmap.mmap:
-    """A private anonymous mapping of ``size`` bytes, in huge pages where the kernel gives them.
-
-    Why: these buffers are handed to the disk as they are (``O_DIRECT``), which pins their pages for
-    each write; with 4 KiB pages that pinning, and the first faults, cost more kernel time than the
-    write itself (measured: 0.12 s against 0.04 s per GiB). Private, not shared: nothing else maps them.
-    """
-    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            buf.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:  # a kernel without transparent huge pages: 4 KiB pages do
-            pass
-    return buf
 
 
 def _tunnel(sock: socket.socket, host: str, port: int, proxy: Proxy) -> None:

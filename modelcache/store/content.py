@@ -49,7 +49,7 @@ from ..model import Blob
 from . import liveness
 from .ahead import Ahead
 from .crash import crash_point
-from .direct import DirectWriter, pread_into
+from .direct import DirectWriter, GatheredWriter, pread_into
 from .etag import MultipartEtag, S3Crc
 from .roles import IngestStatus
 
@@ -59,6 +59,7 @@ _RECORD_HEADER = struct.Struct("<8sQQ")  # magic, blob size, chunk size
 _PARTIAL_MAGIC = b"MCPART01"
 _PARTIAL_ENTRY = struct.Struct("<QQ")  # chunk index, leading bytes durable
 _HASH_BLOCK = 4 << 20
+_GATHERED = 4 << 20  # a file unpacked from a layer this big or bigger is written past the page cache
 _IOV_MAX = 1024
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _INGEST_FILES = ("data", "chunks", "partial", "partial.tmp")
@@ -299,17 +300,26 @@ class ContentStore:
         return self.stage_blocks(iter(lambda: source.read(_HASH_BLOCK), b""), expected_size=expected_size)
 
     def stage_blocks(self, blocks: Iterable[bytes | memoryview], *, expected_size: int | None = None) -> Staged:
-        """:meth:`stage` from blocks of bytes, in order (views are hashed and written as they are, no copy)."""
+        """:meth:`stage` from blocks of bytes, in order (views are hashed and written as they are, no copy).
+
+        A file of :data:`_GATHERED` bytes or more (as ``expected_size`` says) goes past the page cache
+        (:class:`~.direct.GatheredWriter`): it is hashed here from memory and nobody reads it back soon."""
         tmp = self.ingest_dir / f"tmp-{liveness.tmp_prefix()}{secrets.token_hex(8)}"
         h, x = hashlib.sha256(), xxhash.xxh3_128()
         size = 0
         try:
-            with open(tmp, "wb") as out:
-                for block in blocks:
-                    h.update(block)
-                    x.update(block)
-                    out.write(block)
-                    size += len(block)
+            with open(tmp, "wb") as out:  # buffered: small files; big ones bypass it (and the page cache)
+                gathered = GatheredWriter(out.fileno(), tmp) if (expected_size or 0) >= _GATHERED else None
+                try:
+                    write = out.write if gathered is None else gathered.write
+                    for block in blocks:
+                        h.update(block)
+                        x.update(block)
+                        write(block)
+                        size += len(block)
+                finally:
+                    if gathered is not None:
+                        gathered.close()
             if expected_size is not None and size != expected_size:
                 raise InvalidContent(f"stream ended after {size} bytes, expected {expected_size}")
             return Staged(tmp, "sha256:" + h.hexdigest(), size, x.hexdigest())

@@ -81,6 +81,56 @@ class DirectWriter:
             os.close(fd)
 
 
+class GatheredWriter:
+    """A new file written front to back, past the page cache: blocks of any size and alignment are
+    gathered into one page-aligned buffer, and each full buffer is written with ``O_DIRECT``.
+
+    For a file written once and not read soon (a file unpacked from a layer: issue 13, where writing
+    them through the page cache cost 0.5 CPU s per GiB, more than copying them into the buffer,
+    about 0.1). The last, partial buffer is written through the page cache, as is everything on a
+    filesystem that refuses ``O_DIRECT``; :meth:`close` writes it. Durability is the caller's
+    ``fsync``, which covers both kinds of write.
+    """
+
+    def __init__(self, fd: int, path: os.PathLike[str] | str, size: int = 4 << 20) -> None:
+        self._fd = fd  # the caller's ordinary descriptor, for what is not written directly
+        self._direct = DirectWriter(path)
+        self._buffer = anonymous_buffer(size)
+        self._view = memoryview(self._buffer)
+        self._fill = 0
+        self._offset = 0
+
+    def write(self, block: bytes | memoryview) -> None:
+        """Append ``block``."""
+        data = memoryview(block).cast("B")
+        size = len(self._view)
+        while data:
+            n = min(len(data), size - self._fill)
+            self._view[self._fill:self._fill + n] = data[:n]
+            self._fill += n
+            data = data[n:]
+            if self._fill == size:
+                self._flush()
+
+    def _flush(self) -> None:
+        pending = self._view[:self._fill]
+        done = self._direct.write(self._offset, [pending])
+        while done < len(pending):
+            done += os.pwrite(self._fd, pending[done:], self._offset + done)
+        self._offset += len(pending)
+        self._fill = 0
+
+    def close(self) -> None:
+        """Write what is gathered and let go of the buffer (the caller's descriptor stays open)."""
+        try:
+            if self._fill:
+                self._flush()
+        finally:
+            self._view.release()
+            self._buffer.close()
+            self._direct.close()
+
+
 def pread_into(path: os.PathLike[str] | str, offset: int, buffer: mmap.mmap | memoryview, n: int, *,
                direct: bool = True) -> int:
     """Read up to ``n`` bytes of ``path`` at ``offset`` into the start of ``buffer``; return how many.
@@ -110,3 +160,19 @@ def pread_into(path: os.PathLike[str] | str, offset: int, buffer: mmap.mmap | me
         return os.preadv(fd, [view[:n]], offset)
     finally:
         os.close(fd)
+
+
+def anonymous_buffer(size: int) -> mmap.mmap:
+    """A private anonymous mapping of ``size`` bytes, in huge pages where the kernel gives them.
+
+    Why: these buffers are handed to the disk as they are (``O_DIRECT``), which pins their pages for
+    each write; with 4 KiB pages that pinning, and the first faults, cost more kernel time than the
+    write itself (measured: 0.12 s against 0.04 s per GiB). Private, not shared: nothing else maps them.
+    """
+    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # a kernel without transparent huge pages: 4 KiB pages do
+            pass
+    return buf

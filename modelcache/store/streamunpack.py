@@ -57,9 +57,17 @@ log = logging.getLogger(__name__)
 ROUNDS = 2  # a layer whose digest fails is streamed once more; twice wrong, the error stands
 # Bytes written and not yet unpacked, kept in memory for the unpacking thread (the network's
 # buffers, by reference): reading them back from the page cache cost 0.2 CPU s/GiB (measured), in
-# the thread that is the pull's critical path. The writer never waits for the reader (the stream
-# is made durable at its own pace, for resume); a reader further behind reads back from disk.
+# the thread that is the pull's critical path, and writing them through it 0.5 more.
 WINDOW = 16 << 20
+# How long a write waits for the reader to make room in the window before it goes on without it
+# (through the page cache, read back later). The reader is the slower side whenever the CPU is the
+# limit, so without the wait the window overflowed at once and stayed overflowed: every compressed
+# byte was written through the cache and read back (measured: 1.2 of 4.7 CPU s per GiB). Waiting
+# holds the stream to the reader's pace (the origin is paced by TCP); the bound keeps a reader
+# that stalls (its files' commit on a slow disk) from holding the stream for long. A reader behind
+# the window (the durable prefix of a resumed pull, read back) is not waited for at all: the
+# stream goes on beside it, as the network may well be the slower side then.
+STALL = 2.0
 
 
 async def stream_layer(store: Store, engine: Engine, archive: Archive, origin: ByteSource,
@@ -172,8 +180,10 @@ class _Followed:
     still referenced, as the transfer engine relies on too), until the
     reader of :meth:`read_along` is past them: it takes them with no copy
     and no system call, and reads from disk only what fell out of the window.
-    Bytes written while the window has room for them go past the page cache
-    (the ingest's ``bypass_cache``); the others through it.
+    A write that finds the window full while the reader takes its bytes from
+    it waits for the reader to make room (:data:`STALL` seconds at most). Bytes written while the window has room
+    for them go past the page cache (the ingest's ``bypass_cache``); the
+    others through it.
     """
 
     def __init__(self, ingest: Ingest) -> None:
@@ -186,6 +196,7 @@ class _Followed:
         self.end = 0
         self._window: deque[tuple[int, memoryview]] = deque()  # (offset, bytes written there), in order
         self._window_bytes = 0
+        self._read_at = 0  # where the reader stands
         self._keeping = True  # until the reader is done (forget)
         # Optional (a store may always write through its cache): see write.
         self._bypass: Callable[[bool], None] | None = getattr(ingest, "bypass_cache", None)
@@ -205,6 +216,7 @@ class _Followed:
         """Block until bytes past ``position`` are written; return the end of the written prefix.
         Raises :class:`_Stopped` if the stream ended without them."""
         with self._cond:
+            self._drop_before(position)  # the reader is past them: room for a writer waiting on it
             while self.end <= position and not self._stopped:
                 self._cond.wait()
             if self.end <= position:
@@ -234,8 +246,7 @@ class _Followed:
         """Up to ``most`` bytes at ``position`` from the window; else how many to read from disk there
         (up to where the window starts). Drops what lies before ``position``: the reader is past it."""
         with self._cond:
-            while self._window and self._window[0][0] + len(self._window[0][1]) <= position:
-                self._window_bytes -= len(self._window.popleft()[1])
+            self._drop_before(position)
             if not self._window:
                 return most
             start, view = self._window[0]
@@ -243,12 +254,28 @@ class _Followed:
                 return min(most, start - position)
             return view[position - start: position - start + most]
 
+    def _drop_before(self, position: int) -> None:
+        """Let go of the window's bytes before ``position`` (the reader is past them); wake a writer
+        waiting for room. The caller holds ``_cond``."""
+        self._read_at = max(self._read_at, position)
+        dropped = False
+        while self._window and self._window[0][0] + len(self._window[0][1]) <= position:
+            self._window_bytes -= len(self._window.popleft()[1])
+            dropped = True
+        if dropped:
+            self._cond.notify_all()
+
+    def _room(self, offset: int, n: int) -> bool:
+        """Whether ``n`` bytes written at ``offset`` would be kept in the window. The caller holds ``_cond``."""
+        return offset == self.end and self._keeping and (not self._window or self._window_bytes + n <= WINDOW)
+
     def forget(self) -> None:
         """The reader is done: keep nothing more in memory."""
         with self._cond:
             self._keeping = False
             self._window.clear()
             self._window_bytes = 0
+            self._cond.notify_all()  # a writer waiting for room goes on
 
     # -- the Ingest protocol, passed through ------------------------------------------------
 
@@ -268,12 +295,16 @@ class _Followed:
     def write(self, offset: int, data: bytes | memoryview | Sequence[bytes | memoryview]) -> None:
         pieces = [data] if isinstance(data, bytes | bytearray | memoryview) else data
         n = sum(len(d) for d in pieces)
+        owned = not any(isinstance(piece, bytearray) for piece in pieces)  # see the window, below
+        with self._cond:
+            following = bool(self._window) and self._read_at >= self._window[0][0]  # from memory, not disk
+            if owned and following and not self._room(offset, n):
+                # The reader is the slower side: wait for it rather than write bytes it must read back.
+                self._cond.wait_for(lambda: self._room(offset, n) or not self._keeping or offset != self.end, STALL)
+            # Bytes the reader will take from the window are never read back: past the page cache
+            # with them. If it lags (the window full), bytes go through the cache, where it finds them.
+            from_memory = owned and self._room(offset, n)
         if self._bypass is not None:
-            with self._cond:
-                # Bytes the reader will take from the window are never read back: past the page cache
-                # with them. Once it lags (the window full), bytes go through the cache, where it finds them.
-                from_memory = offset == self.end and self._keeping and self._window_bytes + n <= WINDOW \
-                    and not any(isinstance(piece, bytearray) for piece in pieces)
             self._bypass(from_memory)
         self._ingest.write(offset, data)
         with self._cond:

@@ -47,6 +47,7 @@ import json
 import math
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -67,6 +68,7 @@ from benchlib import (  # noqa: E402
     Timing,
     ceiling_disk_write,
     ceiling_http_get,
+    process_cpu,
     record,
     report,
     rmtree,
@@ -413,7 +415,8 @@ def _timed_or_none(cmd: Sequence[str], note: list[str], name: str) -> tuple[floa
 
 
 def compare(image: Image, *, host: str, work: Path, total: int, expected: dict[str, str], runs: int,
-            containerd: Containerd | None, concurrency: int, chunk_size: str, warm: int = 0) -> None:
+            containerd: Containerd | None, concurrency: int, chunk_size: str, registry_pid: int,
+            warm: int = 0) -> None:
     """Alternate cold runs of ours, the peers and the ceilings on one format; print and record the ratios.
 
     With ``warm``, then that many warm hits (the model already in the store), beside the interpreter alone.
@@ -433,9 +436,12 @@ def compare(image: Image, *, host: str, work: Path, total: int, expected: dict[s
     store = work / "store"
     pull = [sys.executable, "-m", "modelcache", "--store", str(store), "pull", "-q", "--concurrency",
             str(concurrency), "--chunk-size", chunk_size, f"oci://{ref}"]
+    cpu: dict[str, list[float]] = {"ours": [], "registry": []}  # CPU seconds of each of our runs
     for run in range(runs):
         rmtree(store)
-        seconds, rss, out = run_timed(pull)
+        before = process_cpu(registry_pid)
+        seconds, rss, out = run_timed(pull, cpu=cpu["ours"])
+        cpu["registry"].append(process_cpu(registry_pid) - before)
         ours.seconds.append(seconds)
         ours.rss.append(rss)
         view = Path(out.strip().splitlines()[-1])
@@ -473,6 +479,7 @@ def compare(image: Image, *, host: str, work: Path, total: int, expected: dict[s
     kinds = sorted(set(image.media_types))
     report(f"{image.fmt} layers ({MADE_BY[image.fmt]}; {len(image.layers)} layers)", total, ours, peers, ceilings)
     print(f"  layer media types: {', '.join(kinds)}; every file byte-exact")
+    cpu_bound(total, ours.median, statistics.median(cpu["ours"]), statistics.median(cpu["registry"]))
     if compressed:  # how much inflating there is to do: umoci's gzip leaves bf16 weights near their size
         packed = sum(path.stat().st_size for path in compressed)
         print(f"  compressed layers: {packed / total:.3f} of the files' bytes")
@@ -484,6 +491,23 @@ def compare(image: Image, *, host: str, work: Path, total: int, expected: dict[s
         warm_hits(image.fmt, pull, work, warm)
     rmtree(store)
     sys.stdout.flush()
+
+
+def cpu_bound(total: int, seconds: float, ours: float, registry: float) -> None:
+    """Print the CPU a pull used, ours and the registry's, and the fastest pull that CPU allows here.
+
+    The ceilings above each measure one resource alone on every core; a pull needs them all at once, and
+    on a small machine it shares its cores with the registry. So the CPU it cannot do without (per GiB:
+    each sha256 pass, the inflate, the registry's serving) bounds it before any of them: a pull using
+    ``ours + registry`` CPU seconds takes at least that over the cores, however well it overlaps its work.
+    """
+    cores = os.cpu_count() or 1
+    floor = (ours + registry) / cores
+    gib = total / GiB
+    print(f"  CPU per GiB (medians): ours {ours / gib:.2f} s, the registry {registry / gib:.2f} s; on {cores} "
+          f"cores that CPU alone takes {floor:.2f} s ({total / 1e9 / floor:.2f} GB/s): ours / CPU floor "
+          f"{floor / seconds:.2f}")
+    record("cpu", bytes=total, seconds=seconds, ours_cpu=ours, registry_cpu=registry, cores=cores)
 
 
 def warm_hits(fmt: str, pull: Sequence[str], work: Path, runs: int) -> None:
@@ -535,7 +559,7 @@ def main() -> None:
         for fmt in formats:
             compare(images[fmt], host=host, work=work, total=total, expected=expected, runs=runs,
                     containerd=containerd, concurrency=args.concurrency, chunk_size=args.chunk_size,
-                    warm=args.warm)
+                    registry_pid=registry.pid, warm=args.warm)
     finally:
         if containerd is not None:
             containerd.stop()

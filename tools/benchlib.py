@@ -45,16 +45,20 @@ class Timing:
         return statistics.median(self.seconds)
 
 
-def run_timed(cmd: Sequence[str], *, env: dict | None = None, sync: bool = True) -> tuple[float, int, str]:
+def run_timed(cmd: Sequence[str], *, env: dict | None = None, sync: bool = True,
+              cpu: list[float] | None = None) -> tuple[float, int, str]:
     """Run a command as a user would, plus ``sync``; return (seconds, its peak RSS in bytes, stdout).
 
-    Python commands run byte-compiled (:data:`PYTHON_ENV`).
+    Python commands run byte-compiled (:data:`PYTHON_ENV`). ``cpu``: its CPU seconds (user and system,
+    its children included) are appended there.
     """
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         started = time.perf_counter()
         proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, env={**os.environ, **PYTHON_ENV, **(env or {})})
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
+        if cpu is not None:
+            cpu.append(usage.ru_utime + usage.ru_stime)
         if sync:
             os.sync()
         elapsed = time.perf_counter() - started
@@ -63,6 +67,12 @@ def run_timed(cmd: Sequence[str], *, env: dict | None = None, sync: bool = True)
         if proc.returncode:
             raise SystemExit(f"{cmd[0]} failed ({proc.returncode}):\n{err.read().decode(errors='replace')[-2000:]}")
         return elapsed, usage.ru_maxrss * 1024, out.read().decode()
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user and system) a running process has used so far (Linux: /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:

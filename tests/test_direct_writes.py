@@ -318,6 +318,33 @@ def test_gathered_writes_fall_back_to_the_page_cache_where_o_direct_is_refused(t
     assert path.read_bytes() == data
 
 
+def test_gathered_writers_in_one_thread_reuse_one_buffer(tmp_path: Path) -> None:
+    """A layer of many mid-sized files maps and zeroes one buffer, not one per file; two writers open at
+    once never share one, and each file is byte-exact."""
+    files = {name: os.urandom(size) for name, size in (("a", 70_000), ("b", 65_536), ("c", 1234))}
+    buffers = []
+    for name, data in files.items():
+        fd = os.open(tmp_path / name, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            writer = GatheredWriter(fd, tmp_path / name, size=1 << 16)
+            buffers.append(writer._buffer)
+            writer.write(data)
+            writer.close()
+        finally:
+            os.close(fd)
+        assert (tmp_path / name).read_bytes() == data
+    assert buffers[0] is buffers[1] is buffers[2]
+    fds = [os.open(tmp_path / n, os.O_WRONLY | os.O_CREAT, 0o644) for n in ("x", "y")]
+    try:
+        first, second = (GatheredWriter(fd, tmp_path / n, size=1 << 16) for fd, n in zip(fds, "xy", strict=True))
+        assert first._buffer is not second._buffer
+        first.close()
+        second.close()
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def test_receive_buffers_are_private_and_ask_for_huge_pages() -> None:
     """The lean reader's buffers, handed to O_DIRECT as they are: private (not shmem) and advised huge
     pages, so pinning them per write costs a few huge pages instead of a thousand small ones."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import threading
 from collections.abc import Sequence
 
 ALIGN = 4096  # the largest logical block size in use; aligned to it, aligned to any
@@ -81,6 +82,9 @@ class DirectWriter:
             os.close(fd)
 
 
+_spare = threading.local()  # a GatheredWriter's buffer, for the next one in the same thread
+
+
 class GatheredWriter:
     """A new file written front to back, past the page cache: blocks of any size and alignment are
     gathered into one page-aligned buffer, and each full buffer is written with ``O_DIRECT``.
@@ -95,7 +99,14 @@ class GatheredWriter:
     def __init__(self, fd: int, path: os.PathLike[str] | str, size: int = 4 << 20) -> None:
         self._fd = fd  # the caller's ordinary descriptor, for what is not written directly
         self._direct = DirectWriter(path)
-        self._buffer = anonymous_buffer(size)
+        # One buffer per thread, kept between files: a layer of many 4-8 MiB files would otherwise map
+        # and fault in (zero) as many bytes of buffer as it writes.
+        spare = getattr(_spare, "buffer", None)
+        if spare is not None and len(spare) == size:
+            _spare.buffer = None
+            self._buffer = spare
+        else:
+            self._buffer = anonymous_buffer(size)
         self._view = memoryview(self._buffer)
         self._fill = 0
         self._offset = 0
@@ -127,7 +138,9 @@ class GatheredWriter:
                 self._flush()
         finally:
             self._view.release()
-            self._buffer.close()
+            kept, _spare.buffer = getattr(_spare, "buffer", None), self._buffer
+            if kept is not None:  # two writers at once in this thread: the one kept before goes
+                kept.close()
             self._direct.close()
 
 

@@ -7,7 +7,10 @@ A pull holds a lease (kind ``pull``, tied to this process) from before it
 resolves until its view is recorded: the blobs it needs are held before it
 looks whether they are present, blobs it commits or unpacks are held from
 the moment they are linked, and its view is held before its tree is built,
-so no gc, budget or ``verify --delete`` beside it can take them.
+so no gc, budget or ``verify --delete`` beside it can take them. A caller
+may bring its own lease instead and drop it itself: that lease still holds
+the view when :func:`pull` returns (a warm hit's view too), so the daemon
+can lease it for the mounts waiting on the pull before letting go.
 """
 
 from __future__ import annotations
@@ -80,11 +83,14 @@ class _Lister(Protocol):
 async def pull(store: Store, engine: Engine, ref_text: str, *, filters: Filters | None = None,
                options: SourceOptions | None = None, progress: Progress | None = None,
                tag: str | None = None, owner: str = "cli", budget: Budget | None = None,
-               routing: Callable[[ByteSource], ChunkRouter] | None = None) -> PullResult:
+               routing: Callable[[ByteSource], ChunkRouter] | None = None, lease: str | None = None) -> PullResult:
     """Pull ``ref_text`` into ``store``; return where its read-only tree is.
 
     ``tag`` picks an image in an OCI layout held in an S3 prefix. ``owner``
     names the pull's lease; ``budget`` reserves its space before it fetches.
+    ``lease``: one the caller took (kind ``pull``, its process) and drops
+    itself, which still holds the view when this returns; default: the
+    pull's own, dropped before it returns.
     ``routing`` wraps the origin in a router (peers first); default: the origin only.
     The manifest is always resolved at the origin first, with this pull's own
     credentials: peers are asked only for blobs of a model we were given.
@@ -92,15 +98,18 @@ async def pull(store: Store, engine: Engine, ref_text: str, *, filters: Filters 
     A warm hit (issue 13) ends there: when this reference and filters were
     last recorded as a view of this very manifest (the model digest just
     resolved) and the view's tree is in place, that view is marked used and
-    returned; nothing is fetched, held or rebuilt (:meth:`Index.use_view`).
+    returned; nothing is fetched or rebuilt (:meth:`Index.use_view`), and only
+    a caller's ``lease`` holds it (taken in the same transaction).
     """
     started = time.monotonic()
     ref = parse(ref_text)
     if tag and isinstance(ref, S3Ref):
         ref = dataclasses.replace(ref, tag=tag)
     source = open_source(ref, options or SourceOptions(), learned=store.index.learned_digest)
-    lease = f"pull:{owner}:{secrets.token_hex(8)}"
-    await asyncio.to_thread(store.index.add_lease, lease, kind="pull", owner=owner, process=liveness.me())
+    own = lease is None
+    if lease is None:
+        lease = f"pull:{owner}:{secrets.token_hex(8)}"
+        await asyncio.to_thread(store.index.add_lease, lease, kind="pull", owner=owner, process=liveness.me())
     chosen = filters or Filters()
     resolve: Callable[[], Awaitable[Model]] = source.resolve
     early: EarlyStart | None = None
@@ -124,7 +133,7 @@ async def pull(store: Store, engine: Engine, ref_text: str, *, filters: Filters 
             # asking for this model's pieces is never sent away in between.
             hit = await asyncio.to_thread(store.index.use_view, model.ref, chosen.key(),
                                           lambda view: store.view_path(view).is_dir(), model_digest=model.digest,
-                                          needed_credentials=needed)
+                                          needed_credentials=needed, lease=None if own else lease)
         if hit is not None:
             view, size, files = hit
             return PullResult(ref=model.ref, model_digest=model.digest, path=store.view_path(view), files=files,
@@ -142,7 +151,8 @@ async def pull(store: Store, engine: Engine, ref_text: str, *, filters: Filters 
     finally:
         if early is not None:
             await early.stop()  # after a failure (done ones are untouched): what arrived is kept
-        await asyncio.to_thread(store.index.drop_lease, lease)
+        if own:
+            await asyncio.to_thread(store.index.drop_lease, lease)
         await source.close()
 
 

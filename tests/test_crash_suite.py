@@ -307,9 +307,14 @@ def test_daemon_pull_killed(point: str, origin: Origin, tmp_path: Path) -> None:
     _after_crash(daemon.store, origin, origin.files)
 
 
-def test_daemon_killed_between_mount_lease_and_bind(origin: Origin, tmp_path: Path) -> None:
-    """Killed after leasing a volume's view, before bind-mounting it: the next daemon drops the lease."""
-    daemon = _daemon(tmp_path / "node", "mount-leased", "--scrub-rate", "0")
+DAEMON_MOUNT = ["mount-handed-over", "mount-leased"]
+
+
+@pytest.mark.parametrize("point", DAEMON_MOUNT)
+def test_daemon_killed_between_mount_lease_and_bind(point: str, origin: Origin, tmp_path: Path) -> None:
+    """Killed after leasing a volume's view (by the pull job the mount waited on, or by the mount itself),
+    before bind-mounting it: the next daemon drops the lease."""
+    daemon = _daemon(tmp_path / "node", point, "--scrub-rate", "0")
     try:
         target = tmp_path / "pod" / "vol"
         with pytest.raises(Exception):  # noqa: B017 - the daemon dies under the call
@@ -319,6 +324,11 @@ def test_daemon_killed_between_mount_lease_and_bind(origin: Origin, tmp_path: Pa
         daemon.stop(signal.SIGKILL)
         unmount_all_below(tmp_path)
     _restart_recovery(daemon.store)
+    s = Store(daemon.store)
+    try:
+        assert s.index.leases("mount") == []
+    finally:
+        s.close()
     _after_crash(daemon.store, origin, origin.files)
 
 
@@ -348,7 +358,7 @@ def test_daemon_scrub_killed(point: str, origin: Origin, template: Path, tmp_pat
 
 def test_every_crash_point_is_exercised() -> None:
     """Each named point is killed at somewhere above (and there are at least 20 cases)."""
-    cases = CLI_PULL + CLI_UNPACK + CLI_GC + CLI_VERIFY + DAEMON_PULL + DAEMON_SCRUB + ["mount-leased"]
+    cases = CLI_PULL + CLI_UNPACK + CLI_GC + CLI_VERIFY + DAEMON_PULL + DAEMON_SCRUB + DAEMON_MOUNT
     assert {c.partition("@")[0] for c in cases} == set(POINTS) and len(cases) >= 20
 
 

@@ -28,6 +28,12 @@ Guarantees:
 - A view is handed out only already leased: :meth:`PullManager.view_for`
   looks the model up and leases its view in one index transaction, so gc
   or the budget never delete it between lookup and mount.
+- A mount that waits on a job is never left with a view nobody holds: the
+  job pulls under a lease of its own, leases its view for every volume
+  waiting on it (each its own mount lease) while that lease still holds it,
+  and only then lets go and ends. A job that fails leases nothing for them;
+  a mount that stops waiting (kubelet gave up) takes nothing, or gives back
+  what the job took for it while no volume was published under that id.
 - With a budget, each job reserves its space before fetching (evicting LRU
   models no lease holds) and the budget is enforced again when it ends.
 """
@@ -38,6 +44,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import secrets
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -48,8 +55,9 @@ from ..errors import Busy, ModelCacheError, Unavailable
 from ..progress import Gauge
 from ..pull import pull
 from ..sources import SourceCredentials, SourceOptions
-from ..store import Store
+from ..store import Store, liveness
 from ..store.budget import Budget, enforce
+from ..store.crash import crash_point
 from ..transfer import Engine, TransferStats
 from ..tree import Filters
 from .access import AccessGate
@@ -82,6 +90,9 @@ class PullJob:
     finished: float | None = None
     task: asyncio.Task[None] | None = field(default=None, repr=False)
     credentials: SourceCredentials | None = field(default=None, repr=False)  # a pod's; None: the daemon's
+    # Volume id -> mounts (view_for calls) waiting on this job for it, and the volumes it leased its view for.
+    mounts: dict[str, int] = field(default_factory=dict, repr=False)
+    handed: dict[str, str] = field(default_factory=dict, repr=False)
 
     def as_json(self) -> dict:
         """What the HTTP API shows."""
@@ -200,25 +211,35 @@ class PullManager:
             self.metrics.hits.inc()
             await self._check_access(canonical, credentials, view, lease)
             return view
-        # The view can be evicted between its job's end and our lease: pull again. Five tries: with a gc
-        # loop at a 1-byte budget beside it, three were once all lost (tests/test_leases.py, in CI).
-        for _ in range(5):
-            job = self._start(canonical, filters, credentials)
-            assert job.task is not None
+        job = self._start(canonical, filters, credentials)
+        assert job.task is not None
+        if lease is not None:  # joined with no await since _start: the job leases its view for us (_hand_over)
+            job.mounts[lease] = job.mounts.get(lease, 0) + 1
+        try:
             # asyncio.wait never cancels the job when we are cancelled, nor raises its outcome.
             await asyncio.wait({job.task})
             if job.error is not None:
                 raise job.error
-            assert job.path is not None
-            if lease is None:
-                view = job.path
-            else:
-                view = await asyncio.to_thread(self.cached, canonical, filters, lease, "sha256:" + job.path.name)
-            if view is not None:
-                if credentials is None:  # pulled with the daemon's own credentials: the pod proves nothing yet
-                    await self._check_access(canonical, credentials, view, lease)
-                return view
-        raise Unavailable(f"{canonical} was evicted each time before it could be mounted: the budget is too tight")
+        except BaseException:
+            if lease is not None:
+                await self._stop_waiting(job, lease)
+            raise
+        assert job.path is not None
+        if credentials is None:  # pulled with the daemon's own credentials: the pod proves nothing yet
+            await self._check_access(canonical, credentials, job.path, lease)
+        return job.path
+
+    async def _stop_waiting(self, job: PullJob, volume: str) -> None:
+        """A mount leaves ``job`` without its view (cancelled, or the job failed): the last one for ``volume``
+        gives back the lease the job took for it, unless a volume was published under that id meanwhile."""
+        job.mounts[volume] -= 1
+        if job.mounts[volume] > 0 or volume not in job.handed:
+            return  # another call for this volume still wants it, or nothing was taken (or it is in flight:
+            # _hand_over gives back what it took for a volume nobody waits for any more)
+        view = job.handed.pop(volume)
+        # Awaited before the caller answers: kubelet runs one operation per volume at a time, so its retry
+        # comes after this, never beside it.
+        await asyncio.to_thread(self.store.index.release, volume, view=view, if_holder="")
 
     async def _check_access(self, canonical: str, credentials: SourceCredentials | None, view: Path,
                             lease: str | None) -> None:
@@ -240,11 +261,20 @@ class PullManager:
             job.stats = stats
 
         logger = asyncio.create_task(self._log_progress(job))
+        # The job's own pull lease (not pull()'s): it still holds the view when pull() returns, until the
+        # mounts waiting on the job hold it too. Tied to this process, so a daemon killed meanwhile leaves
+        # nothing that outlives it but the mount leases, which its restart checks as always.
+        lease = f"pull:daemon:{secrets.token_hex(8)}"
         try:
+            await asyncio.to_thread(self.store.index.add_lease, lease, kind="pull", owner="daemon",
+                                    process=liveness.me())
             options = dataclasses.replace(self.options, credentials=job.credentials)
             result = await pull(self.store, self.engine, job.ref, filters=job.filters, options=options,
-                                progress=progress, owner="daemon", budget=self.budget, routing=self.routing)
-            await asyncio.to_thread(enforce, self.store, self.budget)
+                                progress=progress, owner="daemon", budget=self.budget, routing=self.routing,
+                                lease=lease)
+            await self._hand_over(job, result.path)
+            # No await since _hand_over found nobody left to lease for: from here no mount joins this job.
+            job.state, job.path, job.stats = "done", result.path, result.stats
         except ModelCacheError as e:
             job.state, job.error = "failed", e
         except asyncio.CancelledError:
@@ -255,15 +285,49 @@ class PullManager:
         except Exception as e:  # a bug or an unexpected library error: fail this job, keep the daemon
             log.exception("pull %s failed unexpectedly", job.ref)
             job.state, job.error = "failed", ModelCacheError(f"internal error: {type(e).__name__}: {e}")
-        else:
-            job.state, job.path, job.stats = "done", result.path, result.stats
         finally:
             logger.cancel()
+            await self._let_go(job, lease)
             job.finished = time.time()
             self.metrics.record_pull(job.stats, time.monotonic() - started, job.state)
             if job.state == "failed":
                 log.warning("pull %s failed: %s", job.ref, job.error)
             self._forget_old()
+
+    async def _hand_over(self, job: PullJob, view: Path) -> None:
+        """Lease ``view`` for each volume whose mount waits on ``job``, while the job's lease still holds it.
+
+        Mounts may join while a round runs in its thread, so rounds go on until
+        one finds nobody new; a volume whose mounts all stopped waiting while
+        its lease was being taken gets it back at once.
+        """
+        digest = "sha256:" + view.name
+        while volumes := [v for v, n in job.mounts.items() if n > 0 and v not in job.handed]:
+            await asyncio.to_thread(self._lease_for_mounts, volumes, digest)
+            job.handed.update(dict.fromkeys(volumes, digest))
+            for volume in [v for v in volumes if job.mounts[v] == 0]:
+                del job.handed[volume]
+                await asyncio.to_thread(self.store.index.release, volume, view=digest, if_holder="")
+
+    def _lease_for_mounts(self, volumes: list[str], view: str) -> None:
+        for volume in volumes:
+            # Mount leases as view_for takes them (owned by the daemon, no process): publish records the
+            # target in them, and a restart drops those whose target is not mounted.
+            if self.store.index.lease_view(volume, view, kind="mount", owner="daemon") is None:
+                # Not while the job's lease holds the view; were it ever so, a failed job (kubelet retries)
+                # beats a mount of a view nobody holds.
+                raise Unavailable(f"view {view} went before its mounts could hold it; ask again")
+        crash_point("mount-handed-over")
+
+    async def _let_go(self, job: PullJob, lease: str) -> None:
+        """Drop the job's lease (its mounts hold the view by now); a job done enforces the budget again."""
+        try:
+            await asyncio.to_thread(self.store.index.drop_lease, lease)
+            if job.state == "done":
+                await asyncio.to_thread(enforce, self.store, self.budget)
+        except Exception as e:  # the pull itself is over (its mounts hold their views): keep its outcome, say so
+            log.warning("pull %s: letting go of its lease or enforcing the budget failed: %s: %s", job.ref,
+                        type(e).__name__, e)
 
     async def _log_progress(self, job: PullJob) -> None:
         """Log the job's progress line every ``progress_interval`` seconds until cancelled."""

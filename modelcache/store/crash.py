@@ -36,6 +36,7 @@ POINTS = (
     "gc-evicted",             # gc: views evicted, their blobs not yet swept
     "verify-found",           # verify / scrub: a corrupt blob found, nothing taken out of service yet
     "blob-deleted",           # verify / scrub (and unpack dropping its archive): a blob unlinked, not yet uncounted
+    "mount-handed-over",      # daemon: a pull job leased its view for the waiting volumes, its own lease still held
     "mount-leased",           # daemon: a volume's mount lease taken, not yet bind-mounted
 )
 

@@ -302,7 +302,7 @@ class Index:
         return (rows[0][0], rows[0][1]) if rows else None
 
     def use_view(self, ref: str, filters: str, present: Callable[[str], bool], *, model_digest: str | None = None,
-                 needed_credentials: bool | None = None) -> tuple[str, int, int] | None:
+                 needed_credentials: bool | None = None, lease: str | None = None) -> tuple[str, int, int] | None:
         """A warm hit: the view ``ref`` (with ``filters``) was last recorded as, marked used now; or None.
 
         Found only if it was recorded from ``model_digest`` (when given: the
@@ -311,7 +311,8 @@ class Index:
         the mark are one write transaction, the lock under which gc and
         ``verify --delete`` take views away, so the view is whole when it is
         returned. ``needed_credentials`` (the origin was asked) is recorded as
-        :meth:`record_origin_access` does. Returns (view, bytes, files).
+        :meth:`record_origin_access` does. ``lease`` (one already taken) holds
+        the view from the same transaction. Returns (view, bytes, files).
         """
         def body(db: sqlite3.Connection) -> tuple[str, int, int] | None:
             row = db.execute("SELECT r.view, r.model_digest, v.size, v.files FROM refs r "
@@ -322,6 +323,9 @@ class Index:
             now = time.time()
             db.execute("UPDATE views SET last_used = ? WHERE digest = ?", (now, row[0]))
             db.execute("UPDATE refs SET updated = ? WHERE ref = ? AND filters = ?", (now, ref, filters))
+            if lease is not None:
+                db.execute("INSERT OR IGNORE INTO lease_resources (lease, kind, name) "
+                           "SELECT id, 'view', ? FROM leases WHERE id = ?", (row[0], lease))
             if needed_credentials is not None:
                 db.execute("INSERT OR REPLACE INTO origin_access (ref, needed_credentials, updated) VALUES (?, ?, ?)",
                            (ref, int(needed_credentials), now))
@@ -525,11 +529,20 @@ class Index:
             return str(row[0])
         return self._atomic(body)
 
-    def release(self, lease_id: str, *, view: str) -> None:
-        """Stop holding ``view`` under ``lease_id`` (dropping the lease if it held nothing else)."""
-        self._tx([("DELETE FROM lease_resources WHERE lease = ? AND kind = 'view' AND name = ?", (lease_id, view)),
-                  ("DELETE FROM leases WHERE id = ? AND NOT EXISTS "
-                   "(SELECT 1 FROM lease_resources WHERE lease = ?)", (lease_id, lease_id))])
+    def release(self, lease_id: str, *, view: str, if_holder: str | None = None) -> None:
+        """Stop holding ``view`` under ``lease_id`` (dropping the lease if it held nothing else).
+
+        With ``if_holder``, only while the lease's holder is still that (a mount
+        lease whose holder is empty was never published), in the same transaction.
+        """
+        def body(db: sqlite3.Connection) -> None:
+            if if_holder is not None and not db.execute("SELECT 1 FROM leases WHERE id = ? AND holder = ?",
+                                                        (lease_id, if_holder)).fetchone():
+                return
+            db.execute("DELETE FROM lease_resources WHERE lease = ? AND kind = 'view' AND name = ?", (lease_id, view))
+            db.execute("DELETE FROM leases WHERE id = ? AND NOT EXISTS (SELECT 1 FROM lease_resources WHERE lease = ?)",
+                       (lease_id, lease_id))
+        self._atomic(body)
 
     def drop_lease(self, lease_id: str) -> None:
         """Release a lease and everything it held (nothing happens if there is none)."""

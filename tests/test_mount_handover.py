@@ -1,0 +1,225 @@
+"""A mount waiting on a pull job gets its lease from the job, before the pull lets go of the view.
+
+Each test drives a real PullManager on a real store (local models, no daemon process). The seam is the
+store's own ``drop_lease``: whenever a pull's lease is dropped, gc runs at once with a 1-byte budget through
+another connection, as a gc loop in another process would at the worst moment. Before the hand-over, that
+was the window in which the view of a finished pull was held by nothing and a waiting mount lost it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from support import tree_digests, write_random
+
+from modelcache.daemon.metrics import Metrics
+from modelcache.daemon.policy import RefPolicy
+from modelcache.daemon.pulls import PullManager
+from modelcache.errors import NotFound
+from modelcache.sources import SourceOptions
+from modelcache.store import Store
+from modelcache.store.gc import collect
+from modelcache.transfer import Engine, TransferConfig
+from modelcache.tree import Filters
+
+
+def _model(root: Path, seed: int) -> Path:
+    for i in range(3):
+        write_random(root / f"part-{i}.bin", 64 << 10, seed=seed * 10 + i)
+    return root
+
+
+class _Node:
+    """A store, an engine and a PullManager that may pull from under ``tmp_path/models``."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.models = tmp_path / "models"
+        self.store_dir = tmp_path / "store"
+        self.store = Store(self.store_dir)
+        self.engine = Engine(self.store.content, TransferConfig())
+        self.manager = PullManager(self.store, self.engine, SourceOptions(), Metrics(),
+                                   policy=RefPolicy([self.models]))
+        self.gc_runs: list[list[str]] = []  # views each gc at a pull lease's end removed
+
+    def gc_when_a_pull_lease_goes(self, then: Callable[[], None] | None = None) -> None:
+        """From now on, each dropped pull lease is followed at once by gc at a 1-byte budget (then ``then``)."""
+        drop = self.store.index.drop_lease
+
+        def dropped(lease_id: str) -> None:
+            drop(lease_id)
+            if not lease_id.startswith("pull:"):
+                return
+            other = Store(self.store_dir)  # another connection, as a gc process would have
+            try:
+                self.gc_runs.append(collect(other, max_bytes=1).views_removed)
+            finally:
+                other.close()
+            if then is not None:
+                then()
+
+        self.store.index.drop_lease = dropped  # type: ignore[method-assign]
+
+    def mount_leases(self) -> dict[str, tuple[str, ...]]:
+        return {lease.id: lease.views for lease in self.store.index.leases("mount")}
+
+    def close(self) -> None:
+        self.engine.close()
+        self.store.close()
+
+
+@pytest.fixture
+def node(tmp_path: Path):
+    n = _Node(tmp_path)
+    yield n
+    n.close()
+
+
+def test_gc_as_the_pull_lease_goes_leaves_the_waiting_mounts_view(node: _Node) -> None:
+    """gc at a 1-byte budget the moment the job's pull lease is dropped: the mount still gets the view the job
+    built, leased by its volume, whole, from that one pull (before, it pulled again and again, then gave up)."""
+    src = _model(node.models / "a", 1)
+    node.gc_when_a_pull_lease_goes()
+
+    async def go() -> Path:
+        return await asyncio.wait_for(node.manager.view_for(str(src), Filters(), lease="vol-1"), 60)
+
+    view = asyncio.run(go())
+    assert node.gc_runs and all(removed == [] for removed in node.gc_runs), node.gc_runs
+    assert len(node.manager.jobs()) == 1, [j.as_json() for j in node.manager.jobs()]
+    assert tree_digests(view) == tree_digests(src)
+    assert node.mount_leases() == {"vol-1": ("sha256:" + view.name,)}
+    assert node.store.index.leases("pull") == []  # the job's own lease is gone
+
+
+def test_mounts_waiting_on_one_job_each_get_their_own_lease(node: _Node) -> None:
+    """Three volumes ask at once: one job, one lease per volume on its view, nothing else held after."""
+    src = _model(node.models / "b", 2)
+    node.gc_when_a_pull_lease_goes()
+
+    async def go() -> list[Path]:
+        asks = [node.manager.view_for(str(src), Filters(), lease=f"vol-{i}") for i in range(3)]
+        return await asyncio.wait_for(asyncio.gather(*asks), 60)
+
+    views = asyncio.run(go())
+    assert len(set(views)) == 1 and len(node.manager.jobs()) == 1
+    digest = "sha256:" + views[0].name
+    assert node.mount_leases() == {f"vol-{i}": (digest,) for i in range(3)}
+    assert [lease.id for lease in node.store.index.leases()] == ["vol-0", "vol-1", "vol-2"]
+    node.store.index.drop_lease("vol-0")
+    node.store.index.drop_lease("vol-1")
+    assert collect(node.store, max_bytes=0).views_removed == [] and views[0].is_dir()  # vol-2 still holds it
+
+
+def test_a_failed_job_leaves_no_lease(node: _Node) -> None:
+    """A job that fails (no file matches the volume's include) answers its error to every waiting mount and
+    leaves no lease of any kind behind."""
+    src = _model(node.models / "c", 3)
+
+    async def go() -> list[BaseException | Path]:
+        asks = [node.manager.view_for(str(src), Filters.of(["nothing-*"], []), lease=f"vol-{i}") for i in range(2)]
+        return await asyncio.wait_for(asyncio.gather(*asks, return_exceptions=True), 60)
+
+    outcomes = asyncio.run(go())
+    assert all(isinstance(o, NotFound) for o in outcomes), outcomes
+    assert node.store.index.leases() == []
+
+
+def _held(node: _Node, monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.Event, list[object]]:
+    """Make each job's pull wait for the returned event before it starts; the list grows by one per job
+    started or joined (PullManager._start)."""
+    import modelcache.daemon.pulls as pulls
+
+    go = asyncio.Event()
+    real_pull, real_start = pulls.pull, node.manager._start
+    started: list[object] = []
+
+    async def held(*args, **kwargs):
+        await go.wait()
+        return await real_pull(*args, **kwargs)
+
+    def start(*args, **kwargs):
+        job = real_start(*args, **kwargs)
+        started.append(job)
+        return job
+
+    monkeypatch.setattr(pulls, "pull", held)
+    monkeypatch.setattr(node.manager, "_start", start)
+    return go, started
+
+
+def test_a_mount_cancelled_while_waiting_takes_no_lease(node: _Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kubelet gives up on one of two volumes while the job is still pulling: the job ends with a lease for
+    the volume still waiting, none for the one that went away."""
+    src = _model(node.models / "d", 4)
+
+    async def go() -> Path:
+        release, started = _held(node, monkeypatch)
+        stays = asyncio.create_task(node.manager.view_for(str(src), Filters(), lease="vol-stays"))
+        leaves = asyncio.create_task(node.manager.view_for(str(src), Filters(), lease="vol-leaves"))
+        for _ in range(2000):  # until both wait on the one job (admit and the index lookup run in threads)
+            if len(started) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert len(started) == 2 and started[0] is started[1]
+        [job] = node.manager.jobs()
+        assert job.state == "running" and not stays.done() and not leaves.done()
+        leaves.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leaves
+        release.set()
+        return await asyncio.wait_for(stays, 60)
+
+    view = asyncio.run(go())
+    assert node.mount_leases() == {"vol-stays": ("sha256:" + view.name,)}
+    assert node.store.index.leases("pull") == []
+
+
+@pytest.mark.parametrize("published", [False, True], ids=["new-volume", "published-volume"])
+def test_a_mount_cancelled_once_handed_its_lease_gives_it_back(node: _Node, published: bool) -> None:
+    """Cancelled after the job leased the view for it (as the job ends): the lease goes again, since no volume
+    was published under it; a volume already published under that id (kubelet asking again) keeps its lease."""
+    src = _model(node.models / "e", 5)
+    if published:
+        node.store.index.add_lease("vol-1", kind="mount", owner="daemon", holder='{"target": "/pods/x"}')
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        waiter: list[asyncio.Task[Path]] = []
+        node.gc_when_a_pull_lease_goes(then=lambda: loop.call_soon_threadsafe(waiter[0].cancel))
+        waiter.append(asyncio.create_task(node.manager.view_for(str(src), Filters(), lease="vol-1")))
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(waiter[0], 60)
+
+    asyncio.run(go())
+    assert node.gc_runs and all(removed == [] for removed in node.gc_runs), node.gc_runs
+    assert node.store.index.leases("pull") == []
+    if published:
+        [lease] = node.store.index.leases()
+        assert lease.id == "vol-1" and lease.holder == '{"target": "/pods/x"}' and len(lease.views) == 1
+    else:
+        assert node.store.index.leases() == []
+
+
+def test_a_warm_hit_is_held_by_the_callers_lease(node: _Node) -> None:
+    """pull() with a lease of the caller's: a warm hit (nothing fetched) returns a view that lease holds, taken
+    in the hit's own transaction; the lease stays the caller's to drop."""
+    from modelcache.pull import pull
+    from modelcache.store import liveness
+
+    src = _model(node.models / "f", 6)
+
+    async def go(lease: str | None) -> Path:
+        return (await pull(node.store, node.engine, str(src), owner="test", lease=lease)).path
+
+    first = asyncio.run(go(None))
+    assert node.store.index.leases() == []
+    node.store.index.add_lease("pull:test:mine", kind="pull", owner="test", process=liveness.me())
+    again = asyncio.run(go("pull:test:mine"))
+    assert again == first
+    [lease] = node.store.index.leases()
+    # No blob held: it was a warm hit, not a second build of the same view.
+    assert (lease.id, lease.views, lease.blobs) == ("pull:test:mine", ("sha256:" + first.name,), ())
+    assert collect(node.store, max_bytes=0).views_removed == [] and first.is_dir()

@@ -481,10 +481,13 @@ async def _pull(args: argparse.Namespace, ref: str, filters, *, quiet_path: bool
             if peers is not None:
                 await peers.discovered(5.0)
             result = await pull(store, engine, ref, filters=filters, options=options, progress=reporter, tag=tag,
-                                routing=peers.router if peers is not None else None)
+                                routing=peers.router if peers is not None else None, drops_later=True)
     finally:
         reporter.close()
         engine.close()
+        # The layers dropped once unpacked are unlinked by a process of their own, which this command does
+        # not wait for: on a disk with online discard that took the last 0.3-0.5 s of a 1 GiB pull.
+        store.content.delete_deferred(detach=True)
         store.close()
         if watching is not None:
             watching.cancel()

@@ -83,7 +83,8 @@ class _Lister(Protocol):
 async def pull(store: Store, engine: Engine, ref_text: str, *, filters: Filters | None = None,
                options: SourceOptions | None = None, progress: Progress | None = None,
                tag: str | None = None, owner: str = "cli", budget: Budget | None = None,
-               routing: Callable[[ByteSource], ChunkRouter] | None = None, lease: str | None = None) -> PullResult:
+               routing: Callable[[ByteSource], ChunkRouter] | None = None, lease: str | None = None,
+               drops_later: bool = False) -> PullResult:
     """Pull ``ref_text`` into ``store``; return where its read-only tree is.
 
     ``tag`` picks an image in an OCI layout held in an S3 prefix. ``owner``
@@ -92,6 +93,8 @@ async def pull(store: Store, engine: Engine, ref_text: str, *, filters: Filters 
     itself, which still holds the view when this returns; default: the
     pull's own, dropped before it returns.
     ``routing`` wraps the origin in a router (peers first); default: the origin only.
+    The layers it drops once unpacked are unlinked before it returns, or with
+    ``drops_later`` by the caller (:meth:`ContentStore.delete_deferred`).
     The manifest is always resolved at the origin first, with this pull's own
     credentials: peers are asked only for blobs of a model we were given.
 
@@ -154,6 +157,8 @@ async def pull(store: Store, engine: Engine, ref_text: str, *, filters: Filters 
         if own:
             await asyncio.to_thread(store.index.drop_lease, lease)
         await source.close()
+        if not drops_later:
+            await asyncio.to_thread(store.content.delete_deferred)
 
 
 async def _fetch_early(store: Store, engine: Engine, early: EarlyStart, router: ChunkRouter, filters: Filters,

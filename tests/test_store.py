@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import io
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from support import make_tar
 
 from modelcache.errors import DigestMismatch, UnsafePath
 from modelcache.model import Archive, Blob, Compression
-from modelcache.store import Store
+from modelcache.store import Store, liveness
 from modelcache.store.content import ContentStore
 from modelcache.store.views import ViewEntry, build_view, remove_tree, view_digest
 from modelcache.tree import Node
@@ -227,6 +228,64 @@ def test_unpack_records_layer_and_drops_archive(tmp_path: Path, compression: Com
     assert store.layer_rows(layer_digest) == rows
     store.content.delete(a)
     assert store.layer_rows(layer_digest) is None and store.index.layer_entries(layer_digest) is None
+
+
+def _gone_files(store: Store) -> list[Path]:
+    return [p for p in store.content.ingest_dir.iterdir() if p.name.startswith("tmp-") and "gone-" in p.name]
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_a_dropped_layer_leaves_the_store_at_once_and_its_bytes_later(tmp_path: Path, detach: bool) -> None:
+    """A layer dropped once unpacked is out of ``blobs/`` and the index at once; its bytes are unlinked by
+    delete_deferred: here, or by an ``rm`` of its own that outlives the command (detach). Unlinking a big
+    file waits for its discard on some disks: the pull does not wait for that (issue 13)."""
+    import gzip
+
+    raw = make_tar([("a.txt", b"a", {})])
+    data = gzip.compress(raw)
+    store = Store(tmp_path / "s")
+    layer, _ = store.content.write_stream(io.BytesIO(data))
+    store.unpack(Archive(Blob(layer, len(data)), Compression.GZIP))
+    assert not store.content.has(layer)
+    assert layer not in set(store.content.digests())
+    [gone] = _gone_files(store)
+    assert gone.read_bytes() == data
+    store.content.delete_deferred(detach=detach)
+    deadline = time.monotonic() + 20  # the detached rm runs on its own
+    while _gone_files(store) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not _gone_files(store)
+
+
+def test_dropped_bytes_are_unlinked_here_where_no_rm_can_start(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import gzip
+    import subprocess
+
+    def no_rm(*args, **kwargs):
+        raise FileNotFoundError("rm")
+
+    monkeypatch.setattr(subprocess, "Popen", no_rm)
+    data = gzip.compress(make_tar([("a.txt", b"a", {})]))
+    store = Store(tmp_path / "s")
+    layer, _ = store.content.write_stream(io.BytesIO(data))
+    store.unpack(Archive(Blob(layer, len(data)), Compression.GZIP))
+    store.content.delete_deferred(detach=True)
+    assert not _gone_files(store)
+
+
+def test_gc_removes_the_dropped_bytes_a_dead_process_left(tmp_path: Path) -> None:
+    """A pull killed before its deferred unlink (or whose rm never ran) leaves them named for itself: the next
+    gc removes them once that process is gone, and never while it lives."""
+    from modelcache.store.gc import collect
+
+    store = Store(tmp_path / "s")
+    dead = store.content.ingest_dir / f"tmp-999999999.1-gone-{'ab' * 32}"
+    dead.write_bytes(b"x" * 1000)
+    mine = store.content.ingest_dir / f"tmp-{liveness.tmp_prefix()}gone-{'cd' * 32}"
+    mine.write_bytes(b"y")
+    collect(store)
+    assert not dead.exists() and mine.exists()
 
 
 def test_unpack_refuses_unsafe_entries(tmp_path: Path) -> None:

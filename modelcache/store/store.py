@@ -77,11 +77,12 @@ class Store:
         return self.record_layer(archive, rows)
 
     def record_layer(self, archive: Archive, rows: list[Row]) -> list[Row]:
-        """Record the listing of a layer whose files are stored; drop its archive blob unless a model uses it."""
+        """Record the listing of a layer whose files are stored; drop its archive blob unless a model uses it
+        (its bytes unlinked by the pull's end: :meth:`ContentStore.delete_later`)."""
         self.index.put_layer(archive.blob.digest, rows)
         crash_point("layer-recorded")
         if not self.index.blob_users(archive.blob.digest):
-            self.content.delete(archive.blob.digest)
+            self.content.delete_later(archive.blob.digest)
         return rows
 
     def build_view(self, nodes: Sequence[Node], *, lease: str | None = None) -> Path:

@@ -12,11 +12,12 @@ from the first byte not yet durable), and two things happen as it arrives:
   (:func:`~.unpack.unpack_stream`: the same safety rules and size limit as
   unpacking a stored layer). It takes them from the network's own buffers
   while they are still in memory (:data:`WINDOW` bytes at most per layer, no
-  copy), and reads them back from the ingest only where it fell behind
-  that window, or for the durable prefix of a resumed pull. Bytes that fit
-  the window are written past the page cache (:mod:`.direct`: nobody reads
-  them back, and a buffered write cost about 1 CPU s per GiB); once the
-  reader lags, through it, where the reader finds them.
+  copy): the stream waits for it rather than run further ahead (up to
+  :data:`STALL` seconds per write). It reads them back from the ingest only
+  where it stalled longer than that, or for the durable prefix of a resumed
+  pull. Bytes that fit the window are written past the page cache
+  (:mod:`.direct`: nobody reads them back, and a buffered write cost about
+  1 CPU s per GiB); bytes beyond it, through it, where the reader finds them.
 
 The listing is recorded (so a warm pull skips the layer) only after the
 layer's digest matched; a mismatch discards the ingest and records nothing

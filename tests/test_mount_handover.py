@@ -223,3 +223,70 @@ def test_a_warm_hit_is_held_by_the_callers_lease(node: _Node) -> None:
     # No blob held: it was a warm hit, not a second build of the same view.
     assert (lease.id, lease.views, lease.blobs) == ("pull:test:mine", ("sha256:" + first.name,), ())
     assert collect(node.store, max_bytes=0).views_removed == [] and first.is_dir()
+
+
+class _Gate:
+    """The real AccessGate (policy always, no answer cached) over an origin whose answer the test sets."""
+
+    def __init__(self, node: _Node) -> None:
+        from modelcache.daemon.access import AccessGate
+
+        self.grants = True
+        self.asked = 0
+        node.manager.gate = AccessGate(node.store, SourceOptions(), policy="always", ttl=0.0, probe=self._probe)
+
+    async def _probe(self, ref: str, credentials: object) -> None:
+        from modelcache.errors import Unauthorized
+
+        self.asked += 1
+        if not self.grants:
+            raise Unauthorized("401 from the origin")
+
+
+def _publish(node: _Node, volume: str, view: Path) -> None:
+    """What Mounts.publish records once the view is bind-mounted: the lease, its holder naming the target."""
+    node.store.index.add_lease(volume, kind="mount", owner="daemon", views=["sha256:" + view.name],
+                               holder='{"target": "/pods/x/volumes/vol-1"}')
+
+
+def test_a_refused_publish_of_a_published_volume_keeps_its_lease(node: _Node) -> None:
+    """kubelet publishes a volume (granted), then calls NodePublishVolume again for it (after its restart) and
+    the gate refuses this time: the refusal stands, but the view is still bind-mounted into the running pod, so
+    its lease stays and gc at a 1-byte budget leaves the view whole (before, the refusal dropped the lease)."""
+    from modelcache.errors import Unauthorized
+
+    src = _model(node.models / "g", 7)
+    gate = _Gate(node)
+    view = asyncio.run(node.manager.view_for(str(src), Filters(), lease="vol-1"))
+    _publish(node, "vol-1", view)
+    gate.grants = False
+    with pytest.raises(Unauthorized):
+        asyncio.run(node.manager.view_for(str(src), Filters(), lease="vol-1"))
+    assert gate.asked == 2  # the second publish really was refused by the gate, after the warm lookup
+    assert node.mount_leases() == {"vol-1": ("sha256:" + view.name,)}
+    assert collect(node.store, max_bytes=1).views_removed == []
+    assert tree_digests(view) == tree_digests(src)
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["after-the-pull", "warm-hit"])
+def test_a_refused_first_publish_gives_its_lease_back(node: _Node, warm: bool) -> None:
+    """A volume not published yet that the gate refuses keeps nothing: the lease this call took goes back
+    (the view is then gc's like any other)."""
+    from modelcache.errors import Unauthorized
+
+    src = _model(node.models / "h", 8)
+    gate = _Gate(node)
+    gate.grants = False
+
+    async def go() -> None:
+        if warm:  # in the store already: the lease is taken by the warm lookup
+            job = await node.manager.start(str(src), Filters())
+            assert job.task is not None
+            await asyncio.wait_for(job.task, 60)
+            assert job.state == "done", job.as_json()
+        await asyncio.wait_for(node.manager.view_for(str(src), Filters(), lease="vol-1"), 60)
+
+    with pytest.raises(Unauthorized):
+        asyncio.run(go())
+    assert gate.asked == 1 and len(node.manager.jobs()) == 1
+    assert node.store.index.leases() == []

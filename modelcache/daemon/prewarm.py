@@ -15,7 +15,9 @@ For one ModelPrewarm, this daemon:
   every daemon computes alike from its node cache;
 - if chosen, pulls the model through the daemon's :class:`PullManager` (the
   same single-flight jobs as ``POST /v1/pulls``), pins the view with owner
-  ``prewarm:<namespace>/<name>`` (unless ``spec.pin`` is false) and reports
+  ``prewarm:<namespace>/<name>`` (unless ``spec.pin`` is false; the pull job
+  takes that pin while its own lease still holds the view, so gc or the
+  budget never evict a model between its pull's end and its pin) and reports
   Pending, Pulling (bytes), Ready or Failed (a reason) in its own entry of
   ``status.nodes``; a failed pull is retried after ``retry_failed`` seconds;
 - if not chosen (any more), or the resource is gone: drops that owner's pins
@@ -58,7 +60,7 @@ from ..kube import names, rendezvous, selector
 from ..kube.informer import Informer
 from ..kube.leader import Elector
 from ..tree import Filters
-from .pulls import PullJob, PullManager
+from .pulls import Hold, PullJob, PullManager
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,7 @@ class Warm:
     view: str | None = None  # sha256:<hex> once Ready
     digest: str | None = None
     job: PullJob | None = None
+    hold: Hold | None = None  # the pin ``job`` takes for us before it lets go of the view, if one was asked for
     reason: str = ""
     retry_at: float = 0.0  # monotonic time before which a Failed model is not pulled again
 
@@ -263,7 +266,8 @@ class PrewarmController:
 
     async def _release(self, key: str, obj: dict | None) -> None:
         ns, _, name = key.partition("/")
-        if self.warm.pop(key, None) is not None:
+        if (warm := self.warm.pop(key, None)) is not None:
+            await self._withdraw(warm)
             log.info("pre-warm %s: node %s is not chosen any more: unpinned (files stay until evicted)", key,
                      self.node)
         await asyncio.to_thread(self._unpin_all, names.pin_owner(ns, name))
@@ -279,7 +283,8 @@ class PrewarmController:
         owner = names.pin_owner(ns, name)
         warm = self.warm.get(key)
         if warm is not None and (warm.model, warm.filters.key()) != (model, filters.key()):
-            await asyncio.to_thread(self._unpin_all, owner)  # the spec names another model now
+            await self._withdraw(warm)  # the spec names another model now
+            await asyncio.to_thread(self._unpin_all, owner)
             warm = None
         if warm is None:
             warm = self.warm[key] = Warm(model, filters, pin)
@@ -312,7 +317,11 @@ class PrewarmController:
                 if cached is not None:
                     warm.state, warm.view, warm.digest, warm.reason = "Ready", cached[0], cached[1], ""
                     return
-                job = warm.job = await self.pulls.start(warm.model, warm.filters)
+                # The job pins the view for us before its own lease lets go of it: none of gc, the budget or
+                # another pull's reservation can evict the model between the pull's end and our pin.
+                hold = Hold.pin(names.pin_owner(*key.split("/", 1))) if warm.pin else None
+                job = warm.job = await self.pulls.start(warm.model, warm.filters, hold=hold)
+                warm.hold = hold
             except Busy as e:
                 warm.state, warm.reason = "Pending", str(e)
                 self._later(e.retry_after or 5.0, key)
@@ -326,15 +335,22 @@ class PrewarmController:
             warm.state, warm.reason = "Pulling", ""
         elif job.state == "done" and job.path is not None:
             pulled = await asyncio.to_thread(self.store.index.lookup, job.ref, warm.filters.key())
-            warm.job = None
-            if pulled is None:  # evicted between the pull's end and now: pull again
+            warm.job = warm.hold = None  # the pin the job took is ours now: _hold keeps or drops it
+            if pulled is None:  # evicted between the pull's end and now (not pinned): pull again
                 self.enqueue(key)
                 return
             warm.state, warm.view, warm.digest, warm.reason = "Ready", pulled[0], pulled[1], ""
             log.info("pre-warm %s: %s is warm on node %s", key, warm.model, self.node)
         else:
-            warm.job = None
+            warm.job = warm.hold = None  # a failed job took no lease for anyone
             self._failed(key, warm, str(job.error or "the pull failed"))
+
+    async def _withdraw(self, warm: Warm) -> None:
+        """This model is no longer wanted here: its pull job (which runs on) must not pin it for us."""
+        job, hold = warm.job, warm.hold
+        warm.job = warm.hold = None
+        if job is not None and hold is not None:
+            await self.pulls.withdraw(job, hold)
 
     def _failed(self, key: str, warm: Warm, reason: str) -> None:
         warm.state, warm.reason = "Failed", reason

@@ -28,12 +28,20 @@ Guarantees:
 - A view is handed out only already leased: :meth:`PullManager.view_for`
   looks the model up and leases its view in one index transaction, so gc
   or the budget never delete it between lookup and mount.
-- A mount that waits on a job is never left with a view nobody holds: the
-  job pulls under a lease of its own, leases its view for every volume
-  waiting on it (each its own mount lease) while that lease still holds it,
-  and only then lets go and ends. A job that fails leases nothing for them;
-  a mount that stops waiting (kubelet gave up) takes nothing, or gives back
-  what the job took for it while no volume was published under that id.
+- Whoever waits on a job for its view is never left with a view nobody
+  holds: the job pulls under a lease of its own, takes on its view every
+  lease its waiters registered (a mount lease per volume, a pin per owner:
+  :class:`Hold`) while that lease still holds it, and only then lets go and
+  ends. A job that fails leaves none of them; a waiter that stops waiting
+  (kubelet gave up, a pre-warm no longer wanted) takes nothing, or gives back
+  what the job took for it (a mount lease only while no volume was published
+  under that id).
+- A refusal by the access gate gives back only a mount lease this call took
+  for a volume not published yet: a volume already published (kubelet calls
+  NodePublishVolume again, e.g. after its restart) keeps its lease, since its
+  view is still bind-mounted into a running pod. The refusal still stands:
+  kubelet hears PERMISSION_DENIED for that publish, the existing mount is
+  neither touched nor dropped, and its lease goes with NodeUnpublishVolume.
 - With a budget, each job reserves its space before fetching (evicting LRU
   models no lease holds) and the budget is enforced again when it ends.
 """
@@ -58,6 +66,7 @@ from ..sources import SourceCredentials, SourceOptions
 from ..store import Store, liveness
 from ..store.budget import Budget, enforce
 from ..store.crash import crash_point
+from ..store.index import Index
 from ..transfer import Engine, TransferStats
 from ..tree import Filters
 from .access import AccessGate
@@ -75,6 +84,38 @@ _SAMPLE = 1.0  # seconds between speed samples (the window needs more than one p
 Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
 
 
+@dataclass(frozen=True)
+class Hold:
+    """A lease a job takes on its view for a waiter before it lets go: a volume's mount lease, or an owner's pin."""
+
+    kind: str  # "mount" | "pin"
+    name: str  # the volume id, or the pin's owner
+
+    @classmethod
+    def mount(cls, volume: str) -> Hold:
+        return cls("mount", volume)
+
+    @classmethod
+    def pin(cls, owner: str) -> Hold:
+        return cls("pin", owner)
+
+    def take(self, index: Index, view: str) -> bool:
+        """Lease ``view`` (blocks); False when it is not recorded."""
+        if self.kind == "pin":
+            return index.pin(view, owner=self.name)
+        # As view_for takes mount leases (owned by the daemon, no process): publish records the target in
+        # them, and a restart drops those whose target is not mounted.
+        return index.lease_view(self.name, view, kind="mount", owner="daemon") is not None
+
+    def give_back(self, index: Index, view: str) -> None:
+        """Undo :meth:`take` for a waiter that left (blocks): a mount lease only while nothing was published
+        under that volume id (kubelet asking again for a published volume must not unroot its view)."""
+        if self.kind == "pin":
+            index.unpin(view, owner=self.name)
+        else:
+            index.release(self.name, view=view, if_holder="")
+
+
 @dataclass
 class PullJob:
     """One pull and what is known about it."""
@@ -90,9 +131,10 @@ class PullJob:
     finished: float | None = None
     task: asyncio.Task[None] | None = field(default=None, repr=False)
     credentials: SourceCredentials | None = field(default=None, repr=False)  # a pod's; None: the daemon's
-    # Volume id -> mounts (view_for calls) waiting on this job for it, and the volumes it leased its view for.
-    mounts: dict[str, int] = field(default_factory=dict, repr=False)
-    handed: dict[str, str] = field(default_factory=dict, repr=False)
+    # Leases its waiters want on its view -> how many wait for each (view_for calls for a volume, pre-warms
+    # for a pin), and those it took (-> the view), before its own lease lets go.
+    waiting: dict[Hold, int] = field(default_factory=dict, repr=False)
+    handed: dict[Hold, str] = field(default_factory=dict, repr=False)
 
     def as_json(self) -> dict:
         """What the HTTP API shows."""
@@ -134,13 +176,36 @@ class PullManager:
         # A local path is checked against the filesystem (realpath, stat): in a thread.
         return str(await asyncio.to_thread(self.policy.admit, ref))
 
-    async def start(self, ref: str, filters: Filters, *, credentials: SourceCredentials | None = None) -> PullJob:
+    async def start(self, ref: str, filters: Filters, *, credentials: SourceCredentials | None = None,
+                    hold: Hold | None = None) -> PullJob:
         """The running job for this model (pulled with these credentials), or a new one.
 
         Bad or refused references raise at once. Jobs with different credentials
-        never merge: each proves its own access at the origin.
+        never merge: each proves its own access at the origin. With ``hold``
+        (a pin), the job takes that lease on its view before its own lets go
+        (a job that fails takes none); :meth:`withdraw` cancels it.
         """
-        return self._start(await self.admit(ref), filters, credentials)
+        job = self._start(await self.admit(ref), filters, credentials)
+        if hold is not None:  # no await since _start: the job cannot have handed over yet
+            self._wait(job, hold)
+        return job
+
+    @staticmethod
+    def _wait(job: PullJob, hold: Hold) -> None:
+        job.waiting[hold] = job.waiting.get(hold, 0) + 1
+
+    async def withdraw(self, job: PullJob, hold: Hold) -> None:
+        """One waiter of ``job`` no longer wants ``hold``: the last one gives back what the job took for it."""
+        if job.waiting.get(hold, 0) <= 0:
+            return
+        job.waiting[hold] -= 1
+        if job.waiting[hold] > 0 or hold not in job.handed:
+            return  # another waiter still wants it, or nothing was taken (or it is in flight: _hand_over
+            # gives back what it took for a hold nobody waits for any more)
+        view = job.handed.pop(hold)
+        # Awaited before the caller answers: kubelet runs one operation per volume at a time, so its retry
+        # comes after this, never beside it.
+        await asyncio.to_thread(hold.give_back, self.store.index, view)
 
     def _start(self, canonical: str, filters: Filters, credentials: SourceCredentials | None) -> PullJob:
         if not self.accepting:
@@ -213,44 +278,39 @@ class PullManager:
             return view
         job = self._start(canonical, filters, credentials)
         assert job.task is not None
-        if lease is not None:  # joined with no await since _start: the job leases its view for us (_hand_over)
-            job.mounts[lease] = job.mounts.get(lease, 0) + 1
+        hold = Hold.mount(lease) if lease is not None else None
+        if hold is not None:  # joined with no await since _start: the job leases its view for us (_hand_over)
+            self._wait(job, hold)
         try:
             # asyncio.wait never cancels the job when we are cancelled, nor raises its outcome.
             await asyncio.wait({job.task})
             if job.error is not None:
                 raise job.error
         except BaseException:
-            if lease is not None:
-                await self._stop_waiting(job, lease)
+            if hold is not None:
+                await self.withdraw(job, hold)
             raise
         assert job.path is not None
         if credentials is None:  # pulled with the daemon's own credentials: the pod proves nothing yet
             await self._check_access(canonical, credentials, job.path, lease)
         return job.path
 
-    async def _stop_waiting(self, job: PullJob, volume: str) -> None:
-        """A mount leaves ``job`` without its view (cancelled, or the job failed): the last one for ``volume``
-        gives back the lease the job took for it, unless a volume was published under that id meanwhile."""
-        job.mounts[volume] -= 1
-        if job.mounts[volume] > 0 or volume not in job.handed:
-            return  # another call for this volume still wants it, or nothing was taken (or it is in flight:
-            # _hand_over gives back what it took for a volume nobody waits for any more)
-        view = job.handed.pop(volume)
-        # Awaited before the caller answers: kubelet runs one operation per volume at a time, so its retry
-        # comes after this, never beside it.
-        await asyncio.to_thread(self.store.index.release, volume, view=view, if_holder="")
-
     async def _check_access(self, canonical: str, credentials: SourceCredentials | None, view: Path,
                             lease: str | None) -> None:
-        """The gate's say on a view already leased; a refusal gives the lease back."""
+        """The gate's say on a view already leased; a refusal gives the lease back unless its volume is published.
+
+        A volume published already (its holder records the target) is kubelet
+        asking again: its view is bind-mounted into a running pod, so the lease
+        stays until NodeUnpublishVolume whatever the gate says now; only the
+        lease of a volume not published yet, which this call took, goes back.
+        """
         if self.gate is None:
             return
         try:
             await self.gate.check(canonical, credentials)
         except BaseException:
             if lease is not None:
-                await asyncio.to_thread(self.store.index.release, lease, view="sha256:" + view.name)
+                await asyncio.to_thread(Hold.mount(lease).give_back, self.store.index, "sha256:" + view.name)
             raise
 
     async def _run(self, job: PullJob) -> None:
@@ -262,8 +322,8 @@ class PullManager:
 
         logger = asyncio.create_task(self._log_progress(job))
         # The job's own pull lease (not pull()'s): it still holds the view when pull() returns, until the
-        # mounts waiting on the job hold it too. Tied to this process, so a daemon killed meanwhile leaves
-        # nothing that outlives it but the mount leases, which its restart checks as always.
+        # leases its waiters want on it hold it too. Tied to this process, so a daemon killed meanwhile leaves
+        # nothing that outlives it but the mount leases (which its restart checks as always) and pins.
         lease = f"pull:daemon:{secrets.token_hex(8)}"
         try:
             await asyncio.to_thread(self.store.index.add_lease, lease, kind="pull", owner="daemon",
@@ -273,7 +333,7 @@ class PullManager:
                                 progress=progress, owner="daemon", budget=self.budget, routing=self.routing,
                                 lease=lease)
             await self._hand_over(job, result.path)
-            # No await since _hand_over found nobody left to lease for: from here no mount joins this job.
+            # No await since _hand_over found nobody left to lease for: from here no waiter joins this job.
             job.state, job.path, job.stats = "done", result.path, result.stats
         except ModelCacheError as e:
             job.state, job.error = "failed", e
@@ -295,37 +355,51 @@ class PullManager:
             self._forget_old()
 
     async def _hand_over(self, job: PullJob, view: Path) -> None:
-        """Lease ``view`` for each volume whose mount waits on ``job``, while the job's lease still holds it.
+        """Take each lease ``job``'s waiters registered on ``view``, while the job's lease still holds it.
 
-        Mounts may join while a round runs in its thread, so rounds go on until
-        one finds nobody new; a volume whose mounts all stopped waiting while
-        its lease was being taken gets it back at once.
+        Waiters may join while a round runs in its thread, so rounds go on until
+        one finds nobody new; a lease whose waiters all left while it was being
+        taken is given back at once. If a lease cannot be taken the job fails,
+        and gives back every lease it took.
         """
         digest = "sha256:" + view.name
-        while volumes := [v for v, n in job.mounts.items() if n > 0 and v not in job.handed]:
-            await asyncio.to_thread(self._lease_for_mounts, volumes, digest)
-            job.handed.update(dict.fromkeys(volumes, digest))
-            for volume in [v for v in volumes if job.mounts[v] == 0]:
-                del job.handed[volume]
-                await asyncio.to_thread(self.store.index.release, volume, view=digest, if_holder="")
+        try:
+            while holds := [h for h, n in job.waiting.items() if n > 0 and h not in job.handed]:
+                taken: list[Hold] = []
+                try:
+                    await asyncio.to_thread(self._take, holds, digest, taken)
+                finally:  # what the thread took is recorded, even if it (or we) stopped half way
+                    job.handed.update(dict.fromkeys(taken, digest))
+                left = [h for h in taken if job.waiting[h] == 0]
+                for hold in left:
+                    del job.handed[hold]
+                if left:
+                    await asyncio.to_thread(self._give_back, left, digest)
+        except BaseException:
+            handed, job.handed = list(job.handed), {}
+            await asyncio.to_thread(self._give_back, handed, digest)
+            raise
 
-    def _lease_for_mounts(self, volumes: list[str], view: str) -> None:
-        for volume in volumes:
-            # Mount leases as view_for takes them (owned by the daemon, no process): publish records the
-            # target in them, and a restart drops those whose target is not mounted.
-            if self.store.index.lease_view(volume, view, kind="mount", owner="daemon") is None:
+    def _take(self, holds: list[Hold], view: str, taken: list[Hold]) -> None:
+        for hold in holds:
+            if not hold.take(self.store.index, view):
                 # Not while the job's lease holds the view; were it ever so, a failed job (kubelet retries)
                 # beats a mount of a view nobody holds.
-                raise Unavailable(f"view {view} went before its mounts could hold it; ask again")
+                raise Unavailable(f"view {view} went before its waiters could hold it; ask again")
+            taken.append(hold)
         crash_point("mount-handed-over")
 
+    def _give_back(self, holds: list[Hold], view: str) -> None:
+        for hold in holds:
+            hold.give_back(self.store.index, view)
+
     async def _let_go(self, job: PullJob, lease: str) -> None:
-        """Drop the job's lease (its mounts hold the view by now); a job done enforces the budget again."""
+        """Drop the job's lease (its waiters hold the view by now); a job done enforces the budget again."""
         try:
             await asyncio.to_thread(self.store.index.drop_lease, lease)
             if job.state == "done":
                 await asyncio.to_thread(enforce, self.store, self.budget)
-        except Exception as e:  # the pull itself is over (its mounts hold their views): keep its outcome, say so
+        except Exception as e:  # the pull itself is over (its waiters hold the view): keep its outcome, say so
             log.warning("pull %s: letting go of its lease or enforcing the budget failed: %s: %s", job.ref,
                         type(e).__name__, e)
 

@@ -9,11 +9,14 @@ was the window in which the view of a finished pull was held by nothing and a wa
 from __future__ import annotations
 
 import asyncio
+import gzip
+import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from support import tree_digests, write_random
+from support import blob_of, make_tar, tree_digests, write_random
 
 from modelcache.daemon.metrics import Metrics
 from modelcache.daemon.policy import RefPolicy
@@ -290,3 +293,55 @@ def test_a_refused_first_publish_gives_its_lease_back(node: _Node, warm: bool) -
         asyncio.run(go())
     assert gate.asked == 1 and len(node.manager.jobs()) == 1
     assert node.store.index.leases() == []
+
+
+def _gzip_layout(root: Path) -> tuple[Path, dict[str, bytes]]:
+    """An OCI layout of one gzip layer (tag v1); and its files."""
+    files = {"w/a.bin": bytes(range(256)) * 4096, "w/b.bin": b"b" * 70_001}
+    layer = gzip.compress(make_tar([(p, d, {}) for p, d in files.items()]), mtime=0)
+
+    def put(data: bytes) -> dict:
+        digest = hashlib.sha256(data).hexdigest()
+        (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+        (root / "blobs" / "sha256" / digest).write_bytes(data)
+        return {"digest": "sha256:" + digest, "size": len(data)}
+
+    config = put(json.dumps({"architecture": "amd64", "os": "linux",
+                             "rootfs": {"type": "layers", "diff_ids": []}}).encode())
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **config},
+                           "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **put(layer)}]})
+    desc = {"mediaType": "application/vnd.oci.image.manifest.v1+json", **put(manifest.encode()),
+            "annotations": {"org.opencontainers.image.ref.name": "v1"}}
+    (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [desc]}))
+    return root, files
+
+
+def test_the_layers_a_daemon_pull_drops_are_unlinked_after_its_mounts_are_answered(node: _Node) -> None:
+    """A gzip layer, dropped once unpacked, leaves the store with the pull; its bytes are unlinked in the
+    background after the mount has its view (ContentStore.delete_later: on a disk with online discard that
+    unlink is slow), and none are left behind."""
+    layout, files = _gzip_layout(node.models / "img")
+
+    async def go() -> Path:
+        spawned: list[asyncio.Task] = []
+
+        def spawn(coro):
+            task = asyncio.create_task(coro)
+            spawned.append(task)
+            return task
+
+        node.manager.spawn = spawn
+        view = await asyncio.wait_for(node.manager.view_for(f"oci-layout://{layout}:v1", Filters(),
+                                                            lease="vol-1"), 60)
+        await asyncio.wait_for(asyncio.gather(*spawned), 60)  # the job, then the unlink it spawned
+        assert len(spawned) == 2
+        return view
+
+    view = asyncio.run(go())
+    assert {p: (view / p).read_bytes() for p in files} == files
+    ingest = node.store.content.ingest_dir
+    assert not [p.name for p in ingest.iterdir() if p.name.startswith("tmp-")]
+    layer_blobs = set(node.store.content.digests()) - {blob_of(d).digest for d in files.values()}
+    assert not layer_blobs, layer_blobs

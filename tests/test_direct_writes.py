@@ -318,7 +318,27 @@ def test_gathered_writes_fall_back_to_the_page_cache_where_o_direct_is_refused(t
     assert path.read_bytes() == data
 
 
-def test_gathered_writers_in_one_thread_reuse_one_buffer(tmp_path: Path) -> None:
+def test_a_file_given_up_midway_keeps_its_own_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A big file whose blocks fail midway (an unsafe tar, a stream cut short) is not written further when it
+    is given up: its error stands, not a full disk met by a last write of the gathered bytes."""
+    content = ContentStore(tmp_path / "store")
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "no space")
+
+    monkeypatch.setattr(DirectWriter, "write", lambda self, offset, buffers: 0)  # everything the ordinary way
+    monkeypatch.setattr(os, "pwrite", full)
+
+    def blocks():
+        yield os.urandom(1 << 20)
+        raise ValueError("the tar said no")
+
+    with pytest.raises(ValueError, match="the tar said no"):
+        content.stage_blocks(blocks(), expected_size=8 << 20)
+    assert not [p for p in content.ingest_dir.iterdir() if p.name.startswith("tmp-")]
+
+
+def test_gathered_writers_reuse_a_few_buffers(tmp_path: Path) -> None:
     """A layer of many mid-sized files maps and zeroes one buffer, not one per file; two writers open at
     once never share one, and each file is byte-exact."""
     files = {name: os.urandom(size) for name, size in (("a", 70_000), ("b", 65_536), ("c", 1234))}

@@ -531,3 +531,62 @@ def test_a_failed_commit_refuses_the_layer_and_leaves_no_temp_file(tmp_path: Pat
     with pytest.raises(OSError, match="I/O error"):
         unpack_stream(content, [_tar(files)], Compression.NONE, name="layer")
     assert not [p for p in content.ingest_dir.iterdir() if p.name.startswith("tmp-")]
+
+
+def test_a_stream_cancelled_while_its_reader_stalls_ends_with_the_stall(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while the layer's unpacking is stalled (the writer waiting for it in an I/O thread): the pull
+    stops once the stall ends, not after STALL per write, and keeps what arrived for the next one."""
+    from modelcache.model import Archive
+    from modelcache.store import Store
+    from modelcache.transfer import Engine, TransferConfig
+
+    monkeypatch.setattr(streamunpack, "WINDOW", 2 << 20)  # two writes of a 1 MiB chunk each
+    monkeypatch.setattr(streamunpack, "STALL", 60.0)
+    stall = threading.Event()
+    real = streamunpack.unpack_stream
+
+    def stalled(content, chunks, compression, **kwargs):
+        def first_then_stall():
+            it = iter(chunks)
+            yield next(it)
+            stall.wait(3)  # a disk that stalls the reader for 3 s
+            yield from it
+        return real(content, first_then_stall(), compression, **kwargs)
+
+    monkeypatch.setattr(streamunpack, "unpack_stream", stalled)
+    layer = gzip.compress(_tar({"big.bin": os.urandom(8 * MiB)}), compresslevel=1, mtime=0)
+    blob = Blob("sha256:" + hashlib.sha256(layer).hexdigest(), len(layer))
+
+    class Source:
+        name = "memory"
+
+        async def read(self, b, offset: int, length: int):
+            for at in range(offset, offset + length, 64 << 10):
+                await asyncio.sleep(0)
+                yield layer[at:min(at + (64 << 10), offset + length)]
+
+    store = Store(tmp_path / "store")
+    engine = Engine(store.content, TransferConfig(chunk_size=1 << 20))
+
+    async def go() -> float:
+        from modelcache.transfer import TransferStats
+
+        task = asyncio.create_task(streamunpack.stream_layer(store, engine, Archive(blob, Compression.GZIP),
+                                                             Source(), TransferStats()))
+        await asyncio.sleep(1.0)  # the reader took its first piece and stalls; the writer fills the window
+        assert not task.done()
+        started = time.monotonic()
+        task.cancel()
+        await asyncio.wait({task})
+        return time.monotonic() - started
+
+    try:
+        took = asyncio.run(go())
+    finally:
+        stall.set()
+        engine.close()
+    assert took < 30, took  # the reader's 3 s stall at most (it was two STALLs: 120 s here)
+    [kept] = store.content.ingests()
+    assert 0 < kept.bytes_done < len(layer)
+    store.close()

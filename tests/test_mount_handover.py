@@ -318,30 +318,35 @@ def _gzip_layout(root: Path) -> tuple[Path, dict[str, bytes]]:
     return root, files
 
 
-def test_the_layers_a_daemon_pull_drops_are_unlinked_after_its_mounts_are_answered(node: _Node) -> None:
+def test_the_layers_a_daemon_pull_drops_are_unlinked_after_its_mounts_are_answered(
+        node: _Node, monkeypatch: pytest.MonkeyPatch) -> None:
     """A gzip layer, dropped once unpacked, leaves the store with the pull; its bytes are unlinked in the
-    background after the mount has its view (ContentStore.delete_later: on a disk with online discard that
-    unlink is slow), and none are left behind."""
+    background (store/unlinker.py: on a disk with online discard that unlink is slow), so the mount has its
+    view while the unlink is still held up; then none are left behind."""
+    import threading
+
+    from modelcache.store import unlinker
+
     layout, files = _gzip_layout(node.models / "img")
+    go_on = threading.Event()
+    real = unlinker._unlink
+
+    def slow_unlink(path: Path) -> None:
+        go_on.wait(60)
+        real(path)
+
+    monkeypatch.setattr(unlinker, "_unlink", slow_unlink)
 
     async def go() -> Path:
-        spawned: list[asyncio.Task] = []
+        return await asyncio.wait_for(node.manager.view_for(f"oci-layout://{layout}:v1", Filters(), lease="vol-1"),
+                                      60)
 
-        def spawn(coro):
-            task = asyncio.create_task(coro)
-            spawned.append(task)
-            return task
-
-        node.manager.spawn = spawn
-        view = await asyncio.wait_for(node.manager.view_for(f"oci-layout://{layout}:v1", Filters(),
-                                                            lease="vol-1"), 60)
-        await asyncio.wait_for(asyncio.gather(*spawned), 60)  # the job, then the unlink it spawned
-        assert len(spawned) == 2
-        return view
-
-    view = asyncio.run(go())
-    assert {p: (view / p).read_bytes() for p in files} == files
+    view = asyncio.run(go())  # answered while the unlink waits
     ingest = node.store.content.ingest_dir
+    assert [p.name for p in ingest.iterdir() if "-gone-" in p.name]
+    assert {p: (view / p).read_bytes() for p in files} == files
+    go_on.set()
+    node.store.content.delete_deferred()  # until the background unlink is done
     assert not [p.name for p in ingest.iterdir() if p.name.startswith("tmp-")]
     layer_blobs = set(node.store.content.digests()) - {blob_of(d).digest for d in files.values()}
     assert not layer_blobs, layer_blobs

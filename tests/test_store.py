@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import io
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -234,44 +235,98 @@ def _gone_files(store: Store) -> list[Path]:
     return [p for p in store.content.ingest_dir.iterdir() if p.name.startswith("tmp-") and "gone-" in p.name]
 
 
-@pytest.mark.parametrize("detach", [False, True])
-def test_a_dropped_layer_leaves_the_store_at_once_and_its_bytes_later(tmp_path: Path, detach: bool) -> None:
-    """A layer dropped once unpacked is out of ``blobs/`` and the index at once; its bytes are unlinked by
-    delete_deferred: here, or by an ``rm`` of its own that outlives the command (detach). Unlinking a big
-    file waits for its discard on some disks: the pull does not wait for that (issue 13)."""
+def _held_unlinks(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """From now on the unlinker's own unlinks wait for the returned event (an rm it hands off does not)."""
+    from modelcache.store import unlinker
+
+    go_on = threading.Event()
+    real = unlinker._unlink
+
+    def held(path: Path) -> None:
+        go_on.wait(60)
+        real(path)
+
+    monkeypatch.setattr(unlinker, "_unlink", held)
+    return go_on
+
+
+def _dropped_layer(store: Store, text: bytes) -> str:
     import gzip
 
-    raw = make_tar([("a.txt", b"a", {})])
-    data = gzip.compress(raw)
-    store = Store(tmp_path / "s")
+    data = gzip.compress(make_tar([("a.txt", text, {})]), mtime=0)
     layer, _ = store.content.write_stream(io.BytesIO(data))
     store.unpack(Archive(Blob(layer, len(data)), Compression.GZIP))
-    assert not store.content.has(layer)
-    assert layer not in set(store.content.digests())
-    [gone] = _gone_files(store)
-    assert gone.read_bytes() == data
-    store.content.delete_deferred(detach=detach)
-    deadline = time.monotonic() + 20  # the detached rm runs on its own
-    while _gone_files(store) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    return layer
+
+
+def test_a_dropped_layer_leaves_the_store_at_once_and_its_bytes_in_the_background(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer dropped once unpacked is out of ``blobs/`` and the index at once; its bytes are unlinked by a
+    thread of the store's (on some disks unlinking a big file waits for its discard, issue 13), and
+    delete_deferred waits until they are."""
+    go_on = _held_unlinks(monkeypatch)
+    store = Store(tmp_path / "s")
+    layers = [_dropped_layer(store, b"a"), _dropped_layer(store, b"b")]
+    assert not any(store.content.has(d) for d in layers)
+    assert not set(layers) & set(store.content.digests())
+    assert len(_gone_files(store)) == 2  # the first being unlinked (held), the second waiting
+    done = threading.Event()
+    waiter = threading.Thread(target=lambda: (store.content.delete_deferred(), done.set()))
+    waiter.start()
+    assert not done.wait(0.3)  # waits for the unlink in progress
+    go_on.set()
+    assert done.wait(30)
+    waiter.join(30)
     assert not _gone_files(store)
 
 
-def test_dropped_bytes_are_unlinked_here_where_no_rm_can_start(tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    import gzip
+def test_a_command_hands_what_still_waits_to_an_rm_that_outlives_it(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """delete_deferred(detach=True) gives the files not yet being unlinked to an ``rm`` of their own and
+    returns at once; where no rm can start, it unlinks them itself."""
     import subprocess
+
+    go_on = _held_unlinks(monkeypatch)
+    store = Store(tmp_path / "s")
+    _dropped_layer(store, b"a")  # held in the thread
+    _dropped_layer(store, b"b")  # waiting: handed to rm
+    started = time.monotonic()
+    store.content.delete_deferred(detach=True)
+    assert time.monotonic() - started < 5
+    deadline = time.monotonic() + 20
+    while len(_gone_files(store)) > 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(_gone_files(store)) == 1  # rm took the waiting one; the held one is still in progress
+    go_on.set()
+    store.content.delete_deferred()
+    assert not _gone_files(store)
 
     def no_rm(*args, **kwargs):
         raise FileNotFoundError("rm")
 
     monkeypatch.setattr(subprocess, "Popen", no_rm)
-    data = gzip.compress(make_tar([("a.txt", b"a", {})]))
-    store = Store(tmp_path / "s")
-    layer, _ = store.content.write_stream(io.BytesIO(data))
-    store.unpack(Archive(Blob(layer, len(data)), Compression.GZIP))
+    go_on.clear()
+    _dropped_layer(store, b"c")
+    _dropped_layer(store, b"d")
+    go_on.set()
     store.content.delete_deferred(detach=True)
+    store.content.delete_deferred()
     assert not _gone_files(store)
+
+
+def test_one_unlink_that_fails_does_not_keep_the_others(tmp_path: Path) -> None:
+    from modelcache.store.unlinker import Unlinker
+
+    files = [tmp_path / f"f{i}" for i in range(3)]
+    for f in files:
+        f.write_bytes(b"x")
+    (tmp_path / "d").mkdir()
+    unlinker = Unlinker()
+    for f in [files[0], tmp_path / "d", files[1], files[2]]:  # a directory: unlink fails (EISDIR)
+        unlinker.add(f)
+    unlinker.finish()
+    assert not any(f.exists() for f in files)
+    assert (tmp_path / "d").is_dir()
 
 
 def test_gc_removes_the_dropped_bytes_a_dead_process_left(tmp_path: Path) -> None:

@@ -331,6 +331,8 @@ class PullManager:
             options = dataclasses.replace(self.options, credentials=job.credentials)
             result = await pull(self.store, self.engine, job.ref, filters=job.filters, options=options,
                                 progress=progress, owner="daemon", budget=self.budget, routing=self.routing,
+                                # The layers it drops are unlinked in the background (store/unlinker.py), not
+                                # before its waiters are answered: on a disk with online discard that is slow.
                                 lease=lease, drops_later=True)
             await self._hand_over(job, result.path)
             # No await since _hand_over found nobody left to lease for: from here no waiter joins this job.
@@ -353,15 +355,6 @@ class PullManager:
             if job.state == "failed":
                 log.warning("pull %s failed: %s", job.ref, job.error)
             self._forget_old()
-            # The layers it dropped are unlinked beside the next work, not before its waiters are answered
-            # (on a disk with online discard, 80 ms per 256 MiB: ContentStore.delete_later).
-            self.spawn(self._delete_dropped())
-
-    async def _delete_dropped(self) -> None:
-        try:
-            await asyncio.to_thread(self.store.content.delete_deferred)
-        except OSError as e:  # what is left is named for this process: gc takes it once the daemon is gone
-            log.warning("unlinking the layers a pull dropped: %s", e)
 
     async def _hand_over(self, job: PullJob, view: Path) -> None:
         """Take each lease ``job``'s waiters registered on ``view``, while the job's lease still holds it.

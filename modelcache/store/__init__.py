@@ -8,7 +8,8 @@ On disk, under one root (one filesystem, so renames and hardlinks are atomic)::
       ingest/<hex>/chunks       which fixed-size chunks of data are durable (1 byte each)
       ingest/<hex>/partial      durable leading bytes of chunks not done (what an interrupt kept)
       ingest/<hex>.lock         flock held by the one process writing that blob
-      ingest/tmp-<pid>.<start>-*  files being unpacked from a layer, named once hashed
+      ingest/tmp-<pid>.<start>-*  files being unpacked from a layer, named once hashed, and
+                                (``...-gone-<hex>``) dropped layers being unlinked (.unlinker)
       views/<hex>/...           a model's tree: hardlinks to blobs, dirs 0555
       views/.tmp-<pid>.<start>-*  a view being built, renamed into place when whole
       views/.del-*              a view already forgotten, being deleted

@@ -52,6 +52,7 @@ from .crash import crash_point
 from .direct import DirectWriter, GatheredWriter, pread_into
 from .etag import MultipartEtag, S3Crc
 from .roles import IngestStatus
+from .unlinker import Unlinker
 
 _RECORD_MAGIC = b"MCCHUNK1"
 _RECORD_HEADER = struct.Struct("<8sQQ")  # magic, blob size, chunk size
@@ -86,8 +87,7 @@ class ContentStore:
         self.ingest_dir = root / "ingest"
         self.blobs_dir.mkdir(parents=True, exist_ok=True)
         self.ingest_dir.mkdir(parents=True, exist_ok=True)
-        self._gone: list[Path] = []  # blobs removed by delete_later, their bytes not yet unlinked
-        self._gone_lock = threading.Lock()
+        self.unlinker = Unlinker()  # the bytes of blobs removed by delete_later
 
     def path(self, digest: str) -> Path:
         """Where the committed blob ``digest`` lives (it may not exist)."""
@@ -218,13 +218,11 @@ class ContentStore:
             self.ledger.blob_removed(digest)
 
     def delete_later(self, digest: str) -> None:
-        """Remove a committed blob from the store now, and unlink its bytes later (:meth:`delete_deferred`).
+        """Remove a committed blob from the store now, and unlink its bytes in the background (:mod:`.unlinker`:
+        on a disk with online discard that unlink is slow); :meth:`delete_deferred` waits for them.
 
-        For the layers a pull drops once they are unpacked. Why later: on a disk mounted with online
-        discard, unlinking a big file waits for its blocks to be discarded (measured here: 80 ms per
-        256 MiB), and a pull's layers all end together, so a pull of 1 GiB of gzip layers spent its last
-        0.3-0.5 s unlinking them. The blob leaves ``blobs/`` at once (renamed to a temp name of this
-        process, which gc removes once the process is gone, should the unlink never come).
+        For the layers a pull drops once they are unpacked. The blob leaves ``blobs/`` at once, renamed to a
+        temp name of this process, which gc removes once the process is gone, should the unlink never come.
         """
         gone = self.ingest_dir / f"tmp-{liveness.tmp_prefix()}gone-{digest.partition(':')[2]}"
         try:
@@ -232,32 +230,18 @@ class ContentStore:
         except FileNotFoundError:
             pass
         else:
-            with self._gone_lock:
-                self._gone.append(gone)
+            self.unlinker.add(gone)
         crash_point("blob-deleted")
         if self.ledger is not None:
             self.ledger.blob_removed(digest)
 
     def delete_deferred(self, *, detach: bool = False) -> None:
-        """Unlink the bytes of the blobs :meth:`delete_later` removed. ``detach``: by an ``rm`` of its own,
-        which goes on once this process has exited (for a command about to end: the CLI's pull); here
-        where it cannot be started."""
-        with self._gone_lock:
-            paths, self._gone = self._gone, []
-        if not paths:
-            return
+        """Until the bytes of the blobs :meth:`delete_later` removed are unlinked. ``detach``: hand those not
+        yet unlinked to an ``rm`` that goes on once this process has exited (a command about to end)."""
         if detach:
-            import subprocess
-
-            try:
-                subprocess.Popen(["rm", "-f", "--", *map(str, paths)], stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-                return
-            except OSError:  # no rm here: unlink them ourselves
-                pass
-        for path in paths:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            self.unlinker.hand_off()
+        else:
+            self.unlinker.finish()
 
     def check_size(self, blob: Blob) -> None:
         """Refuse a declared size no disk under this store could ever hold (InvalidContent, exit 5)."""
@@ -354,6 +338,7 @@ class ContentStore:
         try:
             with open(tmp, "wb") as out:  # buffered: small files; big ones bypass it (and the page cache)
                 gathered = GatheredWriter(out.fileno(), tmp) if (expected_size or 0) >= _GATHERED else None
+                whole = False
                 try:
                     write = out.write if gathered is None else gathered.write
                     for block in blocks:
@@ -361,9 +346,10 @@ class ContentStore:
                         x.update(block)
                         write(block)
                         size += len(block)
+                    whole = True
                 finally:
                     if gathered is not None:
-                        gathered.close()
+                        gathered.close(flush=whole)  # a file given up is not written further
             if expected_size is not None and size != expected_size:
                 raise InvalidContent(f"stream ended after {size} bytes, expected {expected_size}")
             return Staged(tmp, "sha256:" + h.hexdigest(), size, x.hexdigest())

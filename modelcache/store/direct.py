@@ -23,6 +23,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -82,7 +83,12 @@ class DirectWriter:
             os.close(fd)
 
 
-_spare = threading.local()  # a GatheredWriter's buffer, for the next one in the same thread
+# GatheredWriter buffers kept between files, for any thread: a layer of many 4-8 MiB files would otherwise
+# map and fault in (zero) as many bytes of buffer as it writes. A few at most, so a daemon's many
+# threads never hold more than that between unpacks.
+_SPARES = 4
+_spares: list[mmap.mmap] = []
+_spares_lock = threading.Lock()
 
 
 class GatheredWriter:
@@ -99,14 +105,11 @@ class GatheredWriter:
     def __init__(self, fd: int, path: os.PathLike[str] | str, size: int = 4 << 20) -> None:
         self._fd = fd  # the caller's ordinary descriptor, for what is not written directly
         self._direct = DirectWriter(path)
-        # One buffer per thread, kept between files: a layer of many 4-8 MiB files would otherwise map
-        # and fault in (zero) as many bytes of buffer as it writes.
-        spare = getattr(_spare, "buffer", None)
-        if spare is not None and len(spare) == size:
-            _spare.buffer = None
-            self._buffer = spare
-        else:
-            self._buffer = anonymous_buffer(size)
+        with _spares_lock:
+            spare = next((b for b in _spares if len(b) == size), None)
+            if spare is not None:
+                _spares.remove(spare)
+        self._buffer = spare if spare is not None else anonymous_buffer(size)
         self._view = memoryview(self._buffer)
         self._fill = 0
         self._offset = 0
@@ -131,16 +134,21 @@ class GatheredWriter:
         self._offset += len(pending)
         self._fill = 0
 
-    def close(self) -> None:
-        """Write what is gathered and let go of the buffer (the caller's descriptor stays open)."""
+    def close(self, *, flush: bool = True) -> None:
+        """Write what is gathered (not with ``flush=False``: the file is being given up) and let go of the
+        buffer. The caller's descriptor stays open."""
         try:
-            if self._fill:
+            if self._fill and flush:
                 self._flush()
         finally:
             self._view.release()
-            kept, _spare.buffer = getattr(_spare, "buffer", None), self._buffer
-            if kept is not None:  # two writers at once in this thread: the one kept before goes
-                kept.close()
+            with _spares_lock:
+                keep = len(_spares) < _SPARES
+                if keep:
+                    _spares.append(self._buffer)
+            if not keep:
+                with contextlib.suppress(BufferError):  # still viewed from a traceback: freed with it
+                    self._buffer.close()
             self._direct.close()
 
 

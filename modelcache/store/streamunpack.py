@@ -130,7 +130,11 @@ async def _stream_once(store: Store, engine: Engine, archive: Archive, origin: B
 
 def _unpack_following(store: Store, archive: Archive, path: os.PathLike[str], followed: _Followed,
                       leases: Sequence[str]) -> list[Row]:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except BaseException:
+        followed.forget()  # a writer waiting for room goes on
+        raise
     try:
         return unpack_stream(store.content, followed.read_along(fd), archive.compression, name=archive.blob.digest,
                              leases=leases, limit=unpack_limit(archive))

@@ -79,7 +79,10 @@ class Engine:
         self._open = asyncio.Semaphore(2 * self.config.concurrency)
         self.learned: dict[str, str] = {}  # stand-in digest -> sha256, for every pull sharing this engine
         self._slots = FairSlots(self.config.concurrency)
-        self._threads = IOThreads(self.config.concurrency + 4)
+        # A write may wait in its thread for a layer's unpacking to catch up (store/streamunpack.py), and a
+        # pull streams at most ``concurrency`` layers at once (pull.py): as many threads again, so the other
+        # writes and syncs do not queue behind those waits (each of which ends within STALL seconds anyway).
+        self._threads = IOThreads(2 * self.config.concurrency + 4)
         self._checks = PieceChecks(self._threads, self.config, self._router)
         self._homes = Homes(self._threads, self._checks.fetch_chunk, self._inflight, self.content.has,
                             self.config.concurrency)

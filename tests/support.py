@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import threading
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,3 +237,39 @@ class FetchingNeverReady:
     async def ensure_piece(self, digest: str, offset: int, *, wait: float) -> bool:
         await asyncio.sleep(wait)
         return False
+
+
+def write_layout(root: Path, layers: list[tuple[bytes, str]], *, tag: str = "v1") -> Path:
+    """An OCI image layout at ``root`` holding one image tagged ``tag``: these (bytes, media type) layers."""
+    def put(data: bytes) -> dict:
+        digest = hashlib.sha256(data).hexdigest()
+        (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+        (root / "blobs" / "sha256" / digest).write_bytes(data)
+        return {"digest": "sha256:" + digest, "size": len(data)}
+
+    config = put(json.dumps({"architecture": "amd64", "os": "linux",
+                             "rootfs": {"type": "layers", "diff_ids": []}}).encode())
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **config},
+                           "layers": [{"mediaType": media_type, **put(data)} for data, media_type in layers]})
+    desc = {"mediaType": "application/vnd.oci.image.manifest.v1+json", **put(manifest.encode()),
+            "annotations": {"org.opencontainers.image.ref.name": tag}}
+    (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [desc]}))
+    return root
+
+
+def held_unlinks(monkeypatch) -> threading.Event:
+    """From now on the store's background unlinks (store/unlinker.py) wait for the returned event; an rm it
+    hands off does not."""
+    from modelcache.store import unlinker
+
+    go_on = threading.Event()
+    real = unlinker._unlink
+
+    def held(path: Path) -> None:
+        go_on.wait(60)
+        real(path)
+
+    monkeypatch.setattr(unlinker, "_unlink", held)
+    return go_on

@@ -9,7 +9,6 @@ another exception, never a byte written outside the store.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from support import write_layout
 
 from modelcache.cli import main
 from modelcache.errors import InvalidContent, UnsafePath
@@ -150,22 +150,7 @@ def _tar(entries: list[tuple[str, bytes, str, bytes]]) -> bytes:
 
 
 def _layout(root: Path, layer: bytes) -> Path:
-    def put(data: bytes) -> dict:
-        digest = hashlib.sha256(data).hexdigest()
-        (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
-        (root / "blobs" / "sha256" / digest).write_bytes(data)
-        return {"digest": "sha256:" + digest, "size": len(data)}
-
-    config = put(json.dumps({"architecture": "amd64", "os": "linux",
-                             "rootfs": {"type": "layers", "diff_ids": []}}).encode())
-    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **config},
-                           "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", **put(layer)}]})
-    desc = {"mediaType": "application/vnd.oci.image.manifest.v1+json", **put(manifest.encode()),
-            "annotations": {"org.opencontainers.image.ref.name": "v1"}}
-    (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-    (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [desc]}))
-    return root
+    return write_layout(root, [(layer, "application/vnd.oci.image.layer.v1.tar")])
 
 
 def _snapshot(root: Path) -> set[str]:

@@ -250,11 +250,15 @@ def _ingest(tmp_path: Path, data: bytes, chunk: int):
     return ingest
 
 
-def _read_along(followed, path: Path, out: list) -> threading.Thread:
+def _read_along(followed, path: Path, out: list, after_each=None) -> threading.Thread:
+    """A thread reading ``followed`` into ``out``, calling ``after_each()`` after each piece (a slow reader)."""
     def run() -> None:
         fd = os.open(path, os.O_RDONLY)
         try:
-            out.extend(followed.read_along(fd))
+            for piece in followed.read_along(fd):
+                out.append(piece)
+                if after_each is not None:
+                    after_each()
         finally:
             os.close(fd)
     thread = threading.Thread(target=run)
@@ -317,14 +321,7 @@ def test_bytes_the_reader_takes_from_memory_go_past_the_page_cache(tmp_path: Pat
     monkeypatch.setattr(streamunpack, "STALL", 0.05)  # the reader comes late: the writer goes on without it
     data = bytes(range(249)) * 200
     ingest = _ingest(tmp_path, data, 1 << 16)
-    choices: list[bool] = []
-    real = ingest.bypass_cache
-
-    def bypass(on: bool = True) -> None:
-        choices.append(on)
-        real(on)
-
-    monkeypatch.setattr(ingest, "bypass_cache", bypass)
+    choices = _recording_bypass(ingest, monkeypatch)
     followed = streamunpack._Followed(ingest)
     pieces = [data[a:a + 7001] for a in range(0, len(data), 7001)]
     at = 0
@@ -372,18 +369,7 @@ def test_a_writer_waits_for_a_slower_reader_instead_of_outrunning_the_window(tmp
     choices = _recording_bypass(ingest, monkeypatch)
     followed = streamunpack._Followed(ingest)
     got: list = []
-
-    def slow_reader() -> None:
-        fd = os.open(ingest.data_path, os.O_RDONLY)
-        try:
-            for piece in followed.read_along(fd):
-                got.append(piece)
-                time.sleep(0.002)
-        finally:
-            os.close(fd)
-
-    thread = threading.Thread(target=slow_reader)
-    thread.start()
+    thread = _read_along(followed, ingest.data_path, got, after_each=lambda: time.sleep(0.002))
     at = 0
     for piece in [data[a:a + 7001] for a in range(0, len(data), 7001)]:
         followed.write(at, piece)
@@ -408,18 +394,7 @@ def test_a_stalled_reader_holds_the_writer_back_at_most_stall_seconds(tmp_path: 
     followed = streamunpack._Followed(ingest)
     got: list = []
     go = threading.Event()
-
-    def stalling_reader() -> None:
-        fd = os.open(ingest.data_path, os.O_RDONLY)
-        try:
-            for piece in followed.read_along(fd):
-                got.append(piece)
-                go.wait(30)  # stalls after its first piece until told
-        finally:
-            os.close(fd)
-
-    thread = threading.Thread(target=stalling_reader)
-    thread.start()
+    thread = _read_along(followed, ingest.data_path, got, after_each=lambda: go.wait(30))  # stalls after one
     pieces = [data[a:a + 7001] for a in range(0, len(data), 7001)]
     waits = []
     at = 0

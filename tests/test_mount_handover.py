@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import hashlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from support import blob_of, make_tar, tree_digests, write_random
+from support import blob_of, held_unlinks, make_tar, tree_digests, write_layout, write_random
 
 from modelcache.daemon.metrics import Metrics
 from modelcache.daemon.policy import RefPolicy
@@ -299,23 +297,7 @@ def _gzip_layout(root: Path) -> tuple[Path, dict[str, bytes]]:
     """An OCI layout of one gzip layer (tag v1); and its files."""
     files = {"w/a.bin": bytes(range(256)) * 4096, "w/b.bin": b"b" * 70_001}
     layer = gzip.compress(make_tar([(p, d, {}) for p, d in files.items()]), mtime=0)
-
-    def put(data: bytes) -> dict:
-        digest = hashlib.sha256(data).hexdigest()
-        (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
-        (root / "blobs" / "sha256" / digest).write_bytes(data)
-        return {"digest": "sha256:" + digest, "size": len(data)}
-
-    config = put(json.dumps({"architecture": "amd64", "os": "linux",
-                             "rootfs": {"type": "layers", "diff_ids": []}}).encode())
-    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **config},
-                           "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **put(layer)}]})
-    desc = {"mediaType": "application/vnd.oci.image.manifest.v1+json", **put(manifest.encode()),
-            "annotations": {"org.opencontainers.image.ref.name": "v1"}}
-    (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-    (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [desc]}))
-    return root, files
+    return write_layout(root, [(layer, "application/vnd.oci.image.layer.v1.tar+gzip")]), files
 
 
 def test_the_layers_a_daemon_pull_drops_are_unlinked_after_its_mounts_are_answered(
@@ -323,19 +305,8 @@ def test_the_layers_a_daemon_pull_drops_are_unlinked_after_its_mounts_are_answer
     """A gzip layer, dropped once unpacked, leaves the store with the pull; its bytes are unlinked in the
     background (store/unlinker.py: on a disk with online discard that unlink is slow), so the mount has its
     view while the unlink is still held up; then none are left behind."""
-    import threading
-
-    from modelcache.store import unlinker
-
     layout, files = _gzip_layout(node.models / "img")
-    go_on = threading.Event()
-    real = unlinker._unlink
-
-    def slow_unlink(path: Path) -> None:
-        go_on.wait(60)
-        real(path)
-
-    monkeypatch.setattr(unlinker, "_unlink", slow_unlink)
+    go_on = held_unlinks(monkeypatch)
 
     async def go() -> Path:
         return await asyncio.wait_for(node.manager.view_for(f"oci-layout://{layout}:v1", Filters(), lease="vol-1"),

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from support import make_tar
+from support import held_unlinks, make_tar
 
 from modelcache.errors import DigestMismatch, UnsafePath
 from modelcache.model import Archive, Blob, Compression
@@ -235,21 +235,6 @@ def _gone_files(store: Store) -> list[Path]:
     return [p for p in store.content.ingest_dir.iterdir() if p.name.startswith("tmp-") and "gone-" in p.name]
 
 
-def _held_unlinks(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
-    """From now on the unlinker's own unlinks wait for the returned event (an rm it hands off does not)."""
-    from modelcache.store import unlinker
-
-    go_on = threading.Event()
-    real = unlinker._unlink
-
-    def held(path: Path) -> None:
-        go_on.wait(60)
-        real(path)
-
-    monkeypatch.setattr(unlinker, "_unlink", held)
-    return go_on
-
-
 def _dropped_layer(store: Store, text: bytes) -> str:
     import gzip
 
@@ -264,7 +249,7 @@ def test_a_dropped_layer_leaves_the_store_at_once_and_its_bytes_in_the_backgroun
     """A layer dropped once unpacked is out of ``blobs/`` and the index at once; its bytes are unlinked by a
     thread of the store's (on some disks unlinking a big file waits for its discard, issue 13), and
     delete_deferred waits until they are."""
-    go_on = _held_unlinks(monkeypatch)
+    go_on = held_unlinks(monkeypatch)
     store = Store(tmp_path / "s")
     layers = [_dropped_layer(store, b"a"), _dropped_layer(store, b"b")]
     assert not any(store.content.has(d) for d in layers)
@@ -286,7 +271,7 @@ def test_a_command_hands_what_still_waits_to_an_rm_that_outlives_it(tmp_path: Pa
     returns at once; where no rm can start, it unlinks them itself."""
     import subprocess
 
-    go_on = _held_unlinks(monkeypatch)
+    go_on = held_unlinks(monkeypatch)
     store = Store(tmp_path / "s")
     _dropped_layer(store, b"a")  # held in the thread
     _dropped_layer(store, b"b")  # waiting: handed to rm

@@ -15,6 +15,12 @@ from pathlib import Path
 import pytest
 from support import Registry
 
+# A suite started as a background job of a non-interactive shell (`cmd &` in a script) inherits SIGINT
+# ignored, and so would every CLI it starts: the Ctrl-C tests (test_transfer_faults) would see the pull
+# finish as if never interrupted. Put back Python's own handler; the commands started get the default.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 

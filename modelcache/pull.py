@@ -93,8 +93,9 @@ async def pull(store: Store, engine: Engine, ref_text: str, *, filters: Filters 
     itself, which still holds the view when this returns; default: the
     pull's own, dropped before it returns.
     ``routing`` wraps the origin in a router (peers first); default: the origin only.
-    The layers it drops once unpacked are unlinked before it returns, or with
-    ``drops_later`` by the caller (:meth:`ContentStore.delete_deferred`).
+    The layers it drops once unpacked are unlinked in the background, and
+    waited for before it returns; with ``drops_later`` the caller decides
+    (:meth:`ContentStore.delete_deferred`).
     The manifest is always resolved at the origin first, with this pull's own
     credentials: peers are asked only for blobs of a model we were given.
 
@@ -110,7 +111,7 @@ async def pull(store: Store, engine: Engine, ref_text: str, *, filters: Filters 
         ref = dataclasses.replace(ref, tag=tag)
     source = open_source(ref, options or SourceOptions(), learned=store.index.learned_digest)
     own = lease is None
-    if lease is None:
+    if lease is None:  # (not ``own``: the type checker narrows on the lease itself)
         lease = f"pull:{owner}:{secrets.token_hex(8)}"
         await asyncio.to_thread(store.index.add_lease, lease, kind="pull", owner=owner, process=liveness.me())
     chosen = filters or Filters()

@@ -78,7 +78,7 @@ class Store:
 
     def record_layer(self, archive: Archive, rows: list[Row]) -> list[Row]:
         """Record the listing of a layer whose files are stored; drop its archive blob unless a model uses it
-        (its bytes unlinked by the pull's end: :meth:`ContentStore.delete_later`)."""
+        (its bytes unlinked in the background: :meth:`ContentStore.delete_later`)."""
         self.index.put_layer(archive.blob.digest, rows)
         crash_point("layer-recorded")
         if not self.index.blob_users(archive.blob.digest):

@@ -186,9 +186,9 @@ class _Followed:
     reader of :meth:`read_along` is past them: it takes them with no copy
     and no system call, and reads from disk only what fell out of the window.
     A write that finds the window full while the reader takes its bytes from
-    it waits for the reader to make room (:data:`STALL` seconds at most). Bytes written while the window has room
-    for them go past the page cache (the ingest's ``bypass_cache``); the
-    others through it.
+    it waits for the reader to make room (:data:`STALL` seconds at most).
+    Bytes written while the window has room for them go past the page cache
+    (the ingest's ``bypass_cache``); the others through it.
     """
 
     def __init__(self, ingest: Ingest) -> None:

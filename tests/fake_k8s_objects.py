@@ -97,6 +97,7 @@ class Objects:
         self._epoch = 0  # bumped by expire(): open watches end with 410
         self._cond = threading.Condition()
         self._conflicts: dict[tuple[str, bool], int] = {}  # (plural, status?) -> writes left to refuse
+        self._watching: dict[str, int] = {}  # plural -> watches past their start (an expire() reaches them)
         self.closed = False
         for r in (Resource("", "v1", "nodes", "Node", False, True),
                   Resource("", "v1", "namespaces", "Namespace", False, True),
@@ -118,6 +119,11 @@ class Objects:
             self._events.clear()
             self._epoch += 1
             self._cond.notify_all()
+
+    def watching(self, plural: str) -> int:
+        """How many watches of ``plural`` have started: each has its epoch, so expire() ends it with 410."""
+        with self._cond:
+            return self._watching.get(plural, 0)
 
     def conflict_next(self, plural: str, n: int = 1, *, status: bool = False) -> None:
         """Refuse the next ``n`` writes to ``plural`` (its /status when ``status``) with 409 Conflict."""
@@ -245,6 +251,15 @@ class Objects:
                 yield {"type": "ERROR", "object": _status(410, "Expired", f"too old resource version: {since} "
                                                           f"({self._compacted})")[1]}
                 return
+            with self._cond:
+                self._watching[r.plural] = self._watching.get(r.plural, 0) + 1
+            try:
+                yield from following(epoch, pos, initial)
+            finally:
+                with self._cond:
+                    self._watching[r.plural] -= 1
+
+        def following(epoch: int, pos: int, initial: list[dict]) -> Iterator[dict]:
             for obj in initial:
                 yield {"type": "ADDED", "object": obj}
             next_bookmark = time.monotonic() + self.bookmark_interval

@@ -198,8 +198,8 @@ def test_a_watch_that_expires_relists(cluster: Cluster, registry) -> None:
     c.node("node-a")
     c.start("node-a")
 
-    def watching() -> bool:
-        return any("watch=true" in r.query.lower() and r.path.endswith("/modelprewarms") for r in c.fake.requests)
+    def watching() -> bool:  # started, not just asked for: an expire() before its start would miss it
+        return c.fake.objects.watching("modelprewarms") > 0
 
     def lists() -> int:
         return sum(1 for r in c.fake.requests if r.method == "GET" and r.path.endswith("/modelprewarms")

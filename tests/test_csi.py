@@ -104,6 +104,27 @@ def test_target_holding_another_model_is_already_exists(daemon, registry, tmp_pa
     assert mounts == {f"oci://{registry.host}/csi/first:v1": 1, f"oci://{registry.host}/csi/second:v1": 0}
 
 
+def test_a_publish_that_fails_after_the_pull_leaves_no_lease(daemon, registry, tmp_path: Path) -> None:
+    """The model is pulled, then the target cannot be made (under a regular file): INTERNAL, and no lease is
+    left rooting the view (nothing was mounted, so no NodeUnpublishVolume will come for it). A published
+    volume that kubelet asks again for, at a target that fails, keeps its lease."""
+    _push(registry, "csi/badtarget")
+    ref, node = f"oci://{registry.host}/csi/badtarget:v1", daemon.node()
+    (tmp_path / "a-file").write_bytes(b"")
+    with pytest.raises(grpc.RpcError) as err:
+        node.NodePublishVolume(publish_request("vol-b", tmp_path / "a-file" / "mount", ref), timeout=60)
+    assert err.value.code() == grpc.StatusCode.INTERNAL, err.value.details()
+    [model] = daemon.call("GET", "/v1/models")[1]["models"]
+    assert model["mounts"] == 0  # pulled, but not leased by the volume that failed
+
+    target = tmp_path / "t"
+    node.NodePublishVolume(publish_request("vol-b", target, ref), timeout=60)  # kubelet's retry, a good target
+    with pytest.raises(grpc.RpcError):
+        node.NodePublishVolume(publish_request("vol-b", tmp_path / "a-file" / "again", ref), timeout=60)
+    assert daemon.call("GET", "/v1/models")[1]["models"][0]["mounts"] == 1
+    assert set(tree_digests(target)) == set(FILES)
+
+
 def test_origin_down_then_back(daemon, registry, tmp_path: Path) -> None:
     """While the origin fails, publish answers UNAVAILABLE; kubelet's next try pulls and mounts."""
     data = os.urandom(1 << 20)

@@ -226,6 +226,43 @@ def test_a_warm_hit_is_held_by_the_callers_lease(node: _Node) -> None:
     assert collect(node.store, max_bytes=0).views_removed == [] and first.is_dir()
 
 
+def test_a_mount_cancelled_during_the_warm_lookup_leaves_its_lease_to_be_given_back(
+        node: _Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kubelet's deadline lands while the warm lookup (a thread) is taking the volume's lease: the cancel waits
+    for that thread, so the lease is there when the CSI edge gives back what the failed publish took. Before,
+    the thread leased the view after the cancel and the edge's cleanup, and the lease stayed until a restart."""
+    import threading
+
+    from modelcache.daemon.mounts import Mounts
+
+    src = _model(node.models / "k", 11)
+    asyncio.run(node.manager.view_for(str(src), Filters()))  # in the store: the next ask is a warm hit
+    inside, go_on = threading.Event(), threading.Event()
+    real = node.manager.cached
+
+    def slow(*args, **kwargs):  # the lookup, paused until the caller has been cancelled
+        inside.set()
+        go_on.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(node.manager, "cached", slow)
+
+    async def go() -> None:
+        ask = asyncio.create_task(node.manager.view_for(str(src), Filters(), lease="vol-1"))
+        assert await asyncio.to_thread(inside.wait, 30)
+        ask.cancel()
+        await asyncio.sleep(0.05)
+        assert not ask.done()  # waiting for the lookup's thread, which has not leased anything yet
+        go_on.set()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(ask, 30)
+        assert set(node.mount_leases()) == {"vol-1"}  # taken by the lookup, and the caller knows it
+        Mounts(node.store).abandon("vol-1")  # what the CSI edge does after any failed NodePublishVolume
+
+    asyncio.run(go())
+    assert node.store.index.leases() == []
+
+
 class _Gate:
     """The real AccessGate (policy always, no answer cached) over an origin whose answer the test sets."""
 

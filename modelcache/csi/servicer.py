@@ -79,6 +79,11 @@ class Backend(Protocol):
         """Bind-mount ``view`` read-only at ``target`` under a lease (idempotent)."""
         ...
 
+    async def abandon(self, volume_id: str) -> None:
+        """Give back the lease :meth:`view_for` took for a volume whose publish failed, unless that volume
+        was published before (kubelet asking again for a running pod's volume)."""
+        ...
+
     async def unpublish(self, volume_id: str, target: Path) -> None:
         """Unmount ``target`` and drop its lease (idempotent)."""
         ...
@@ -177,16 +182,22 @@ class NodeService(rpc.NodeServicer):
         remaining = context.time_remaining()
         wait = _NO_DEADLINE_WAIT if remaining is None else remaining - _DEADLINE_MARGIN
         try:
-            async with asyncio.timeout(max(0.0, wait)):
-                view = await self._backend.view_for(ref, filters, credentials=credentials, lease=volume_id)
-        except TimeoutError:
-            raise TimeoutError(f"{ref} is still being pulled; the pull goes on and a retry will find it "
-                               "(GET /v1/models shows its progress)") from None
-        # The pod's identity (podInfoOnMount) is kept with the lease, for people reading the index.
-        holder = {k: v for k, v in attrs.items() if k.startswith("csi.storage.k8s.io/")}
-        holder["model"] = ref
-        # Always read-only, whatever the access mode asks: the tree is the store's own files.
-        await self._backend.publish(volume_id, view, Path(target), holder)
+            try:
+                async with asyncio.timeout(max(0.0, wait)):
+                    view = await self._backend.view_for(ref, filters, credentials=credentials, lease=volume_id)
+            except TimeoutError:
+                raise TimeoutError(f"{ref} is still being pulled; the pull goes on and a retry will find it "
+                                   "(GET /v1/models shows its progress)") from None
+            # The pod's identity (podInfoOnMount) is kept with the lease, for people reading the index.
+            holder = {k: v for k, v in attrs.items() if k.startswith("csi.storage.k8s.io/")}
+            holder["model"] = ref
+            # Always read-only, whatever the access mode asks: the tree is the store's own files.
+            await self._backend.publish(volume_id, view, Path(target), holder)
+        except BaseException:
+            # Nothing mounted, so nothing will unpublish it: a lease left now would root the view until a
+            # restart. Kubelet's retry takes it again.
+            await self._backend.abandon(volume_id)
+            raise
 
     async def NodeUnpublishVolume(self, request, context):  # noqa: N802
         if not request.volume_id or not request.target_path:

@@ -121,6 +121,15 @@ class Mounts:
                 raise
             return True
 
+    def abandon(self, volume_id: str) -> None:
+        """Drop the lease a failed NodePublishVolume took for ``volume_id``, unless it was published.
+
+        The lease of a volume never published has an empty holder (publish
+        records the target in it); a published volume's stays, whatever
+        became of kubelet's asking again.
+        """
+        self.store.index.drop_lease(volume_id, if_holder="")
+
     def _drop_if_unmounted(self, volume_id: str) -> None:
         points = mount_points()
         for lease in self.store.index.leases("mount"):

@@ -57,7 +57,7 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import Busy, ModelCacheError, Unavailable
 from ..progress import Gauge
@@ -74,6 +74,7 @@ from .metrics import Metrics
 from .policy import RefPolicy
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 _KEEP_FINISHED = 200
 _KEEP_SECONDS = 3600.0
@@ -271,7 +272,7 @@ class PullManager:
         (a deadline, a cancellation) leaves the job running for the next one.
         """
         canonical = await self.admit(ref)
-        view = await asyncio.to_thread(self.cached, canonical, filters, lease)
+        view = await _settled(self.cached, canonical, filters, lease)
         if view is not None:
             self.metrics.hits.inc()
             await self._check_access(canonical, credentials, view, lease)
@@ -439,6 +440,17 @@ class PullManager:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _settled(fn: Callable[..., _T], *args: Any) -> _T:
+    """``fn(*args)`` in a thread; a caller cancelled meanwhile waits for the thread to end before its
+    CancelledError goes on, so that whatever ``fn`` took (a lease) is there for its cleanup to give back."""
+    done = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(done)
+    except asyncio.CancelledError:
+        await asyncio.wait({done})
+        raise
 
 
 def _fingerprint(credentials: SourceCredentials | None) -> str:

@@ -137,6 +137,10 @@ class Daemon:
         """Bind-mount ``view`` read-only at ``target`` under a lease (idempotent)."""
         await asyncio.to_thread(self.mounts.publish, volume_id, view, target, holder)
 
+    async def abandon(self, volume_id: str) -> None:
+        """Give back the lease a failed publish of ``volume_id`` took, unless the volume was published."""
+        await asyncio.to_thread(self.mounts.abandon, volume_id)
+
     async def unpublish(self, volume_id: str, target: Path) -> None:
         """Unmount ``target`` and drop its lease (idempotent)."""
         await asyncio.to_thread(self.mounts.unpublish, volume_id, target)

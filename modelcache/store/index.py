@@ -544,10 +544,18 @@ class Index:
                        (lease_id, lease_id))
         self._atomic(body)
 
-    def drop_lease(self, lease_id: str) -> None:
-        """Release a lease and everything it held (nothing happens if there is none)."""
-        self._tx([("DELETE FROM lease_resources WHERE lease = ?", (lease_id,)),
-                  ("DELETE FROM leases WHERE id = ?", (lease_id,))])
+    def drop_lease(self, lease_id: str, *, if_holder: str | None = None) -> None:
+        """Release a lease and everything it held (nothing happens if there is none).
+
+        With ``if_holder``, only while the lease's holder is still that, in the same transaction.
+        """
+        if if_holder is None:
+            self._tx([("DELETE FROM lease_resources WHERE lease = ?", (lease_id,)),
+                      ("DELETE FROM leases WHERE id = ?", (lease_id,))])
+            return
+        self._tx([("DELETE FROM lease_resources WHERE lease = ? AND EXISTS "
+                   "(SELECT 1 FROM leases WHERE id = ? AND holder = ?)", (lease_id, lease_id, if_holder)),
+                  ("DELETE FROM leases WHERE id = ? AND holder = ?", (lease_id, if_holder))])
 
     def leases(self, kind: str | None = None) -> list[Lease]:
         """Every lease (of ``kind``) with what it holds."""

@@ -22,6 +22,7 @@ from test_mount_handover import _model, _Node
 from modelcache.daemon.prewarm import PrewarmConfig, PrewarmController, load_client
 from modelcache.daemon.pulls import Hold
 from modelcache.kube import names
+from modelcache.store import Store
 from modelcache.store.gc import collect
 from modelcache.tree import Filters
 
@@ -37,13 +38,8 @@ async def _until(what: str, check: Callable[[], object], seconds: float) -> None
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_a_prewarmed_model_is_pinned_before_the_pull_lets_go(tmp_path: Path) -> None:
-    """gc at a 1-byte budget the moment the job's pull lease is dropped: the pre-warmed view survives, pinned
-    by its ModelPrewarm, from one pull (before, it was evicted, pulled again and evicted again)."""
-    node = _Node(tmp_path)
-    src = _model(node.models / "warm", 11)
-    node.gc_when_a_pull_lease_goes()
-    owner = names.pin_owner(NS, "w")
+def _warm(tmp_path: Path, node: _Node, src: Path) -> None:
+    """Run a PrewarmController for node n1 until the ModelPrewarm ml/w (model ``src``) says n1 is Ready."""
     with FakeKubernetes() as fake:
         fake.objects.create("nodes", {"metadata": {"name": "n1", "labels": {}}, "spec": {}})
         fake.objects.create("modelprewarms", {"apiVersion": names.API_VERSION, "kind": names.KIND,
@@ -70,15 +66,61 @@ def test_a_prewarmed_model_is_pinned_before_the_pull_lets_go(tmp_path: Path) -> 
             asyncio.run(go())
         finally:
             api.close()
+
+
+def test_a_prewarmed_model_is_pinned_before_the_pull_lets_go(tmp_path: Path) -> None:
+    """gc at a 1-byte budget the moment the job's pull lease is dropped: the pre-warmed view survives, pinned
+    by its ModelPrewarm, from one pull (before, it was evicted, pulled again and evicted again)."""
+    node = _Node(tmp_path)
+    src = _model(node.models / "warm", 11)
+    node.gc_when_a_pull_lease_goes()
     try:
+        _warm(tmp_path, node, src)
         assert node.gc_runs and all(removed == [] for removed in node.gc_runs), node.gc_runs
         [job] = node.manager.jobs()  # pulled once
         assert job.state == "done" and job.path is not None
         pins = [(lease.owner, lease.views) for lease in node.store.index.leases("pin")]
-        assert pins == [(owner, ("sha256:" + job.path.name,))]
+        assert pins == [(names.pin_owner(NS, "w"), ("sha256:" + job.path.name,))]
         assert node.store.index.leases("pull") == [] and node.store.index.leases("mount") == []
         assert collect(node.store, max_bytes=1).views_removed == []
         assert tree_digests(job.path) == tree_digests(src)
+    finally:
+        node.close()
+
+
+def test_a_model_already_here_is_pinned_by_the_lookup_that_finds_it(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model is in the store when its ModelPrewarm comes: gc at a 1-byte budget, run the moment the
+    store answers the controller's lookup, leaves it, since the lookup pinned it in its own transaction; no
+    pull (before, the lookup and the pin were two steps: gc evicted the model between them and it was pulled
+    again)."""
+    node = _Node(tmp_path)
+    src = _model(node.models / "here", 13)
+    view = asyncio.run(node.manager.view_for(str(src), Filters()))
+    jobs_before = len(node.manager.jobs())
+    removed: list[list[str]] = []
+
+    def then_gc(real: Callable[..., object]) -> Callable[..., object]:
+        def answered(*args, **kwargs):
+            found = real(*args, **kwargs)
+            other = Store(node.store_dir)  # another connection, as a gc process would have
+            try:
+                removed.append(collect(other, max_bytes=1).views_removed)
+            finally:
+                other.close()
+            return found
+        return answered
+
+    for name in ("lookup", "pin_ref"):  # whichever the controller asks the store with
+        if hasattr(node.store.index, name):
+            monkeypatch.setattr(node.store.index, name, then_gc(getattr(node.store.index, name)))
+    try:
+        _warm(tmp_path, node, src)
+        assert removed and all(r == [] for r in removed), removed
+        assert len(node.manager.jobs()) == jobs_before  # no pull: found in the store
+        pins = [(lease.owner, lease.views) for lease in node.store.index.leases("pin")]
+        assert pins == [(names.pin_owner(NS, "w"), ("sha256:" + view.name,))]
+        assert tree_digests(view) == tree_digests(src)
     finally:
         node.close()
 

@@ -313,13 +313,14 @@ class PrewarmController:
         if job is None:
             try:
                 canonical = await self.pulls.admit(warm.model)
-                cached = await asyncio.to_thread(self._cached, canonical, warm.filters)
+                owner = names.pin_owner(*key.split("/", 1)) if warm.pin else None
+                cached = await asyncio.to_thread(self._cached, canonical, warm.filters, owner)
                 if cached is not None:
                     warm.state, warm.view, warm.digest, warm.reason = "Ready", cached[0], cached[1], ""
                     return
                 # The job pins the view for us before its own lease lets go of it: none of gc, the budget or
                 # another pull's reservation can evict the model between the pull's end and our pin.
-                hold = Hold.pin(names.pin_owner(*key.split("/", 1))) if warm.pin else None
+                hold = Hold.pin(owner) if owner is not None else None
                 job = warm.job = await self.pulls.start(warm.model, warm.filters, hold=hold)
                 warm.hold = hold
             except Busy as e:
@@ -407,10 +408,16 @@ class PrewarmController:
 
     # -- in threads -----------------------------------------------------------------
 
-    def _cached(self, canonical: str, filters: Filters) -> tuple[str, str] | None:
-        """(view, model digest) of the model if the store has its tree already."""
+    def _cached(self, canonical: str, filters: Filters, pin_owner: str | None) -> tuple[str, str] | None:
+        """(view, model digest) of the model if the store has its tree already; pinned for ``pin_owner`` (if
+        any) in the lookup's own transaction, so gc cannot take it between the lookup and the pin."""
+        def present(view: str) -> bool:
+            return self.store.view_path(view).is_dir()
+
+        if pin_owner is not None:
+            return self.store.index.pin_ref(canonical, filters.key(), pin_owner, present)
         found = self.store.index.lookup(canonical, filters.key())
-        return found if found is not None and self.store.view_path(found[0]).is_dir() else None
+        return found if found is not None and present(found[0]) else None
 
     def _on_disk(self, warm: Warm) -> bool:
         """A Ready model's view is still recorded and its tree still there (gc, the budget or verify may drop it)."""

@@ -35,7 +35,10 @@ runs (an empty target each time, ``sync`` included) of:
 
 It prints medians, GB/s (of the files' bytes) and per format the ratios
 ours / ceiling, containerd time / ours and skopeo time / ours, and checks
-that our pull gave every file byte-exact.
+that our pull gave every file byte-exact. Then, per format, the CPU our pull
+and the registry used, and the CPU no pull of those layers can skip here
+(:func:`unavoidable`): the largest fraction of the ceiling any pull could
+reach on this machine's cores.
 """
 
 from __future__ import annotations
@@ -513,9 +516,11 @@ def compare(image: Image, *, host: str, work: Path, total: int, expected: dict[s
     report(f"{image.fmt} layers ({MADE_BY[image.fmt]}; {len(image.layers)} layers)", total, ours, peers, ceilings)
     print(f"  layer media types: {', '.join(kinds)}; every file byte-exact")
     cpu_bound(total, ours.median, statistics.median(cpu["ours"]), statistics.median(cpu["registry"]))
+    packed = sum(path.stat().st_size for path in compressed)
     if compressed:  # how much inflating there is to do: umoci's gzip leaves bf16 weights near their size
-        packed = sum(path.stat().st_size for path in compressed)
         print(f"  compressed layers: {packed / total:.3f} of the files' bytes")
+    unavoidable(image.fmt, total, len(expected), (len(compressed), packed), ceilings,
+                statistics.median(cpu["registry"]))
     for note in dict.fromkeys(notes):
         print(f"  note: {note}")
     if containerd is None:
@@ -551,6 +556,32 @@ def cpu_bound(total: int, seconds: float, ours: float, registry: float) -> None:
           f"cores that CPU alone takes {floor:.2f} s ({total / 1e9 / floor:.2f} GB/s): ours / CPU floor "
           f"{floor / seconds:.2f}")
     record("cpu", bytes=total, seconds=seconds, ours_cpu=ours, registry_cpu=registry, cores=cores)
+
+
+def unavoidable(fmt: str, total: int, files: int, compressed: tuple[int, int], ceilings: dict[str, Timing],
+                registry: float) -> None:
+    """Print the CPU that no pull of these layers can skip on this machine, and the most of the ceiling it leaves.
+
+    Every layer is checked against its digest over its own bytes, and every file is stored under its own
+    sha256. Our layers hold one file each, so that is one sha256 pass over the files' bytes; a layer made by
+    another tool is a tar of files (a pass over the tar, another over the files), compressed or not (the pass
+    over the tar is then over the compressed bytes, and the layer is inflated). The sha256 and inflate
+    ceilings above give the CPU seconds of one pass here (their time on the threads they ran on), and the
+    registry needs what it used to serve our pulls. Together, over every core, that is a time no pull can
+    beat however well it overlaps its work, and so the largest fraction of the ceiling any pull can reach.
+    """
+    cores = os.cpu_count() or 1
+    layers, packed = compressed  # how many compressed layers, and their bytes
+    tar_pass = 0.0 if fmt in ("image", "modelpack") else (packed / total if layers else 1.0)  # per file byte
+    sha = ceilings["sha"].median * min(cores, files) * (1.0 + tar_pass)
+    inflate = ceilings["inflate"].median * min(cores, layers) if layers else 0.0
+    floor = (sha + inflate + registry) / cores
+    ceiling = max(t.median for t in ceilings.values())
+    parts = f"sha256 x{1.0 + tar_pass:.2f} passes {sha:.2f} s" + (f", inflate {inflate:.2f} s" if inflate else "")
+    print(f"  CPU no pull of these layers can skip: {parts}, the registry {registry:.2f} s; on {cores} cores at "
+          f"least {floor:.2f} s: at most {ceiling / floor if floor > ceiling else 1.0:.2f} of the ceiling")
+    record("unavoidable", format=fmt, bytes=total, sha_cpu=sha, inflate_cpu=inflate, registry_cpu=registry,
+           cores=cores, floor=floor, ceiling=ceiling)
 
 
 def warm_hits(fmt: str, pull: Sequence[str], work: Path, runs: int) -> None:

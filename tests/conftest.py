@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -13,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import Registry
+from support import Registry, free_port
 
 # A suite started as a background job of a non-interactive shell (`cmd &` in a script) inherits SIGINT
 # ignored, and so would every CLI it starts: the Ctrl-C tests (test_transfer_faults) would see the pull
@@ -24,10 +23,6 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, timeout: float = 20.0, ok=(200, 401)) -> None:

@@ -15,17 +15,10 @@ from pathlib import Path
 from types import EllipsisType
 
 import grpc
+from support import free_port, free_ports  # noqa: F401 - the p2p tests take them from here
 
 from modelcache.csi import csi_pb2 as pb
 from modelcache.csi import csi_pb2_grpc as rpc
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

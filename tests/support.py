@@ -16,7 +16,9 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -273,3 +275,50 @@ def held_unlinks(monkeypatch) -> threading.Event:
 
     monkeypatch.setattr(unlinker, "_unlink", held)
     return go_on
+
+
+def settled_count(count: Callable[[], int], *, quiet: float = 0.3, most: float = 10.0) -> int:
+    """``count()`` once it has not changed for ``quiet`` seconds (at most ``most``): after a client is killed,
+    a request it sent just before can still be on its way to the server that logs it."""
+    last, since, deadline = count(), time.monotonic(), time.monotonic() + most
+    while time.monotonic() - since < quiet and time.monotonic() < deadline:
+        time.sleep(0.05)
+        if (now := count()) != last:
+            last, since = now, time.monotonic()
+    return last
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free on 127.0.0.1 now, for daemons that must know each other's before they start.
+
+    Taken below the kernel's ephemeral range: a port from it, once released, could be handed to an outgoing
+    connection or to a server binding port 0 (a proxy) before the daemon binds it.
+    """
+    import random
+    import socket
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    held: list[socket.socket] = []
+    try:
+        for port in random.sample(range(max(1024, low - 12000), low), 200):
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()
+                continue
+            held.append(s)
+            if len(held) == n:
+                return [h.getsockname()[1] for h in held]
+        raise RuntimeError(f"no {n} free ports below {low}")
+    finally:
+        for s in held:
+            s.close()
+
+
+def free_port() -> int:
+    """One port free on 127.0.0.1 now (see :func:`free_ports`)."""
+    return free_ports(1)[0]

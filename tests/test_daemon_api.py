@@ -35,13 +35,15 @@ def test_prewarm_pull_models_pins_and_metrics(daemon, registry) -> None:
     registry.push_image("api/model", "v1", [(DATA, MP_WEIGHT, {"org.cncf.model.filepath": "w.bin"}),
                                             (b"{}", MP_WEIGHT, {"org.cncf.model.filepath": "config.json"})],
                         config=b"{}", config_type=MP_CONFIG, artifact_type=MP_ARTIFACT)
-    # A slow origin (about 1 s for the model) keeps the first job running while we ask again.
-    with FaultProxy(registry.host, rate=2 << 20) as proxy:
+    # The origin holds its blobs back, so the first job is still running when we ask again.
+    with FaultProxy(registry.host) as proxy:
+        proxy.hold()
         ref = f"oci://{proxy.host}/api/model:v1"
         status, job = daemon.call("POST", "/v1/pulls", {"ref": ref})
         assert status == 202 and job["state"] in ("pending", "running") and job["id"]
         again = daemon.call("POST", "/v1/pulls", {"ref": ref, "include": [], "exclude": []})
         assert again[0] == 202 and again[1]["id"] == job["id"]  # single flight: the same job
+        proxy.hold(False)
         done = daemon.wait_pull(job["id"])
         assert done["state"] == "done" and done["bytes_done"] == done["bytes_total"] == len(DATA) + 2
         assert tree_digests(Path(done["path"])) == {"w.bin": sha256(DATA), "config.json": sha256(b"{}")}

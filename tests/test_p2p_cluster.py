@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from daemon_support import DaemonProcess, free_port, start_daemon
+from daemon_support import DaemonProcess, free_port, free_ports, start_daemon
 from faultproxy import BackgroundServer, FaultProxy
 from support import MP_ARTIFACT, MP_CONFIG, MP_WEIGHT, run_cli, tree_digests
 
@@ -113,7 +113,7 @@ def test_four_nodes_share_one_origin_fetch_and_a_late_node_fetches_nothing(regis
     files = model_files(1)
     size = sum(len(d) for d in files.values())
     push(registry, "p2p/four", files)
-    ports = [free_port() for _ in range(5)]
+    ports = free_ports(5)
     with FaultProxy(registry.host) as proxy:
         ref = f"oci://{proxy.host}/p2p/four:v1"
         daemons = start_peers(tmp_path, secret, ports, own=ports[:4])
@@ -147,7 +147,7 @@ def test_homes_that_do_not_pull_the_model_still_keep_it_to_one_origin_fetch(regi
     files = model_files(5)
     size = sum(len(d) for d in files.values())
     push(registry, "p2p/some", files)
-    ports = [free_port() for _ in range(4)]
+    ports = free_ports(4)
     with FaultProxy(registry.host) as proxy:
         daemons = start_peers(tmp_path, secret, ports)
         try:
@@ -171,7 +171,7 @@ def test_a_home_asked_before_its_own_pull_began_does_not_fetch_its_pieces_again(
     files = {"a.bin": rng.randbytes(512 << 10), "b.bin": rng.randbytes((512 << 10) - 999)}  # 16 pieces
     size = sum(len(d) for d in files.values())
     push(registry, "p2p/late-home", files)
-    ports = [free_port() for _ in range(4)]
+    ports = free_ports(4)
     with FaultProxy(registry.host) as proxy:
         ref = f"oci://{proxy.host}/p2p/late-home:v1"
         # A slot for every piece: the early nodes reach the 4th's pieces while theirs are held.
@@ -227,7 +227,7 @@ def test_lying_dead_stalled_and_killed_peers_cost_time_never_bytes(registry, tmp
     with BackgroundServer(liar.handle) as liar_server:
         fakes = (f"http://{liar_server.host}", f"http://127.0.0.1:{silent.getsockname()[1]}",
                  f"http://127.0.0.1:{nobody}")
-        ports = [free_port() for _ in range(4)]  # seed, to-be-killed, two requesters
+        ports = free_ports(4)  # seed, to-be-killed, two requesters
         seed, doomed = start_peers(tmp_path, secret, ports, own=ports[:2], extra_urls=fakes,
                                    extra=("--peer-upload-limit", "1M"))
         requesters = start_peers(tmp_path, secret, ports, own=ports[2:], extra_urls=fakes)
@@ -331,7 +331,7 @@ def test_hub_models_are_shared_too(tmp_path, secret) -> None:
         hub.repo("org/shared").commit(files)
         env = {**ENV, "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1",
                "HF_TOKEN": ""}
-        ports = [free_port() for _ in range(3)]
+        ports = free_ports(3)
         urls = ",".join(f"http://127.0.0.1:{p}" for p in ports)
         daemons = [start_daemon(tmp_path / f"hub{p}", "--peers", urls, "--peer-secret-file", str(secret),
                                 "--peer-timeout", "1", env=env, listen=f"127.0.0.1:{p}") for p in ports]

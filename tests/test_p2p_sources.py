@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from aiohttp import web
-from daemon_support import DaemonProcess, free_port, start_daemon
+from daemon_support import DaemonProcess, free_port, free_ports, start_daemon
 from faultproxy import BackgroundServer, FaultProxy
 from support import run_cli, tree_digests
 from test_p2p_cluster import ENV, pull_all, secret, start_peers, stop_all  # noqa: F401 - secret is a fixture
@@ -63,7 +63,7 @@ def test_packaged_piece_lists_catch_a_lying_peer_per_piece(registry, tmp_path, s
         ref = f"oci://{proxy.host}/p2p/lists:v1"
         size = sum(len(d) for d in files.values())  # big files come by range out of their layers
         lying = f"http://{liar_server.host}"
-        ports = [free_port() for _ in range(3)]
+        ports = free_ports(3)
         daemons = start_peers(tmp_path, secret, ports, extra_urls=(lying,))
         try:
             for job in pull_all(daemons, ref):
@@ -144,7 +144,7 @@ def test_s3_objects_are_shared_between_four_daemons(s3_server, tmp_path, secret)
     size = sum(len(d) for d in files.values())
     with FaultProxy(s3_server.endpoint.removeprefix("http://"), blobs="/p2p-four/m/") as proxy:
         env = {**s3_server.env(), "AWS_ENDPOINT_URL": f"http://{proxy.host}"}
-        daemons = start_nodes(tmp_path, secret, [free_port() for _ in range(4)], env)
+        daemons = start_nodes(tmp_path, secret, free_ports(4), env)
         try:
             for job in pull_all(daemons, "s3://p2p-four/m"):
                 assert job["state"] == "done", job
@@ -205,7 +205,7 @@ def test_small_hub_files_are_shared_too(tmp_path, secret) -> None:  # noqa: F811
         with FaultProxy(hub.endpoint.removeprefix("http://")) as proxy:
             env = {"HF_ENDPOINT": f"http://{proxy.host}", "HF_HUB_DISABLE_TELEMETRY": "1",
                    "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": ""}
-            daemons = start_nodes(tmp_path, secret, [free_port() for _ in range(3)], env)
+            daemons = start_nodes(tmp_path, secret, free_ports(3), env)
             try:
                 for job in pull_all(daemons, "hf://org/git-files"):
                     assert job["state"] == "done", job

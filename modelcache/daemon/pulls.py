@@ -350,11 +350,13 @@ class PullManager:
             job.state, job.error = "failed", ModelCacheError(f"internal error: {type(e).__name__}: {e}")
         finally:
             logger.cancel()
-            await self._let_go(job, lease)
+            # In the same step of the loop as the state above: whoever sees the job ended (GET /v1/pulls)
+            # finds its end time and its metrics recorded too.
             job.finished = time.time()
             self.metrics.record_pull(job.stats, time.monotonic() - started, job.state)
             if job.state == "failed":
                 log.warning("pull %s failed: %s", job.ref, job.error)
+            await self._let_go(job, lease)
             self._forget_old()
 
     async def _hand_over(self, job: PullJob, view: Path) -> None:

@@ -182,13 +182,21 @@ def test_none_mode_is_open_and_says_so(tmp_path: Path, stop_later) -> None:
     assert not (daemon.store / "api-token").exists()
 
 
-def test_ttl_cache_is_bounded_and_expires() -> None:
+def test_ttl_cache_is_bounded_and_expires(monkeypatch: pytest.MonkeyPatch) -> None:
     """Entries expire after the TTL; past the size bound the oldest goes; TTL 0 keeps nothing."""
+    import types
+
+    import modelcache.daemon.auth as auth
+
+    now = [1000.0]  # the module's clock, moved by the test alone
+    monkeypatch.setattr(auth, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
     cache = TTLCache(ttl=0.2, size=2)
     for key in "abc":
         cache.put(key, key.upper())
     assert cache.get("a") == (False, None) and cache.get("c") == (True, "C")
-    time.sleep(0.25)
+    now[0] += 0.19
+    assert cache.get("c") == (True, "C")
+    now[0] += 0.02
     assert cache.get("c") == (False, None)
     off = TTLCache(ttl=0, size=2)
     off.put("a", 1)
@@ -260,7 +268,7 @@ def test_kubernetes_mode_reviews_and_authorizes(tmp_path: Path, kube: FakeKubern
 
 def test_kubernetes_answers_are_cached_briefly(tmp_path: Path, kube: FakeKubernetes, stop_later) -> None:
     """Within the TTL a token and a decision are reviewed once, yes or no; after it, again."""
-    daemon = _kube_daemon(tmp_path, "--api-auth-cache-ttl", "3")
+    daemon = _kube_daemon(tmp_path, "--api-auth-cache-ttl", "5")  # room for the calls below on a loaded machine
     stop_later(daemon)
     for _ in range(3):
         assert daemon.call("GET", "/v1/models")[0] == 200
@@ -271,7 +279,7 @@ def test_kubernetes_answers_are_cached_briefly(tmp_path: Path, kube: FakeKuberne
     # Revoking the right shows once the answer expires.
     kube.grants.clear()
     assert daemon.call("GET", "/v1/models")[0] == 200
-    time.sleep(3.1)
+    time.sleep(5.1)
     assert daemon.call("GET", "/v1/models")[0] == 403
     assert len(kube.received("tokenreviews")) == 4
 

@@ -125,6 +125,34 @@ def test_a_publish_that_fails_after_the_pull_leaves_no_lease(daemon, registry, t
     assert set(tree_digests(target)) == set(FILES)
 
 
+def test_a_second_operation_on_a_volume_still_being_published_is_aborted(daemon, registry, tmp_path: Path) -> None:
+    """While a publish of a volume runs (its pull held at the origin), another NodePublishVolume or
+    NodeUnpublishVolume for that volume id is ABORTED (CSI: an operation is pending), not run beside it; the
+    first one then completes, and the volume can be unpublished."""
+    _push(registry, "csi/pending")
+    target, node = tmp_path / "t", daemon.node()
+    with FaultProxy(registry.host) as proxy, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        proxy.hold()
+        request = publish_request("vol-p", target, f"oci://{proxy.host}/csi/pending:v1")
+        first = pool.submit(node.NodePublishVolume, request, timeout=60)
+        deadline = time.monotonic() + 30
+        while not daemon.call("GET", "/v1/models")[1]["pulls"]:
+            assert time.monotonic() < deadline and not first.done(), "the first publish never started its pull"
+            time.sleep(0.05)
+        with pytest.raises(grpc.RpcError) as again:
+            node.NodePublishVolume(request, timeout=10)
+        assert again.value.code() == grpc.StatusCode.ABORTED, again.value.details()
+        with pytest.raises(grpc.RpcError) as gone:
+            node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id="vol-p", target_path=str(target)),
+                                     timeout=10)
+        assert gone.value.code() == grpc.StatusCode.ABORTED, gone.value.details()
+        proxy.hold(False)
+        first.result()
+    assert set(tree_digests(target)) == set(FILES)
+    node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id="vol-p", target_path=str(target)), timeout=10)
+    assert str(target) not in mountinfo()
+
+
 def test_origin_down_then_back(daemon, registry, tmp_path: Path) -> None:
     """While the origin fails, publish answers UNAVAILABLE; kubelet's next try pulls and mounts."""
     data = os.urandom(1 << 20)

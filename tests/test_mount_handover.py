@@ -263,6 +263,36 @@ def test_a_mount_cancelled_during_the_warm_lookup_leaves_its_lease_to_be_given_b
     assert node.store.index.leases() == []
 
 
+def test_a_thread_call_cancelled_twice_still_ends_before_its_caller() -> None:
+    """settled(): a caller cancelled once (its deadline) and again (the RPC's own cancel) while the call's
+    thread runs gets its CancelledError only after the thread has ended, so its cleanup sees what it did."""
+    import threading
+
+    from modelcache.daemon.settled import settled
+
+    go_on = threading.Event()
+    did: list[str] = []
+
+    def call() -> str:
+        go_on.wait(30)
+        did.append("leased")
+        return "view"
+
+    async def main() -> None:
+        caller = asyncio.create_task(settled(call))
+        await asyncio.sleep(0.05)
+        for _ in range(2):
+            caller.cancel()
+            await asyncio.sleep(0.05)
+            assert not caller.done() and did == []
+        go_on.set()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(caller, 30)
+        assert did == ["leased"]
+
+    asyncio.run(main())
+
+
 class _Gate:
     """The real AccessGate (policy always, no answer cached) over an origin whose answer the test sets."""
 

@@ -22,15 +22,19 @@ source does not have, ALREADY_EXISTS for a target that holds another mount,
 PERMISSION_DENIED for refused credentials or a forbidden host path,
 UNAUTHENTICATED, RESOURCE_EXHAUSTED when too many pulls are queued, UNAVAILABLE when the source is
 down (or the daemon is draining), DEADLINE_EXCEEDED while the pull runs on,
-INTERNAL otherwise.
+ABORTED while an earlier operation on the same volume is still running,
+INTERNAL otherwise. A publish that fails leaves no lease behind for a volume
+that was never published.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -132,12 +136,32 @@ class IdentityService(rpc.IdentityServicer):
         return pb.ProbeResponse(ready=wrappers_pb2.BoolValue(value=self._ready.is_set()))
 
 
+class _Pending(Exception):
+    """Another operation on the same volume is still running (CSI: ABORTED, the caller retries)."""
+
+
 class NodeService(rpc.NodeServicer):
-    """Publishes cached models into pods."""
+    """Publishes cached models into pods, one operation per volume at a time."""
 
     def __init__(self, backend: Backend, node_id: str) -> None:
         self._backend = backend
         self._node_id = node_id
+        # Volume ids with a Publish or Unpublish running. Kubelet runs one operation per volume, but one it
+        # gave up on (its deadline) may still be cleaning up here when its retry comes: the retry is told
+        # ABORTED (CSI spec: an operation is pending for the volume) rather than run beside it, where the
+        # first one's cleanup could give back the lease the second had just taken.
+        self._pending: set[str] = set()
+
+    @contextlib.contextmanager
+    def _alone(self, volume_id: str) -> Iterator[None]:
+        if volume_id in self._pending:
+            raise _Pending(f"an operation on volume {volume_id} is still running; retry")
+        if volume_id:  # an empty id is refused by the operation itself, as invalid
+            self._pending.add(volume_id)
+        try:
+            yield
+        finally:
+            self._pending.discard(volume_id)
 
     async def NodeGetInfo(self, request, context):  # noqa: N802
         return pb.NodeGetInfoResponse(node_id=self._node_id)
@@ -151,8 +175,12 @@ class NodeService(rpc.NodeServicer):
         started = time.monotonic()
         code = grpc.StatusCode.OK
         try:
-            await self._publish(request, context)
+            with self._alone(request.volume_id):
+                await self._publish(request, context)
             return pb.NodePublishVolumeResponse()
+        except _Pending as e:
+            code = grpc.StatusCode.ABORTED
+            await context.abort(code, str(e))
         except (ModelCacheError, TimeoutError, OSError) as e:
             code = grpc_code(e)
             message = f"mount failed: {e}" if code is grpc.StatusCode.INTERNAL else str(e)
@@ -195,15 +223,22 @@ class NodeService(rpc.NodeServicer):
             await self._backend.publish(volume_id, view, Path(target), holder)
         except BaseException:
             # Nothing mounted, so nothing will unpublish it: a lease left now would root the view until a
-            # restart. Kubelet's retry takes it again.
-            await self._backend.abandon(volume_id)
+            # restart. Kubelet's retry takes it again. A failure here must not hide the one being answered.
+            try:
+                await self._backend.abandon(volume_id)
+            except Exception:
+                log.warning("volume %s: the lease of its failed publish was not given back", volume_id,
+                            exc_info=True)
             raise
 
     async def NodeUnpublishVolume(self, request, context):  # noqa: N802
         if not request.volume_id or not request.target_path:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "volume_id and target_path are required")
         try:
-            await self._backend.unpublish(request.volume_id, Path(request.target_path))
+            with self._alone(request.volume_id):
+                await self._backend.unpublish(request.volume_id, Path(request.target_path))
+        except _Pending as e:
+            await context.abort(grpc.StatusCode.ABORTED, str(e))
         except OSError as e:
             await context.abort(grpc.StatusCode.INTERNAL, f"unmount failed: {e}")
         return pb.NodeUnpublishVolumeResponse()

@@ -57,7 +57,7 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from ..errors import Busy, ModelCacheError, Unavailable
 from ..progress import Gauge
@@ -72,9 +72,9 @@ from ..tree import Filters
 from .access import AccessGate
 from .metrics import Metrics
 from .policy import RefPolicy
+from .settled import settled
 
 log = logging.getLogger(__name__)
-_T = TypeVar("_T")
 
 _KEEP_FINISHED = 200
 _KEEP_SECONDS = 3600.0
@@ -204,8 +204,8 @@ class PullManager:
             return  # another waiter still wants it, or nothing was taken (or it is in flight: _hand_over
             # gives back what it took for a hold nobody waits for any more)
         view = job.handed.pop(hold)
-        # Awaited before the caller answers: kubelet runs one operation per volume at a time, so its retry
-        # comes after this, never beside it.
+        # Awaited before the caller answers: the CSI edge runs one operation per volume at a time (another
+        # is ABORTED), so a retry comes after this, never beside it.
         await asyncio.to_thread(hold.give_back, self.store.index, view)
 
     def _start(self, canonical: str, filters: Filters, credentials: SourceCredentials | None) -> PullJob:
@@ -272,7 +272,7 @@ class PullManager:
         (a deadline, a cancellation) leaves the job running for the next one.
         """
         canonical = await self.admit(ref)
-        view = await _settled(self.cached, canonical, filters, lease)
+        view = await settled(self.cached, canonical, filters, lease)
         if view is not None:
             self.metrics.hits.inc()
             await self._check_access(canonical, credentials, view, lease)
@@ -350,13 +350,15 @@ class PullManager:
             job.state, job.error = "failed", ModelCacheError(f"internal error: {type(e).__name__}: {e}")
         finally:
             logger.cancel()
-            # In the same step of the loop as the state above: whoever sees the job ended (GET /v1/pulls)
-            # finds its end time and its metrics recorded too.
-            job.finished = time.time()
-            self.metrics.record_pull(job.stats, time.monotonic() - started, job.state)
-            if job.state == "failed":
-                log.warning("pull %s failed: %s", job.ref, job.error)
-            await self._let_go(job, lease)
+            try:
+                # In the same step of the loop as the state above: whoever sees the job ended (GET /v1/pulls)
+                # finds its end time and its metrics recorded too.
+                job.finished = time.time()
+                self.metrics.record_pull(job.stats, time.monotonic() - started, job.state)
+                if job.state == "failed":
+                    log.warning("pull %s failed: %s", job.ref, job.error)
+            finally:
+                await self._let_go(job, lease)
             self._forget_old()
 
     async def _hand_over(self, job: PullJob, view: Path) -> None:
@@ -442,17 +444,6 @@ class PullManager:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _settled(fn: Callable[..., _T], *args: Any) -> _T:
-    """``fn(*args)`` in a thread; a caller cancelled meanwhile waits for the thread to end before its
-    CancelledError goes on, so that whatever ``fn`` took (a lease) is there for its cleanup to give back."""
-    done = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    try:
-        return await asyncio.shield(done)
-    except asyncio.CancelledError:
-        await asyncio.wait({done})
-        raise
 
 
 def _fingerprint(credentials: SourceCredentials | None) -> str:

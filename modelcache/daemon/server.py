@@ -53,6 +53,7 @@ from .mounts import Mounts
 from .policy import RefPolicy
 from .prewarm import PrewarmConfig, PrewarmController, load_client
 from .pulls import PullManager
+from .settled import settled
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +135,9 @@ class Daemon:
         return await self.pulls.view_for(ref, filters, credentials=credentials, lease=lease)
 
     async def publish(self, volume_id: str, view: Path, target: Path, holder: dict[str, str]) -> None:
-        """Bind-mount ``view`` read-only at ``target`` under a lease (idempotent)."""
-        await asyncio.to_thread(self.mounts.publish, volume_id, view, target, holder)
+        """Bind-mount ``view`` read-only at ``target`` under a lease (idempotent); cancelled, only once the
+        mount's thread has ended (so a failed publish's cleanup comes after its lease, never before)."""
+        await settled(self.mounts.publish, volume_id, view, target, holder)
 
     async def abandon(self, volume_id: str) -> None:
         """Give back the lease a failed publish of ``volume_id`` took, unless the volume was published."""

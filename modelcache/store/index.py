@@ -596,18 +596,20 @@ class Index:
         return self.lease_view(f"pin:{owner}:{view}", view, kind="pin", owner=owner) is not None
 
     def pin_ref(self, ref: str, filters: str, owner: str, present: Callable[[str], bool]) -> tuple[str, str] | None:
-        """(view, model digest) ``ref`` with ``filters`` was last recorded as, pinned for ``owner`` in the
-        same transaction as the lookup and ``present(view)`` (its tree is there); None, pinning nothing."""
+        """(view, model digest) ``ref`` with ``filters`` was last recorded as, pinned for ``owner`` (as
+        :meth:`pin` does, and marked used) in the same transaction as the lookup and ``present(view)`` (its
+        tree is there); None, pinning nothing."""
         def body(db: sqlite3.Connection) -> tuple[str, str] | None:
             row = db.execute("SELECT r.view, r.model_digest FROM refs r JOIN views v ON v.digest = r.view "
                              "WHERE r.ref = ? AND r.filters = ?", (ref, filters)).fetchone()
             if row is None or not present(row[0]):
                 return None
-            lease_id = f"pin:{owner}:{row[0]}"
+            lease_id, now = f"pin:{owner}:{row[0]}", time.time()  # the id pin() and unpin() use
             db.execute("INSERT OR IGNORE INTO leases (id, kind, owner, created) VALUES (?, 'pin', ?, ?)",
-                       (lease_id, owner, time.time()))
+                       (lease_id, owner, now))
             db.execute("INSERT OR IGNORE INTO lease_resources (lease, kind, name) VALUES (?, 'view', ?)",
                        (lease_id, row[0]))
+            db.execute("UPDATE views SET last_used = ? WHERE digest = ?", (now, row[0]))
             return str(row[0]), str(row[1])
         return self._atomic(body)
 

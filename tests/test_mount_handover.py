@@ -53,15 +53,19 @@ class _Node:
             drop(lease_id)
             if not lease_id.startswith("pull:"):
                 return
-            other = Store(self.store_dir)  # another connection, as a gc process would have
-            try:
-                self.gc_runs.append(collect(other, max_bytes=1).views_removed)
-            finally:
-                other.close()
+            self.gc_runs.append(self.gc_elsewhere())
             if then is not None:
                 then()
 
         self.store.index.drop_lease = dropped  # type: ignore[method-assign]
+
+    def gc_elsewhere(self) -> list[str]:
+        """gc at a 1-byte budget through another connection, as a gc process would run it; the views removed."""
+        other = Store(self.store_dir)
+        try:
+            return collect(other, max_bytes=1).views_removed
+        finally:
+            other.close()
 
     def mount_leases(self) -> dict[str, tuple[str, ...]]:
         return {lease.id: lease.views for lease in self.store.index.leases("mount")}

@@ -22,7 +22,6 @@ from test_mount_handover import _model, _Node
 from modelcache.daemon.prewarm import PrewarmConfig, PrewarmController, load_client
 from modelcache.daemon.pulls import Hold
 from modelcache.kube import names
-from modelcache.store import Store
 from modelcache.store.gc import collect
 from modelcache.tree import Filters
 
@@ -103,11 +102,7 @@ def test_a_model_already_here_is_pinned_by_the_lookup_that_finds_it(tmp_path: Pa
     def then_gc(real: Callable[..., object]) -> Callable[..., object]:
         def answered(*args, **kwargs):
             found = real(*args, **kwargs)
-            other = Store(node.store_dir)  # another connection, as a gc process would have
-            try:
-                removed.append(collect(other, max_bytes=1).views_removed)
-            finally:
-                other.close()
+            removed.append(node.gc_elsewhere())
             return found
         return answered
 

@@ -213,9 +213,7 @@ class ContentStore:
             self.path(digest).unlink()
         except FileNotFoundError:
             pass
-        crash_point("blob-deleted")
-        if self.ledger is not None:
-            self.ledger.blob_removed(digest)
+        self._removed(digest)
 
     def delete_later(self, digest: str) -> None:
         """Remove a committed blob from the store now, and unlink its bytes in the background (:mod:`.unlinker`:
@@ -231,6 +229,9 @@ class ContentStore:
             pass
         else:
             self.unlinker.add(gone)
+        self._removed(digest)
+
+    def _removed(self, digest: str) -> None:
         crash_point("blob-deleted")
         if self.ledger is not None:
             self.ledger.blob_removed(digest)

@@ -520,12 +520,7 @@ class Index:
                 row = db.execute("SELECT digest FROM views WHERE digest = ?", (view,)).fetchone()
             if row is None:
                 return None
-            now = time.time()
-            db.execute("INSERT OR IGNORE INTO leases (id, kind, owner, created) VALUES (?, ?, ?, ?)",
-                       (lease_id, kind, owner, now))
-            db.execute("INSERT OR IGNORE INTO lease_resources (lease, kind, name) VALUES (?, 'view', ?)",
-                       (lease_id, row[0]))
-            db.execute("UPDATE views SET last_used = ? WHERE digest = ?", (now, row[0]))
+            _hold_view(db, lease_id, str(row[0]), kind=kind, owner=owner)
             return str(row[0])
         return self._atomic(body)
 
@@ -604,12 +599,7 @@ class Index:
                              "WHERE r.ref = ? AND r.filters = ?", (ref, filters)).fetchone()
             if row is None or not present(row[0]):
                 return None
-            lease_id, now = f"pin:{owner}:{row[0]}", time.time()  # the id pin() and unpin() use
-            db.execute("INSERT OR IGNORE INTO leases (id, kind, owner, created) VALUES (?, 'pin', ?, ?)",
-                       (lease_id, owner, now))
-            db.execute("INSERT OR IGNORE INTO lease_resources (lease, kind, name) VALUES (?, 'view', ?)",
-                       (lease_id, row[0]))
-            db.execute("UPDATE views SET last_used = ? WHERE digest = ?", (now, row[0]))
+            _hold_view(db, f"pin:{owner}:{row[0]}", str(row[0]), kind="pin", owner=owner)  # the id pin() uses
             return str(row[0]), str(row[1])
         return self._atomic(body)
 
@@ -664,3 +654,11 @@ class Index:
         """Whether ``ref`` needed credentials at its origin; None when unknown."""
         rows = self._query("SELECT needed_credentials FROM origin_access WHERE ref = ?", (ref,))
         return bool(rows[0][0]) if rows else None
+
+
+def _hold_view(db: sqlite3.Connection, lease_id: str, view: str, *, kind: str, owner: str) -> None:
+    """In the caller's transaction: ``lease_id`` (made if new) holds ``view``, which is marked used now."""
+    now = time.time()
+    db.execute("INSERT OR IGNORE INTO leases (id, kind, owner, created) VALUES (?, ?, ?, ?)", (lease_id, kind, owner, now))
+    db.execute("INSERT OR IGNORE INTO lease_resources (lease, kind, name) VALUES (?, 'view', ?)", (lease_id, view))
+    db.execute("UPDATE views SET last_used = ? WHERE digest = ?", (now, view))
